@@ -1,0 +1,165 @@
+"""compress / save / load / evaluate / list_methods: orchestration only."""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from slimline.core import checkpoint
+from slimline.core.batches import Batch, materialize
+from slimline.core.config import MethodConfig
+from slimline.core.recipe import Recipe
+from slimline.core.registry import StepContext, handler_for, registered
+
+
+@dataclass
+class StepReport:
+    """What one step did: its method, the modules it changed, time taken, notes."""
+
+    method: str
+    modules: list[str]
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "modules": self.modules,
+            "seconds": self.seconds,
+            "notes": self.notes,
+        }
+
+
+@dataclass
+class CompressResult:
+    """The compressed model (same call signature as the input) and one report per step."""
+
+    model: nn.Module
+    steps: list[StepReport]
+    recipe: Recipe
+
+
+def compress(
+    model: nn.Module,
+    recipe: Recipe | dict[str, Any] | Sequence[MethodConfig],
+    *,
+    calibration: Iterable[object] | None = None,
+    inplace: bool = False,
+    progress: bool = False,
+) -> CompressResult:
+    """Apply ``recipe`` to ``model``; the input model is copied unless ``inplace=True``.
+
+    Everything that can be checked is checked before the model is touched: the recipe
+    (fields, order), calibration data when a step needs it (and NaN/inf in it), NaN/inf in
+    the weights, and that every step's targets select layers it can handle.
+    """
+    recipe = _as_recipe(recipe)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"compress: model must be an nn.Module, got {type(model).__name__}")
+    batches = _calibration(recipe, calibration)
+    check_finite_weights(model)
+    for i, step in enumerate(recipe.steps):
+        _dry_run_targets(model, step, i)
+    work = model if inplace else copy.deepcopy(model)
+    ctx = StepContext(calibration=batches, progress=progress)
+    reports = []
+    for step in recipe.steps:
+        start = time.perf_counter()
+        outcome = handler_for(step)(work, step, ctx)
+        reports.append(
+            StepReport(step.method, outcome.modules, time.perf_counter() - start, outcome.notes)
+        )
+    previous = checkpoint.applied_recipe(work)["steps"]
+    applied = {"version": 1, "steps": previous + recipe.to_dict()["steps"]}
+    setattr(work, checkpoint.RECIPE_ATTR, applied)
+    return CompressResult(model=work, steps=reports, recipe=recipe)
+
+
+def _as_recipe(recipe: Recipe | dict[str, Any] | Sequence[MethodConfig]) -> Recipe:
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, dict):
+        return Recipe.from_dict(recipe)
+    if isinstance(recipe, (list, tuple)):
+        return Recipe(tuple(recipe))
+    kind = type(recipe).__name__
+    raise TypeError(f"recipe must be a Recipe, a dict or a list of configs, got {kind}")
+
+
+def _calibration(recipe: Recipe, calibration: Iterable[object] | None) -> list[Batch] | None:
+    if calibration is None:
+        needing = [s.method for s in recipe.steps if s.needs_calibration]
+        if needing:
+            raise ValueError(
+                f"step {needing[0]!r} needs calibration data: pass calibration=batches"
+            )
+        return None
+    batches = materialize(calibration)
+    if not batches and recipe.needs_calibration:
+        raise ValueError("calibration data is empty")
+    return batches
+
+
+def check_finite_weights(model: nn.Module) -> None:
+    """Raise ValueError naming the first parameter or buffer holding NaN or inf."""
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"model weight {name!r} contains NaN or inf values")
+
+
+def _dry_run_targets(model: nn.Module, step: MethodConfig, index: int) -> None:
+    step.select_modules(model, step=f"recipe step {index} ({step.method})")
+
+
+def save(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    tokenizer: Any | None = None,
+    source: str | None = None,
+) -> Path:
+    """Write ``model`` (compressed or not) to a directory: safetensors + JSON, atomically."""
+    return checkpoint.save(model, path, tokenizer=tokenizer, source=source)
+
+
+def load(path: str | Path, *, model: nn.Module | None = None) -> nn.Module:
+    """Rebuild a model saved by :func:`save` (``model``: skeleton for user classes)."""
+    return checkpoint.load(path, model=model)
+
+
+def list_methods() -> list[dict[str, Any]]:
+    """One row per registered method: name, family, needs, devices, summary, paper."""
+    return [
+        {
+            "method": c.method,
+            "family": c.family.label,
+            "calibration": c.needs_calibration,
+            "training": c.needs_training,
+            "devices": list(c.devices),
+            "summary": c.summary,
+            "paper": c.paper,
+            "fields": [f for f in c.field_names() if f != "targets"],
+        }
+        for c in registered()
+    ]
+
+
+def evaluate(
+    model: nn.Module,
+    data: Iterable[object],
+    metrics: Sequence[str] | None = None,
+    baseline: nn.Module | None = None,
+    **options: Any,
+) -> dict[str, Any]:
+    """Measure ``model`` (and ``baseline`` side by side): see ``slimline.evaluate``."""
+    from slimline.evaluate import evaluate as _evaluate
+
+    report: dict[str, Any] = _evaluate(model, data, metrics=metrics, baseline=baseline, **options)
+    return report

@@ -1,0 +1,1 @@
+"""The recipe engine: configs, registry, recipe, targets, calibration, checkpoints."""

@@ -1,0 +1,126 @@
+"""Calibration: capture layer inputs with forward hooks, and walk a model block by block.
+
+Two tools for calibration-based methods (GPTQ, SparseGPT, Wanda, AWQ...):
+
+* :func:`capture_inputs` runs batches through the model and hands every input of the chosen
+  layers to an accumulator (``add_batch``-style, as in the GPTQ reference), so the method
+  keeps statistics (a Hessian, a norm), not the activations.
+* :func:`walk_blocks` finds the repeated blocks of a model (a transformer's layer list) and
+  yields them one at a time with their recorded inputs; after the caller has changed a block,
+  its outputs on those inputs become the next block's inputs. Activations of one block are
+  alive at a time, so peak memory stays near one block plus the model (arXiv 2210.17323 §4).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from slimline.core.batches import Batch, forward
+
+InputSink = Callable[[str, torch.Tensor], None]
+
+
+@contextmanager
+def hooked_inputs(modules: dict[str, nn.Module], sink: InputSink) -> Iterator[None]:
+    """While active, every forward of ``modules[name]`` calls ``sink(name, first_input)``."""
+    handles = []
+    for name, module in modules.items():
+
+        def hook(_mod: nn.Module, args: tuple[Any, ...], *, _name: str = name) -> None:
+            sink(_name, args[0].detach())
+
+        handles.append(module.register_forward_pre_hook(hook))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def capture_inputs(
+    model: nn.Module, modules: dict[str, nn.Module], batches: Sequence[Batch], sink: InputSink
+) -> None:
+    """Run ``batches`` through ``model``, feeding each layer input to ``sink``."""
+    with hooked_inputs(modules, sink):
+        for batch in batches:
+            forward(model, batch)
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The model's repeated blocks: the longest ``ModuleList`` whose items share one class.
+
+    Works for Llama (``model.layers``), BERT (``encoder.layer``), GPT-2 (``transformer.h``)
+    and OPT (``decoder.layers``) without naming any of them.
+    """
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            kinds = {type(m) for m in module}
+            if len(kinds) == 1 and (best is None or len(module) > len(best[1])):
+                best = (name, module)
+    if best is None:
+        raise ValueError(f"{type(model).__name__} has no list of repeated blocks to walk")
+    return best
+
+
+class _StopForward(Exception):
+    """Raised by the first block's hook once its inputs are recorded."""
+
+
+@dataclass
+class BlockInputs:
+    """The positional and keyword arguments one batch passed to a block."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+
+def _record_first_block(
+    model: nn.Module, first: nn.Module, batches: Sequence[Batch]
+) -> list[BlockInputs]:
+    recorded: list[BlockInputs] = []
+
+    def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        recorded.append(BlockInputs(args, dict(kwargs)))
+        raise _StopForward
+
+    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for batch in batches:
+            with suppress(_StopForward):
+                forward(model, batch)
+    finally:
+        handle.remove()
+    return recorded
+
+
+def _hidden(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+@torch.no_grad()
+def walk_blocks(
+    model: nn.Module, batches: Sequence[Batch]
+) -> Iterator[tuple[int, str, nn.Module, list[BlockInputs]]]:
+    """Yield ``(index, name, block, inputs)`` for each block, in order.
+
+    The caller may change the block (in place) before asking for the next one; the next
+    block then sees the outputs of the changed block, as sequential GPTQ requires.
+    """
+    prefix, blocks = find_blocks(model)
+    inputs = _record_first_block(model, blocks[0], batches)
+    for index, block in enumerate(blocks):
+        yield index, f"{prefix}.{index}", block, inputs
+        for item in inputs:
+            out = _hidden(block(*item.args, **item.kwargs))
+            item.args = (out, *item.args[1:]) if item.args else ()
+            if not item.args:
+                key = "hidden_states" if "hidden_states" in item.kwargs else next(iter(item.kwargs))
+                item.kwargs[key] = out

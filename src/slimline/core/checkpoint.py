@@ -1,0 +1,236 @@
+"""Save and load models, compressed or not, as safetensors + JSON (never pickle).
+
+A checkpoint is a directory:
+
+* ``model.safetensors`` — every tensor as stored (packed int4 stays packed); a tensor shared
+  under several names (tied embeddings) is written once;
+* ``recipe.json`` — the recipe applied, how to rebuild the architecture, which modules were
+  replaced by which registered compressed class (with its JSON metadata), the shared-tensor
+  aliases, and the steps to re-apply at load (``compile`` cannot be stored);
+* ``config.json`` (+ tokenizer files) for Hugging Face models.
+
+Writes go to a temporary sibling directory that is renamed over the target at the end, so an
+interrupted save leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from slimline.core.modules import is_registered_module, module_type
+
+CHECKPOINT_FORMAT = "slimline-checkpoint"
+CHECKPOINT_VERSION = 1
+RECIPE_FILE = "recipe.json"
+WEIGHTS_FILE = "model.safetensors"
+RECIPE_ATTR = "slimline_recipe"  # the applied recipe dict, kept on the compressed model
+SOURCE_ATTR = "slimline_source"  # the built-in model a checkpoint came from, if any
+
+_ARCHITECTURES: dict[str, type[nn.Module]] = {}
+
+
+def register_architecture(cls: type[nn.Module]) -> type[nn.Module]:
+    """Allow a plain ``nn.Module`` class with ``slimline_init_kwargs()`` to be rebuilt."""
+    if not hasattr(cls, "slimline_init_kwargs"):
+        raise TypeError(f"{cls.__name__} lacks slimline_init_kwargs()")
+    _ARCHITECTURES[f"{cls.__module__}.{cls.__qualname__}"] = cls
+    return cls
+
+
+def applied_recipe(model: nn.Module) -> dict[str, Any]:
+    """The recipe dict recorded on ``model`` by ``compress`` (empty recipe if none)."""
+    recipe = getattr(model, RECIPE_ATTR, None)
+    return recipe if isinstance(recipe, dict) else {"version": 1, "steps": []}
+
+
+def save(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    tokenizer: Any | None = None,
+    source: str | None = None,
+) -> Path:
+    """Write ``model`` to the directory ``path`` atomically; returns the path.
+
+    ``source`` names the built-in model it came from (default: the model's own record), so
+    ``slimline eval`` can find its data and baseline.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"save: expected an nn.Module, got {type(model).__name__}")
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"save: {str(target)!r} exists and is not a directory")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        _write(model, tmp, tokenizer, source or getattr(model, SOURCE_ATTR, None))
+        _replace_dir(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _write(model: nn.Module, directory: Path, tokenizer: Any | None, source: str | None) -> None:
+    from safetensors.torch import save_file
+
+    tensors, aliases = _dedupe(model.state_dict())
+    save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_json_file"):
+        config.to_json_file(str(directory / "config.json"))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(directory))
+    manifest = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "recipe": applied_recipe(model),
+        "architecture": _architecture(model),
+        "modules": {
+            name: {"type": type(m).__name__, "meta": m.slimline_meta()}  # type: ignore[operator]
+            for name, m in model.named_modules()
+            if name and is_registered_module(m)
+        },
+        "aliases": aliases,
+        "source": source,
+    }
+    (directory / RECIPE_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Keep one name per shared tensor; return tensors and ``{alias: kept_name}``."""
+    kept: dict[tuple[int, int, tuple[int, ...], torch.dtype], str] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    for name, t in state.items():
+        key = (t.untyped_storage().data_ptr(), int(t.storage_offset()), tuple(t.shape), t.dtype)
+        if t.numel() > 0 and key in kept:
+            aliases[name] = kept[key]
+            continue
+        kept[key] = name
+        tensors[name] = t.detach().contiguous().cpu()
+    return tensors, aliases
+
+
+def _architecture(model: nn.Module) -> dict[str, Any]:
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_json_file"):
+        return {"kind": "huggingface", "class": type(model).__name__}
+    qualified = f"{type(model).__module__}.{type(model).__qualname__}"
+    if qualified in _ARCHITECTURES:
+        kwargs = model.slimline_init_kwargs()  # type: ignore[operator]
+        return {"kind": "registered", "class": qualified, "kwargs": kwargs}
+    return {"kind": "user", "class": qualified}
+
+
+def _replace_dir(tmp: Path, target: Path) -> None:
+    """Move ``tmp`` to ``target``; an existing target is swapped out, then removed."""
+    if not target.exists():
+        os.replace(tmp, target)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+    os.rmdir(old)
+    os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """The ``recipe.json`` of a checkpoint directory, checked."""
+    directory = Path(path)
+    manifest_path = directory / RECIPE_FILE
+    if not directory.is_dir():
+        raise ValueError(f"load: {str(directory)!r} does not exist or is not a directory")
+    if not manifest_path.is_file() or not (directory / WEIGHTS_FILE).is_file():
+        raise ValueError(f"load: {str(directory)!r} has no {RECIPE_FILE} and {WEIGHTS_FILE}")
+    manifest: dict[str, Any] = json.loads(manifest_path.read_text())
+    if manifest.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"load: {manifest_path} is not a slimline checkpoint")
+    if manifest.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(f"load: checkpoint version {manifest.get('version')!r} not supported")
+    return manifest
+
+
+def load(path: str | Path, *, model: nn.Module | None = None) -> nn.Module:
+    """Rebuild a saved model; ``model`` is the skeleton to fill for user architectures."""
+    from safetensors.torch import load_file
+
+    directory = Path(path)
+    manifest = read_manifest(directory)
+    skeleton = model if model is not None else _build_architecture(directory, manifest)
+    for name, entry in manifest["modules"].items():
+        replacement = module_type(entry["type"]).from_slimline_meta(entry["meta"])  # type: ignore[attr-defined]
+        skeleton.set_submodule(name, replacement)
+    state = load_file(str(directory / WEIGHTS_FILE))
+    aliases: dict[str, str] = manifest.get("aliases", {})
+    result = skeleton.load_state_dict(state, strict=False, assign=True)
+    missing = set(result.missing_keys) - set(aliases)
+    if missing or result.unexpected_keys:
+        raise ValueError(
+            f"load: weights do not match the architecture (missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(result.unexpected_keys)[:5]})"
+        )
+    for alias, source in aliases.items():
+        _set_tensor(skeleton, alias, _get_tensor(skeleton, source))
+    setattr(skeleton, RECIPE_ATTR, manifest["recipe"])
+    if manifest.get("source"):
+        setattr(skeleton, SOURCE_ATTR, manifest["source"])
+    skeleton.eval()
+    _reapply_runtime_steps(skeleton, manifest["recipe"])
+    return skeleton
+
+
+def _build_architecture(directory: Path, manifest: dict[str, Any]) -> nn.Module:
+    arch = manifest["architecture"]
+    if arch["kind"] == "huggingface":
+        import transformers
+
+        cls = getattr(transformers, arch["class"], None)
+        if cls is None:
+            raise ValueError(f"load: transformers has no class {arch['class']!r}")
+        config = transformers.AutoConfig.from_pretrained(str(directory))
+        built: nn.Module = cls(config)
+        return built
+    if arch["kind"] == "registered":
+        _import_builtin_architectures()
+        if arch["class"] not in _ARCHITECTURES:
+            raise ValueError(f"load: architecture {arch['class']!r} is not registered")
+        return _ARCHITECTURES[arch["class"]](**arch["kwargs"])
+    raise ValueError(
+        f"load: {arch['class']} is a user model class; pass an instance: sl.load(path, model=...)"
+    )
+
+
+def _import_builtin_architectures() -> None:
+    import importlib
+
+    importlib.import_module("slimline.models")
+
+
+def _get_tensor(model: nn.Module, name: str) -> torch.Tensor:
+    owner, _, attr = name.rpartition(".")
+    tensor: torch.Tensor = getattr(model.get_submodule(owner), attr)
+    return tensor
+
+
+def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    owner, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(owner), attr, tensor)
+
+
+def _reapply_runtime_steps(model: nn.Module, recipe: dict[str, Any]) -> None:
+    """Steps whose effect is not all in the tensors (``compile``) are applied again."""
+    from slimline.core.recipe import Recipe
+    from slimline.core.registry import StepContext, handler_for
+
+    for step in Recipe.from_dict(recipe).steps:
+        if step.reapply_on_load:
+            handler_for(step)(model, step, StepContext())

@@ -1,0 +1,46 @@
+"""Method families and their ordering rules, declared once.
+
+A recipe is checked against these rules before the model is touched: steps must come in
+non-decreasing ``rank`` (prune before quantize, cast after quantize, compile last), and a
+family marked ``once`` may appear at most one time. Adding a method never means editing a
+list of forbidden pairs: it only names its family.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+
+@dataclass(frozen=True)
+class FamilyRule:
+    """Where a family may stand in a recipe."""
+
+    rank: int  # steps must be in non-decreasing rank
+    once: bool  # at most one step of this family per recipe
+    why: str  # shown in the error message when the rule is broken
+
+
+class Family(Enum):
+    """The efficiency families; each member's value is its ordering rule."""
+
+    # Physical surgery changes shapes; every later step must see the final shapes.
+    STRUCTURE = FamilyRule(0, False, "structural pruning changes layer shapes that later steps use")
+    # Masks are chosen on full-precision weights (SparseGPT, Wanda) before they are rounded.
+    PRUNE = FamilyRule(1, False, "pruning scores need full-precision weights")
+    FACTORIZE = FamilyRule(2, False, "factorization needs full-precision weights")
+    # Quantizers replace float layers by packed ones; they need float weights to round.
+    QUANTIZE = FamilyRule(3, False, "quantizers need float weights, so they come after pruning")
+    # A dtype cast applies to whatever float layers are left.
+    CAST = FamilyRule(4, True, "a dtype cast applies to the layers left in float, after quantizers")
+    # Compilation traces the final module; any later change would be invisible to it.
+    COMPILE = FamilyRule(9, True, "compilation must see the final model, so it comes last")
+
+    @property
+    def rule(self) -> FamilyRule:
+        value: FamilyRule = self.value
+        return value
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()

@@ -1,0 +1,103 @@
+"""Handlers found by their config's *type* (as in torchao's quantize_ registry).
+
+``@register(RtnConfig)`` on a handler function records both the handler and the recipe name
+``RtnConfig.method``; there is no string switch and no central list of methods. The built-in
+method modules are imported on first use by walking the family packages.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+
+from slimline.core.batches import Batch
+from slimline.core.config import MethodConfig
+
+C = TypeVar("C", bound=MethodConfig)
+
+# Packages whose modules define methods; each is walked once, lazily.
+_METHOD_PACKAGES = ("slimline.quantize", "slimline.prune", "slimline.compile")
+
+
+@dataclass
+class StepContext:
+    """What a handler gets besides the model and its config."""
+
+    calibration: list[Batch] | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    progress: bool = False
+
+
+@dataclass
+class StepOutcome:
+    """What a handler reports: the modules it changed and notes for the user."""
+
+    modules: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+Handler = Callable[[nn.Module, Any, StepContext], StepOutcome]
+
+_HANDLERS: dict[type[MethodConfig], Handler] = {}
+_BY_NAME: dict[str, type[MethodConfig]] = {}
+_loaded = False
+
+
+def register(config_type: type[C]) -> Callable[[Callable[[nn.Module, C, StepContext], StepOutcome]], Callable[[nn.Module, C, StepContext], StepOutcome]]:  # noqa: E501
+    """Decorator: ``handler(model, config, ctx)`` applies ``config_type`` steps in place."""
+    if not config_type.method:
+        raise TypeError(f"{config_type.__name__} has no method name")
+
+    def wrap(fn: Callable[[nn.Module, C, StepContext], StepOutcome]) -> Callable[[nn.Module, C, StepContext], StepOutcome]:  # noqa: E501
+        existing = _BY_NAME.get(config_type.method)
+        if existing is not None and existing is not config_type:
+            raise TypeError(f"method name {config_type.method!r} registered twice")
+        _HANDLERS[config_type] = fn
+        _BY_NAME[config_type.method] = config_type
+        return fn
+
+    return wrap
+
+
+def _load_builtin_methods() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for package_name in _METHOD_PACKAGES:
+        package = importlib.import_module(package_name)
+        for info in pkgutil.iter_modules(package.__path__, package_name + "."):
+            importlib.import_module(info.name)
+
+
+def handler_for(config: MethodConfig) -> Handler:
+    """The handler registered for ``type(config)``."""
+    _load_builtin_methods()
+    try:
+        return _HANDLERS[type(config)]
+    except KeyError:
+        raise TypeError(f"no handler registered for {type(config).__name__}") from None
+
+
+def config_type(name: str) -> type[MethodConfig]:
+    """The config class for a recipe method name; ValueError listing valid names."""
+    _load_builtin_methods()
+    if not isinstance(name, str):
+        raise TypeError(f"method must be a string, got {type(name).__name__}")
+    try:
+        return _BY_NAME[name]
+    except KeyError:
+        valid = ", ".join(sorted(_BY_NAME))
+        raise ValueError(f"unknown method {name!r}; known methods: {valid}") from None
+
+
+def registered() -> list[type[MethodConfig]]:
+    """Every registered config type, sorted by family rank then name."""
+    _load_builtin_methods()
+    return sorted(_BY_NAME.values(), key=lambda c: (c.family.rule.rank, c.method))

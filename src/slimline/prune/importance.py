@@ -1,0 +1,14 @@
+"""Importance scores: how much each weight matters. Kept apart from selection and surgery.
+
+Every score is a pure function returning a tensor shaped like the (out, in) weight; a higher
+score means keep. Selection (``masks.py``) turns scores into masks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def magnitude_score(weight: torch.Tensor) -> torch.Tensor:
+    """|W|, the classic magnitude criterion (Han et al., arXiv 1506.02626). (out, in)."""
+    return weight.detach().abs().float()
