@@ -1,9 +1,15 @@
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import pytest
 import torch
 
 import slimline as sl
+from slimline.core import registry
+from slimline.core.config import MethodConfig
+from slimline.core.families import Family
 
 
 def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -72,3 +78,24 @@ def test_list_methods_rows() -> None:
     assert {"magnitude", "half", "compile"} <= set(rows)
     assert rows["magnitude"]["family"] == "prune"
     assert "sparsity" in rows["magnitude"]["fields"]
+
+
+def test_missing_calibration_named(tiny_mlp) -> None:
+    @dataclass(frozen=True, kw_only=True)
+    class NeedsDataConfig(MethodConfig):
+        method: ClassVar[str] = "needs_data_test"
+        family: ClassVar[Family] = Family.PRUNE
+        needs_calibration: ClassVar[bool] = True
+
+    @registry.register(NeedsDataConfig)
+    def apply(model, cfg, ctx):  # pragma: no cover - never reached
+        raise AssertionError("must not run")
+
+    try:
+        with pytest.raises(ValueError, match="'needs_data_test' needs calibration data"):
+            sl.compress(tiny_mlp, {"steps": [{"method": "needs_data_test"}]})
+        with pytest.raises(ValueError, match="calibration data is empty"):
+            sl.compress(tiny_mlp, {"steps": [{"method": "needs_data_test"}]}, calibration=[])
+    finally:
+        registry._HANDLERS.pop(NeedsDataConfig)
+        registry._BY_NAME.pop("needs_data_test")

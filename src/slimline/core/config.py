@@ -91,7 +91,10 @@ class MethodConfig:
                 f"valid fields: {', '.join(sorted(known))}"
             )
         if "targets" in data:
-            data["targets"] = Targets.from_dict(data["targets"])
+            try:
+                data["targets"] = Targets.from_dict(data["targets"])
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"{cls.method}.{exc}") from None
         return cls(**data)
 
     @classmethod

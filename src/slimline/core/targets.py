@@ -72,6 +72,15 @@ def linear_weight(module: nn.Module) -> torch.Tensor:
     raise TypeError(f"{type(module).__name__} is not a Linear-like layer")
 
 
+def set_linear_weight(module: nn.Module, weight: torch.Tensor) -> None:
+    """Write an (out, in) weight into a Linear-like module in place (Conv1D transposed)."""
+    target = linear_weight(module)
+    if target.shape != weight.shape:
+        raise ValueError(f"weight shape {tuple(weight.shape)} != {tuple(target.shape)}")
+    with torch.no_grad():
+        target.copy_(weight.to(target.dtype))
+
+
 def output_head_names(model: nn.Module) -> set[str]:
     """Names of the output head: the HF output embeddings, else the last Linear-like layer."""
     get_head = getattr(model, "get_output_embeddings", None)

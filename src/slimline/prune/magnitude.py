@@ -8,16 +8,16 @@ from typing import ClassVar, Literal
 import torch
 from torch import nn
 
-from slimline.core.config import MethodConfig
 from slimline.core.families import Family
 from slimline.core.registry import StepContext, StepOutcome, register
 from slimline.core.targets import linear_weight
+from slimline.prune.base import UnstructuredPruneConfig
 from slimline.prune.importance import magnitude_score
 from slimline.prune.masks import global_masks, nm_mask, parse_pattern, unstructured_mask
 
 
 @dataclass(frozen=True, kw_only=True)
-class MagnitudeConfig(MethodConfig):
+class MagnitudeConfig(UnstructuredPruneConfig):
     """Zero the smallest weights (Han et al., arXiv 1506.02626); masks stay zero on save."""
 
     method: ClassVar[str] = "magnitude"
@@ -25,33 +25,14 @@ class MagnitudeConfig(MethodConfig):
     summary: ClassVar[str] = "unstructured / N:M pruning of the smallest |W|"
     paper: ClassVar[str] = "Learning both Weights and Connections, arXiv 1506.02626"
 
-    sparsity: float = 0.5
-    # "2:4" etc.; when set it replaces `sparsity` (N:M fixes the density at N/M).
-    pattern: str | None = None
     # "layer": each layer loses `sparsity` of its weights; "global": one threshold for all,
     # so layers with many small weights lose more (only for unstructured sparsity).
     scope: Literal["layer", "global"] = "layer"
 
     def check(self) -> None:
-        if not 0.0 <= self.sparsity < 1.0:
-            self.fail("sparsity", f"{self.sparsity} is outside [0, 1)")
-        if self.pattern is not None:
-            try:
-                parse_pattern(self.pattern)
-            except ValueError as exc:
-                self.fail("pattern", str(exc))
-            if self.scope == "global":
-                self.fail("scope", "'global' applies to unstructured sparsity, not N:M")
-
-    def select_modules(self, model: nn.Module, *, step: str = "") -> list[tuple[str, nn.Module]]:
-        chosen = super().select_modules(model, step=step)
-        if self.pattern is not None:
-            _, m = parse_pattern(self.pattern)
-            for name, module in chosen:
-                width = linear_weight(module).shape[1]
-                if width % m:
-                    self.fail("pattern", f"{name} has {width} inputs, not divisible by {m}")
-        return chosen
+        super().check()
+        if self.pattern is not None and self.scope == "global":
+            self.fail("scope", "'global' applies to unstructured sparsity, not N:M")
 
 
 def masks_for(weights: list[torch.Tensor], cfg: MagnitudeConfig) -> list[torch.Tensor]:

@@ -41,6 +41,19 @@ def unstructured_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     return mask.view_as(scores)
 
 
+def row_masks(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Per output row (Wanda's comparison group): each row loses its lowest scores.
+
+    Row r loses ``round(s·in·(r+1)) − round(s·in·r)`` weights, so every row is within one
+    weight of the asked share and the layer total is exactly ``round(s·numel)``.
+    """
+    rows, cols = scores.shape
+    bounds = torch.round(sparsity * cols * torch.arange(rows + 1, dtype=torch.float64))
+    per_row = (bounds[1:] - bounds[:-1]).long()  # (out,)
+    ranks = torch.argsort(torch.argsort(scores, dim=1, stable=True), dim=1)  # rank in row
+    return ranks >= per_row.unsqueeze(1)
+
+
 def global_masks(scores: Sequence[torch.Tensor], sparsity: float) -> list[torch.Tensor]:
     """One threshold across all layers: the lowest ``sparsity`` share of all scores goes."""
     flat = torch.cat([s.flatten() for s in scores])

@@ -1,0 +1,107 @@
+"""What the unstructured pruners share: their fields, and the layer-by-layer calibration loop.
+
+``prune_layerwise`` walks a transformer block by block (``core/calibration.walk_blocks``):
+the inputs of each block's layers are summarised in :class:`InputStats`, the layers are
+pruned, and the pruned block's outputs feed the next block, as in SparseGPT and Wanda's
+reference code. Models without a block list are handled in one pass over the whole model.
+Only one block's activations are alive at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from slimline.core.calibration import capture_inputs, find_blocks, hooked_inputs, walk_blocks
+from slimline.core.config import MethodConfig
+from slimline.core.registry import StepContext, StepOutcome
+from slimline.core.targets import linear_weight, set_linear_weight
+from slimline.prune.masks import parse_pattern
+from slimline.prune.statistics import InputStats
+
+PruneFn = Callable[[torch.Tensor, InputStats], torch.Tensor]
+
+
+@dataclass(frozen=True, kw_only=True)
+class UnstructuredPruneConfig(MethodConfig):
+    """Fields shared by unstructured / N:M pruners (names from ARCHITECTURE.md)."""
+
+    sparsity: float = 0.5
+    # "2:4" etc.; when set it replaces `sparsity` (N:M fixes the density at N/M).
+    pattern: str | None = None
+
+    def check(self) -> None:
+        if not 0.0 <= self.sparsity < 1.0:
+            self.fail("sparsity", f"{self.sparsity} is outside [0, 1)")
+        if self.pattern is not None:
+            try:
+                parse_pattern(self.pattern)
+            except ValueError as exc:
+                self.fail("pattern", str(exc))
+
+    def select_modules(self, model: nn.Module, *, step: str = "") -> list[tuple[str, nn.Module]]:
+        chosen = super().select_modules(model, step=step)
+        if self.pattern is not None:
+            _, m = parse_pattern(self.pattern)
+            for name, module in chosen:
+                width = linear_weight(module).shape[1]
+                if width % m:
+                    self.fail("pattern", f"{name} has {width} inputs, not divisible by {m}")
+        return chosen
+
+
+def prune_layerwise(
+    model: nn.Module,
+    cfg: UnstructuredPruneConfig,
+    ctx: StepContext,
+    prune: PruneFn,
+    *,
+    hessian: bool,
+) -> StepOutcome:
+    """Prune every selected layer with ``prune(weight, stats)``, block by block."""
+    if not ctx.calibration:
+        raise ValueError(f"{cfg.method} needs calibration data")
+    chosen = dict(cfg.select_modules(model))
+    done: set[str] = set()
+    try:
+        find_blocks(model)
+        has_blocks = True
+    except ValueError:
+        has_blocks = False
+    if has_blocks:
+        for _, block_name, block, inputs in walk_blocks(model, ctx.calibration):
+            layers = {n: m for n, m in chosen.items() if n.startswith(block_name + ".")}
+            stats = _new_stats(layers, hessian)
+            with hooked_inputs(layers, _feed(stats)), torch.no_grad():
+                for item in inputs:
+                    block(*item.args, **item.kwargs)
+            _apply(layers, stats, prune)
+            done |= set(layers)
+    rest = {n: m for n, m in chosen.items() if n not in done}
+    if rest:
+        stats = _new_stats(rest, hessian)
+        capture_inputs(model, rest, ctx.calibration, _feed(stats))
+        _apply(rest, stats, prune)
+    zeros = sum(int((linear_weight(m) == 0).sum()) for m in chosen.values())
+    total = sum(linear_weight(m).numel() for m in chosen.values())
+    return StepOutcome(
+        modules=list(chosen), notes=[f"sparsity of pruned layers: {zeros / max(total, 1):.4f}"]
+    )
+
+
+def _feed(stats: dict[str, InputStats]) -> Callable[[str, torch.Tensor], None]:
+    return lambda name, x: stats[name].add_batch(x)
+
+
+def _new_stats(layers: dict[str, nn.Module], hessian: bool) -> dict[str, InputStats]:
+    return {n: InputStats(linear_weight(m).shape[1], hessian=hessian) for n, m in layers.items()}
+
+
+def _apply(layers: dict[str, nn.Module], stats: dict[str, InputStats], prune: PruneFn) -> None:
+    for name, module in layers.items():
+        if stats[name].tokens == 0:
+            raise ValueError(f"layer {name!r} saw no calibration inputs")
+        set_linear_weight(module, prune(linear_weight(module).detach(), stats[name]))

@@ -1,0 +1,43 @@
+"""``wanda``: prune by weights and activations, |W|·‖X‖, no weight update (arXiv 2306.11695)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from slimline.core.families import Family
+from slimline.core.registry import StepContext, StepOutcome, register
+from slimline.prune.base import UnstructuredPruneConfig, prune_layerwise
+from slimline.prune.importance import wanda_score
+from slimline.prune.masks import nm_mask, parse_pattern, row_masks
+from slimline.prune.statistics import InputStats
+
+
+@dataclass(frozen=True, kw_only=True)
+class WandaConfig(UnstructuredPruneConfig):
+    """Wanda: per output row, drop the weights with the smallest |W_ij|·‖X_j‖₂."""
+
+    method: ClassVar[str] = "wanda"
+    family: ClassVar[Family] = Family.PRUNE
+    needs_calibration: ClassVar[bool] = True
+    summary: ClassVar[str] = "pruning by |W|·‖X‖ per output row, no retraining or update"
+    paper: ClassVar[str] = "Wanda, arXiv 2306.11695"
+
+
+def wanda_mask(weight: torch.Tensor, input_norm: torch.Tensor, cfg: WandaConfig) -> torch.Tensor:
+    """Keep-mask (out, in): per-row comparison group (the paper's best choice for LLMs)."""
+    score = wanda_score(weight, input_norm)
+    if cfg.pattern is not None:
+        return nm_mask(score, *parse_pattern(cfg.pattern))
+    return row_masks(score, cfg.sparsity)
+
+
+@register(WandaConfig)
+def apply_wanda(model: nn.Module, cfg: WandaConfig, ctx: StepContext) -> StepOutcome:
+    def prune(weight: torch.Tensor, stats: InputStats) -> torch.Tensor:
+        return weight * wanda_mask(weight, stats.input_norm, cfg).to(weight.dtype)
+
+    return prune_layerwise(model, cfg, ctx, prune, hessian=False)
