@@ -29,7 +29,7 @@ def _out_error(w: torch.Tensor, w_hat: torch.Tensor, x: torch.Tensor) -> float:
 
 
 def test_input_stats_match_direct_formulas() -> None:
-    w, x, stats = _layer_problem()
+    _, x, stats = _layer_problem()
     torch.testing.assert_close(stats.input_norm, x.norm(dim=0), rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(stats.hessian, 2 * x.t() @ x / x.shape[0], rtol=1e-4, atol=1e-3)
 
