@@ -95,7 +95,7 @@ def _as_recipe(recipe: Recipe | dict[str, Any] | Sequence[MethodConfig]) -> Reci
 
 def _calibration(recipe: Recipe, calibration: Iterable[object] | None) -> list[Batch] | None:
     if calibration is None:
-        needing = [s.method for s in recipe.steps if s.needs_calibration]
+        needing = [s.method for s in recipe.steps if s.requires_calibration()]
         if needing:
             raise ValueError(
                 f"step {needing[0]!r} needs calibration data: pass calibration=batches"

@@ -65,6 +65,10 @@ class MethodConfig:
         """
         return select(model, self.targets, accepts=is_linear_like, step=step or self.method)
 
+    def requires_calibration(self) -> bool:
+        """Whether this step, with these fields, needs calibration data (default: the class's)."""
+        return self.needs_calibration
+
     def fail(self, field_name: str, message: str) -> typing.NoReturn:
         """Raise the ValueError every config uses: ``method.field: message``."""
         raise ValueError(f"{self.method}.{field_name}: {message}")

@@ -89,7 +89,7 @@ class Recipe:
 
     @property
     def needs_calibration(self) -> bool:
-        return any(s.needs_calibration for s in self.steps)
+        return any(s.requires_calibration() for s in self.steps)
 
 
 def check_order(steps: Sequence[MethodConfig]) -> None:

@@ -20,9 +20,10 @@ from slimline.core.config import MethodConfig
 from slimline.core.registry import StepContext, StepOutcome
 from slimline.core.targets import linear_weight, set_linear_weight
 from slimline.prune.masks import parse_pattern
+from slimline.prune.owl import owl_layer_sparsity
 from slimline.prune.statistics import InputStats
 
-PruneFn = Callable[[torch.Tensor, InputStats], torch.Tensor]
+PruneFn = Callable[[torch.Tensor, InputStats, float], torch.Tensor]  # (W, stats, sparsity)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -32,6 +33,12 @@ class UnstructuredPruneConfig(MethodConfig):
     sparsity: float = 0.5
     # "2:4" etc.; when set it replaces `sparsity` (N:M fixes the density at N/M).
     pattern: str | None = None
+    # OWL (arXiv 2310.05175): per-block sparsity from the share of outlier Wanda scores.
+    owl: bool = False
+    # λ: the per-block sparsities spread over at most 2λ around `sparsity` (paper: 0.08).
+    owl_lambda: float = 0.08
+    # M: a score is an outlier above M × its layer's mean (paper: 5).
+    owl_m: float = 5.0
 
     def check(self) -> None:
         if not 0.0 <= self.sparsity < 1.0:
@@ -41,6 +48,28 @@ class UnstructuredPruneConfig(MethodConfig):
                 parse_pattern(self.pattern)
             except ValueError as exc:
                 self.fail("pattern", str(exc))
+            if self.owl:
+                self.fail("owl", "OWL sets unstructured sparsities; it does not apply to N:M")
+        if not 0.0 <= self.owl_lambda < 0.5:
+            self.fail("owl_lambda", f"{self.owl_lambda} is outside [0, 0.5)")
+        if self.owl_m <= 0:
+            self.fail("owl_m", f"must be > 0, got {self.owl_m}")
+
+    def requires_calibration(self) -> bool:
+        return self.needs_calibration or self.owl
+
+    def layer_sparsities(
+        self, model: nn.Module, layers: dict[str, nn.Module], ctx: StepContext
+    ) -> dict[str, float]:
+        """Sparsity per layer: uniform, or OWL's outlier-weighted one (dense-model pass)."""
+        if not self.owl:
+            return dict.fromkeys(layers, self.sparsity)
+        if not ctx.calibration:
+            raise ValueError(f"{self.method}: owl needs calibration data")
+        return owl_layer_sparsity(
+            model, layers, ctx.calibration, sparsity=self.sparsity, lam=self.owl_lambda,
+            m=self.owl_m,
+        )
 
     def select_modules(self, model: nn.Module, *, step: str = "") -> list[tuple[str, nn.Module]]:
         chosen = super().select_modules(model, step=step)
@@ -61,10 +90,11 @@ def prune_layerwise(
     *,
     hessian: bool,
 ) -> StepOutcome:
-    """Prune every selected layer with ``prune(weight, stats)``, block by block."""
+    """Prune every selected layer with ``prune(weight, stats, sparsity)``, block by block."""
     if not ctx.calibration:
         raise ValueError(f"{cfg.method} needs calibration data")
     chosen = dict(cfg.select_modules(model))
+    sparsities = cfg.layer_sparsities(model, chosen, ctx)
     done: set[str] = set()
     try:
         find_blocks(model)
@@ -78,13 +108,13 @@ def prune_layerwise(
             with hooked_inputs(layers, _feed(stats)), torch.no_grad():
                 for item in inputs:
                     block(*item.args, **item.kwargs)
-            _apply(layers, stats, prune)
+            _apply(layers, stats, sparsities, prune)
             done |= set(layers)
     rest = {n: m for n, m in chosen.items() if n not in done}
     if rest:
         stats = _new_stats(rest, hessian)
         capture_inputs(model, rest, ctx.calibration, _feed(stats))
-        _apply(rest, stats, prune)
+        _apply(rest, stats, sparsities, prune)
     zeros = sum(int((linear_weight(m) == 0).sum()) for m in chosen.values())
     total = sum(linear_weight(m).numel() for m in chosen.values())
     return StepOutcome(
@@ -100,8 +130,14 @@ def _new_stats(layers: dict[str, nn.Module], hessian: bool) -> dict[str, InputSt
     return {n: InputStats(linear_weight(m).shape[1], hessian=hessian) for n, m in layers.items()}
 
 
-def _apply(layers: dict[str, nn.Module], stats: dict[str, InputStats], prune: PruneFn) -> None:
+def _apply(
+    layers: dict[str, nn.Module],
+    stats: dict[str, InputStats],
+    sparsities: dict[str, float],
+    prune: PruneFn,
+) -> None:
     for name, module in layers.items():
         if stats[name].tokens == 0:
             raise ValueError(f"layer {name!r} saw no calibration inputs")
-        set_linear_weight(module, prune(linear_weight(module).detach(), stats[name]))
+        weight = linear_weight(module).detach()
+        set_linear_weight(module, prune(weight, stats[name], sparsities[name]))

@@ -33,9 +33,13 @@ class MagnitudeConfig(UnstructuredPruneConfig):
         super().check()
         if self.pattern is not None and self.scope == "global":
             self.fail("scope", "'global' applies to unstructured sparsity, not N:M")
+        if self.owl and self.scope == "global":
+            self.fail("scope", "'global' and owl both set per-layer sparsity; choose one")
 
 
-def masks_for(weights: list[torch.Tensor], cfg: MagnitudeConfig) -> list[torch.Tensor]:
+def masks_for(
+    weights: list[torch.Tensor], cfg: MagnitudeConfig, sparsities: list[float]
+) -> list[torch.Tensor]:
     """The keep-masks of ``weights`` (each (out, in)) under ``cfg``."""
     scores = [magnitude_score(w) for w in weights]
     if cfg.pattern is not None:
@@ -43,15 +47,17 @@ def masks_for(weights: list[torch.Tensor], cfg: MagnitudeConfig) -> list[torch.T
         return [nm_mask(s, n, m) for s in scores]
     if cfg.scope == "global":
         return global_masks(scores, cfg.sparsity)
-    return [unstructured_mask(s, cfg.sparsity) for s in scores]
+    return [unstructured_mask(s, sp) for s, sp in zip(scores, sparsities, strict=True)]
 
 
 @register(MagnitudeConfig)
 def apply_magnitude(model: nn.Module, cfg: MagnitudeConfig, ctx: StepContext) -> StepOutcome:
     chosen = cfg.select_modules(model)
     weights = [linear_weight(m) for _, m in chosen]
+    per_layer = cfg.layer_sparsities(model, dict(chosen), ctx)
+    masks = masks_for(weights, cfg, [per_layer[n] for n, _ in chosen])
     with torch.no_grad():
-        for weight, mask in zip(weights, masks_for(weights, cfg), strict=True):
+        for weight, mask in zip(weights, masks, strict=True):
             weight.mul_(mask.to(weight.dtype))
     kept = sum(int(torch.count_nonzero(w)) for w in weights)
     total = sum(w.numel() for w in weights)

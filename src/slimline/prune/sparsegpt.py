@@ -111,9 +111,9 @@ def _block_share(sparsity: float, rows: int, cols: int, start: int, end: int) ->
 
 @register(SparseGPTConfig)
 def apply_sparsegpt(model: nn.Module, cfg: SparseGPTConfig, ctx: StepContext) -> StepOutcome:
-    def prune(weight: torch.Tensor, stats: InputStats) -> torch.Tensor:
+    def prune(weight: torch.Tensor, stats: InputStats, sparsity: float) -> torch.Tensor:
         return sparsegpt_prune_weight(
-            weight, stats.hessian, sparsity=cfg.sparsity, pattern=cfg.pattern,
+            weight, stats.hessian, sparsity=sparsity, pattern=cfg.pattern,
             block_size=cfg.block_size, dampening=cfg.dampening,
         )
 

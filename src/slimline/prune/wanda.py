@@ -27,17 +27,20 @@ class WandaConfig(UnstructuredPruneConfig):
     paper: ClassVar[str] = "Wanda, arXiv 2306.11695"
 
 
-def wanda_mask(weight: torch.Tensor, input_norm: torch.Tensor, cfg: WandaConfig) -> torch.Tensor:
+def wanda_mask(
+    weight: torch.Tensor, input_norm: torch.Tensor, sparsity: float, pattern: str | None
+) -> torch.Tensor:
     """Keep-mask (out, in): per-row comparison group (the paper's best choice for LLMs)."""
     score = wanda_score(weight, input_norm)
-    if cfg.pattern is not None:
-        return nm_mask(score, *parse_pattern(cfg.pattern))
-    return row_masks(score, cfg.sparsity)
+    if pattern is not None:
+        return nm_mask(score, *parse_pattern(pattern))
+    return row_masks(score, sparsity)
 
 
 @register(WandaConfig)
 def apply_wanda(model: nn.Module, cfg: WandaConfig, ctx: StepContext) -> StepOutcome:
-    def prune(weight: torch.Tensor, stats: InputStats) -> torch.Tensor:
-        return weight * wanda_mask(weight, stats.input_norm, cfg).to(weight.dtype)
+    def prune(weight: torch.Tensor, stats: InputStats, sparsity: float) -> torch.Tensor:
+        mask = wanda_mask(weight, stats.input_norm, sparsity, cfg.pattern)
+        return weight * mask.to(weight.dtype)
 
     return prune_layerwise(model, cfg, ctx, prune, hessian=False)
