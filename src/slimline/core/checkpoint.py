@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimline.core import sparse_storage
 from slimline.core.modules import is_registered_module, module_type
 
 CHECKPOINT_FORMAT = "slimline-checkpoint"
@@ -83,6 +84,7 @@ def _write(model: nn.Module, directory: Path, tokenizer: Any | None, source: str
     from safetensors.torch import save_file
 
     tensors, aliases = _dedupe(model.state_dict())
+    tensors, sparse = _encode_sparse(tensors)
     save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "to_json_file"):
@@ -100,6 +102,7 @@ def _write(model: nn.Module, directory: Path, tokenizer: Any | None, source: str
             if name and is_registered_module(m)
         },
         "aliases": aliases,
+        "sparse": sparse,
         "source": source,
     }
     (directory / RECIPE_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -118,6 +121,30 @@ def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], di
         kept[key] = name
         tensors[name] = t.detach().contiguous().cpu()
     return tensors, aliases
+
+
+def _encode_sparse(
+    tensors: dict[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], dict[str, list[int]]]:
+    """Store tensors with many zeros as bitmask + values; returns ``{name: shape}`` too."""
+    out: dict[str, torch.Tensor] = {}
+    shapes: dict[str, list[int]] = {}
+    for name, t in tensors.items():
+        if sparse_storage.worth_encoding(t):
+            mask, values = sparse_storage.encode(t)
+            out[name + sparse_storage.MASK_SUFFIX] = mask
+            out[name + sparse_storage.VALUES_SUFFIX] = values
+            shapes[name] = list(t.shape)
+        else:
+            out[name] = t
+    return out, shapes
+
+
+def _decode_sparse(state: dict[str, torch.Tensor], shapes: dict[str, list[int]]) -> None:
+    for name, shape in shapes.items():
+        mask = state.pop(name + sparse_storage.MASK_SUFFIX)
+        values = state.pop(name + sparse_storage.VALUES_SUFFIX)
+        state[name] = sparse_storage.decode(mask, values, tuple(shape))
 
 
 def _architecture(model: nn.Module) -> dict[str, Any]:
@@ -170,6 +197,7 @@ def load(path: str | Path, *, model: nn.Module | None = None) -> nn.Module:
         replacement = module_type(entry["type"]).from_slimline_meta(entry["meta"])  # type: ignore[attr-defined]
         skeleton.set_submodule(name, replacement)
     state = load_file(str(directory / WEIGHTS_FILE))
+    _decode_sparse(state, manifest.get("sparse", {}))
     aliases: dict[str, str] = manifest.get("aliases", {})
     result = skeleton.load_state_dict(state, strict=False, assign=True)
     missing = set(result.missing_keys) - set(aliases)
