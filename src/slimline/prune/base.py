@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from slimline.core.calibration import capture_inputs, find_blocks, hooked_inputs, walk_blocks
 from slimline.core.config import MethodConfig
@@ -102,7 +103,10 @@ def prune_layerwise(
     except ValueError:
         has_blocks = False
     if has_blocks:
-        for _, block_name, block, inputs in walk_blocks(model, ctx.calibration):
+        walk = walk_blocks(model, ctx.calibration)
+        blocks = tqdm(walk, total=len(find_blocks(model)[1]), desc=cfg.method, unit="block",
+                      disable=not ctx.progress, leave=False)
+        for _, block_name, block, inputs in blocks:
             layers = {n: m for n, m in chosen.items() if n.startswith(block_name + ".")}
             stats = _new_stats(layers, hessian)
             with hooked_inputs(layers, _feed(stats)), torch.no_grad():
