@@ -16,10 +16,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from slimline.core.batches import Batch, forward
 
@@ -124,3 +125,70 @@ def walk_blocks(
             if not item.args:
                 key = "hidden_states" if "hidden_states" in item.kwargs else next(iter(item.kwargs))
                 item.kwargs[key] = out
+
+
+class Accumulator(Protocol):
+    """Statistics of a layer's inputs, fed one batch of activations at a time."""
+
+    tokens: int
+
+    def add_batch(self, x: torch.Tensor) -> None: ...
+
+
+A = TypeVar("A", bound=Accumulator)
+
+
+def sequential_layers(
+    model: nn.Module,
+    layers: dict[str, nn.Module],
+    calibration: Sequence[Batch],
+    make: Callable[[str, nn.Module], A],
+    update: Callable[[dict[str, nn.Module], dict[str, A]], None],
+    *,
+    progress: bool = False,
+    desc: str = "calibration",
+) -> None:
+    """Feed each layer's inputs to its accumulator, then let ``update`` change the layers.
+
+    Layers inside the model's blocks are handled block by block (:func:`walk_blocks`): a
+    block's layers see inputs produced by the already-updated earlier blocks, as in the
+    sequential GPTQ / SparseGPT procedures, and only one block's activations are alive.
+    Layers outside any block (or all, for models without blocks) get one whole-model pass.
+    """
+    done: set[str] = set()
+    try:
+        n_blocks = len(find_blocks(model)[1])
+    except ValueError:
+        n_blocks = 0
+    if n_blocks:
+        walk = tqdm(walk_blocks(model, calibration), total=n_blocks, desc=desc, unit="block",
+                    disable=not progress, leave=False)
+        for _, block_name, block, inputs in walk:
+            group = {n: m for n, m in layers.items() if n.startswith(block_name + ".")}
+            stats = {n: make(n, m) for n, m in group.items()}
+            with hooked_inputs(group, _feed(stats)), torch.no_grad():
+                for item in inputs:
+                    block(*item.args, **item.kwargs)
+            _update(update, group, stats)
+            done |= set(group)
+    rest = {n: m for n, m in layers.items() if n not in done}
+    if rest:
+        stats = {n: make(n, m) for n, m in rest.items()}
+        capture_inputs(model, rest, calibration, _feed(stats))
+        _update(update, rest, stats)
+
+
+def _feed(stats: dict[str, A]) -> InputSink:
+    return lambda name, x: stats[name].add_batch(x)
+
+
+def _update(
+    update: Callable[[dict[str, nn.Module], dict[str, A]], None],
+    group: dict[str, nn.Module],
+    stats: dict[str, A],
+) -> None:
+    for name, acc in stats.items():
+        if acc.tokens == 0:
+            raise ValueError(f"layer {name!r} saw no calibration inputs")
+    if group:
+        update(group, stats)

@@ -65,6 +65,11 @@ class MethodConfig:
         """
         return select(model, self.targets, accepts=is_linear_like, step=step or self.method)
 
+    def applies_to(self, model: nn.Module) -> bool:
+        """Whether the method can act on this kind of model at all (e.g. ``layer_drop`` needs
+        a list of blocks). Where it is False, ``compress`` raises a ValueError naming why."""
+        return True
+
     def requires_calibration(self) -> bool:
         """Whether this step, with these fields, needs calibration data (default: the class's)."""
         return self.needs_calibration

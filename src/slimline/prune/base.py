@@ -1,10 +1,9 @@
 """What the unstructured pruners share: their fields, and the layer-by-layer calibration loop.
 
-``prune_layerwise`` walks a transformer block by block (``core/calibration.walk_blocks``):
+``prune_layerwise`` walks a transformer block by block (``core.calibration.sequential_layers``):
 the inputs of each block's layers are summarised in :class:`InputStats`, the layers are
 pruned, and the pruned block's outputs feed the next block, as in SparseGPT and Wanda's
-reference code. Models without a block list are handled in one pass over the whole model.
-Only one block's activations are alive at a time.
+reference code. Only one block's activations are alive at a time.
 """
 
 from __future__ import annotations
@@ -14,9 +13,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from slimline.core.calibration import capture_inputs, find_blocks, hooked_inputs, walk_blocks
+from slimline.core.calibration import sequential_layers
 from slimline.core.config import MethodConfig
 from slimline.core.registry import StepContext, StepOutcome
 from slimline.core.targets import linear_weight, set_linear_weight
@@ -96,52 +94,19 @@ def prune_layerwise(
         raise ValueError(f"{cfg.method} needs calibration data")
     chosen = dict(cfg.select_modules(model))
     sparsities = cfg.layer_sparsities(model, chosen, ctx)
-    done: set[str] = set()
-    try:
-        find_blocks(model)
-        has_blocks = True
-    except ValueError:
-        has_blocks = False
-    if has_blocks:
-        walk = walk_blocks(model, ctx.calibration)
-        blocks = tqdm(walk, total=len(find_blocks(model)[1]), desc=cfg.method, unit="block",
-                      disable=not ctx.progress, leave=False)
-        for _, block_name, block, inputs in blocks:
-            layers = {n: m for n, m in chosen.items() if n.startswith(block_name + ".")}
-            stats = _new_stats(layers, hessian)
-            with hooked_inputs(layers, _feed(stats)), torch.no_grad():
-                for item in inputs:
-                    block(*item.args, **item.kwargs)
-            _apply(layers, stats, sparsities, prune)
-            done |= set(layers)
-    rest = {n: m for n, m in chosen.items() if n not in done}
-    if rest:
-        stats = _new_stats(rest, hessian)
-        capture_inputs(model, rest, ctx.calibration, _feed(stats))
-        _apply(rest, stats, sparsities, prune)
+
+    def make(_name: str, module: nn.Module) -> InputStats:
+        return InputStats(linear_weight(module).shape[1], hessian=hessian)
+
+    def update(group: dict[str, nn.Module], stats: dict[str, InputStats]) -> None:
+        for name, module in group.items():
+            weight = linear_weight(module).detach()
+            set_linear_weight(module, prune(weight, stats[name], sparsities[name]))
+
+    sequential_layers(model, chosen, ctx.calibration, make, update, progress=ctx.progress,
+                      desc=cfg.method)
     zeros = sum(int((linear_weight(m) == 0).sum()) for m in chosen.values())
     total = sum(linear_weight(m).numel() for m in chosen.values())
     return StepOutcome(
         modules=list(chosen), notes=[f"sparsity of pruned layers: {zeros / max(total, 1):.4f}"]
     )
-
-
-def _feed(stats: dict[str, InputStats]) -> Callable[[str, torch.Tensor], None]:
-    return lambda name, x: stats[name].add_batch(x)
-
-
-def _new_stats(layers: dict[str, nn.Module], hessian: bool) -> dict[str, InputStats]:
-    return {n: InputStats(linear_weight(m).shape[1], hessian=hessian) for n, m in layers.items()}
-
-
-def _apply(
-    layers: dict[str, nn.Module],
-    stats: dict[str, InputStats],
-    sparsities: dict[str, float],
-    prune: PruneFn,
-) -> None:
-    for name, module in layers.items():
-        if stats[name].tokens == 0:
-            raise ValueError(f"layer {name!r} saw no calibration inputs")
-        weight = linear_weight(module).detach()
-        set_linear_weight(module, prune(weight, stats[name], sparsities[name]))
