@@ -39,8 +39,8 @@ def interleaved(calls: Mapping[str, Callable[[], object]], *, runs: int, warmup:
 
 
 def command_line() -> str:
-    script = Path(sys.argv[0]).resolve().relative_to(ROOT)
-    return " ".join([".venv/bin/python", str(script), *sys.argv[1:]])
+    """The command as it was typed (``python -m benchmarks.x`` or ``python benchmarks/x.py``)."""
+    return " ".join([".venv/bin/python", *sys.orig_argv[1:]])
 
 
 def write_section(name: str, title: str, body: str) -> None:

@@ -89,7 +89,15 @@ def _record_first_block(
     recorded: list[BlockInputs] = []
 
     def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        recorded.append(BlockInputs(args, dict(kwargs)))
+        kept = dict(kwargs)
+        # A KV cache recorded here would grow on every replay and feed stale keys/values
+        # to the block once it has changed: replay without one.
+        for key in ("past_key_values", "past_key_value", "layer_past"):
+            if key in kept:
+                kept[key] = None
+        if "use_cache" in kept:
+            kept["use_cache"] = False
+        recorded.append(BlockInputs(args, kept))
         raise _StopForward
 
     handle = first.register_forward_pre_hook(hook, with_kwargs=True)

@@ -68,14 +68,19 @@ def gradient_statistics(
     """Accumulate gradient moments of ``loss_fn`` for ``layers``' weights over ``batches``."""
     if not batches:
         raise ValueError("gradient scores need calibration data")
-    weights = {n: m.weight for n, m in layers.items()}
+    weights: dict[str, torch.Tensor] = {}
+    for name, module in layers.items():
+        weight = module.weight
+        if not isinstance(weight, torch.Tensor):
+            raise TypeError(f"{name}.weight is not a tensor")
+        weights[name] = weight
     flags = {n: w.requires_grad for n, w in weights.items()}
     stats = GradientStats()
     was_training = model.training
     model.eval()
     try:
-        for w in weights.values():
-            w.requires_grad_(True)
+        for weight in weights.values():
+            weight.requires_grad_(True)
         for batch in batches:
             loss = loss_fn(model, batch)
             need_graph = hutchinson_samples > 0
@@ -93,7 +98,7 @@ def gradient_statistics(
                     scale = hutchinson_samples * len(batches)
                     stats.hessian_diag[name] = stats.hessian_diag.get(name, 0) + est / scale
     finally:
-        for name, w in weights.items():
-            w.requires_grad_(flags[name])
+        for name, weight in weights.items():
+            weight.requires_grad_(flags[name])
         model.train(was_training)
     return stats

@@ -50,8 +50,9 @@ def row_masks(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     rows, cols = scores.shape
     bounds = torch.round(sparsity * cols * torch.arange(rows + 1, dtype=torch.float64))
     per_row = (bounds[1:] - bounds[:-1]).long()  # (out,)
-    ranks = torch.argsort(torch.argsort(scores, dim=1, stable=True), dim=1)  # rank in row
-    return ranks >= per_row.unsqueeze(1)
+    order = torch.argsort(scores, dim=1, stable=True)  # (out, in), lowest score first
+    pruned_sorted = torch.arange(cols).unsqueeze(0) < per_row.unsqueeze(1)  # (out, in)
+    return torch.ones_like(scores, dtype=torch.bool).scatter_(1, order, ~pruned_sorted)
 
 
 def global_masks(scores: Sequence[torch.Tensor], sparsity: float) -> list[torch.Tensor]:

@@ -21,6 +21,9 @@ class InputStats:
     def add_batch(self, x: torch.Tensor) -> None:
         """``x`` (..., in): every leading position is one token."""
         flat = x.detach().reshape(-1, x.shape[-1]).float()  # (tokens, in)
+        if self.sq_norm.device != flat.device:  # follow the activations (CPU or GPU)
+            self.sq_norm = self.sq_norm.to(flat.device)
+            self.xxt = self.xxt.to(flat.device) if self.xxt is not None else None
         self.tokens += flat.shape[0]
         self.sq_norm += flat.pow(2).sum(0).double()
         if self.xxt is not None:
