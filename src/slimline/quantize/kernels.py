@@ -1,0 +1,271 @@
+"""The matmuls behind slimline's quantized linears, and which ones this build of torch has.
+
+Measured with 2 threads on a 2-core AMD EPYC (Zen 5: AVX-512 VNNI and BF16, no AMX), torch
+2.13; the choices below follow these numbers.
+
+Weight-only (``rtn``), chosen per call by ``QuantLinear.kernel_path``:
+
+* :func:`dequant_linear` — dequantize to the activation dtype, then ``F.linear``: works for
+  every width, group and shape; the fastest beyond a few rows, and in float16;
+* :func:`int4pack_linear` — ``aten._weight_int4pack_mm_for_cpu`` (tinygemm layout), for
+  4-bit weights with ``N % 16 == 0`` and groups of 32/64/128/256 dividing ``K``; wins up to
+  64 rows in bfloat16 and, for large layers, at one row in float32 (its float32 loop is not
+  vectorised);
+* :func:`int8pack_linear` — ``aten._weight_int8pack_mm``, for 8-bit per-channel symmetric
+  weights with ``K % 16 == 0`` (its bfloat16 path returns garbage or crashes otherwise);
+  wins up to 32 rows in bfloat16 and, for large layers, at one row in float32.
+
+Dynamic W8A8 (``int8_dynamic``): int8 weights with one scale per output channel, and
+activations quantized at run time to uint8 with one scale and zero point per token
+(LLM.int8()'s vector-wise quantization, arXiv 2208.07339, without its outlier split;
+SmoothQuant's per-token dynamic W8A8, arXiv 2211.10438, with asymmetric activations). The
+GEMM runs in int8 with int32 accumulation; per-token scales and zero points are applied to its
+output by :func:`rescale`:
+
+* :func:`onednn_int8_mm` — oneDNN's u8·s8 GEMM (``onednn.qlinear_pointwise`` on a weight
+  prepacked by ``onednn.qlinear_prepack``). Its s8-activation path is a reference kernel,
+  orders of magnitude slower, hence u8 activations. Wrapped in a custom op, since inductor's
+  own lowering of ``qlinear_pointwise`` needs a frozen (constant) weight;
+* :func:`int_mm_int8_mm` — ``torch._int_mm`` (s8 · s8 -> s32), where oneDNN is missing.
+
+Both GEMMs run at about 1.75 TFLOP/s on 2016×384 · 384×1536 (bfloat16 0.76, float32 0.19);
+oneDNN is preferred because it applies the weight scales in its epilogue and returns float32,
+one pass over the output fewer (all-MiniLM-L6-v2 eager: 0.50× vs 0.65× the float32 time).
+
+Nothing here runs at import: capabilities are probed on first use and cached.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+INT4PACK_GROUPS = (32, 64, 128, 256)
+_OP_NAMESPACE = "slimline"
+_ONEDNN_OP = "onednn_int8_mm"
+# uint8 activation codes minus 128 are the int8 codes ``torch._int_mm`` takes.
+U8_OFFSET = 128
+
+
+# --- weight-only --------------------------------------------------------------------------
+
+
+def dequant_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """``x @ weight.T + bias`` with the already dequantized (N, K) weight."""
+    return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
+
+
+def int4pack_group(out_features: int, in_features: int, group: int) -> int | None:
+    """The group size torch's CPU int4 kernel would run this layer with, or None.
+
+    A per-channel layer (``group == K``) runs with the largest supported group dividing
+    ``K``, its one scale repeated over the groups.
+    """
+    if out_features % 16 or in_features % 2:
+        return None
+    if group in INT4PACK_GROUPS and in_features % group == 0:
+        return group
+    if group == in_features:
+        fitting = [g for g in INT4PACK_GROUPS if in_features % g == 0]
+        return max(fitting) if fitting else None
+    return None
+
+
+def int4pack_weight(codes: torch.Tensor) -> torch.Tensor:
+    """(N, K) uint8 codes in [0, 15] -> the CPU kernel's own (N, K/2) uint8 tile layout."""
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
+
+
+def int4pack_scales_zeros(
+    scales: torch.Tensor, zeros: torch.Tensor, kernel_groups: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """(N, G) scales and zero points -> the kernel's (kernel_groups, N, 2) table.
+
+    The kernel computes ``w = (q - 8) · s + m`` on unsigned codes; with ``w = (q - z) · s``
+    that is ``m = (8 - z) · s`` (0 for a symmetric layer, stored with ``z = 8``).
+    ``kernel_groups`` is a multiple of ``G`` (per-channel scales are repeated).
+    """
+    s = scales.float()  # (N, G)
+    m = (8.0 - zeros.float()) * s
+    table = torch.stack([s.t(), m.t()], dim=-1)  # (G, N, 2)
+    table = table.repeat_interleave(kernel_groups // s.shape[1], dim=0)
+    return table.to(dtype).contiguous()
+
+
+def int4pack_linear(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    group: int,
+    scales_zeros: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """``x @ W.T + bias`` with torch's CPU int4 kernel (tinygemm layout)."""
+    rows = x.reshape(-1, x.shape[-1]).contiguous()  # (M, K)
+    out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, packed, group, scales_zeros)
+    if bias is not None:
+        out = out + bias.to(out.dtype)
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def int8pack_fits(in_features: int) -> bool:
+    """Whether ``aten._weight_int8pack_mm`` computes this width correctly (see module doc)."""
+    return in_features % 16 == 0
+
+
+def int8pack_linear(
+    x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """``x @ (weight · scales).T + bias`` for an (N, K) int8 weight and (N,) scales."""
+    rows = x.reshape(-1, x.shape[-1]).contiguous()  # (M, K)
+    out = torch.ops.aten._weight_int8pack_mm(rows, weight, scales.to(x.dtype))
+    if bias is not None:
+        out = out + bias.to(out.dtype)
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+# --- dynamic int8 (W8A8) ------------------------------------------------------------------
+
+
+def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric uint8 codes with one scale and zero point per token (row of the last dim).
+
+    For each token, ``[lo, hi] = [min(x, 0), max(x, 0)]`` is cut in 253 steps of
+    ``s = (hi - lo) / 253``, the integer zero point is ``z = round(-lo / s) + 1`` and
+    ``u = round(x / s + z)``, so ``x ≈ (u - z) · s`` with ``u`` in [0, 255] and ``x = 0``
+    exact. Returns ``u`` (..., K) uint8 and ``s``, ``z`` (..., 1) float32 (``z`` integer).
+
+    Why 253 steps and the +1: ``x / s + z`` then stays within [0.5, 254.5], so rounding can
+    never leave [0, 255] and no clamp pass is needed (0.8 % of the resolution). The codes
+    are rounded in int8 (``u - 128``) and reinterpreted, because float → int8 conversion is
+    vectorised in ATen and float → uint8 is not (4× slower on AVX-512). Asymmetric codes use
+    every level where a token's values are skewed (GELU outputs, LayerNorm outputs with a
+    one-sided outlier channel): on all-MiniLM-L6-v2 they halve the embedding error of
+    symmetric int8 activations.
+    """
+    xf = x.float()
+    lo = xf.amin(dim=-1, keepdim=True).clamp(max=0.0)  # (..., 1); amin + amax beat aminmax
+    hi = xf.amax(dim=-1, keepdim=True).clamp(min=0.0)
+    scale = ((hi - lo) / 253.0).clamp(min=1e-12)
+    zero = torch.round(-lo / scale) + 1.0
+    signed = (xf * scale.reciprocal()).add_(zero - U8_OFFSET).round_().to(torch.int8)
+    codes = signed.view(torch.uint8).bitwise_xor_(U8_OFFSET)  # u = (u - 128) + 128
+    return codes, scale, zero
+
+
+def rescale(
+    acc: torch.Tensor,
+    x_scale: torch.Tensor,
+    x_zero: torch.Tensor,
+    w_offset: torch.Tensor,
+    bias: torch.Tensor | None,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Float output of an asymmetric-activation int8 GEMM.
+
+    ``acc`` (..., N) is ``s_w[n] · Σ_k u[k] · q_W[n, k]`` and ``w_offset`` (N,) is
+    ``s_w[n] · Σ_k q_W[n, k]``, so ``y = s_x · (acc - z · w_offset) + b``: the rank-1 term
+    removes each token's zero point (the int GEMM itself runs with zero point 0).
+    """
+    out = torch.addcmul(
+        bias.float() if bias is not None else acc.new_zeros(()), x_scale * x_zero, -w_offset
+    )  # (..., N)
+    return out.addcmul_(acc, x_scale).to(dtype)
+
+
+def weight_offset(weight: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """(N,) ``s_w[n] · Σ_k q_W[n, k]`` for an (N, K) int8 weight (see :func:`rescale`)."""
+    return weight.sum(dim=1, dtype=torch.int32).float() * w_scale.float()
+
+
+@functools.cache
+def onednn_available() -> bool:
+    """Whether oneDNN's quantized linear runs here (probed once, on a tiny problem)."""
+    try:
+        if not torch.backends.mkldnn.is_available():
+            return False
+        weight = torch.ones(16, 16, dtype=torch.int8)
+        packed = torch.ops.onednn.qlinear_prepack(weight, None)
+        x = torch.full((2, 16), 3, dtype=torch.uint8)
+        out = _onednn_mm(x, packed, torch.ones(16))
+        return bool((out == 48).all())
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
+
+
+def onednn_prepack(weight: torch.Tensor) -> torch.Tensor:
+    """(N, K) int8 weight -> oneDNN's opaque prepacked layout (not portable: never saved)."""
+    packed: torch.Tensor = torch.ops.onednn.qlinear_prepack(weight, None)
+    return packed
+
+
+def _onednn_mm(codes: torch.Tensor, packed: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """(..., K) uint8 · prepacked (N, K) int8 -> (..., N) float32 ``s_w[n] · Σ_k u·q_W``.
+
+    The dot products accumulate in int32 and are scaled once in float32 (exact integers
+    while ``|acc| < 2^24``). Activation zero point 0: per-token zero points are removed
+    afterwards by :func:`rescale`, since oneDNN takes only one per tensor.
+    """
+    zero_points = torch.zeros(w_scale.shape, dtype=torch.int64, device=w_scale.device)
+    out: torch.Tensor = torch.ops.onednn.qlinear_pointwise(
+        codes, 1.0, 0, packed, w_scale.float(), zero_points,
+        None, 1.0, 0, torch.float32, "none", [], "",
+    )  # fmt: skip
+    return out
+
+
+@functools.cache
+def register_onednn_op() -> None:
+    """Define ``torch.ops.slimline.onednn_int8_mm`` (once, on first use; not at import).
+
+    A custom op is opaque to inductor, which then calls it as an extern kernel and still fuses
+    the quantize and rescale ops around it.
+    """
+    name = f"{_OP_NAMESPACE}::{_ONEDNN_OP}"
+    op = torch.library.custom_op(name, mutates_args=())(_onednn_mm_op)
+
+    def fake(codes: torch.Tensor, packed: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+        return codes.new_empty((*codes.shape[:-1], w_scale.shape[0]), dtype=torch.float32)
+
+    op.register_fake(fake)
+
+
+def _onednn_mm_op(codes: torch.Tensor, packed: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    return _onednn_mm(codes, packed, w_scale)
+
+
+def onednn_int8_mm(
+    codes: torch.Tensor, packed: torch.Tensor, w_scale: torch.Tensor
+) -> torch.Tensor:
+    """``s_w[n] · Σ_k u · q_W`` on oneDNN, through the custom op (see :func:`_onednn_mm`)."""
+    out: torch.Tensor = torch.ops.slimline.onednn_int8_mm(codes, packed, w_scale)
+    return out
+
+
+def int_mm_int8_mm(
+    codes: torch.Tensor, weight_t: torch.Tensor, w_scale: torch.Tensor
+) -> torch.Tensor:
+    """The same as :func:`onednn_int8_mm` on ``torch._int_mm`` (s8 · s8 -> s32).
+
+    ``weight_t`` is the (K, N) int8 weight. ``_int_mm`` takes signed activations, so it runs
+    on ``u - 128`` and adds ``128 · Σ_k q_W`` back to the int32 result.
+    """
+    signed = (codes ^ U8_OFFSET).view(torch.int8)  # u - 128, same bits with the top one flipped
+    rows = signed.reshape(-1, signed.shape[-1])  # (M, K)
+    acc = torch._int_mm(rows, weight_t) + U8_OFFSET * weight_t.sum(dim=0, dtype=torch.int32)
+    return (acc.float() * w_scale.float()).reshape(*codes.shape[:-1], acc.shape[-1])
+
+
+def int8_dynamic_linear(
+    x: torch.Tensor,
+    matmul: Callable[[torch.Tensor], torch.Tensor],
+    w_offset: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """Per-token dynamic W8A8 linear: quantize ``x``, int8 GEMM ``matmul``, rescale."""
+    codes, x_scale, x_zero = quantize_per_token(x)  # (..., K) u8, (..., 1), (..., 1)
+    return rescale(matmul(codes), x_scale, x_zero, w_offset, bias, x.dtype)

@@ -1,0 +1,395 @@
+"""Quantized drop-in replacements for ``nn.Linear`` (and GPT-2's ``Conv1D``).
+
+* :class:`QuantLinear` — weight-only: b-bit codes packed densely in a uint8 buffer, per-group
+  scales (+ zero points), the bias as it was. Used by ``rtn``.
+* :class:`Int8DynamicLinear` — W8A8: int8 weight with per-channel scales; activations are
+  quantized per token at run time and multiplied on an int8 GEMM. Used by ``int8_dynamic``.
+
+Every tensor needed for inference is a persistent buffer, stored as it is kept in memory, so
+``state_dict()`` is the checkpoint and its bytes are the layer's size. Kernel-specific
+layouts (torch's int4 tile layout, oneDNN's prepacked weight) are *derived* from the buffers
+— lazily for the weight-only kernels, which only some calls use, and eagerly (after
+construction, ``load_state_dict`` and ``.to()``) for oneDNN, whose weight every call uses —
+and never saved: they are not portable across machines or torch versions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from slimline.core.modules import register_module
+from slimline.core.targets import linear_weight
+from slimline.quantize import kernels
+from slimline.quantize.packing import (
+    centre,
+    check_bits,
+    dequantize,
+    effective_group,
+    num_groups,
+    pack,
+    packed_numel,
+    quantize_groups,
+    quantize_per_channel_int8,
+    unpack,
+)
+
+META_VERSION = 1
+_DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float16, torch.bfloat16, torch.float32)}
+# Up to how many rows (tokens) torch's weight-only CPU kernels beat dequantize + F.linear, by
+# activation dtype. Measured with 2 threads on a 2-core AMD EPYC (Zen 5, AVX-512 VNNI/BF16,
+# no AMX), torch 2.13, layers 1536×384 to 4096×1024: in bfloat16, int4 wins to 64 rows and
+# int8 to 32 (e.g. 2048×2048 at 32 rows: int4 kernel 1.3 ms, dequantize 3.3 ms); in float32
+# they win at one row for large layers (4096×1024: 4.1 vs 11.3 ms) and lose from 2 rows on,
+# their float32 (and float16) inner loops not being vectorised (float16 never wins).
+_INT4PACK_MAX_ROWS = {torch.bfloat16: 64, torch.float32: 1}
+_INT8PACK_MAX_ROWS = {torch.bfloat16: 32, torch.float32: 1}
+
+
+def _dtype(name: str) -> torch.dtype:
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unsupported dtype {name!r} in checkpoint metadata") from None
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _bias_of(module: nn.Module) -> torch.Tensor | None:
+    bias = getattr(module, "bias", None)
+    return None if bias is None else bias.detach().clone()
+
+
+def _refresh_after_load(module: nn.Module, incompatible_keys: Any) -> None:
+    if isinstance(module, _KernelCacheMixin):
+        module.refresh_kernels()
+
+
+class _KernelCacheMixin(nn.Module):
+    """Derived kernel layouts kept out of ``state_dict``, deepcopy and pickle."""
+
+    def _init_cache(self) -> None:
+        self._derived: dict[str, torch.Tensor] = {}
+        self.register_load_state_dict_post_hook(_refresh_after_load)
+
+    def refresh_kernels(self) -> None:
+        """Forget derived layouts; called after the buffers change."""
+        self._derived = {}
+
+    def _apply(self, fn: Any, recurse: bool = True) -> nn.Module:
+        out = super()._apply(fn, recurse)
+        self.refresh_kernels()
+        return out
+
+    def __getstate__(self) -> dict[str, Any]:
+        state: dict[str, Any] = super().__getstate__()
+        state["_derived"] = {}
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.refresh_kernels()
+
+
+@register_module
+class QuantLinear(_KernelCacheMixin):
+    """Weight-only round-to-nearest linear: ``y = x · dequant(W)ᵀ + b``.
+
+    Buffers: ``qweight`` (packed codes, ``ceil(N·K·bits/8)`` bytes), ``scales`` (N, G),
+    ``zeros`` (N, G) uint8 when asymmetric, ``bias`` (N,) when the original had one.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        bits: int,
+        group_size: int | None,
+        symmetric: bool,
+        bias: bool = True,
+        scale_dtype: torch.dtype = torch.float16,
+        bias_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        check_bits(bits)
+        self.in_features = in_features
+        self.out_features = out_features
+        self.bits = bits
+        self.group_size = group_size
+        self.symmetric = symmetric
+        self.group = effective_group(in_features, group_size)
+        groups = num_groups(in_features, group_size)
+        codes = packed_numel(out_features * in_features, bits)
+        self.qweight: torch.Tensor
+        self.scales: torch.Tensor
+        self.zeros: torch.Tensor | None
+        self.bias: torch.Tensor | None
+        self.register_buffer("qweight", torch.empty(codes, dtype=torch.uint8))
+        self.register_buffer("scales", torch.empty(out_features, groups, dtype=scale_dtype))
+        zeros = None if symmetric else torch.empty(out_features, groups, dtype=torch.uint8)
+        self.register_buffer("zeros", zeros)
+        self.register_buffer("bias", torch.empty(out_features, dtype=bias_dtype) if bias else None)
+        self._init_cache()
+
+    @classmethod
+    def from_float(
+        cls, module: nn.Module, *, bits: int, group_size: int | None, symmetric: bool
+    ) -> QuantLinear:
+        """Quantize an ``nn.Linear`` or ``Conv1D`` (RTN) into a new layer."""
+        weight = linear_weight(module).detach()  # (N, K)
+        q, scales, zeros = quantize_groups(weight, bits, group_size, symmetric)
+        layer = cls.from_codes(
+            q, scales, zeros, bias=getattr(module, "bias", None), bits=bits,
+            group_size=group_size, symmetric=symmetric,
+        )  # fmt: skip
+        return layer.to(weight.device)
+
+    @classmethod
+    def from_codes(
+        cls,
+        q: torch.Tensor,
+        scales: torch.Tensor,
+        zeros: torch.Tensor | None,
+        *,
+        bias: torch.Tensor | None,
+        bits: int,
+        group_size: int | None,
+        symmetric: bool,
+    ) -> QuantLinear:
+        """A layer holding codes as :func:`~slimline.quantize.packing.quantize_groups` gives
+        them (signed when symmetric), for quantizers that choose codes their own way (GPTQ)."""
+        out_features, in_features = q.shape
+        if symmetric != (zeros is None):
+            raise ValueError("zero points must be given exactly when the grid is asymmetric")
+        if tuple(scales.shape) != (out_features, num_groups(in_features, group_size)):
+            raise ValueError(
+                f"scales of shape {tuple(scales.shape)} do not fit codes {tuple(q.shape)}"
+            )
+        bias = None if bias is None else bias.detach().clone()
+        layer = cls(
+            in_features, out_features, bits=bits, group_size=group_size, symmetric=symmetric,
+            bias=bias is not None, scale_dtype=scales.dtype,
+            bias_dtype=bias.dtype if bias is not None else torch.float32,
+        )  # fmt: skip
+        stored = q.to(torch.int16) + 2 ** (bits - 1) if symmetric else q  # offset binary
+        layer.qweight = pack(stored.to(torch.uint8), bits).to(scales.device)
+        layer.scales = scales.detach().clone()
+        layer.zeros = None if zeros is None else zeros.detach().to(torch.uint8).clone()
+        layer.bias = bias
+        return layer
+
+    def stored_codes(self) -> torch.Tensor:
+        """The (N, K) unsigned codes as stored (offset by ``2^(bits-1)`` when symmetric)."""
+        return unpack(self.qweight, self.bits, (self.out_features, self.in_features))
+
+    def codes(self) -> torch.Tensor:
+        """The (N, K) codes as ``quantize_groups`` gives them (int8 signed when symmetric)."""
+        return self.centred_codes() if self.symmetric else self.stored_codes()
+
+    def centred_codes(self) -> torch.Tensor:
+        """(N, K) ``q - z``, signed: int8 up to 7 bits, int16 at 8 (the dequantize hot path)."""
+        stored = self.stored_codes()
+        if self.bits == 8:
+            as_int8 = (stored ^ 0x80).view(torch.int8)  # q - 128, the top bit flipped
+            if self.zeros is None:
+                return as_int8
+            return centre(stored, self.zeros, self.group_size, torch.int16)
+        as_int8 = stored.view(torch.int8)  # codes < 128: the same values
+        if self.zeros is None:
+            return as_int8 - 2 ** (self.bits - 1)
+        return centre(as_int8, self.zeros.view(torch.int8), self.group_size, torch.int8)
+
+    def zero_points(self) -> torch.Tensor:
+        """(N, G) zero points of the stored codes (the constant ``2^(bits-1)`` if symmetric)."""
+        if self.zeros is not None:
+            return self.zeros
+        half = 2 ** (self.bits - 1)
+        return torch.full(self.scales.shape, half, dtype=torch.uint8, device=self.scales.device)
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The (N, K) weight this layer computes with."""
+        return dequantize(self.centred_codes(), self.scales, None, self.group_size, dtype=dtype)
+
+    def kernel_path(self, x: torch.Tensor) -> str:
+        """Which matmul ``forward`` uses for ``x``: "int4pack", "int8pack" or "dequant"."""
+        if x.device.type != "cpu":
+            return "dequant"
+        rows = x.numel() // max(self.in_features, 1)
+        int4 = self.bits == 4 and self._int4_group() is not None
+        if int4 and rows <= _INT4PACK_MAX_ROWS.get(x.dtype, 0):
+            return "int4pack"
+        int8 = self.bits == 8 and self.symmetric and self.scales.shape[1] == 1
+        if int8 and kernels.int8pack_fits(self.in_features):
+            return "int8pack" if rows <= _INT8PACK_MAX_ROWS.get(x.dtype, 0) else "dequant"
+        return "dequant"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        path = self.kernel_path(x)
+        if path == "int4pack":
+            group = self._int4_group()
+            table = self._derive(f"int4_table_{x.dtype}", lambda: self._int4_table(x.dtype))
+            packed = self._derive(
+                "int4_weight", lambda: kernels.int4pack_weight(self.stored_codes())
+            )
+            return kernels.int4pack_linear(x, packed, group or 0, table, self.bias)
+        if path == "int8pack":
+            weight = self._derive("int8_weight", self._int8_weight)
+            return kernels.int8pack_linear(x, weight, self.scales[:, 0], self.bias)
+        return kernels.dequant_linear(x, self.dequantized_weight(x.dtype), self.bias)
+
+    def _derive(self, key: str, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        tensor = self._derived.get(key)
+        if tensor is None:
+            tensor = make()
+            self._derived[key] = tensor
+        return tensor
+
+    def _int4_group(self) -> int | None:
+        return kernels.int4pack_group(self.out_features, self.in_features, self.group)
+
+    def _int4_table(self, dtype: torch.dtype) -> torch.Tensor:
+        groups = self.in_features // (self._int4_group() or 1)
+        return kernels.int4pack_scales_zeros(self.scales, self.zero_points(), groups, dtype)
+
+    def _int8_weight(self) -> torch.Tensor:
+        return self.centred_codes()
+
+    def extra_repr(self) -> str:
+        group = "per-channel" if self.group_size is None else f"group_size={self.group_size}"
+        kind = "symmetric" if self.symmetric else "asymmetric"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bits={self.bits}, {group}, {kind}, bias={self.bias is not None}"
+        )
+
+    def slimline_meta(self) -> dict[str, Any]:
+        return {
+            "version": META_VERSION,
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "symmetric": self.symmetric,
+            "bias": self.bias is not None,
+            "scale_dtype": _dtype_name(self.scales.dtype),
+            "bias_dtype": _dtype_name(self.bias.dtype) if self.bias is not None else "float32",
+        }
+
+    @classmethod
+    def from_slimline_meta(cls, meta: dict[str, Any]) -> nn.Module:
+        _check_version(meta)
+        return cls(
+            int(meta["in_features"]), int(meta["out_features"]), bits=int(meta["bits"]),
+            group_size=meta["group_size"], symmetric=bool(meta["symmetric"]),
+            bias=bool(meta["bias"]), scale_dtype=_dtype(meta["scale_dtype"]),
+            bias_dtype=_dtype(meta["bias_dtype"]),
+        )  # fmt: skip
+
+
+@register_module
+class Int8DynamicLinear(_KernelCacheMixin):
+    """Dynamic W8A8 linear: ``y = ((q_x - z_x) · q_Wᵀ) · s_x[:, None] · s_w[None, :] + b``.
+
+    ``q_W`` (N, K) int8 in [-127, 127] with one scale per output channel ``s_w`` (N,);
+    ``q_x`` uint8 with one scale and zero point per token, computed at run time (see
+    :func:`slimline.quantize.kernels.quantize_per_token`). The product accumulates in int32.
+    Buffers: ``qweight`` (N, K) int8, ``weight_scale`` (N,) float32, ``bias`` (N,).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        bias: bool = True,
+        bias_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.qweight: torch.Tensor
+        self.weight_scale: torch.Tensor
+        self.bias: torch.Tensor | None
+        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype) if bias else None)
+        # Decided once here, not in forward, so that torch.compile sees a plain attribute.
+        self.use_onednn = kernels.onednn_available()
+        if self.use_onednn:
+            kernels.register_onednn_op()
+        self._init_cache()
+
+    @classmethod
+    def from_float(cls, module: nn.Module) -> Int8DynamicLinear:
+        """Quantize an ``nn.Linear`` or ``Conv1D`` weight per output channel."""
+        weight = linear_weight(module).detach()  # (N, K)
+        q, scale = quantize_per_channel_int8(weight)
+        bias = _bias_of(module)
+        layer = cls(
+            weight.shape[1], weight.shape[0], bias=bias is not None,
+            bias_dtype=bias.dtype if bias is not None else torch.float32,
+        )  # fmt: skip
+        layer.qweight = q
+        layer.weight_scale = scale
+        layer.bias = bias
+        return layer.to(weight.device)
+
+    def refresh_kernels(self) -> None:
+        """Re-derive the kernel inputs from the buffers (oneDNN's prepacked weight on CPU)."""
+        super().refresh_kernels()
+        self._derived["offset"] = kernels.weight_offset(self.qweight, self.weight_scale)
+        if self.use_onednn and self.qweight.device.type == "cpu":
+            self._derived["onednn"] = kernels.onednn_prepack(self.qweight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if "offset" not in self._derived:  # e.g. after deepcopy, which drops derived layouts
+            self.refresh_kernels()
+        offset = self._derived["offset"]
+        if self.use_onednn and x.device.type == "cpu":
+            packed = self._derived["onednn"]
+            w_scale = self.weight_scale
+            return kernels.int8_dynamic_linear(
+                x, lambda u: kernels.onednn_int8_mm(u, packed, w_scale), offset, self.bias
+            )
+        weight_t = self.qweight.t()
+        return kernels.int8_dynamic_linear(
+            x, lambda u: kernels.int_mm_int8_mm(u, weight_t, self.weight_scale), offset, self.bias
+        )
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The (N, K) weight ``q_W · s_w`` (activation rounding not included)."""
+        return (self.qweight.float() * self.weight_scale[:, None]).to(dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, kernel={'onednn' if self.use_onednn else '_int_mm'}"
+        )
+
+    def slimline_meta(self) -> dict[str, Any]:
+        return {
+            "version": META_VERSION,
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "bias": self.bias is not None,
+            "bias_dtype": _dtype_name(self.bias.dtype) if self.bias is not None else "float32",
+        }
+
+    @classmethod
+    def from_slimline_meta(cls, meta: dict[str, Any]) -> nn.Module:
+        _check_version(meta)
+        return cls(
+            int(meta["in_features"]), int(meta["out_features"]), bias=bool(meta["bias"]),
+            bias_dtype=_dtype(meta["bias_dtype"]),
+        )  # fmt: skip
+
+
+def _check_version(meta: dict[str, Any]) -> None:
+    if meta.get("version") != META_VERSION:
+        raise ValueError(f"quantized layer metadata version {meta.get('version')!r} unsupported")
