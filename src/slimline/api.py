@@ -161,5 +161,6 @@ def evaluate(
     """Measure ``model`` (and ``baseline`` side by side): see ``slimline.evaluate``."""
     from slimline.evaluate import evaluate as _evaluate
 
-    report: dict[str, Any] = _evaluate(model, data, metrics=metrics, baseline=baseline, **options)
+    batches = materialize(data, where="data")
+    report: dict[str, Any] = _evaluate(model, batches, metrics=metrics, baseline=baseline, **options)
     return report

