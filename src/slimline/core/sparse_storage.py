@@ -35,6 +35,8 @@ def worth_encoding(tensor: torch.Tensor) -> bool:
     """True for a float tensor that bitmask storage makes ≥ ``MIN_SAVING`` smaller."""
     if not tensor.is_floating_point() or tensor.numel() < 64:
         return False
+    if tensor.element_size() < 2:  # fp8: a 1-byte value, and no count_nonzero on CPU
+        return False
     nonzero = int(torch.count_nonzero(tensor))
     dense = tensor.numel() * tensor.element_size()
     encoded = (tensor.numel() + 7) // 8 + nonzero * tensor.element_size()
