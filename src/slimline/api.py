@@ -162,5 +162,7 @@ def evaluate(
     from slimline.evaluate import evaluate as _evaluate
 
     batches = materialize(data, where="data")
-    report: dict[str, Any] = _evaluate(model, batches, metrics=metrics, baseline=baseline, **options)
+    report: dict[str, Any] = _evaluate(
+        model, batches, metrics=metrics, baseline=baseline, **options
+    )
     return report
