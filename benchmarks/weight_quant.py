@@ -62,16 +62,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--calib-batches", type=int, default=16)
     parser.add_argument("--eval-batches", type=int, default=8)
-    parser.add_argument("--gptq", action="store_true", help="add gptq rows (calibrated)")
+    parser.add_argument("--calibrated", action="store_true", help="add gptq/awq/hqq rows")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     variants = list(VARIANTS)
-    if args.gptq:
-        variants += [
-            ("gptq int4 g128", [{"method": "gptq", "bits": 4, "group_size": 128}]),
-            ("gptq int3 g128", [{"method": "gptq", "bits": 3, "group_size": 128}]),
-        ]
+    if args.calibrated:
+        for method in ("gptq", "awq", "hqq"):
+            for bits in (4, 3):
+                variants.append((f"{method} int{bits} g128",
+                                 [{"method": method, "bits": bits, "group_size": 128}]))
     parts = [conditions_line(args.threads)]
     for name in args.models.split(","):
         built = load_builtin(name)
@@ -115,7 +115,7 @@ def main() -> None:
                          f"{disk / ref:.3f}", f"{size_in_memory(result.model) / base_mem:.3f}",
                          f"{whole_disk / base_disk:.3f}"])
         print_table(f"weight quantization: {name}", header, rows)
-        parts += [f"**{name}** — calibration {args.calib_batches}×8 train items (gptq only); "
+        parts += [f"**{name}** — calibration {args.calib_batches}×8 train items (gptq, awq); "
                   f"evaluation {args.eval_batches}×16 test items", markdown_table(header, rows)]
     if not args.no_write:
         write_section("weight-quant", "Weight-only quantization: quality and bytes", "\n\n".join(parts))
