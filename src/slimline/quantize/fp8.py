@@ -29,6 +29,7 @@ from slimline.core.families import Family
 from slimline.core.modules import register_module
 from slimline.core.registry import StepContext, StepOutcome, register
 from slimline.core.targets import linear_weight
+from slimline.quantize.qlinear import LogicalWeightCounts
 
 Fp8Format = Literal["e4m3", "e5m2"]
 ScaleMode = Literal["tensor", "channel"]
@@ -124,7 +125,7 @@ def _scaled_mm_linear(layer: Fp8Linear, x: torch.Tensor) -> torch.Tensor:
 
 
 @register_module
-class Fp8Linear(nn.Module):
+class Fp8Linear(LogicalWeightCounts, nn.Module):
     """``y = x · (w8 · s)ᵀ + b`` with the weight held in FP8.
 
     Buffers: ``weight_fp8`` (N, K) ``float8_e4m3fn``/``float8_e5m2``, ``scale`` (N, 1) or

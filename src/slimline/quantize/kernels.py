@@ -38,10 +38,13 @@ Nothing here runs at import: capabilities are probed on first use and cached.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import register_flop_formula
 
 INT4PACK_GROUPS = (32, 64, 128, 256)
 _OP_NAMESPACE = "slimline"
@@ -232,6 +235,12 @@ def register_onednn_op() -> None:
         return codes.new_empty((*codes.shape[:-1], w_scale.shape[0]), dtype=torch.float32)
 
     op.register_fake(fake)
+
+    @register_flop_formula(torch.ops.slimline.onednn_int8_mm)
+    def flops(codes_shape: Any, packed_shape: Any, scale_shape: Any, **_: Any) -> int:
+        # (M, K) · (K, N): one multiply and one add per term, as FlopCounterMode counts mm.
+        m = math.prod(codes_shape[:-1])
+        return 2 * m * codes_shape[-1] * scale_shape[0]
 
 
 def _onednn_mm_op(codes: torch.Tensor, packed: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:

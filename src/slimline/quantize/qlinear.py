@@ -70,6 +70,30 @@ def _refresh_after_load(module: nn.Module, incompatible_keys: Any) -> None:
         module.refresh_kernels()
 
 
+class LogicalWeightCounts:
+    """What the evaluator asks of a packed layer: the values it stands for, and its zeros.
+
+    ``logical_numel`` counts the (N, K) weight and the bias as the float layer had them, so
+    parameter counts compare with the original; ``zero_count`` counts exact zeros of the
+    weight the layer computes with (pruned weights stay zero on every grid) and of the bias.
+    """
+
+    in_features: int
+    out_features: int
+    bias: torch.Tensor | None
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        raise NotImplementedError
+
+    def logical_numel(self) -> int:
+        bias = 0 if self.bias is None else self.bias.numel()
+        return self.in_features * self.out_features + bias
+
+    def zero_count(self) -> int:
+        bias = 0 if self.bias is None else int((self.bias == 0).sum())
+        return int((self.dequantized_weight() == 0).sum()) + bias
+
+
 class _KernelCacheMixin(nn.Module):
     """Derived kernel layouts kept out of ``state_dict``, deepcopy and pickle."""
 
@@ -97,7 +121,7 @@ class _KernelCacheMixin(nn.Module):
 
 
 @register_module
-class QuantLinear(_KernelCacheMixin):
+class QuantLinear(LogicalWeightCounts, _KernelCacheMixin):
     """Weight-only round-to-nearest linear: ``y = x · dequant(W)ᵀ + b``.
 
     Buffers: ``qweight`` (packed codes, ``ceil(N·K·bits/8)`` bytes), ``scales`` (N, G),
@@ -293,7 +317,7 @@ class QuantLinear(_KernelCacheMixin):
 
 
 @register_module
-class Int8DynamicLinear(_KernelCacheMixin):
+class Int8DynamicLinear(LogicalWeightCounts, _KernelCacheMixin):
     """Dynamic W8A8 linear: ``y = ((q_x - z_x) · q_Wᵀ) · s_x[:, None] · s_w[None, :] + b``.
 
     ``q_W`` (N, K) int8 in [-127, 127] with one scale per output channel ``s_w`` (N,);
