@@ -37,8 +37,8 @@ from benchmarks.harness import (
     print_table,
     write_section,
 )
+from slimline.core.statistics import InputStats
 from slimline.prune.sparsegpt import sparsegpt_prune_weight
-from slimline.prune.statistics import InputStats
 from slimline.prune.swiftprune import swiftprune_prune_weight
 from slimline.prune.wanda import wanda_mask
 

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 import slimline as sl
+from slimline.core.statistics import InputStats
 from slimline.prune.importance import magnitude_score
 from slimline.prune.masks import row_masks, unstructured_mask
 from slimline.prune.sparsegpt import sparsegpt_prune_weight
-from slimline.prune.statistics import InputStats
 
 
 def _layer_problem(out: int = 48, inp: int = 64, tokens: int = 512):

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 import slimline as sl
+from slimline.core.statistics import InputStats
 from slimline.prune.ewma import ewma_threshold_mask, nm_count_mask
 from slimline.prune.masks import nm_mask, row_masks
-from slimline.prune.statistics import InputStats
 from slimline.prune.swiftprune import (
     FP8_DTYPE,
     FP8_MAX,

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import slimline as sl
-from slimline.prune.statistics import InputStats
+from slimline.core.statistics import InputStats
 from slimline.quantize.gptq import GptqConfig, gptq_quantize_weight, quantize_column
 from slimline.quantize.packing import dequantize, quantize_groups
 

@@ -17,10 +17,10 @@ from torch import nn
 from slimline.core.calibration import sequential_layers
 from slimline.core.config import MethodConfig
 from slimline.core.registry import StepContext, StepOutcome
+from slimline.core.statistics import InputStats
 from slimline.core.targets import linear_weight, set_linear_weight
 from slimline.prune.masks import parse_pattern
 from slimline.prune.owl import owl_layer_sparsity
-from slimline.prune.statistics import InputStats
 
 PruneFn = Callable[[torch.Tensor, InputStats, float], torch.Tensor]  # (W, stats, sparsity)
 

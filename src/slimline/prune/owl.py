@@ -16,9 +16,9 @@ from torch import nn
 
 from slimline.core.batches import Batch
 from slimline.core.calibration import capture_inputs, find_blocks
+from slimline.core.statistics import InputStats
 from slimline.core.targets import linear_weight
 from slimline.prune.importance import wanda_score
-from slimline.prune.statistics import InputStats
 
 
 def outlier_ratio(scores: torch.Tensor, m: float) -> float:

@@ -16,9 +16,9 @@ from torch import nn
 
 from slimline.core.families import Family
 from slimline.core.registry import StepContext, StepOutcome, register
+from slimline.core.statistics import InputStats, inverse_hessian_factor
 from slimline.prune.base import UnstructuredPruneConfig, prune_layerwise
 from slimline.prune.masks import nm_mask, parse_pattern, unstructured_mask
-from slimline.prune.statistics import InputStats
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -42,14 +42,6 @@ class SparseGPTConfig(UnstructuredPruneConfig):
             self.fail("block_size", f"must be ≥ 1, got {self.block_size}")
         if not 0.0 < self.dampening < 1.0:
             self.fail("dampening", f"{self.dampening} is outside (0, 1)")
-
-
-def inverse_hessian_factor(hessian: torch.Tensor, dampening: float) -> torch.Tensor:
-    """Upper Cholesky factor of (H + λI)⁻¹, as the column-by-column OBS update uses it."""
-    h = hessian.clone().float()
-    h += torch.eye(h.shape[0]) * dampening * torch.mean(torch.diag(h)).clamp_min(1e-8)
-    inv = torch.cholesky_inverse(torch.linalg.cholesky(h))
-    return torch.linalg.cholesky(inv, upper=True)
 
 
 def sparsegpt_prune_weight(

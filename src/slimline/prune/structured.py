@@ -43,6 +43,7 @@ from slimline.core.calibration import BlockInputs, find_blocks, hooked_inputs, w
 from slimline.core.config import MethodConfig
 from slimline.core.families import Family
 from slimline.core.registry import StepContext, StepOutcome, register
+from slimline.core.statistics import InputStats
 from slimline.core.targets import is_linear_like, select
 from slimline.prune.groups import (
     GqaMode,
@@ -52,7 +53,6 @@ from slimline.prune.groups import (
     sequential_groups,
     transformer_groups,
 )
-from slimline.prune.statistics import InputStats
 from slimline.prune.surgery import (
     layer_bias,
     layer_weight,

@@ -50,10 +50,10 @@ from torch import nn
 
 from slimline.core.families import Family
 from slimline.core.registry import StepContext, StepOutcome, register
+from slimline.core.statistics import InputStats
 from slimline.prune.base import UnstructuredPruneConfig, prune_layerwise
 from slimline.prune.ewma import ewma_threshold_mask, nm_count_mask
 from slimline.prune.masks import parse_pattern
-from slimline.prune.statistics import InputStats
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448

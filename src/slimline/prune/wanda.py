@@ -10,10 +10,10 @@ from torch import nn
 
 from slimline.core.families import Family
 from slimline.core.registry import StepContext, StepOutcome, register
+from slimline.core.statistics import InputStats
 from slimline.prune.base import UnstructuredPruneConfig, prune_layerwise
 from slimline.prune.importance import wanda_score
 from slimline.prune.masks import nm_mask, parse_pattern, row_masks
-from slimline.prune.statistics import InputStats
 
 
 @dataclass(frozen=True, kw_only=True)

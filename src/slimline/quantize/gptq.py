@@ -30,8 +30,8 @@ from torch import nn
 
 from slimline.core.calibration import sequential_layers
 from slimline.core.registry import StepContext, StepOutcome, register
+from slimline.core.statistics import InputStats, inverse_hessian_factor
 from slimline.core.targets import linear_weight
-from slimline.prune.statistics import InputStats
 from slimline.quantize.packing import effective_group, num_groups, quantize_groups
 from slimline.quantize.qlinear import QuantLinear
 from slimline.quantize.rtn import RtnConfig
@@ -81,14 +81,6 @@ def quantize_column(
     z = zero.float()
     q = torch.clamp(torch.round(w / s) + z, 0, 2**bits - 1)
     return q, (q - z) * s
-
-
-def inverse_hessian_factor(hessian: torch.Tensor, dampening: float) -> torch.Tensor:
-    """Upper Cholesky factor of (H + λI)⁻¹ (Algorithm 1's ``Cholesky(H⁻¹)ᵀ``)."""
-    h = hessian.clone().float()
-    h += torch.eye(h.shape[0]) * dampening * torch.mean(torch.diag(h)).clamp_min(1e-8)
-    inv = torch.cholesky_inverse(torch.linalg.cholesky(h))
-    return torch.linalg.cholesky(inv, upper=True)
 
 
 def gptq_quantize_weight(

@@ -40,3 +40,16 @@ class InputStats:
         if self.xxt is None or self.tokens == 0:
             raise ValueError("no Hessian: accumulator built without it or fed no tokens")
         return self.xxt * (2.0 / self.tokens)
+
+
+def inverse_hessian_factor(hessian: torch.Tensor, dampening: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + λI)⁻¹, λ = ``dampening`` · mean(diag H).
+
+    Its rows drive the column-by-column OBS updates of SparseGPT (arXiv 2301.00774) and GPTQ
+    (arXiv 2210.17323, Algorithm 1), replacing repeated inverse downdates.
+    """
+    h = hessian.clone().float()
+    damp = dampening * torch.mean(torch.diag(h)).clamp_min(1e-8)
+    h += torch.eye(h.shape[0], device=h.device) * damp
+    inv = torch.cholesky_inverse(torch.linalg.cholesky(h))
+    return torch.linalg.cholesky(inv, upper=True)
