@@ -25,9 +25,11 @@ lint: setup
 test: lint
 	$(BIN)/pytest
 
+BENCHES := minilm_cpu weight_quant pruning structured swiftprune_timing
+
 bench: setup
 	$(BIN)/pip install --quiet -e ".[peers]"
-	$(BIN)/python benchmarks/run_all.py
+	for b in $(BENCHES); do $(BIN)/python -m benchmarks.$$b || exit 1; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
