@@ -72,6 +72,9 @@ def main() -> None:
             for bits in (4, 3):
                 variants.append((f"{method} int{bits} g128",
                                  [{"method": method, "bits": bits, "group_size": 128}]))
+        for method in ("rtn", "gptq", "awq"):  # asymmetric grids (hqq's default already)
+            variants.append((f"{method} int3 g128 asym",
+                             [{"method": method, "bits": 3, "group_size": 128, "symmetric": False}]))
     parts = [conditions_line(args.threads)]
     for name in args.models.split(","):
         built = load_builtin(name)

@@ -44,13 +44,13 @@ def _reference_gptq(w: torch.Tensor, h: torch.Tensor, cfg: GptqConfig) -> torch.
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_lazy_blocks_equal_textbook_column_by_column(symmetric: bool) -> None:
     w, _, h = _problem()
-    cfg = GptqConfig(bits=4, group_size=16, symmetric=symmetric, block_size=8)
+    cfg = GptqConfig(bits=4, group_size=16, symmetric=symmetric, block_size=8, act_order=False)
     qw = gptq_quantize_weight(w, h, cfg)
     ours = dequantize(qw.q, qw.scales, qw.zeros, cfg.group_size)
-    ref = _reference_gptq(w, h, GptqConfig(bits=4, group_size=16, symmetric=symmetric))
+    ref = _reference_gptq(w, h, GptqConfig(bits=4, group_size=16, symmetric=symmetric, act_order=False))
     close = torch.isclose(ours, ref, rtol=1e-3, atol=1e-3).float().mean()
     assert close > 0.99  # a rare rounding tie may flip one code; the rest match exactly
-    other = gptq_quantize_weight(w, h, GptqConfig(bits=4, group_size=16, symmetric=symmetric, block_size=64))
+    other = gptq_quantize_weight(w, h, GptqConfig(bits=4, group_size=16, symmetric=symmetric, block_size=64, act_order=False))
     assert (other.q == qw.q).float().mean() > 0.99
 
 

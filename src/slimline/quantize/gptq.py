@@ -50,8 +50,10 @@ class GptqConfig(RtnConfig):
     block_size: int = 128
     # λ = 1% of the mean diagonal (the reference default) keeps H invertible.
     dampening: float = 0.01
-    # Quantize large-activation columns first (helps most at 3 bits and below).
-    act_order: bool = False
+    # Quantize large-activation columns first: on minilm at 3 bits g128 it lifts cosine from
+    # 0.84 to 0.88 (symmetric) and 0.93 (asymmetric); with static groups it costs nothing at
+    # inference, so it is on by default (AutoGPTQ's desc_act).
+    act_order: bool = True
 
     def check(self) -> None:
         super().check()
