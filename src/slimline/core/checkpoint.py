@@ -198,6 +198,7 @@ def load(path: str | Path, *, model: nn.Module | None = None) -> nn.Module:
         skeleton.set_submodule(name, replacement)
     state = load_file(str(directory / WEIGHTS_FILE))
     _decode_sparse(state, manifest.get("sparse", {}))
+    state = {name: _aligned(t) for name, t in state.items()}
     aliases: dict[str, str] = manifest.get("aliases", {})
     result = skeleton.load_state_dict(state, strict=False, assign=True)
     missing = set(result.missing_keys) - set(aliases)
@@ -214,6 +215,21 @@ def load(path: str | Path, *, model: nn.Module | None = None) -> nn.Module:
     skeleton.eval()
     _reapply_runtime_steps(skeleton, manifest["recipe"])
     return skeleton
+
+
+# Bytes of alignment torch's CPU allocator gives every tensor it allocates.
+_ALIGNMENT = 64
+
+
+def _aligned(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``, copied if it does not start on a 64-byte boundary.
+
+    safetensors hands out views of the file at its own offsets (8-byte aligned). CPU BLAS
+    kernels take another path, with another rounding, on unaligned rows (e.g. a one-token
+    float32 ``F.linear``), so without this a reloaded model can differ from the saved one in
+    the last bit.
+    """
+    return tensor if tensor.data_ptr() % _ALIGNMENT == 0 else tensor.clone()
 
 
 def _build_architecture(directory: Path, manifest: dict[str, Any]) -> nn.Module:

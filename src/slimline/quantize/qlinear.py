@@ -359,7 +359,9 @@ class Int8DynamicLinear(LogicalWeightCounts, _KernelCacheMixin):
             weight.shape[1], weight.shape[0], bias=bias is not None,
             bias_dtype=bias.dtype if bias is not None else torch.float32,
         )  # fmt: skip
-        layer.qweight = q
+        # GPT-2's Conv1D gives a transposed (non-contiguous) view: oneDNN's prepack reads the
+        # raw memory as row-major (N, K), so the codes must be laid out that way.
+        layer.qweight = q.contiguous()
         layer.weight_scale = scale
         layer.bias = bias
         return layer.to(weight.device)
