@@ -25,7 +25,7 @@ lint: setup
 test: lint
 	$(BIN)/pytest
 
-BENCHES := minilm_cpu weight_quant pruning structured swiftprune_timing
+BENCHES := minilm_cpu weight_quant pruning structured swiftprune_timing kv_cache
 
 bench: setup
 	$(BIN)/pip install --quiet -e ".[peers]"

@@ -33,6 +33,11 @@ class Family(Enum):
     QUANTIZE = FamilyRule(3, False, "quantizers need float weights, so they come after pruning")
     # A dtype cast applies to whatever float layers are left.
     CAST = FamilyRule(4, True, "a dtype cast applies to the layers left in float, after quantizers")
+    # The KV cache holds the final model's attention states: set once weights and dtypes are
+    # final, before compilation traces the forward that builds the cache.
+    CACHE = FamilyRule(
+        5, True, "the KV cache is set up on the final weights and dtypes, before compilation"
+    )
     # Compilation traces the final module; any later change would be invisible to it.
     COMPILE = FamilyRule(9, True, "compilation must see the final model, so it comes last")
 

@@ -22,7 +22,7 @@ from slimline.core.config import MethodConfig
 C = TypeVar("C", bound=MethodConfig)
 
 # Packages whose modules define methods; each is walked once, lazily.
-_METHOD_PACKAGES = ("slimline.quantize", "slimline.prune", "slimline.compile")
+_METHOD_PACKAGES = ("slimline.quantize", "slimline.prune", "slimline.cache", "slimline.compile")
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""caching methods: a quantized key/value cache for generation (``kv_cache``)."""

@@ -1,0 +1,223 @@
+"""``kv_cache``: generation with keys and values cached as 8-bit (or 4-bit) integer codes.
+
+The step changes no weight. It makes the model build a :class:`QuantizedKVCache` wherever
+it would have built transformers' float ``DynamicCache``:
+
+* ``model(input_ids, use_cache=True)`` without ``past_key_values``: a forward pre-hook passes
+  a fresh quantized cache (the model would otherwise create a ``DynamicCache`` inside);
+* ``model.generate(...)``: ``generate`` creates its cache before the first forward, in
+  ``_prepare_cache_for_generation``; the model's own method is wrapped (on the instance)
+  so that the ``DynamicCache`` it makes for a default ``cache_implementation`` becomes a
+  quantized one.
+
+A cache the caller passes, or a ``cache_implementation`` they ask for (static, offloaded,
+quantized), is left alone. The step's settings live on the model in :data:`SPEC_ATTR`, so a
+deep copy carries them, and ``sl.load`` applies the step again (``reapply_on_load``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import types
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, cast
+
+from torch import nn
+
+from slimline.cache.kv_quant import SUPPORTED_BITS
+from slimline.core.config import MethodConfig
+from slimline.core.families import Family
+from slimline.core.registry import StepContext, StepOutcome, register
+
+if TYPE_CHECKING:
+    from slimline.cache.hf.quantized_cache import KVQuantSpec
+
+SPEC_ATTR = "slimline_kv_cache"  # the KVQuantSpec of an applied kv_cache step, on the model
+
+
+@dataclass(frozen=True, kw_only=True)
+class KvCacheConfig(MethodConfig):
+    """Store the KV cache of a causal LM as integer codes + float32 scales (KIVI-style).
+
+    Defaults: 8 bits, symmetric, one scale per token and head for keys and values, no
+    full-precision window: the cache takes (D + 4) / 4D of its fp32 bytes (0.28 at D = 32).
+    On code-llama-tiny this kept the fp32 test perplexity (36.43 either way, chunked through
+    the cache; BENCHMARKS.md), so KIVI's per-channel keys, which matter for the outlier key
+    channels of large models at 2-4 bits (arXiv 2402.02750, Fig. 2), are an option here
+    (``key_axis="channel"``) rather than the default: per-token codes are final as soon as
+    a token is written, with no group of tokens to wait for.
+    """
+
+    method: ClassVar[str] = "kv_cache"
+    family: ClassVar[Family] = Family.CACHE
+    summary: ClassVar[str] = "int8/int4 KV cache for generation: keys and values as codes + scales"
+    paper: ClassVar[str] = "KIVI, arXiv 2402.02750"
+    reapply_on_load: ClassVar[bool] = True
+
+    bits: int = 8
+    # "token": one scale per token and head (over D channels); "channel": one per channel
+    # over a group of residual_length tokens (KIVI's keys). Values are always per token.
+    key_axis: Literal["token", "channel"] = "token"
+    # Most recent tokens kept in full precision (KIVI's R). 0: every token is quantized as
+    # soon as attention has read it; at 8 bits a window of 32 left perplexity unchanged on
+    # code-llama-tiny, for 0.37 instead of 0.28 of the fp32 bytes at 256 tokens.
+    residual_length: int = 0
+    # Symmetric grids store one float per group; asymmetric ones two (scale and offset).
+    symmetric: bool = True
+
+    def check(self) -> None:
+        if self.targets.include or self.targets.exclude:
+            self.fail("targets", "kv_cache applies to every attention layer; remove targets")
+        if self.bits not in SUPPORTED_BITS:
+            self.fail("bits", f"must be one of {list(SUPPORTED_BITS)}, got {self.bits}")
+        if self.residual_length < 0:
+            self.fail("residual_length", f"must be >= 0, got {self.residual_length}")
+        if self.key_axis == "channel" and self.residual_length < 1:
+            self.fail(
+                "residual_length",
+                "key_axis='channel' quantizes keys in groups of residual_length tokens; "
+                "set it >= 1 (KIVI uses 32 to 128)",
+            )
+
+    def spec(self) -> KVQuantSpec:
+        """The runtime settings that the cache layers read."""
+        from slimline.cache.hf.quantized_cache import KVQuantSpec
+
+        return KVQuantSpec(self.bits, self.key_axis, self.residual_length, self.symmetric)
+
+    def applies_to(self, model: nn.Module) -> bool:
+        """Whether ``model`` is a Hugging Face decoder that generates with a KV cache."""
+        return why_not(model) is None
+
+    def select_modules(self, model: nn.Module, *, step: str = "") -> list[tuple[str, nn.Module]]:
+        """Nothing is replaced; raises (naming the step) where there is no cache to quantize."""
+        reason = why_not(model)
+        if reason is not None:
+            raise ValueError(f"{step or self.method}: {reason}")
+        head_dim = _head_dim(model)
+        if self.bits == 4 and head_dim % 2:
+            self.fail("bits", f"4-bit codes are packed in pairs; head_dim {head_dim} is odd")
+        return []
+
+
+@register(KvCacheConfig)
+def apply_kv_cache(model: nn.Module, cfg: KvCacheConfig, ctx: StepContext) -> StepOutcome:
+    """Make ``model`` build quantized caches (idempotent: ``sl.load`` runs it again)."""
+    from slimline.cache.hf.quantized_cache import QuantizedKVCache
+
+    spec = cfg.spec()
+    hooked = SPEC_ATTR in vars(model)  # a deep copy of a hooked model carries its hook
+    setattr(model, SPEC_ATTR, spec)
+    if not hooked:
+        model.register_forward_pre_hook(_pass_quantized_cache, with_kwargs=True)
+    # An instance attribute shadows the class's method; deepcopy rebinds it to the copy.
+    cast(Any, model)._prepare_cache_for_generation = types.MethodType(_prepare_cache, model)
+    layers = QuantizedKVCache(_text_config(model), spec).quantized_layers
+    grid = "symmetric" if cfg.symmetric else "asymmetric"
+    notes = [
+        f"{layers} attention layer(s) cache keys/values as {cfg.bits}-bit codes ({grid}, "
+        f"keys per {cfg.key_axis}, values per token), last {cfg.residual_length} token(s) "
+        "in full precision",
+    ]
+    return StepOutcome(modules=[""], notes=notes)
+
+
+def why_not(model: nn.Module) -> str | None:
+    """Why ``model`` has no KV cache this step can quantize; None when it has one."""
+    kind = type(model).__name__
+    can_generate = getattr(model, "can_generate", None)
+    if not callable(can_generate) or getattr(model, "config", None) is None:
+        return f"{kind} is not a Hugging Face generative model, so it has no KV cache"
+    if not can_generate():
+        return f"{kind} cannot generate (no language-model head), so it has no KV cache"
+    if getattr(_config(model), "is_encoder_decoder", False):
+        return f"{kind} is an encoder-decoder; only decoder-only KV caches are supported"
+    supports = getattr(type(model), "_supports_default_dynamic_cache", None)
+    if callable(supports) and not supports():
+        return f"{kind} uses its own cache type, not transformers' DynamicCache"
+    if _param_index(type(model), "past_key_values") is None:
+        return f"{kind}.forward takes no past_key_values"
+    from slimline.cache.hf.quantized_cache import KVQuantSpec, QuantizedKVCache
+
+    if QuantizedKVCache(_text_config(model), KVQuantSpec()).quantized_layers == 0:
+        return f"{kind} has no full-attention layer whose cache could be quantized"
+    return None
+
+
+def _config(model: nn.Module) -> Any:
+    return cast(Any, model).config
+
+
+def _text_config(model: nn.Module) -> Any:
+    return _config(model).get_text_config(decoder=True)
+
+
+def _head_dim(model: nn.Module) -> int:
+    config = _text_config(model)
+    head_dim = getattr(config, "head_dim", None)
+    return int(head_dim or config.hidden_size // config.num_attention_heads)
+
+
+def _param_index(cls: type[nn.Module], name: str) -> int | None:
+    """Position of ``name`` among ``cls.forward``'s arguments after ``self``; None if absent."""
+    key = (cls, name)
+    if key not in _PARAM_INDEX:
+        names = list(inspect.signature(cls.forward).parameters)[1:]
+        _PARAM_INDEX[key] = names.index(name) if name in names else None
+    return _PARAM_INDEX[key]
+
+
+_PARAM_INDEX: dict[tuple[type[nn.Module], str], int | None] = {}
+
+
+def _pass_quantized_cache(
+    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+    """Forward pre-hook: give a cache-using call without ``past_key_values`` a quantized one."""
+    spec = getattr(module, SPEC_ATTR, None)
+    cache_at = _param_index(type(module), "past_key_values")
+    if spec is None or _argument(args, kwargs, cache_at, "past_key_values") is not None:
+        return None
+    use_cache = _argument(args, kwargs, _param_index(type(module), "use_cache"), "use_cache")
+    if use_cache is None:
+        use_cache = getattr(_config(module), "use_cache", False)
+    if not use_cache or (module.training and getattr(module, "is_gradient_checkpointing", False)):
+        return None  # transformers turns the cache off for gradient checkpointing
+    from slimline.cache.hf.quantized_cache import QuantizedKVCache
+
+    cache = QuantizedKVCache(_text_config(module), spec)
+    if cache_at is not None and cache_at < len(args):
+        args = (*args[:cache_at], cache, *args[cache_at + 1 :])
+    else:
+        kwargs["past_key_values"] = cache
+    return args, kwargs
+
+
+def _argument(args: tuple[Any, ...], kwargs: dict[str, Any], index: int | None, name: str) -> Any:
+    """A forward argument given by position (``index``) or by name; None when absent."""
+    if index is not None and index < len(args):
+        return args[index]
+    return kwargs.get(name)
+
+
+def _prepare_cache(
+    self: nn.Module, generation_config: Any, model_kwargs: dict[str, Any], *args: Any, **kwargs: Any
+) -> Any:
+    """``generate``'s cache set-up, with a quantized cache in place of the default one."""
+    given = model_kwargs.get("past_key_values")
+    result = type(self)._prepare_cache_for_generation(  # type: ignore[attr-defined]
+        self, generation_config, model_kwargs, *args, **kwargs
+    )
+    spec = getattr(self, SPEC_ATTR, None)
+    made = model_kwargs.get("past_key_values")
+    from transformers.cache_utils import DynamicCache
+
+    default = getattr(generation_config, "cache_implementation", None) in (None, "dynamic")
+    if spec is not None and given is None and default and type(made) is DynamicCache:
+        from slimline.cache.hf.quantized_cache import QuantizedKVCache
+
+        cache = QuantizedKVCache(_text_config(self), spec)
+        if getattr(generation_config, "is_assistant", False):
+            cache.activate_past_recording()
+        model_kwargs["past_key_values"] = cache
+    return result
