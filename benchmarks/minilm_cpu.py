@@ -1,8 +1,9 @@
-"""minilm on CPU: fp32 vs half, int8_dynamic (eager and compiled) and the peers, one run.
+"""minilm on CPU: fp32 vs half, int8_dynamic, smoothquant (eager and compiled), peers; one run.
 
-Rows, interleaved in one process: fp32, `half` (bf16), `int8_dynamic`, `int8_dynamic` +
-`compile`, `half` + `compile`, torchao int8 dynamic + torch.compile, and torch's
-`quantize_dynamic`. Quality is the mean cosine of the pooled sentence embeddings to fp32 on
+Rows, interleaved in one process: fp32, `half` (bf16), `int8_dynamic`, `smoothquant`
+(dynamic and static activations), each alone and + `compile`, `half` + `compile`, torchao
+int8 dynamic + torch.compile, and torch's `quantize_dynamic`. smoothquant calibrates on
+train-split sentences. Quality is the mean cosine of the pooled sentence embeddings to fp32 on
 held-out (test split) standard-library docstring sentences.
 """
 
@@ -42,16 +43,25 @@ def _torch_quantize_dynamic(model: nn.Module) -> nn.Module:
     return quantize_dynamic(copy.deepcopy(model), {nn.Linear}, dtype=torch.qint8)
 
 
-def build_variants(base: nn.Module) -> dict[str, tuple[nn.Module | None, str]]:
+SQ_STATIC = {"method": "smoothquant", "activations": "static", "alpha": None}
+
+
+def build_variants(
+    base: nn.Module, calibration: list[Any]
+) -> dict[str, tuple[nn.Module | None, str]]:
     recipes: dict[str, list[dict[str, Any]]] = {
         "half (bf16)": [{"method": "half"}],
         "int8_dynamic": [{"method": "int8_dynamic"}],
         "int8_dynamic + compile": [{"method": "int8_dynamic"}, {"method": "compile"}],
+        "smoothquant": [{"method": "smoothquant"}],
+        "smoothquant + compile": [{"method": "smoothquant"}, {"method": "compile"}],
+        "smoothquant static + compile": [SQ_STATIC, {"method": "compile"}],
         "half + compile": [{"method": "half"}, {"method": "compile"}],
     }
     variants: dict[str, tuple[nn.Module | None, str]] = {"fp32": (base, "")}
     for name, steps in recipes.items():
-        variants[name] = (sl.compress(base, {"steps": steps}).model, "slimline")
+        result = sl.compress(base, {"steps": steps}, calibration=calibration)
+        variants[name] = (result.model, "slimline")
     peers: dict[str, Callable[[nn.Module], nn.Module]] = {
         "torchao int8-dyn + compile": _torchao_int8_dynamic,
         "torch quantize_dynamic": _torch_quantize_dynamic,
@@ -74,6 +84,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--batches", type=int, default=8, help="held-out batches for cosine")
+    parser.add_argument("--calib-batches", type=int, default=8, help="smoothquant calibration")
     parser.add_argument("--runs", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
@@ -83,7 +94,8 @@ def main() -> None:
     built = load_builtin("minilm")
     data = built.batches("test", batch_size=args.batch_size, limit=args.batches)
     timing_batch = data[0]
-    variants = build_variants(built.model)
+    calibration = built.batches("train", batch_size=args.batch_size, limit=args.calib_batches)
+    variants = build_variants(built.model, calibration)
     reference = embeddings(built.model, data)
     cosines: dict[str, float] = {}
     for name, (model, _) in variants.items():
@@ -119,7 +131,7 @@ def main() -> None:
     print_table("minilm (all-MiniLM-L6-v2) on CPU", header, rows)
     print(cond)
     if not args.no_write:
-        write_section("minilm-cpu", "minilm on CPU: int8_dynamic, half, compile and peers",
+        write_section("minilm-cpu", "minilm on CPU: int8_dynamic, smoothquant, half, compile and peers",
                       cond + "\n\n" + markdown_table(header, rows))
 
 

@@ -49,6 +49,7 @@ from torch.utils.flop_counter import register_flop_formula
 INT4PACK_GROUPS = (32, 64, 128, 256)
 _OP_NAMESPACE = "slimline"
 _ONEDNN_OP = "onednn_int8_mm"
+_ONEDNN_STATIC_OP = "onednn_int8_mm_static"
 # uint8 activation codes minus 128 are the int8 codes ``torch._int_mm`` takes.
 U8_OFFSET = 128
 
@@ -202,7 +203,9 @@ def onednn_available() -> bool:
 
 def onednn_prepack(weight: torch.Tensor) -> torch.Tensor:
     """(N, K) int8 weight -> oneDNN's opaque prepacked layout (not portable: never saved)."""
-    packed: torch.Tensor = torch.ops.onednn.qlinear_prepack(weight, None)
+    # The prepack reads the memory as row-major whatever the strides: a transposed view
+    # (GPT-2's Conv1D weight) would be packed as its transpose.
+    packed: torch.Tensor = torch.ops.onednn.qlinear_prepack(weight.contiguous(), None)
     return packed
 
 
@@ -278,3 +281,89 @@ def int8_dynamic_linear(
     """Per-token dynamic W8A8 linear: quantize ``x``, int8 GEMM ``matmul``, rescale."""
     codes, x_scale, x_zero = quantize_per_token(x)  # (..., K) u8, (..., 1), (..., 1)
     return rescale(matmul(codes), x_scale, x_zero, w_offset, bias, x.dtype)
+
+
+# --- static int8 (W8A8 with calibrated per-tensor activation scales) ----------------------
+
+
+def quantize_static(x: torch.Tensor, multiplier: torch.Tensor, zero: int) -> torch.Tensor:
+    """uint8 codes ``clamp(round(x · m) + z, 0, 255)`` with a calibrated multiplier.
+
+    ``multiplier`` is (K,) — one scale for the tensor, divided into any per-channel
+    smoothing (``m = smooth / s_x``), so smoothing costs nothing over plain static
+    quantization. Values outside the calibrated range saturate. Rounded in int8 and
+    reinterpreted, for the reason given in :func:`quantize_per_token`.
+    """
+    signed = (x.float() * multiplier).add_(zero - U8_OFFSET).round_().clamp_(-128, 127)
+    return signed.to(torch.int8).view(torch.uint8).bitwise_xor_(U8_OFFSET)
+
+
+def _onednn_static(
+    codes: torch.Tensor,
+    packed: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    x_scale: float,
+    x_zero: int,
+) -> torch.Tensor:
+    """(..., K) uint8 with one scale and zero point · prepacked (N, K) int8 -> float32.
+
+    ``y = s_x · s_w[n] · Σ_k (u - z_x) · q_W + b``, all in oneDNN: the zero point and the
+    bias are applied in its epilogue, so there is no separate rescale pass.
+    """
+    zero_points = torch.zeros(w_scale.shape, dtype=torch.int64, device=w_scale.device)
+    out: torch.Tensor = torch.ops.onednn.qlinear_pointwise(
+        codes, x_scale, x_zero, packed, w_scale.float(), zero_points,
+        bias, 1.0, 0, torch.float32, "none", [], "",
+    )  # fmt: skip
+    return out
+
+
+@functools.cache
+def register_onednn_static_op() -> None:
+    """Define ``torch.ops.slimline.onednn_int8_mm_static`` (once, on first use)."""
+    name = f"{_OP_NAMESPACE}::{_ONEDNN_STATIC_OP}"
+    op = torch.library.custom_op(name, mutates_args=())(_onednn_static_op)
+
+    def fake(
+        codes: torch.Tensor,
+        packed: torch.Tensor,
+        w_scale: torch.Tensor,
+        bias: torch.Tensor | None,
+        x_scale: float,
+        x_zero: int,
+    ) -> torch.Tensor:
+        return codes.new_empty((*codes.shape[:-1], w_scale.shape[0]), dtype=torch.float32)
+
+    op.register_fake(fake)
+
+    @register_flop_formula(torch.ops.slimline.onednn_int8_mm_static)
+    def flops(codes_shape: Any, packed_shape: Any, scale_shape: Any, *_: Any, **__: Any) -> int:
+        m = math.prod(codes_shape[:-1])
+        return 2 * m * codes_shape[-1] * scale_shape[0]
+
+
+def _onednn_static_op(
+    codes: torch.Tensor,
+    packed: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    x_scale: float,
+    x_zero: int,
+) -> torch.Tensor:
+    return _onednn_static(codes, packed, w_scale, bias, x_scale, x_zero)
+
+
+def onednn_static_linear(
+    codes: torch.Tensor,
+    packed: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    x_scale: float,
+    x_zero: int,
+) -> torch.Tensor:
+    """Static W8A8 GEMM on oneDNN, through the custom op (see :func:`_onednn_static`)."""
+    out: torch.Tensor = torch.ops.slimline.onednn_int8_mm_static(
+        codes, packed, w_scale, bias, x_scale, x_zero
+    )
+    return out

@@ -1,0 +1,223 @@
+"""``smoothquant``: the smoothing maths, the W8A8 layer against exact integer arithmetic, and
+the method on a model with real activation outliers (minilm)."""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import slimline as sl
+from slimline.core.batches import forward, output_tensor
+from slimline.models import load_builtin
+from slimline.quantize import kernels
+from slimline.quantize.smoothquant import (
+    ActivationStats,
+    SmoothQuantConfig,
+    choose_smoothing,
+    simulated_output,
+    smoothed_range,
+    smoothing_multiplier,
+    static_input_qparams,
+)
+from slimline.quantize.w8a8 import SmoothQuantLinear
+
+
+def _outlier_activations(rows: int, width: int, seed: int = 0) -> torch.Tensor:
+    """LayerNorm-like activations whose first channels are 40× larger, as in transformers."""
+    g = torch.Generator().manual_seed(seed)
+    x = F.layer_norm(torch.randn(rows, width, generator=g), (width,))
+    x[:, :4] *= 40.0
+    return x
+
+
+def _linear(k: int, n: int, seed: int = 1) -> nn.Linear:
+    torch.manual_seed(seed)
+    layer = nn.Linear(k, n)
+    return layer
+
+
+def _stats(x: torch.Tensor, keep_rows: int = 0) -> ActivationStats:
+    stats = ActivationStats(x.shape[-1], keep_rows=keep_rows)
+    stats.add_batch(x)
+    return stats
+
+
+def test_smoothing_multiplier_is_the_papers_formula() -> None:
+    x_max = torch.tensor([8.0, 1.0, 0.0, 2.0])
+    w_max = torch.tensor([0.5, 2.0, 1.0, 0.0])
+    m = smoothing_multiplier(x_max, w_max, alpha=0.5)
+    s = torch.tensor([(8.0**0.5) / (0.5**0.5), (1.0**0.5) / (2.0**0.5), 1.0, 1.0])
+    torch.testing.assert_close(m, 1.0 / s)
+    # α = 1 moves the whole activation range into the weights: x · m is at most 1 per channel
+    m1 = smoothing_multiplier(x_max, w_max, alpha=1.0)
+    torch.testing.assert_close((x_max * m1)[[0, 1]], torch.ones(2))
+
+
+def test_static_qparams_cover_the_range_with_zero_exact() -> None:
+    scale, zero = static_input_qparams(-3.0, 5.0)
+    x = torch.tensor([-3.0, 0.0, 5.0, 1.234])
+    codes = kernels.quantize_static(x, torch.full((4,), 1.0 / scale), zero)
+    back = (codes.float() - zero) * scale
+    assert (back - x).abs().max() <= scale / 2 + 1e-6
+    assert back[1] == 0.0
+    # saturation, not wrap-around, outside the calibrated range
+    far = kernels.quantize_static(torch.tensor([-100.0, 100.0]), torch.full((2,), 1 / scale), zero)
+    assert far.tolist() == [0, 255]
+
+
+def test_smoothed_range_matches_direct_min_max() -> None:
+    x = _outlier_activations(64, 32)
+    stats = _stats(x)
+    m = torch.rand(32) + 0.1
+    lo, hi = smoothed_range(stats.lo, stats.hi, m)
+    assert lo == pytest.approx(float((x * m).min()), rel=1e-6)
+    assert hi == pytest.approx(float((x * m).max()), rel=1e-6)
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_layer_equals_exact_integer_reference(static: bool) -> None:
+    x = _outlier_activations(40, 96).reshape(4, 10, 96)
+    linear = _linear(96, 48)
+    stats = _stats(x)
+    m = smoothing_multiplier(stats.absmax, linear.weight.abs().amax(0), 0.5)
+    qparams = static_input_qparams(*smoothed_range(stats.lo, stats.hi, m)) if static else None
+    layer = SmoothQuantLinear.from_smoothed(linear, m, qparams)
+    # the reference: integer codes from the same quantizers, products summed in int64
+    xs = x * m
+    q = layer.qweight.long()
+    if qparams is None:
+        codes, s_x, z_x = kernels.quantize_per_token(xs)
+        acc = (codes.long() - z_x.long()) @ q.t()
+        ref = acc.double() * s_x.double()
+    else:
+        s_x, z_x = qparams
+        codes = kernels.quantize_static(xs, torch.full_like(m, 1.0 / s_x), z_x)
+        acc = (codes.long() - z_x) @ q.t()
+        ref = acc.double() * s_x
+    ref = (ref * layer.weight_scale.double() + linear.bias.double()).float()
+    out = layer(x)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
+    # and the weight it stands for is the float weight, up to int8 rounding
+    err = (layer.dequantized_weight() - linear.weight).abs()
+    bound = layer.weight_scale[:, None] * m[None, :] / 2
+    assert (err <= bound * (1 + 1e-4) + 1e-7).all()
+
+
+def test_smoothing_beats_plain_w8a8_on_outlier_channels() -> None:
+    x = _outlier_activations(256, 128)
+    linear = _linear(128, 64)
+    reference = x @ linear.weight.t()
+    stats = _stats(x)
+    w_max = linear.weight.abs().amax(0)
+    plain = simulated_output(x, linear.weight, torch.ones(128), None)
+    smooth = simulated_output(x, linear.weight, smoothing_multiplier(stats.absmax, w_max, 0.5),
+                              None)  # fmt: skip
+    err_plain = (plain - reference).square().mean()
+    err_smooth = (smooth - reference).square().mean()
+    assert err_smooth < 0.5 * err_plain
+
+
+def test_alpha_search_picks_the_grid_minimum() -> None:
+    x = _outlier_activations(128, 64, seed=3)
+    linear = _linear(64, 32, seed=4)
+    stats = _stats(x, keep_rows=128)
+    grid = (0.0, 0.25, 0.5, 0.75, 1.0)
+    clips = (1.0, 0.8, 0.6)
+    chosen = choose_smoothing(stats.sample(), linear.weight, stats, True, grid, clips)
+    reference = x @ linear.weight.t()
+    errors = {}
+    for a in grid:  # the objective recomputed directly, over the full sample
+        m = smoothing_multiplier(stats.absmax, linear.weight.abs().amax(0), a)
+        for c in clips:
+            qp = static_input_qparams(c * float((x * m).min()), c * float((x * m).max()))
+            out = simulated_output(x, linear.weight, m, qp)
+            errors[a, c] = float((out - reference).square().sum())
+    assert chosen == min(errors, key=errors.__getitem__)
+
+
+def test_activation_stats_reject_nan() -> None:
+    x = torch.zeros(4, 8)
+    x[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        _stats(x)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("alpha", 1.5), ("alpha", -0.1), ("activations", "per-channel")]
+)
+def test_bad_config_is_rejected(field: str, value: object) -> None:
+    with pytest.raises(ValueError, match=field):
+        SmoothQuantConfig.from_dict({field: value})
+
+
+def test_no_calibration_is_rejected_before_touching_the_model() -> None:
+    model = nn.Sequential(nn.Linear(8, 8))
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="calibration"):
+        sl.compress(model, {"steps": [{"method": "smoothquant"}]})
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@functools.cache
+def _minilm():  # type: ignore[no-untyped-def]
+    built = load_builtin("minilm")
+    return built, built.batches("train", batch_size=16, limit=4), built.batches(
+        "test", batch_size=16, limit=2
+    )
+
+
+def _cosine(model: nn.Module, reference: nn.Module, batches: list) -> float:  # type: ignore[type-arg]
+    with torch.inference_mode():
+        cos = [
+            F.cosine_similarity(output_tensor(forward(model, b), b),
+                                output_tensor(forward(reference, b), b), dim=-1)
+            for b in batches
+        ]  # fmt: skip
+    return float(torch.cat(cos).mean())
+
+
+def test_smoothquant_beats_unsmoothed_int8_on_minilm() -> None:
+    built, calib, test = _minilm()
+    plain = sl.compress(built.model, {"steps": [{"method": "int8_dynamic"}]}).model
+    smooth = sl.compress(built.model, {"steps": [{"method": "smoothquant"}]},
+                         calibration=calib).model  # fmt: skip
+    gap_plain = 1 - _cosine(plain, built.model, test)
+    gap_smooth = 1 - _cosine(smooth, built.model, test)
+    assert gap_smooth < gap_plain
+    encoder = [m for n, m in smooth.named_modules()
+               if n.startswith("encoder.") and n.endswith(("query", "key", "value", "dense"))]
+    assert len(encoder) == 6 * 6 and all(isinstance(m, SmoothQuantLinear) for m in encoder)
+
+
+def test_static_model_saves_and_loads_identically(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    built, calib, test = _minilm()
+    model = sl.compress(built.model, {"steps": [{"method": "smoothquant", "activations": "static",
+                                                 "alpha": None}]},
+                        calibration=calib[:2]).model  # fmt: skip
+    sl.save(model, tmp_path / "sq")
+    loaded = sl.load(tmp_path / "sq")
+    batch = test[0]
+    with torch.inference_mode():
+        a = output_tensor(forward(model, batch), batch)
+        b = output_tensor(forward(loaded, batch), batch)
+    assert torch.equal(a, b)
+    layer = loaded.get_submodule("encoder.layer.0.attention.self.query")
+    assert isinstance(layer, SmoothQuantLinear) and layer.static
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_compiled_layer_matches_eager(static: bool) -> None:
+    x = _outlier_activations(24, 64).reshape(2, 12, 64)
+    linear = _linear(64, 32)
+    stats = _stats(x)
+    m = smoothing_multiplier(stats.absmax, linear.weight.abs().amax(0), 0.5)
+    qparams = static_input_qparams(*smoothed_range(stats.lo, stats.hi, m)) if static else None
+    layer = SmoothQuantLinear.from_smoothed(linear, m, qparams)
+    compiled = torch.compile(layer, fullgraph=True)
+    with torch.inference_mode():
+        torch.testing.assert_close(compiled(x), layer(x), rtol=1e-5, atol=1e-4)
