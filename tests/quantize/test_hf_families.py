@@ -36,6 +36,7 @@ from slimline.quantize import awq as awq_module
 from slimline.quantize.awq import fold_groups, fold_scale
 from slimline.quantize.fp8 import Fp8Linear
 from slimline.quantize.qlinear import Int8DynamicLinear, QuantLinear
+from slimline.quantize.w8a8 import SmoothQuantLinear
 
 FAMILIES = ("llama", "gpt2", "bert", "opt")
 VOCAB = 128
@@ -62,6 +63,7 @@ QUANTIZERS: dict[str, tuple[Step, int]] = {
     "hqq3_g32": ({"method": "hqq", "bits": 3, "group_size": GROUP}, 3),
     "fp8": ({"method": "fp8"}, 4),
     "int8_dynamic": ({"method": "int8_dynamic"}, 8),
+    "smoothquant": ({"method": "smoothquant"}, 8),
     "half": ({"method": "half"}, 8),
 }
 PRUNERS: dict[str, Step] = {
@@ -73,7 +75,7 @@ PRUNERS: dict[str, Step] = {
 STRUCTURED: Step = {"method": "structured", "sparsity": 0.25}
 STRUCTURED_FAMILIES = ("llama", "bert")  # GPT-2 and OPT blocks are refused, by name
 PACKED = {"rtn": QuantLinear, "gptq": QuantLinear, "awq": QuantLinear, "hqq": QuantLinear,
-          "fp8": Fp8Linear, "int8_dynamic": Int8DynamicLinear}
+          "fp8": Fp8Linear, "int8_dynamic": Int8DynamicLinear, "smoothquant": SmoothQuantLinear}
 STEPS: dict[str, Step] = {
     **{k: v[0] for k, v in QUANTIZERS.items()}, **PRUNERS, "structured": STRUCTURED
 }
@@ -217,7 +219,7 @@ def _param(family: str, name: str) -> Any:
 
 QUANT_CASES = [_param(f, q) for f in FAMILIES for q in QUANTIZERS]
 WEIGHT_ONLY_CASES = [
-    _param(f, q) for f in FAMILIES for q in QUANTIZERS if q not in ("half", "int8_dynamic")
+    _param(f, q) for f in FAMILIES for q in QUANTIZERS if q not in ("half", "int8_dynamic", "smoothquant")
 ]
 PRUNE_CASES = [_param(f, p) for f in FAMILIES for p in PRUNERS]
 ALL_CASES = QUANT_CASES + PRUNE_CASES + [_param(f, "structured") for f in STRUCTURED_FAMILIES]
