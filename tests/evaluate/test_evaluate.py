@@ -239,3 +239,14 @@ def test_bad_settings_are_errors() -> None:
 def test_metric_names_match_the_contract() -> None:
     assert set(METRICS) == {"latency", "throughput", "memory", "size", "flops", "energy",
                             "perplexity", "accuracy", "cosine", "kl", "agreement"}
+
+
+def test_sl_evaluate_stays_the_function_after_use() -> None:
+    import slimline as sl
+
+    model = torch.nn.Linear(4, 2)
+    data = [torch.randn(3, 4)]
+    for _ in range(2):  # the first call imports slimline.evaluate; it must not shadow sl.evaluate
+        report = sl.evaluate(model, data=data, metrics=["size"])
+        assert "model" in report["models"]
+    assert callable(sl.evaluate)
