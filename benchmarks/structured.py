@@ -3,7 +3,7 @@
 * `structured` on minilm at 30% and 50% of heads and MLP neurons: latency (interleaved with
   fp32) and mean cosine of pooled embeddings to fp32 on held-out sentences; beside it, in the
   same run, Torch-Pruning (DepGraph, arXiv 2301.12900) at the same ratio, L2-magnitude
-  importance, heads and neurons.
+  importance, heads and neurons, and slimline with that same criterion and no repair.
 * `layer_drop` on code-llama-tiny: test perplexity after dropping 1 and 2 blocks by Block
   Influence (ShortGPT, arXiv 2403.03853) versus dropping the last blocks.
 * Saved size of unstructured (50%) and 2:4 pruned minilm with bitmask + values storage.
@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import tempfile
+from collections.abc import Mapping
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -34,27 +37,40 @@ from slimline.core.batches import forward, output_tensor
 from slimline.models import load_builtin
 
 
-def torch_pruning_bert(model: nn.Module, batch: dict[str, torch.Tensor], ratio: float) -> nn.Module:
-    """Torch-Pruning's MetaPruner on a BERT encoder: heads and neurons, L2 magnitude."""
+def torch_pruning_bert(model: nn.Module, example: dict[str, torch.Tensor], ratio: float) -> nn.Module:
+    """Torch-Pruning's MetaPruner on a BERT encoder: whole heads and MLP neurons, L2 magnitude.
+
+    DepGraph puts every tensor that shares the 384-wide residual stream (embeddings, every
+    LayerNorm, each block's output projections, the model output) in one group, and prunes it
+    like any other unless a member is ignored. Listing the embeddings in ``ignored_layers`` pins
+    that width, so only heads and neurons go, as in slimline's rows. (Unpinned, TP cuts the
+    residual width by the ratio too, and with a scalar ``output_transform`` such as
+    ``.sum()`` its OutputPruner fails on the 0-d output: ``layer.shape[1]``, IndexError.)
+    ``example`` is only traced: magnitude importance reads no data.
+    """
     import torch_pruning as tp
 
     peer = copy.deepcopy(model)
-    attention = [m for m in peer.modules() if type(m).__name__ == "BertSelfAttention"]
-    num_heads = {m.query: m.num_attention_heads for m in attention}
-    num_heads.update({m.key: m.num_attention_heads for m in attention})
-    num_heads.update({m.value: m.num_attention_heads for m in attention})
+    attention: list[Any] = [m for m in peer.modules() if type(m).__name__ == "BertSelfAttention"]
+    num_heads = {lin: m.num_attention_heads for m in attention for lin in (m.query, m.key, m.value)}
     pruner = tp.pruner.MetaPruner(
-        peer, example_inputs=dict(batch), importance=tp.importance.MagnitudeImportance(p=2),
+        peer, example_inputs=dict(example), importance=tp.importance.GroupMagnitudeImportance(p=2),
         pruning_ratio=ratio, num_heads=num_heads, prune_num_heads=True, prune_head_dims=False,
-        head_pruning_ratio=ratio, ignored_layers=[peer.pooler] if hasattr(peer, "pooler") else [],
-        output_transform=lambda out: out.last_hidden_state.sum(),
+        head_pruning_ratio=ratio, ignored_layers=[peer.embeddings, peer.pooler],
+        output_transform=lambda out: out.last_hidden_state,
     )
     pruner.step()
-    for m in attention:
+    for m in attention:  # transformers 5 reshapes with -1 heads; keep the attributes true anyway
         m.num_attention_heads = pruner.num_heads[m.query]
-        m.attention_head_size = m.query.out_features // m.num_attention_heads
         m.all_head_size = m.query.out_features
+        if m.all_head_size != m.num_attention_heads * m.attention_head_size:
+            raise RuntimeError(f"Torch-Pruning left {m.all_head_size} q features for {m.num_attention_heads} heads")
     return peer
+
+
+SLIMLINE_NOTE = "slimline: activation importance + least-squares repair (defaults)"
+MAGNITUDE_NOTE = "slimline: L2 magnitude, no repair (Torch-Pruning's criterion)"
+TP_NOTE = "peer: Torch-Pruning {version}, L2 group magnitude; embeddings + pooler in ignored_layers"
 
 
 def structured_section(args: argparse.Namespace) -> str:
@@ -64,17 +80,29 @@ def structured_section(args: argparse.Namespace) -> str:
     reference = [output_tensor(forward(built.model, b), b).float() for b in data]
     variants: dict[str, nn.Module | None] = {"fp32": built.model}
     notes: dict[str, str] = {}
+    example = calib[0]
+    if not isinstance(example, Mapping):
+        raise TypeError("minilm batches are dicts")
     for ratio in (0.3, 0.5):
         step = {"method": "structured", "sparsity": ratio, "units": ["heads", "neurons"]}
-        variants[f"structured {ratio:.0%}"] = sl.compress(built.model, {"steps": [step]}, calibration=calib).model
+        name = f"structured {ratio:.0%}"
+        variants[name] = sl.compress(built.model, {"steps": [step]}, calibration=calib).model
+        notes[name] = SLIMLINE_NOTE
+        name = f"structured {ratio:.0%} magnitude"
+        plain = {**step, "importance": "magnitude", "reconstruct": False}
+        variants[name] = sl.compress(built.model, {"steps": [plain]}).model
+        notes[name] = MAGNITUDE_NOTE
         name = f"Torch-Pruning {ratio:.0%}"
         try:
-            variants[name] = torch_pruning_bert(built.model, data[0], ratio)
+            variants[name] = torch_pruning_bert(built.model, dict(example), ratio)
+            notes[name] = TP_NOTE.format(version=metadata.version("torch-pruning"))
         except Exception as exc:  # the peer's failure is part of the result
             variants[name] = None
             notes[name] = f"failed: {type(exc).__name__}: {exc}"[:100]
     live = {n: m for n, m in variants.items() if m is not None}
     batch = data[0]
+    if not isinstance(batch, Mapping):
+        raise TypeError("minilm batches are dicts")
 
     def call(model: nn.Module) -> Any:
         def run() -> object:
@@ -85,20 +113,54 @@ def structured_section(args: argparse.Namespace) -> str:
 
     times = interleaved({n: call(m) for n, m in live.items()}, runs=args.runs, warmup=3)
     base = times["fp32"].median_ms
-    header = ["variant", "latency ms", "speed-up × fp32", "params", "cosine to fp32", "note"]
+    header = ["variant", "latency ms", "speed-up × fp32", "params", "heads / layer", "MLP neurons / layer",
+              "cosine to fp32", "note"]
     rows = []
     for name, model in variants.items():
         if model is None:
-            rows.append([name, "-", "-", "-", "-", notes[name]])
+            rows.append([name, "-", "-", "-", "-", "-", "-", notes[name]])
             continue
         t = times[name].median_ms
         params = sum(p.numel() for p in model.parameters())
-        rows.append([name, f"{t:.1f}", f"{base / t:.2f}", f"{params / 1e6:.2f}M",
+        rows.append([name, f"{t:.1f}", f"{base / t:.2f}", f"{params / 1e6:.2f}M", *bert_widths(model),
                      f"{cosine_quality(model, reference, data):.4f}", notes.get(name, "")])
     print_table("structured pruning: minilm", header, rows)
+    by_shape: dict[tuple[tuple[int, ...], ...], list[str]] = {}
+    for n, m in live.items():  # rows with identical parameter shapes differ in timing only by noise
+        by_shape.setdefault(tuple(tuple(p.shape) for p in m.parameters()), []).append(n)
+    spreads = []
+    for names in by_shape.values():
+        same = [times[n].median_ms for n in names]
+        if len(same) > 1:
+            spreads.append(f"{(max(same) - min(same)) / min(same):.0%} among {', '.join(names)}")
+    noise = (" Rows with identical parameter shapes differ only by timing noise; the spread of their "
+             f"medians: {'; '.join(spreads)}." if spreads else "")
     seq = batch["input_ids"].shape[1]
-    return (f"**minilm**, batch 32 × {seq} tokens, {args.runs} interleaved runs; calibration "
-            f"{args.calib_batches}×8 train sentences; cosine on 128 test sentences\n\n" + markdown_table(header, rows))
+    hidden = built.model.config.hidden_size  # type: ignore[union-attr]
+    return (f"**minilm**, batch 32 × {seq} tokens, {args.runs} interleaved runs (all rows alternate in one "
+            f"loop); calibration {args.calib_batches}×8 train sentences (slimline's default rows only); "
+            "cosine of mean-pooled `last_hidden_state` on 128 test sentences. Every row is pruned from the "
+            "same fp32 model, timed on the same batch by the same loop and pooled by the same "
+            "`output_tensor`. Torch-Pruning traces one train batch; its L2 importance reads no data. "
+            f"Its call lists `embeddings` in `ignored_layers`, which pins the {hidden}-wide residual "
+            "stream; without it DepGraph prunes that width by the ratio too (and, traced through a scalar "
+            "`output_transform` such as `.sum()`, fails with IndexError in its OutputPruner), so with it "
+            "Torch-Pruning removes the same units as slimline." + noise + "\n\n"
+            + markdown_table(header, rows))
+
+
+def bert_widths(model: nn.Module) -> list[str]:
+    """Heads and intermediate neurons per encoder layer, as ``8`` or ``8-9`` when they differ."""
+    heads: set[int] = set()
+    neurons: set[int] = set()
+    modules: list[Any] = list(model.modules())
+    for m in modules:
+        kind = type(m).__name__
+        if kind == "BertSelfAttention":
+            heads.add(m.query.out_features // m.attention_head_size)
+        elif kind == "BertIntermediate":
+            neurons.add(m.dense.out_features)
+    return ["-".join(str(v) for v in sorted({min(s), max(s)})) for s in (heads, neurons)]
 
 
 def layer_drop_section(args: argparse.Namespace) -> str:
@@ -148,8 +210,12 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    parts = [conditions_line(args.threads), structured_section(args), layer_drop_section(args),
-             sparse_size_section()]
+    load_start = os.getloadavg()[0]
+    sections = [structured_section(args), layer_drop_section(args), sparse_size_section()]
+    load = (f"Machine load (other engineers share the {os.cpu_count()} cores): 1-min load average "
+            f"{load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end.")
+    print(load)
+    parts = [conditions_line(args.threads), load, *sections]
     if not args.no_write:
         write_section("structured", "Structured pruning, layer dropping and sparse storage", "\n\n".join(parts))
 
