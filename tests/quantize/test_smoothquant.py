@@ -197,7 +197,7 @@ def test_smoothquant_beats_unsmoothed_int8_on_minilm() -> None:
 def test_static_model_saves_and_loads_identically(tmp_path) -> None:  # type: ignore[no-untyped-def]
     built, calib, test = _minilm()
     model = sl.compress(built.model, {"steps": [{"method": "smoothquant", "activations": "static",
-                                                 "alpha": None}]},
+                                                 "alpha": 0.8}]},
                         calibration=calib[:2]).model  # fmt: skip
     sl.save(model, tmp_path / "sq")
     loaded = sl.load(tmp_path / "sq")
