@@ -74,6 +74,8 @@ class AwqConfig(RtnConfig):
                 self.fail(name, f"must be ≥ 1, got {value}")
         if not 0.0 <= self.max_shrink < 1.0:
             self.fail("max_shrink", f"{self.max_shrink} is outside [0, 1)")
+        if self.average_bits is not None:
+            self.fail("average_bits", "awq quantizes at one width; use rtn, gptq or hqq to mix")
 
 
 def fake_quantize(weight: torch.Tensor, cfg: RtnConfig) -> torch.Tensor:

@@ -37,9 +37,10 @@ from torch import nn
 from slimline.core.registry import StepContext, StepOutcome, register
 from slimline.core.targets import linear_weight
 from slimline.quantize.gptq import QuantizedWeight
+from slimline.quantize.mixed import Quantizer
 from slimline.quantize.packing import compact_scale_dtype, effective_group, quantize_groups
 from slimline.quantize.qlinear import QuantLinear
-from slimline.quantize.rtn import RtnConfig
+from slimline.quantize.rtn import RtnConfig, choose_widths, width_note
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -191,16 +192,24 @@ def quantize_module(module: nn.Module, cfg: HqqConfig) -> QuantLinear:
     return layer.to(weight.device)
 
 
+def hqq_quantizer(cfg: HqqConfig) -> Quantizer:
+    """``(weight, bits) -> (codes, scales, zeros)`` as HQQ fits them at ``bits``."""
+    return lambda w, bits, _hessian: hqq_quantize_weight(w, cfg.with_bits(bits))
+
+
 @register(HqqConfig)
 def apply_hqq(model: nn.Module, cfg: HqqConfig, ctx: StepContext) -> StepOutcome:
-    """Replace every selected Linear/Conv1D layer of ``model`` by an HQQ :class:`QuantLinear`."""
-    names = []
-    for name, module in cfg.select_modules(model):
-        model.set_submodule(name, quantize_module(module, cfg))
-        names.append(name)
-    group = "per-channel" if cfg.group_size is None else f"groups of {cfg.group_size}"
-    notes = [
-        f"{len(names)} layers to int{cfg.bits}, {group}, asymmetric; HQQ l_{cfg.lp_norm} fit, "
-        f"{cfg.iterations} iterations per phase, integer zero points"
-    ]
-    return StepOutcome(modules=names, notes=notes)
+    """Replace every selected Linear/Conv1D layer of ``model`` by an HQQ :class:`QuantLinear`.
+
+    With ``average_bits``, widths come from each layer's HQQ error at every width in
+    ``bit_choices``: ``‖ΔW‖²``, or with calibration data the output cost of
+    :mod:`slimline.quantize.mixed` (then HQQ stays data-free; only the widths use the data).
+    """
+    layers = dict(cfg.select_modules(model))
+    plan = choose_widths(model, layers, cfg, hqq_quantizer(cfg), ctx.calibration, ctx.progress)
+    for name, module in layers.items():
+        bits = cfg.bits if plan is None else plan.widths[name]
+        model.set_submodule(name, quantize_module(module, cfg.with_bits(bits)))
+    fit = f"asymmetric; HQQ l_{cfg.lp_norm} fit, {cfg.iterations} iterations per phase, "
+    note = width_note(model, list(layers), cfg, plan, fit + "integer zero points")
+    return StepOutcome(modules=list(layers), notes=[note])
