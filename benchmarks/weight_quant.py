@@ -254,9 +254,10 @@ def run_model(name: str, args: argparse.Namespace) -> tuple[str, list[str], list
 
     live = {r.label: call(r.model, r.mode) for r in rows if r.model is not None}
     # A row whose forward is many times fp32's (torchao's CPU int4 kernel on float32
-    # activations) would set the pace of every round; one probe call each (after the quality
-    # pass warmed them) sorts those into a second, shorter interleaved loop against fp32.
-    probe = interleaved(live, runs=1, warmup=0)
+    # activations) would set the pace of every round; the median of three interleaved probe
+    # calls (the quality pass warmed every model) sorts those into a second, shorter
+    # interleaved loop against fp32.
+    probe = interleaved(live, runs=3, warmup=0)
     slow = [n for n, t in probe.items() if t.median_ms > SLOW_FACTOR * probe["fp32"].median_ms]
     timings = interleaved({n: c for n, c in live.items() if n not in slow},
                           runs=args.runs, warmup=args.warmup)

@@ -89,15 +89,14 @@ def _record_first_block(
     recorded: list[BlockInputs] = []
 
     def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        kept = dict(kwargs)
         # A KV cache recorded here would grow on every replay and feed stale keys/values
-        # to the block once it has changed: replay without one.
-        for key in ("past_key_values", "past_key_value", "layer_past"):
-            if key in kept:
-                kept[key] = None
+        # to the block once it has changed: replay without one. It is found by what it is,
+        # not by its argument's name (transformers 5.24 renamed ``past_key_values`` to
+        # ``cache``), wherever it was passed.
+        kept = {k: None if _is_kv_cache(v) or k in _CACHE_KEYS else v for k, v in kwargs.items()}
         if "use_cache" in kept:
             kept["use_cache"] = False
-        recorded.append(BlockInputs(args, kept))
+        recorded.append(BlockInputs(tuple(None if _is_kv_cache(a) else a for a in args), kept))
         raise _StopForward
 
     handle = first.register_forward_pre_hook(hook, with_kwargs=True)
@@ -108,6 +107,14 @@ def _record_first_block(
     finally:
         handle.remove()
     return recorded
+
+
+_CACHE_KEYS = frozenset({"past_key_values", "past_key_value", "layer_past", "cache"})
+
+
+def _is_kv_cache(value: object) -> bool:
+    """A transformers ``Cache`` (or a legacy tuple-of-tensors cache object) by its interface."""
+    return hasattr(value, "get_seq_length") and hasattr(value, "update")
 
 
 def _hidden(output: Any) -> torch.Tensor:
