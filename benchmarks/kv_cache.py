@@ -39,6 +39,7 @@ from benchmarks.harness import (
     print_table,
     write_section,
 )
+from slimline.cache.hf.hooks import cache_argument
 from slimline.cache.hf.quantized_cache import QuantizedKVLayer
 from slimline.evaluate.metrics import next_token_nll, perplexity
 from slimline.models import load_builtin
@@ -85,7 +86,7 @@ def build_rows(base: nn.Module) -> tuple[list[Row], list[str]]:
         else:  # the compressed model builds its own cache (forward hook / generate)
             rows.append(Row(label, sl.compress(base, {"steps": [{"method": "kv_cache", **step}]}).model, {}, None))
     for label, cache_config, needs in PEERS:
-        if needs and importlib.util.find_spec(needs) is None:
+        if needs and not installed(needs):
             skipped.append(f"{label}: skipped, {needs} is not installed")
             continue
         kwargs = {"cache_implementation": "quantized", "cache_config": dict(cache_config)}
@@ -95,6 +96,15 @@ def build_rows(base: nn.Module) -> tuple[list[Row], list[str]]:
 
         rows.append(Row(label, base, kwargs, make))
     return rows, skipped
+
+
+def installed(module: str) -> bool:
+    """Whether ``module`` can be imported (``find_spec`` raises for a dotted name whose
+    parent package is missing, e.g. ``optimum.quanto`` without ``optimum``)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
 
 
 def stored_bytes(obj: Any, seen: set[int]) -> int:
@@ -124,17 +134,22 @@ def cache_bytes(cache: Any) -> int:
     return total
 
 
+def cache_name(model: nn.Module) -> str:
+    """The forward argument and output field of the cache (``cache`` since transformers 5.24)."""
+    return cache_argument(type(model)) or "past_key_values"
+
+
 def chunked_perplexity(row: Row, data: list[dict[str, torch.Tensor]], chunk: int) -> float:
     """Teacher-forced test perplexity, ``chunk`` tokens per forward through the cache."""
-    nll, count = 0.0, 0
+    nll, count, name = 0.0, 0, cache_name(row.model)
     with torch.inference_mode():
         for batch in data:
             ids = batch["input_ids"]
             cache = row.make_cache() if row.make_cache else None  # slimline: the hook makes it
             logits = []
             for start in range(0, ids.shape[1], chunk):
-                out = row.model(input_ids=ids[:, start : start + chunk], past_key_values=cache, use_cache=True)
-                cache = out.past_key_values
+                out = row.model(input_ids=ids[:, start : start + chunk], use_cache=True, **{name: cache})
+                cache = getattr(out, name)
                 logits.append(out.logits)
             s, n = next_token_nll(torch.cat(logits, dim=1), ids)
             nll, count = nll + s, count + n
@@ -166,7 +181,8 @@ def main() -> None:
     # The first round (tokens, caches) is also the timing's warm-up.
     first = {row.label: row.generate(prompts, args.new_tokens) for row in rows}
     reference = first[rows[0].label].sequences[:, args.prompt :]
-    fp32_bytes = cache_bytes(first[rows[0].label].past_key_values)
+    name = cache_name(base)
+    fp32_bytes = cache_bytes(getattr(first[rows[0].label], name))
     timings = interleaved({row.label: (lambda r=row: r.generate(prompts, args.new_tokens)) for row in rows},
                           runs=args.runs, warmup=0)
     new_tokens = args.batch_size * args.new_tokens
@@ -176,7 +192,7 @@ def main() -> None:
     fp32_rate = timings[rows[0].label].throughput(new_tokens)
     for row in rows:
         out = first[row.label]
-        nbytes = cache_bytes(out.past_key_values)
+        nbytes = cache_bytes(getattr(out, name))
         rate = timings[row.label].throughput(new_tokens)
         agree = float((out.sequences[:, args.prompt :] == reference).float().mean())
         ppl = chunked_perplexity(row, data, args.chunk)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import functools
+import re
 
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers
 from transformers import (
     BertConfig,
     BertModel,
@@ -20,6 +22,7 @@ from transformers import (
 from transformers.cache_utils import DynamicCache
 
 import slimline as sl
+from slimline.cache.hf.hooks import cache_argument
 from slimline.cache.hf.quantized_cache import QuantizedKVCache, QuantizedKVLayer, cache_nbytes
 from slimline.cache.kv_cache import SPEC_ATTR
 from slimline.cache.kv_quant import dequantize_kv, quantize_kv
@@ -27,6 +30,14 @@ from slimline.models import load_builtin
 from tests.conftest import TinyMLP
 
 INT8 = {"steps": [{"method": "kv_cache", "bits": 8}]}
+# The installed transformers' name for the cache argument and output field: ``cache`` since
+# 5.24, ``past_key_values`` before (5.24 still takes the old name, with a warning).
+CACHE = cache_argument(LlamaForCausalLM) or "past_key_values"
+
+
+def _cache(out: object) -> object:
+    """The cache of a forward's or ``generate``'s output, under the installed name."""
+    return getattr(out, CACHE)
 
 
 @functools.cache
@@ -52,7 +63,7 @@ def _tiny(kind: str) -> torch.nn.Module:
 def _greedy(model: torch.nn.Module, ids: torch.Tensor, new: int) -> tuple[torch.Tensor, object]:
     out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
                          return_dict_in_generate=True, pad_token_id=0)
-    return out.sequences, out.past_key_values
+    return out.sequences, _cache(out)
 
 
 def test_greedy_generation_agrees_with_the_float_cache() -> None:
@@ -70,13 +81,13 @@ def test_greedy_generation_agrees_with_the_float_cache() -> None:
     # teacher-forced on the float continuation, one token per step: no drift compounds
     caches = [DynamicCache(config=built.model.config), None]
     with torch.no_grad():
-        built.model(reference[:, :16], past_key_values=caches[0])
-        caches[1] = model(reference[:, :16]).past_key_values
+        built.model(reference[:, :16], **{CACHE: caches[0]})
+        caches[1] = _cache(model(reference[:, :16]))
         assert isinstance(caches[1], QuantizedKVCache)
         diffs, kls, top1 = [], [], []
         for t in range(16, reference.shape[1]):
-            a = built.model(reference[:, t : t + 1], past_key_values=caches[0]).logits[:, -1]
-            b = model(reference[:, t : t + 1], past_key_values=caches[1]).logits[:, -1]
+            a = built.model(reference[:, t : t + 1], **{CACHE: caches[0]}).logits[:, -1]
+            b = model(reference[:, t : t + 1], **{CACHE: caches[1]}).logits[:, -1]
             diffs.append(float((a - b).abs().max()))
             kls.append(F.kl_div(b.log_softmax(-1), a.log_softmax(-1), log_target=True, reduction="none").sum(-1))
             top1.append(a.argmax(-1) == b.argmax(-1))
@@ -94,12 +105,12 @@ def test_decode_reads_the_rounded_past_exactly() -> None:
     with torch.no_grad():
         prefill = model(ids)
         torch.testing.assert_close(prefill.logits, base(ids).logits, rtol=0, atol=0)  # exact
-        got = model(nxt, past_key_values=prefill.past_key_values).logits
-        reference = base(ids, use_cache=True).past_key_values
+        got = model(nxt, **{CACHE: _cache(prefill)}).logits
+        reference = _cache(base(ids, use_cache=True))
         for layer in reference.layers:
             layer.keys = dequantize_kv(quantize_kv(layer.keys, 8, -1, symmetric=True), 8)
             layer.values = dequantize_kv(quantize_kv(layer.values, 8, -1, symmetric=True), 8)
-        expected = base(nxt, past_key_values=reference).logits
+        expected = base(nxt, **{CACHE: reference}).logits
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -108,17 +119,85 @@ def test_forward_uses_the_quantized_cache_only_where_a_cache_is_built() -> None:
     model = sl.compress(base, INT8).model
     ids = torch.randint(0, 100, (2, 8))
     with torch.no_grad():
-        assert isinstance(model(ids).past_key_values, QuantizedKVCache)  # config.use_cache
-        assert isinstance(model(ids, use_cache=True).past_key_values, QuantizedKVCache)
-        assert model(ids, use_cache=False).past_key_values is None
+        assert isinstance(_cache(model(ids)), QuantizedKVCache)  # config.use_cache
+        assert isinstance(_cache(model(ids, use_cache=True)), QuantizedKVCache)
+        assert _cache(model(ids, use_cache=False)) is None
         mine = DynamicCache(config=base.config)
-        assert model(ids, past_key_values=mine).past_key_values is mine  # the caller's cache
+        assert _cache(model(ids, **{CACHE: mine})) is mine  # the caller's cache
+        assert _cache(model(ids, None, None, mine)) is mine  # ... given by position
         _, cache = _greedy(model, ids, 4)
         assert isinstance(cache, QuantizedKVCache)
         _, cache = _greedy(base, ids, 4)
         assert type(cache) is DynamicCache  # the user's model is untouched
     assert SPEC_ATTR not in vars(base) and not base._forward_pre_hooks
-    assert "_prepare_cache_for_generation" not in vars(base)
+    assert "generate" not in vars(base)
+
+
+def test_generate_keeps_the_cache_the_caller_chose() -> None:
+    """A cache object, a ``cache_implementation`` or ``use_cache=False`` is left as asked."""
+    model = sl.compress(_tiny("llama"), INT8).model
+    ids = torch.randint(3, 100, (1, 6))
+    kwargs = {"max_new_tokens": 3, "do_sample": False, "return_dict_in_generate": True, "pad_token_id": 0}
+    mine = DynamicCache(config=model.config)
+    assert _cache(model.generate(ids, **{CACHE: mine}, **kwargs)) is mine
+    static = _cache(model.generate(ids, cache_implementation="static", **kwargs))
+    assert type(static).__name__ == "StaticCache"
+    assert _cache(model.generate(ids, use_cache=False, **kwargs)) is None
+    config = transformers.GenerationConfig(cache_implementation="static", max_new_tokens=3,
+                                           return_dict_in_generate=True, pad_token_id=0)
+    assert type(_cache(model.generate(ids, config))).__name__ == "StaticCache"  # by position
+    config.cache_implementation = "dynamic"
+    assert type(_cache(model.generate(ids, generation_config=config))) is DynamicCache
+    quantized = _cache(model.generate(ids, cache_implementation="dynamic", **kwargs))
+    assert isinstance(quantized, QuantizedKVCache)
+    assert quantized.get_seq_length() == 6 + 3 - 1  # the last new token is never fed back
+
+
+class _OldCacheName(LlamaForCausalLM):
+    """Llama with its cache argument named ``past_key_values``, as before transformers 5.24."""
+
+    def forward(self, input_ids=None, past_key_values=None, **kwargs):  # type: ignore[override]
+        if past_key_values is not None:  # handed on under the installed name
+            kwargs[CACHE] = past_key_values
+        return super().forward(input_ids, **kwargs)
+
+
+class _NoCacheName(LlamaForCausalLM):
+    """Llama whose forward takes no cache under any name transformers has used."""
+
+    def forward(self, input_ids=None, attention_mask=None, **kwargs):  # type: ignore[override]
+        return super().forward(input_ids, attention_mask, **kwargs)
+
+
+@pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")  # generate, on 5.24
+def test_the_cache_argument_is_read_from_the_forward_signature() -> None:
+    """Either name works: a forward taking ``past_key_values`` (transformers < 5.24) gets
+    the quantized cache under that name, and generates what the installed name does."""
+    base = _tiny("llama")
+    old = _OldCacheName(base.config).eval()
+    old.load_state_dict(base.state_dict())
+    assert cache_argument(_OldCacheName) == "past_key_values"
+    assert cache_argument(LlamaForCausalLM) == CACHE
+    assert cache_argument(_NoCacheName) is None
+    model, old_model = sl.compress(base, INT8).model, sl.compress(old, INT8).model
+    ids = torch.randint(3, 100, (2, 8))
+    with torch.no_grad():
+        assert isinstance(_cache(old_model(ids)), QuantizedKVCache)
+    tokens, cache = _greedy(model, ids, 8)
+    old_tokens, old_cache = _greedy(old_model, ids, 8)
+    assert isinstance(old_cache, QuantizedKVCache) and torch.equal(old_tokens, tokens)
+    torch.testing.assert_close(old_cache.layers[0].full_states(), cache.layers[0].full_states())
+
+
+def test_a_forward_without_a_cache_argument_is_refused_naming_the_version() -> None:
+    """transformers 5.24 renamed the argument; a forward with neither name is refused at
+    apply time, naming the installed version, before the model is touched."""
+    model = _NoCacheName(_tiny("llama").config).eval()
+    version = re.escape(transformers.__version__)
+    with pytest.raises(ValueError, match=rf"kv_cache\): _NoCacheName.forward takes no KV cache argument.*`cache`.*5\.24.*`past_key_values`.*transformers {version}"):
+        sl.compress(model, INT8, inplace=True)
+    assert SPEC_ATTR not in vars(model) and "generate" not in vars(model)
+    assert not model._forward_pre_hooks
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2", "opt"])

@@ -1,23 +1,15 @@
 """``kv_cache``: generation with keys and values cached as 8-bit (or 4-bit) integer codes.
 
 The step changes no weight. It makes the model build a :class:`QuantizedKVCache` wherever
-it would have built transformers' float ``DynamicCache``:
-
-* ``model(input_ids, use_cache=True)`` without ``past_key_values``: a forward pre-hook passes
-  a fresh quantized cache (the model would otherwise create a ``DynamicCache`` inside);
-* ``model.generate(...)``: ``generate`` creates its cache before the first forward, in
-  ``_prepare_cache_for_generation``; the model's own method is wrapped (on the instance)
-  so that the ``DynamicCache`` it makes for a default ``cache_implementation`` becomes a
-  quantized one.
-
-A cache the caller passes, or a ``cache_implementation`` they ask for (static, offloaded,
-quantized), is left alone. The step's settings live on the model in :data:`SPEC_ATTR`, so a
-deep copy carries them, and ``sl.load`` applies the step again (``reapply_on_load``).
+it would have built transformers' float ``DynamicCache`` (a forward pre-hook and a wrapped
+``generate`` that pass one as the cache argument: :mod:`slimline.cache.hf.hooks`). A cache
+the caller passes, or a ``cache_implementation`` they ask for (static, offloaded, quantized),
+is left alone. The step's settings live on the model in :data:`SPEC_ATTR`, so a deep copy
+carries them, and ``sl.load`` applies the step again (``reapply_on_load``).
 """
 
 from __future__ import annotations
 
-import inspect
 import types
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, cast
@@ -103,16 +95,20 @@ class KvCacheConfig(MethodConfig):
 @register(KvCacheConfig)
 def apply_kv_cache(model: nn.Module, cfg: KvCacheConfig, ctx: StepContext) -> StepOutcome:
     """Make ``model`` build quantized caches (idempotent: ``sl.load`` runs it again)."""
-    from slimline.cache.hf.quantized_cache import QuantizedKVCache
+    from slimline.cache.hf.hooks import (
+        generate_with_quantized_cache,
+        pass_quantized_cache,
+        quantized_cache,
+    )
 
     spec = cfg.spec()
     hooked = SPEC_ATTR in vars(model)  # a deep copy of a hooked model carries its hook
     setattr(model, SPEC_ATTR, spec)
     if not hooked:
-        model.register_forward_pre_hook(_pass_quantized_cache, with_kwargs=True)
+        model.register_forward_pre_hook(pass_quantized_cache, with_kwargs=True)
     # An instance attribute shadows the class's method; deepcopy rebinds it to the copy.
-    cast(Any, model)._prepare_cache_for_generation = types.MethodType(_prepare_cache, model)
-    layers = QuantizedKVCache(_text_config(model), spec).quantized_layers
+    cast(Any, model).generate = types.MethodType(generate_with_quantized_cache, model)
+    layers = quantized_cache(model, spec).quantized_layers
     grid = "symmetric" if cfg.symmetric else "asymmetric"
     notes = [
         f"{layers} attention layer(s) cache keys/values as {cfg.bits}-bit codes ({grid}, "
@@ -135,11 +131,18 @@ def why_not(model: nn.Module) -> str | None:
     supports = getattr(type(model), "_supports_default_dynamic_cache", None)
     if callable(supports) and not supports():
         return f"{kind} uses its own cache type, not transformers' DynamicCache"
-    if _param_index(type(model), "past_key_values") is None:
-        return f"{kind}.forward takes no past_key_values"
-    from slimline.cache.hf.quantized_cache import KVQuantSpec, QuantizedKVCache
+    from slimline.cache.hf.hooks import cache_argument, quantized_cache
+    from slimline.cache.hf.quantized_cache import KVQuantSpec
 
-    if QuantizedKVCache(_text_config(model), KVQuantSpec()).quantized_layers == 0:
+    if cache_argument(type(model)) is None:
+        import transformers
+
+        return (
+            f"{kind}.forward takes no KV cache argument: neither `cache` (its name since "
+            "transformers 5.24) nor `past_key_values` (before), so no cache can be passed to "
+            f"it (transformers {transformers.__version__})"
+        )
+    if quantized_cache(model, KVQuantSpec()).quantized_layers == 0:
         return f"{kind} has no full-attention layer whose cache could be quantized"
     return None
 
@@ -156,68 +159,3 @@ def _head_dim(model: nn.Module) -> int:
     config = _text_config(model)
     head_dim = getattr(config, "head_dim", None)
     return int(head_dim or config.hidden_size // config.num_attention_heads)
-
-
-def _param_index(cls: type[nn.Module], name: str) -> int | None:
-    """Position of ``name`` among ``cls.forward``'s arguments after ``self``; None if absent."""
-    key = (cls, name)
-    if key not in _PARAM_INDEX:
-        names = list(inspect.signature(cls.forward).parameters)[1:]
-        _PARAM_INDEX[key] = names.index(name) if name in names else None
-    return _PARAM_INDEX[key]
-
-
-_PARAM_INDEX: dict[tuple[type[nn.Module], str], int | None] = {}
-
-
-def _pass_quantized_cache(
-    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
-    """Forward pre-hook: give a cache-using call without ``past_key_values`` a quantized one."""
-    spec = getattr(module, SPEC_ATTR, None)
-    cache_at = _param_index(type(module), "past_key_values")
-    if spec is None or _argument(args, kwargs, cache_at, "past_key_values") is not None:
-        return None
-    use_cache = _argument(args, kwargs, _param_index(type(module), "use_cache"), "use_cache")
-    if use_cache is None:
-        use_cache = getattr(_config(module), "use_cache", False)
-    if not use_cache or (module.training and getattr(module, "is_gradient_checkpointing", False)):
-        return None  # transformers turns the cache off for gradient checkpointing
-    from slimline.cache.hf.quantized_cache import QuantizedKVCache
-
-    cache = QuantizedKVCache(_text_config(module), spec)
-    if cache_at is not None and cache_at < len(args):
-        args = (*args[:cache_at], cache, *args[cache_at + 1 :])
-    else:
-        kwargs["past_key_values"] = cache
-    return args, kwargs
-
-
-def _argument(args: tuple[Any, ...], kwargs: dict[str, Any], index: int | None, name: str) -> Any:
-    """A forward argument given by position (``index``) or by name; None when absent."""
-    if index is not None and index < len(args):
-        return args[index]
-    return kwargs.get(name)
-
-
-def _prepare_cache(
-    self: nn.Module, generation_config: Any, model_kwargs: dict[str, Any], *args: Any, **kwargs: Any
-) -> Any:
-    """``generate``'s cache set-up, with a quantized cache in place of the default one."""
-    given = model_kwargs.get("past_key_values")
-    result = type(self)._prepare_cache_for_generation(  # type: ignore[attr-defined]
-        self, generation_config, model_kwargs, *args, **kwargs
-    )
-    spec = getattr(self, SPEC_ATTR, None)
-    made = model_kwargs.get("past_key_values")
-    from transformers.cache_utils import DynamicCache
-
-    default = getattr(generation_config, "cache_implementation", None) in (None, "dynamic")
-    if spec is not None and given is None and default and type(made) is DynamicCache:
-        from slimline.cache.hf.quantized_cache import QuantizedKVCache
-
-        cache = QuantizedKVCache(_text_config(self), spec)
-        if getattr(generation_config, "is_assistant", False):
-            cache.activate_past_recording()
-        model_kwargs["past_key_values"] = cache
-    return result
