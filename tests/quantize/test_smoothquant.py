@@ -20,6 +20,7 @@ from slimline.quantize.smoothquant import (
     SmoothQuantConfig,
     choose_smoothing,
     simulated_output,
+    smooth_layer,
     smoothed_range,
     smoothing_multiplier,
     static_input_qparams,
@@ -58,16 +59,19 @@ def test_smoothing_multiplier_is_the_papers_formula() -> None:
     torch.testing.assert_close((x_max * m1)[[0, 1]], torch.ones(2))
 
 
-def test_static_qparams_cover_the_range_with_zero_exact() -> None:
-    scale, zero = static_input_qparams(-3.0, 5.0)
+@pytest.mark.parametrize("bits", [7, 8])
+def test_static_qparams_cover_the_range_with_zero_exact(bits: int) -> None:
+    scale, zero = static_input_qparams(-3.0, 5.0, bits)
+    assert scale == pytest.approx(8.0 / (2**bits - 1))  # every level of the grid spans the range
     x = torch.tensor([-3.0, 0.0, 5.0, 1.234])
-    codes = kernels.quantize_static(x, torch.full((4,), 1.0 / scale), zero)
+    codes = kernels.quantize_static(x, torch.full((4,), 1.0 / scale), zero, bits)
     back = (codes.float() - zero) * scale
     assert (back - x).abs().max() <= scale / 2 + 1e-6
     assert back[1] == 0.0
     # saturation, not wrap-around, outside the calibrated range
-    far = kernels.quantize_static(torch.tensor([-100.0, 100.0]), torch.full((2,), 1 / scale), zero)
-    assert far.tolist() == [0, 255]
+    far = torch.tensor([-100.0, 100.0])
+    assert kernels.quantize_static(far, torch.full((2,), 1 / scale), zero, bits).tolist() == [
+        0, 2**bits - 1]
 
 
 def test_smoothed_range_matches_direct_min_max() -> None:
@@ -79,26 +83,31 @@ def test_smoothed_range_matches_direct_min_max() -> None:
     assert hi == pytest.approx(float((x * m).max()), rel=1e-6)
 
 
+@pytest.mark.parametrize("bits", [7, 8])
 @pytest.mark.parametrize("static", [False, True])
-def test_layer_equals_exact_integer_reference(static: bool) -> None:
+def test_layer_equals_exact_integer_reference(static: bool, bits: int) -> None:
+    """On both grids, whichever kernel this CPU runs them on (8 bits without VNNI: two passes)."""
     x = _outlier_activations(40, 96).reshape(4, 10, 96)
     linear = _linear(96, 48)
     stats = _stats(x)
     m = smoothing_multiplier(stats.absmax, linear.weight.abs().amax(0), 0.5)
-    qparams = static_input_qparams(*smoothed_range(stats.lo, stats.hi, m)) if static else None
-    layer = SmoothQuantLinear.from_smoothed(linear, m, qparams)
+    lo, hi = smoothed_range(stats.lo, stats.hi, m)
+    qparams = static_input_qparams(lo, hi, bits) if static else None
+    layer = SmoothQuantLinear.from_smoothed(linear, m, qparams, activation_bits=bits)
+    assert layer.activation_bits == bits
     # the reference: integer codes from the same quantizers, products summed in int64
     xs = x * m
     q = layer.qweight.long()
     if qparams is None:
-        codes, s_x, z_x = kernels.quantize_per_token(xs)
+        codes, s_x, z_x = kernels.quantize_per_token(xs, bits)
         acc = (codes.long() - z_x.long()) @ q.t()
         ref = acc.double() * s_x.double()
     else:
         s_x, z_x = qparams
-        codes = kernels.quantize_static(xs, torch.full_like(m, 1.0 / s_x), z_x)
+        codes = kernels.quantize_static(xs, torch.full_like(m, 1.0 / s_x), z_x, bits)
         acc = (codes.long() - z_x) @ q.t()
         ref = acc.double() * s_x
+    assert int(codes.max()) >= 2**bits - 2  # the outlier channels reach the top of the grid
     ref = (ref * layer.weight_scale.double() + linear.bias.double()).float()
     out = layer(x)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
@@ -106,6 +115,25 @@ def test_layer_equals_exact_integer_reference(static: bool) -> None:
     err = (layer.dequantized_weight() - linear.weight).abs()
     bound = layer.weight_scale[:, None] * m[None, :] / 2
     assert (err <= bound * (1 + 1e-4) + 1e-7).all()
+
+
+@pytest.mark.parametrize("saturates", [True, False])
+def test_calibrated_grid_is_the_one_this_cpu_runs_exactly(
+    monkeypatch: pytest.MonkeyPatch, saturates: bool
+) -> None:
+    """Where 8-bit codes would saturate the int8 GEMM (forced here), the static grid is
+    calibrated with 7 bits: the codes of the calibration data span [0, 127]."""
+    monkeypatch.setattr(kernels, "onednn_saturates", lambda: saturates)
+    bits = 7 if saturates else 8
+    x = _outlier_activations(256, 64)
+    layer, _ = smooth_layer(_linear(64, 32), _stats(x, keep_rows=256),
+                            SmoothQuantConfig(alpha=0.5, activations="static"))  # fmt: skip
+    assert layer.activation_bits == bits and 0 <= int(layer.input_zero) < 2**bits
+    scale, zero = float(layer.input_scale), int(layer.input_zero)
+    codes = kernels.quantize_static(x * layer.smooth, layer.smooth.new_full((64,), 1 / scale),
+                                    zero, bits)  # fmt: skip
+    assert int(codes.max()) == 2**bits - 1
+    assert int(codes.min()) <= 2 ** (bits - 3)  # a clipped range still spans most levels
 
 
 def test_smoothing_beats_plain_w8a8_on_outlier_channels() -> None:
@@ -210,14 +238,15 @@ def test_static_model_saves_and_loads_identically(tmp_path) -> None:  # type: ig
     assert isinstance(layer, SmoothQuantLinear) and layer.static
 
 
-@pytest.mark.parametrize("static", [False, True])
-def test_compiled_layer_matches_eager(static: bool) -> None:
+@pytest.mark.parametrize(("static", "bits"), [(False, 7), (True, 7), (False, 8), (True, 8)])
+def test_compiled_layer_matches_eager(static: bool, bits: int) -> None:
     x = _outlier_activations(24, 64).reshape(2, 12, 64)
     linear = _linear(64, 32)
     stats = _stats(x)
     m = smoothing_multiplier(stats.absmax, linear.weight.abs().amax(0), 0.5)
-    qparams = static_input_qparams(*smoothed_range(stats.lo, stats.hi, m)) if static else None
-    layer = SmoothQuantLinear.from_smoothed(linear, m, qparams)
+    lo, hi = smoothed_range(stats.lo, stats.hi, m)
+    qparams = static_input_qparams(lo, hi, bits) if static else None
+    layer = SmoothQuantLinear.from_smoothed(linear, m, qparams, activation_bits=bits)
     compiled = torch.compile(layer, fullgraph=True)
     with torch.inference_mode():
         torch.testing.assert_close(compiled(x), layer(x), rtol=1e-5, atol=1e-4)

@@ -7,6 +7,7 @@ evaluation and the handlers all go through :func:`forward` so that they agree.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, TypeAlias
 
@@ -65,14 +66,67 @@ def split_labels(batch: Batch) -> tuple[Batch, torch.Tensor | None]:
 def forward(model: nn.Module, batch: Batch) -> Any:
     """Call ``model`` on ``batch``: keyword arguments for dicts, positional otherwise.
 
-    A dict batch's ``"labels"`` are targets for metrics, never passed to the model.
+    A dict batch's ``"labels"`` are targets for metrics, never passed to the model. A
+    left-padded batch gets ``position_ids`` counted over its real tokens (as ``generate``
+    does), so that each sequence is computed as it would be alone, unpadded.
     """
     batch, _ = split_labels(batch)
     if isinstance(batch, Mapping):
-        return model(**batch)
+        return model(**with_positions(model, batch))
     if isinstance(batch, torch.Tensor):
         return model(batch)
     return model(*batch)
+
+
+def token_mask(batch: Batch) -> torch.Tensor | None:
+    """(B, T) bool: the real (non-padding) tokens of a dict batch; None when it has no mask.
+
+    Only a 2-D ``attention_mask`` of ``input_ids``' shape counts: other masks (4-D, custom)
+    do not say which tokens are padding.
+    """
+    if not isinstance(batch, Mapping):
+        return None
+    mask = batch.get("attention_mask")
+    ids = batch.get("input_ids")
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        return None
+    if isinstance(ids, torch.Tensor) and ids.shape != mask.shape:
+        return None
+    return mask.bool()
+
+
+def is_left_padded(mask: torch.Tensor) -> bool:
+    """Whether some row of a (B, T) mask has padding before a real token."""
+    return bool((mask[:, 1:] > mask[:, :-1]).any())
+
+
+def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) position of each token among its row's real tokens; padding gets 0."""
+    return (mask.long().cumsum(dim=1) - 1).clamp_min(0) * mask.long()
+
+
+def with_positions(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """``batch`` plus ``position_ids`` from its mask when it is left-padded and ``model``
+    takes them and none were given; otherwise ``batch`` unchanged (as a dict)."""
+    out = dict(batch)
+    mask = token_mask(batch)
+    if mask is None or "position_ids" in out or not is_left_padded(mask):
+        return out
+    if _takes(type(model), "position_ids"):
+        out["position_ids"] = positions_from_mask(mask)
+    return out
+
+
+def _takes(cls: type[nn.Module], name: str) -> bool:
+    if cls not in _PARAMS:
+        try:
+            _PARAMS[cls] = frozenset(inspect.signature(cls.forward).parameters)
+        except (TypeError, ValueError):
+            _PARAMS[cls] = frozenset()
+    return name in _PARAMS[cls]
+
+
+_PARAMS: dict[type[nn.Module], frozenset[str]] = {}
 
 
 def output_tensor(output: Any, batch: Batch) -> torch.Tensor:

@@ -9,6 +9,11 @@ Two tools for calibration-based methods (GPTQ, SparseGPT, Wanda, AWQ...):
   yields them one at a time with their recorded inputs; after the caller has changed a block,
   its outputs on those inputs become the next block's inputs. Activations of one block are
   alive at a time, so peak memory stays near one block plus the model (arXiv 2210.17323 §4).
+
+Padding never enters a statistic: while a batch (or a block's recorded inputs) runs, its
+attention mask says which tokens are real, and a layer input of shape (B, T, ...) reaches the
+accumulator as its real tokens only, (tokens, ...). Padded batches of varied lengths then give
+the statistics of the same sequences fed one at a time, unpadded.
 """
 
 from __future__ import annotations
@@ -22,19 +27,43 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from slimline.core.batches import Batch, forward
+from slimline.core.batches import Batch, forward, token_mask
 
 InputSink = Callable[[str, torch.Tensor], None]
 
 
+class RealTokens:
+    """The (B, T) mask of real tokens of the batch running now (None: every token is real)."""
+
+    def __init__(self) -> None:
+        self.mask: torch.Tensor | None = None
+
+    def keep(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` (B, T, ...) or flattened (B·T, ...) → (real tokens, ...); other shapes (a
+        CNN's (B, C, H, W), a batch without a mask) pass unchanged. OPT flattens its tokens
+        before the MLP, so both layouts occur inside one block."""
+        mask = self.mask
+        if mask is None:
+            return x
+        if x.dim() >= 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+            return x[mask.to(x.device)]
+        if x.dim() == 2 and x.shape[0] == mask.numel() and mask.shape[1] > 1:
+            return x[mask.reshape(-1).to(x.device)]
+        return x
+
+
 @contextmanager
-def hooked_inputs(modules: dict[str, nn.Module], sink: InputSink) -> Iterator[None]:
-    """While active, every forward of ``modules[name]`` calls ``sink(name, first_input)``."""
+def hooked_inputs(
+    modules: dict[str, nn.Module], sink: InputSink, tokens: RealTokens | None = None
+) -> Iterator[None]:
+    """While active, every forward of ``modules[name]`` calls ``sink(name, first_input)``,
+    with only the real tokens of the first input when ``tokens`` knows the batch's mask."""
     handles = []
     for name, module in modules.items():
 
         def hook(_mod: nn.Module, args: tuple[Any, ...], *, _name: str = name) -> None:
-            sink(_name, args[0].detach())
+            x = args[0].detach()
+            sink(_name, tokens.keep(x) if tokens is not None else x)
 
         handles.append(module.register_forward_pre_hook(hook))
     try:
@@ -48,9 +77,11 @@ def hooked_inputs(modules: dict[str, nn.Module], sink: InputSink) -> Iterator[No
 def capture_inputs(
     model: nn.Module, modules: dict[str, nn.Module], batches: Sequence[Batch], sink: InputSink
 ) -> None:
-    """Run ``batches`` through ``model``, feeding each layer input to ``sink``."""
-    with hooked_inputs(modules, sink):
+    """Run ``batches`` through ``model``, feeding each layer input (real tokens) to ``sink``."""
+    tokens = RealTokens()
+    with hooked_inputs(modules, sink, tokens):
         for batch in batches:
+            tokens.mask = token_mask(batch)
             forward(model, batch)
 
 
@@ -77,16 +108,19 @@ class _StopForward(Exception):
 
 @dataclass
 class BlockInputs:
-    """The positional and keyword arguments one batch passed to a block."""
+    """The positional and keyword arguments one batch passed to a block, and which of its
+    tokens are real (the batch's attention mask, (B, T) bool; None: all)."""
 
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
+    mask: torch.Tensor | None = None
 
 
 def _record_first_block(
     model: nn.Module, first: nn.Module, batches: Sequence[Batch]
 ) -> list[BlockInputs]:
     recorded: list[BlockInputs] = []
+    tokens = RealTokens()
 
     def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         # A KV cache recorded here would grow on every replay and feed stale keys/values
@@ -96,12 +130,14 @@ def _record_first_block(
         kept = {k: None if _is_kv_cache(v) or k in _CACHE_KEYS else v for k, v in kwargs.items()}
         if "use_cache" in kept:
             kept["use_cache"] = False
-        recorded.append(BlockInputs(tuple(None if _is_kv_cache(a) else a for a in args), kept))
+        kept_args = tuple(None if _is_kv_cache(a) else a for a in args)
+        recorded.append(BlockInputs(kept_args, kept, tokens.mask))
         raise _StopForward
 
     handle = first.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         for batch in batches:
+            tokens.mask = token_mask(batch)
             with suppress(_StopForward):
                 forward(model, batch)
     finally:
@@ -140,6 +176,19 @@ def walk_blocks(
             if not item.args:
                 key = "hidden_states" if "hidden_states" in item.kwargs else next(iter(item.kwargs))
                 item.kwargs[key] = out
+
+
+@torch.no_grad()
+def replay(
+    block: nn.Module, inputs: Sequence[BlockInputs], modules: dict[str, nn.Module],
+    sink: InputSink,
+) -> None:
+    """Run ``block`` on its recorded inputs, feeding ``modules``' real-token inputs to ``sink``."""
+    tokens = RealTokens()
+    with hooked_inputs(modules, sink, tokens):
+        for item in inputs:
+            tokens.mask = item.mask
+            block(*item.args, **item.kwargs)
 
 
 class Accumulator(Protocol):
@@ -181,9 +230,7 @@ def sequential_layers(
         for _, block_name, block, inputs in walk:
             group = {n: m for n, m in layers.items() if n.startswith(block_name + ".")}
             stats = {n: make(n, m) for n, m in group.items()}
-            with hooked_inputs(group, _feed(stats)), torch.no_grad():
-                for item in inputs:
-                    block(*item.args, **item.kwargs)
+            replay(block, inputs, group, _feed(stats))
             _update(update, group, stats)
             done |= set(group)
     rest = {n: m for n, m in layers.items() if n not in done}

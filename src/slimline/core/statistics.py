@@ -7,6 +7,8 @@ over tokens, so calibration activations are never kept.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 
@@ -53,3 +55,66 @@ def inverse_hessian_factor(hessian: torch.Tensor, dampening: float) -> torch.Ten
     h += torch.eye(h.shape[0], device=h.device) * damp
     inv = torch.cholesky_inverse(torch.linalg.cholesky(h))
     return torch.linalg.cholesky(inv, upper=True)
+
+
+class TokenSample:
+    """A uniform sample of at most ``limit`` rows (tokens) from a stream fed batch by batch.
+
+    Bottom-k sampling: each token gets a fixed pseudo-random priority from its index in the
+    stream, and the ``limit`` lowest are kept, in stream order. The sample depends only on the
+    sequence of tokens, not on how they were batched — one padded batch of four sequences and
+    the same four fed one at a time keep the same rows.
+    """
+
+    def __init__(self, limit: int, *, seed: int = 0) -> None:
+        if limit < 1:
+            raise ValueError(f"TokenSample.limit must be >= 1, got {limit}")
+        self.limit = limit
+        self.seed = seed
+        self.seen = 0
+        self._index = torch.empty(0, dtype=torch.long)
+        self._rows: torch.Tensor | None = None  # (kept, K)
+
+    def add(self, rows: torch.Tensor) -> None:
+        """``rows`` (n, K): the next n tokens of the stream."""
+        index = torch.arange(self.seen, self.seen + rows.shape[0])
+        self.seen += rows.shape[0]
+        kept = rows if self._rows is None else torch.cat([self._rows, rows.to(self._rows)])
+        index = torch.cat([self._index, index])
+        if index.numel() > self.limit:
+            pick = torch.topk(token_priority(index, self.seed), self.limit, largest=False).indices
+            pick = pick.sort().values  # back to stream order
+            kept, index = kept[pick], index[pick]
+        self._rows, self._index = kept, index
+
+    @property
+    def rows(self) -> torch.Tensor:
+        """The kept rows (kept, K), in stream order."""
+        if self._rows is None:
+            raise ValueError("TokenSample: no rows were added")
+        return self._rows
+
+    def map_rows(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Replace the kept rows by ``fn(rows)`` (e.g. the layer now reads x / s)."""
+        self._rows = fn(self.rows)
+
+
+def token_priority(index: torch.Tensor, seed: int) -> torch.Tensor:
+    """A fixed pseudo-random int64 per stream index (the SplitMix64 finaliser)."""
+    offset = (seed * 0x632BE59BD9B4E019 + 0x9E3779B97F4A7C15) % 2**64
+    x = index.long() + (offset - 2**64 if offset >= 2**63 else offset)  # wraps like uint64
+    x = (x ^ _ushr(x, 30)) * -0x40A7B892E31B1A47  # 0xBF58476D1CE4E5B9 as int64
+    x = (x ^ _ushr(x, 27)) * -0x6B2FB644ECCEEE15  # 0x94D049BB133111EB as int64
+    return x ^ _ushr(x, 31)
+
+
+def _ushr(x: torch.Tensor, n: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic)."""
+    return (x >> n) & ((1 << (64 - n)) - 1)
+
+
+def stream_uniform(index: torch.Tensor, seed: int) -> torch.Tensor:
+    """A fixed uniform draw in (0, 1) (float64) per stream index: random numbers tied to a
+    token's place in the stream, so that batching does not change which token gets which."""
+    bits = _ushr(token_priority(index, seed), 11)  # 53 random bits
+    return (bits.double() + 0.5) / float(2**53)

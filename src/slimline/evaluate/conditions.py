@@ -21,6 +21,7 @@ RELEVANT_CPU_FLAGS: tuple[str, ...] = (
     "amx_int8",
     "avx512f",
     "avx512_vnni",
+    "avx_vnni",
     "avx512_bf16",
     "avx2",
     "fma",

@@ -38,8 +38,15 @@ from typing import ClassVar, Literal
 import torch
 from torch import nn
 
-from slimline.core.batches import Batch, forward
-from slimline.core.calibration import BlockInputs, find_blocks, hooked_inputs, walk_blocks
+from slimline.core.batches import Batch
+from slimline.core.calibration import (
+    BlockInputs,
+    InputSink,
+    capture_inputs,
+    find_blocks,
+    replay,
+    walk_blocks,
+)
 from slimline.core.config import MethodConfig
 from slimline.core.families import Family
 from slimline.core.registry import StepContext, StepOutcome, register
@@ -268,13 +275,15 @@ class ConsumerStats:
 
 
 def collect_stats(
-    model: nn.Module, plan: list[PlannedGroup], run: Callable[[], object], refit: bool
+    model: nn.Module, plan: list[PlannedGroup], feed: Callable[[dict[str, nn.Module], InputSink],
+                                                               None], refit: bool
 ) -> dict[str, ConsumerStats]:
-    """Statistics of every consumer layer of ``plan`` while ``run()`` feeds calibration data."""
+    """Statistics of every consumer layer of ``plan``; ``feed(modules, sink)`` runs the
+    calibration data and hands each module's real-token inputs to ``sink``."""
     modules = {s.module: model.get_submodule(s.module) for p in plan for s in p.group.consumers()}
     stats = {n: ConsumerStats(m, refit=refit) for n, m in modules.items()}
-    with hooked_inputs(modules, lambda name, x: stats[name].add_batch(x)), torch.no_grad():
-        run()
+    with torch.no_grad():
+        feed(modules, lambda name, x: stats[name].add_batch(x))
     for name, s in stats.items():
         if s.stats.tokens == 0:
             raise ValueError(f"structured: layer {name!r} saw no calibration inputs")
@@ -319,21 +328,20 @@ def _prune_with_data(
             if not mine:
                 continue
 
-            def run(block: nn.Module = block, inputs: list[BlockInputs] = inputs) -> None:
-                for item in inputs:
-                    block(*item.args, **item.kwargs)
+            def feed(modules: dict[str, nn.Module], sink: InputSink, block: nn.Module = block,
+                     inputs: list[BlockInputs] = inputs) -> None:
+                replay(block, inputs, modules, sink)
 
-            stats = collect_stats(model, mine, run, cfg.reconstruct)
+            stats = collect_stats(model, mine, feed, cfg.reconstruct)
             changed += prune_groups(model, mine, cfg, stats)
             done |= {id(p) for p in mine}
     rest = [p for p in plan if id(p) not in done]
     if rest:
 
-        def run_all() -> None:
-            for batch in batches:
-                forward(model, batch)
+        def feed_all(modules: dict[str, nn.Module], sink: InputSink) -> None:
+            capture_inputs(model, modules, batches, sink)
 
-        stats = collect_stats(model, rest, run_all, cfg.reconstruct)
+        stats = collect_stats(model, rest, feed_all, cfg.reconstruct)
         changed += prune_groups(model, rest, cfg, stats)
     return changed
 

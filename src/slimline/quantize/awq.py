@@ -31,10 +31,11 @@ from slimline.core.calibration import (
     InputSink,
     capture_inputs,
     find_blocks,
-    hooked_inputs,
+    replay,
     walk_blocks,
 )
 from slimline.core.registry import StepContext, StepOutcome, register
+from slimline.core.statistics import TokenSample
 from slimline.core.targets import is_linear_like, linear_weight, set_linear_weight
 from slimline.quantize.packing import dequantize, effective_group, expand_groups, quantize_groups
 from slimline.quantize.qlinear import QuantLinear
@@ -267,32 +268,35 @@ def fold_scale(prev: nn.Module, layers: Sequence[nn.Module], s: torch.Tensor) ->
 
 
 class _LayerInputs:
-    """Mean |x| per channel over every token, and a strided sample of tokens (T, K)."""
+    """Mean |x| per channel over every token, and a uniform sample of ``limit`` tokens (T, K)
+    that does not depend on how the tokens were batched."""
 
-    def __init__(self, per_call: int) -> None:
-        self.per_call = per_call
+    def __init__(self, limit: int) -> None:
         self.abs_sum: torch.Tensor | None = None
         self.tokens = 0
-        self.rows: list[torch.Tensor] = []
+        self.kept = TokenSample(limit)
 
     def add(self, x: torch.Tensor) -> None:
         flat = x.detach().reshape(-1, x.shape[-1]).float()  # (tokens, K)
-        self.abs_sum = flat.abs().sum(0) + (0.0 if self.abs_sum is None else self.abs_sum)
+        # float64 sums: the mean does not depend on how the tokens were batched
+        total = flat.abs().double().sum(0)
+        self.abs_sum = total if self.abs_sum is None else self.abs_sum + total
         self.tokens += flat.shape[0]
-        step = max(1, -(-flat.shape[0] // self.per_call))
-        self.rows.append(flat[::step][: self.per_call])
+        self.kept.add(flat)
 
     @property
     def mean_abs(self) -> torch.Tensor:  # (K,); _record made sure tokens > 0
-        return self.abs_sum / self.tokens if self.abs_sum is not None else torch.zeros(0)
+        if self.abs_sum is None:
+            return torch.zeros(0)
+        return (self.abs_sum / self.tokens).float()
 
     def sample(self, limit: int | None = None) -> torch.Tensor:
-        x = torch.cat(self.rows)
+        x = self.kept.rows
         return x if limit is None else x[:: max(1, x.shape[0] // limit)][:limit]
 
     def rescale(self, s: torch.Tensor) -> None:
         """The layer now reads x / s."""
-        self.rows = [r / s for r in self.rows]
+        self.kept.map_rows(lambda rows: rows / s)
 
 
 def _quantize_layer(module: nn.Module, x: torch.Tensor, cfg: AwqConfig) -> QuantLinear:
@@ -306,9 +310,9 @@ def _quantize_layer(module: nn.Module, x: torch.Tensor, cfg: AwqConfig) -> Quant
     ).to(weight.device)  # fmt: skip
 
 
-def _record(layers: dict[str, nn.Module], per_call: int,
+def _record(layers: dict[str, nn.Module], limit: int,
             run: Callable[[InputSink], None]) -> dict[str, _LayerInputs]:
-    stats = {name: _LayerInputs(per_call) for name in layers}
+    stats = {name: _LayerInputs(limit) for name in layers}
     run(lambda name, x: stats[name].add(x))
     if silent := [name for name, st in stats.items() if st.tokens == 0]:
         raise ValueError(f"awq: layer {silent[0]!r} saw no calibration inputs")
@@ -343,7 +347,6 @@ def apply_awq(model: nn.Module, cfg: AwqConfig, ctx: StepContext) -> StepOutcome
     if not ctx.calibration:
         raise ValueError("awq needs calibration data")
     batches = list(ctx.calibration)
-    per_call = max(1, cfg.max_tokens // len(batches))
     chosen = dict(cfg.select_modules(model))
     notes: set[str] = set()
     unscaled: list[str] = []
@@ -355,7 +358,8 @@ def apply_awq(model: nn.Module, cfg: AwqConfig, ctx: StepContext) -> StepOutcome
         inside = _walk(model, batches, chosen, cfg, ctx, notes, unscaled)
     rest = {n: m for n, m in chosen.items() if n not in set(inside)}
     if rest:
-        stats = _record(rest, per_call, lambda sink: capture_inputs(model, rest, batches, sink))
+        stats = _record(rest, cfg.max_tokens,
+                        lambda sink: capture_inputs(model, rest, batches, sink))
         for name, module in rest.items():
             x = stats[name].sample(_CLIP_TOKENS)
             model.set_submodule(name, _quantize_layer(module, x, cfg))
@@ -373,12 +377,8 @@ def apply_awq(model: nn.Module, cfg: AwqConfig, ctx: StepContext) -> StepOutcome
 
 def _replay(block: nn.Module, inputs: Sequence[BlockInputs], layers: dict[str, nn.Module]
             ) -> Callable[[InputSink], None]:
-    """Run ``block`` on its recorded inputs, feeding ``layers``' inputs to a sink."""
-    def run(sink: InputSink) -> None:
-        with hooked_inputs(layers, sink), torch.no_grad():
-            for item in inputs:
-                block(*item.args, **item.kwargs)
-    return run
+    """Run ``block`` on its recorded inputs, feeding ``layers``' real-token inputs to a sink."""
+    return lambda sink: replay(block, inputs, layers, sink)
 
 
 def _walk(model: nn.Module, batches: list[Batch], chosen: dict[str, nn.Module], cfg: AwqConfig,
@@ -392,8 +392,7 @@ def _walk(model: nn.Module, batches: list[Batch], chosen: dict[str, nn.Module], 
         local = {n[len(prefix):]: m for n, m in chosen.items() if n.startswith(prefix)}
         if not local:
             continue
-        per_call = max(1, cfg.max_tokens // max(1, len(inputs)))
-        stats = _record(local, per_call, _replay(block, inputs, local))
+        stats = _record(local, cfg.max_tokens, _replay(block, inputs, local))
         unscaled += [prefix + n for n in _awq_block(block, local, stats, cfg, notes)]
         done += [prefix + n for n in local]
     return done

@@ -8,6 +8,11 @@ as ``acc · s_x[:, None] · s_w[None, :] + bias``. This is the vector-wise quant
 LLM.int8() (arXiv 2208.07339) without its fp16 outlier split, and SmoothQuant's per-token
 dynamic W8A8 setting (arXiv 2211.10438) without its smoothing (a ``smoothquant`` step can
 run first for models with activation outliers).
+
+On x86 CPUs without VNNI (or AMX) the activations get 7 bits instead of 8: their int8 GEMM adds
+pairs of u8·s8 products into a saturating int16, which 8-bit codes can overflow (PyTorch's
+``reduce_range`` for the same reason). The width is stored in each layer, so a checkpoint
+computes the same numbers on every machine (see :class:`Int8DynamicLinear`).
 """
 
 from __future__ import annotations
@@ -43,5 +48,6 @@ def apply_int8_dynamic(model: nn.Module, cfg: Int8DynamicConfig, ctx: StepContex
     for name, module in cfg.select_modules(model):
         model.set_submodule(name, Int8DynamicLinear.from_float(module))
         names.append(name)
-    kernel = "oneDNN u8·s8 GEMM" if kernels.onednn_available() else "torch._int_mm"
-    return StepOutcome(modules=names, notes=[f"{len(names)} layers to W8A8 on {kernel}"])
+    return StepOutcome(
+        modules=names, notes=[f"{len(names)} layers to W8A8 on {kernels.w8a8_kernel_note()}"]
+    )

@@ -32,6 +32,13 @@ Both GEMMs run at about 1.75 TFLOP/s on 2016×384 · 384×1536 (bfloat16 0.76, f
 oneDNN is preferred because it applies the weight scales in its epilogue and returns float32,
 one pass over the output fewer (all-MiniLM-L6-v2 eager: 0.50× vs 0.65× the float32 time).
 
+On x86 CPUs without an int8 dot product (VNNI or AMX) oneDNN multiplies with ``vpmaddubsw``,
+which adds each pair of u8·s8 products into a *saturating* int16: 8-bit activations times
+large weights overflow it (2·255·127 > 32767), 7-bit ones cannot (2·127·128 ≤ 32767). New
+layers there quantize activations to 7 bits (:func:`activation_bits`, PyTorch's fbgemm
+``reduce_range``), and a layer stored with 8-bit activations runs its GEMM in two exact passes
+(:func:`onednn_int8_mm_split`), so the result equals integer arithmetic on every machine.
+
 Nothing here runs at import: capabilities are probed on first use and cached.
 """
 
@@ -39,12 +46,14 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+import platform
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
+
+from slimline.evaluate.conditions import cpu_features
 
 INT4PACK_GROUPS = (32, 64, 128, 256)
 _OP_NAMESPACE = "slimline"
@@ -52,6 +61,11 @@ _ONEDNN_OP = "onednn_int8_mm"
 _ONEDNN_STATIC_OP = "onednn_int8_mm_static"
 # uint8 activation codes minus 128 are the int8 codes ``torch._int_mm`` takes.
 U8_OFFSET = 128
+# Activation widths of the W8A8 layers: 8, or 7 where the GEMM could saturate (module doc).
+ACTIVATION_BITS = (7, 8)
+# CPU flags of an int8 dot product accumulating in int32 (VNNI's vpdpbusd, AMX's tdpbusd).
+INT8_DOT_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
+_X86 = frozenset({"x86_64", "amd64", "i386", "i686", "x86"})
 
 
 # --- weight-only --------------------------------------------------------------------------
@@ -135,18 +149,23 @@ def int8pack_linear(
 # --- dynamic int8 (W8A8) ------------------------------------------------------------------
 
 
-def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_per_token(
+    x: torch.Tensor, bits: int = 8
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Asymmetric uint8 codes with one scale and zero point per token (row of the last dim).
 
-    For each token, ``[lo, hi] = [min(x, 0), max(x, 0)]`` is cut in 253 steps of
-    ``s = (hi - lo) / 253``, the integer zero point is ``z = round(-lo / s) + 1`` and
-    ``u = round(x / s + z)``, so ``x ≈ (u - z) · s`` with ``u`` in [0, 255] and ``x = 0``
-    exact. Returns ``u`` (..., K) uint8 and ``s``, ``z`` (..., 1) float32 (``z`` integer).
+    For each token, ``[lo, hi] = [min(x, 0), max(x, 0)]`` is cut in ``L = 2^bits - 3`` steps
+    (253 at 8 bits) of ``s = (hi - lo) / L``, the integer zero point is
+    ``z = round(-lo / s) + 1`` and ``u = round(x / s + z)``, so ``x ≈ (u - z) · s`` with ``u``
+    in [0, 2^bits - 1] and ``x = 0`` exact. Returns ``u`` (..., K) uint8 and ``s``, ``z``
+    (..., 1) float32 (``z`` integer). ``bits=7`` is the grid of CPUs whose int8 GEMM would
+    saturate on 8-bit codes (module doc).
 
-    Why 253 steps and the +1: ``x / s + z`` then stays within [0.5, 254.5], so rounding can
-    never leave [0, 255] and no clamp pass is needed (0.8 % of the resolution). The codes
-    are rounded in int8 (``u - 128``) and reinterpreted, because float → int8 conversion is
-    vectorised in ATen and float → uint8 is not (4× slower on AVX-512). Asymmetric codes use
+    Why ``2^bits - 3`` steps and the +1: ``x / s + z`` then stays within [0.5, L + 1.5], so
+    rounding never leaves [0, 2^bits - 1] and no clamp pass is needed (0.8 % of the
+    resolution at 8 bits). The codes are rounded in int8 (``u - 128``) and reinterpreted,
+    because float → int8 conversion is vectorised in ATen and float → uint8 is not (4× slower
+    on AVX-512). Asymmetric codes use
     every level where a token's values are skewed (GELU outputs, LayerNorm outputs with a
     one-sided outlier channel): on all-MiniLM-L6-v2 they halve the embedding error of
     symmetric int8 activations.
@@ -154,7 +173,7 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
     xf = x.float()
     lo = xf.amin(dim=-1, keepdim=True).clamp(max=0.0)  # (..., 1); amin + amax beat aminmax
     hi = xf.amax(dim=-1, keepdim=True).clamp(min=0.0)
-    scale = ((hi - lo) / 253.0).clamp(min=1e-12)
+    scale = ((hi - lo) / float(2**bits - 3)).clamp(min=1e-12)
     zero = torch.round(-lo / scale) + 1.0
     signed = (xf * scale.reciprocal()).add_(zero - U8_OFFSET).round_().to(torch.int8)
     codes = signed.view(torch.uint8).bitwise_xor_(U8_OFFSET)  # u = (u - 128) + 128
@@ -199,6 +218,49 @@ def onednn_available() -> bool:
         return bool((out == 48).all())
     except (RuntimeError, AttributeError, NotImplementedError):
         return False
+
+
+@functools.cache
+def onednn_saturates() -> bool:
+    """Whether oneDNN's u8·s8 GEMM can saturate on 8-bit activations here (module doc).
+
+    An x86 CPU without :data:`INT8_DOT_FLAGS` does; elsewhere the kernel itself is run on
+    the worst case, which also catches a oneDNN held below VNNI by ``ONEDNN_MAX_CPU_ISA``.
+    """
+    if not onednn_available():
+        return False
+    if platform.machine().lower() in _X86 and not INT8_DOT_FLAGS.intersection(cpu_features()):
+        return True
+    weight = torch.full((16, 64), 127, dtype=torch.int8)
+    codes = torch.full((8, 64), 255, dtype=torch.uint8)
+    out = _onednn_mm(codes, onednn_prepack(weight), torch.ones(16))
+    return not bool((out == 64 * 255 * 127).all())  # < 2^24: exact in float32
+
+
+def activation_bits() -> int:
+    """The activation width a new W8A8 layer takes here: 8, or 7 where oneDNN saturates.
+
+    7 bits keep every pair of u8·s8 products within int16 (PyTorch's ``reduce_range``), at
+    the cost of half the activation resolution; 8-bit grids stay exact on such a CPU only by
+    running the GEMM twice (:func:`onednn_int8_mm_split`).
+    """
+    return 7 if onednn_saturates() else 8
+
+
+def w8a8_kernel_note() -> str:
+    """How a new W8A8 layer runs here, for a step's notes."""
+    if not onednn_available():
+        return "torch._int_mm, 8-bit activations"
+    if activation_bits() == 7:
+        return "oneDNN u8·s8 GEMM, 7-bit activations (no VNNI: 8 bits would saturate it)"
+    return "oneDNN u8·s8 GEMM, 8-bit activations"
+
+
+def check_activation_bits(bits: int) -> int:
+    """``bits`` if it is one of :data:`ACTIVATION_BITS`, else ValueError naming the field."""
+    if isinstance(bits, bool) or bits not in ACTIVATION_BITS:
+        raise ValueError(f"activation_bits: must be one of {ACTIVATION_BITS}, got {bits!r}")
+    return bits
 
 
 def onednn_prepack(weight: torch.Tensor) -> torch.Tensor:
@@ -258,6 +320,27 @@ def onednn_int8_mm(
     return out
 
 
+def split_high_bit(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 ``u`` -> ``(h, l)`` with ``u = 128 · h + l``, ``h`` in {0, 1}, ``l`` in [0, 127].
+
+    Both halves are 7-bit codes, which the saturating int16 pair sums cannot overflow.
+    """
+    return codes >> 7, codes & 0x7F
+
+
+def onednn_int8_mm_split(
+    codes: torch.Tensor, packed: torch.Tensor, w_scale: torch.Tensor
+) -> torch.Tensor:
+    """:func:`onednn_int8_mm` exact for 8-bit codes where oneDNN saturates: two passes.
+
+    ``Σ u · q_W = 128 · Σ h · q_W + Σ l · q_W`` (:func:`split_high_bit`): twice the GEMM
+    time, the price of an 8-bit model on a CPU without VNNI (exact while ``|acc| < 2^24``).
+    """
+    high, low = split_high_bit(codes)
+    top = onednn_int8_mm(high, packed, w_scale)
+    return torch.add(onednn_int8_mm(low, packed, w_scale), top, alpha=128.0)
+
+
 def int_mm_int8_mm(
     codes: torch.Tensor, weight_t: torch.Tensor, w_scale: torch.Tensor
 ) -> torch.Tensor:
@@ -272,29 +355,22 @@ def int_mm_int8_mm(
     return (acc.float() * w_scale.float()).reshape(*codes.shape[:-1], acc.shape[-1])
 
 
-def int8_dynamic_linear(
-    x: torch.Tensor,
-    matmul: Callable[[torch.Tensor], torch.Tensor],
-    w_offset: torch.Tensor,
-    bias: torch.Tensor | None,
-) -> torch.Tensor:
-    """Per-token dynamic W8A8 linear: quantize ``x``, int8 GEMM ``matmul``, rescale."""
-    codes, x_scale, x_zero = quantize_per_token(x)  # (..., K) u8, (..., 1), (..., 1)
-    return rescale(matmul(codes), x_scale, x_zero, w_offset, bias, x.dtype)
-
-
 # --- static int8 (W8A8 with calibrated per-tensor activation scales) ----------------------
 
 
-def quantize_static(x: torch.Tensor, multiplier: torch.Tensor, zero: int) -> torch.Tensor:
-    """uint8 codes ``clamp(round(x · m) + z, 0, 255)`` with a calibrated multiplier.
+def quantize_static(
+    x: torch.Tensor, multiplier: torch.Tensor, zero: int, bits: int = 8
+) -> torch.Tensor:
+    """uint8 codes ``clamp(round(x · m) + z, 0, 2^bits - 1)`` with a calibrated multiplier.
 
     ``multiplier`` is (K,) — one scale for the tensor, divided into any per-channel
     smoothing (``m = smooth / s_x``), so smoothing costs nothing over plain static
     quantization. Values outside the calibrated range saturate. Rounded in int8 and
-    reinterpreted, for the reason given in :func:`quantize_per_token`.
+    reinterpreted, for the reason given in :func:`quantize_per_token`; ``bits=7`` for CPUs
+    whose int8 GEMM would saturate on 8-bit codes (module doc).
     """
-    signed = (x.float() * multiplier).add_(zero - U8_OFFSET).round_().clamp_(-128, 127)
+    top = 2**bits - 1 - U8_OFFSET
+    signed = (x.float() * multiplier).add_(zero - U8_OFFSET).round_().clamp_(-U8_OFFSET, top)
     return signed.to(torch.int8).view(torch.uint8).bitwise_xor_(U8_OFFSET)
 
 
@@ -367,3 +443,21 @@ def onednn_static_linear(
         codes, packed, w_scale, bias, x_scale, x_zero
     )
     return out
+
+
+def onednn_static_linear_split(
+    codes: torch.Tensor,
+    packed: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    x_scale: float,
+    x_zero: int,
+) -> torch.Tensor:
+    """:func:`onednn_static_linear` exact for 8-bit codes where oneDNN saturates: two passes.
+
+    ``s_x · Σ (u - z) · q_W = 128 · s_x · Σ h · q_W + s_x · Σ (l - z) · q_W``
+    (:func:`split_high_bit`); the zero point and bias go to the second pass.
+    """
+    high, low = split_high_bit(codes)
+    top = onednn_static_linear(high, packed, w_scale, None, 128.0 * x_scale, 0)
+    return onednn_static_linear(low, packed, w_scale, bias, x_scale, x_zero) + top

@@ -45,9 +45,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from slimline.core.batches import Batch, forward, output_tensor
-from slimline.core.calibration import sequential_layers
-from slimline.core.statistics import InputStats
+from slimline.core.batches import Batch, forward, output_tensor, token_mask
+from slimline.core.calibration import RealTokens, sequential_layers
+from slimline.core.statistics import InputStats, stream_uniform
 from slimline.core.targets import linear_weight
 from slimline.quantize.packing import dequantize, packed_numel
 
@@ -226,27 +226,51 @@ def layer_candidates(
     return errors, sizes
 
 
-def _probe_loss(output: object, batch: Batch, generator: torch.Generator) -> torch.Tensor:
+class _ProbeDraws:
+    """The random draws of the probe loss, tied to each real token's (or row's) place in the
+    calibration stream: padded batches and the same sequences one at a time draw alike."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+        self.tokens = 0  # real tokens drawn for so far
+        self.rows = 0  # output rows drawn for so far
+
+    def labels(self, probs: torch.Tensor) -> torch.Tensor:
+        """One class per row of ``probs`` (n, V), drawn from it (Gumbel-max)."""
+        n, v = probs.shape
+        index = (torch.arange(self.tokens, self.tokens + n)[:, None] * v + torch.arange(v))
+        self.tokens += n
+        gumbel = -torch.log(-torch.log(stream_uniform(index, self.seed)))  # (n, V)
+        return (probs.double().clamp_min(1e-300).log() + gumbel).argmax(dim=1)
+
+    def normal(self, shape: torch.Size) -> torch.Tensor:
+        """N(0, 1) draws of ``shape`` (rows, ...), one stream position per element."""
+        n, width = shape[0], math.prod(shape[1:])
+        index = torch.arange(self.rows * width, (self.rows + n) * width)
+        self.rows += n
+        u = stream_uniform(index, self.seed + 1)
+        return (math.sqrt(2.0) * torch.erfinv(2.0 * u - 1.0)).reshape(shape)
+
+
+def _probe_loss(output: object, batch: Batch, draws: _ProbeDraws) -> torch.Tensor:
     """A loss whose gradients' expected outer product is the curvature of the output cost.
 
     Logits: cross-entropy to labels drawn from the model's own softmax — its expected
     gradient outer product is the Fisher, the Hessian of the KL divergence at the model.
-    Other outputs: ``⟨output, v⟩`` with v ~ N(0, I) — ``E[g gᵀ] = JᵀJ``, the Gauss–Newton
-    matrix of ½‖Δoutput‖².
+    Padding tokens get no label. Other outputs: ``⟨output, v⟩`` with v ~ N(0, I) —
+    ``E[g gᵀ] = JᵀJ``, the Gauss–Newton matrix of ½‖Δoutput‖².
     """
     logits = getattr(output, "logits", None)
     if logits is None and isinstance(output, Mapping):
         logits = output.get("logits")
     if isinstance(logits, torch.Tensor):
-        flat = logits.reshape(-1, logits.shape[-1]).float()  # (tokens, classes)
-        probs = flat.detach().softmax(dim=-1).cpu()
-        labels = torch.multinomial(probs, 1, generator=generator).squeeze(1).to(flat.device)
-        mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
-        if isinstance(mask, torch.Tensor) and mask.numel() == labels.numel():
-            labels = labels.masked_fill(mask.reshape(-1) == 0, -100)  # padding: no loss
+        real = RealTokens()
+        real.mask = token_mask(batch)
+        flat = real.keep(logits).reshape(-1, logits.shape[-1]).float()  # (real tokens, classes)
+        labels = draws.labels(flat.detach().softmax(dim=-1).cpu()).to(flat.device)
         return torch.nn.functional.cross_entropy(flat, labels, reduction="sum")
     out = output_tensor(output, batch)
-    v = torch.randn(out.shape, generator=generator).to(out.device, out.dtype)
+    v = draws.normal(out.shape).to(out.device, out.dtype)
     return (out * v).sum()
 
 
@@ -257,9 +281,10 @@ def output_gains(
     *,
     seed: int = 0,
 ) -> dict[str, torch.Tensor]:
-    """Per layer, ``G_nn`` (N,): the mean over tokens of the squared probe-loss gradient at
-    each of its output features (see :func:`_probe_loss`); the model is left unchanged."""
-    generator = torch.Generator().manual_seed(seed)
+    """Per layer, ``G_nn`` (N,): the mean over real tokens of the squared probe-loss gradient
+    at each of its output features (see :func:`_probe_loss`); the model is left unchanged."""
+    draws = _ProbeDraws(seed)
+    real = RealTokens()
     names = list(layers)
     outputs: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     sums: dict[str, torch.Tensor] = {}
@@ -279,7 +304,8 @@ def output_gains(
             for batch in calibration:
                 for kept in outputs.values():
                     kept.clear()
-                loss = _probe_loss(forward(model, batch), batch, generator)
+                real.mask = token_mask(batch)
+                loss = _probe_loss(forward(model, batch), batch, draws)
                 seen = [(n, out) for n in names for out in outputs[n] if out.requires_grad]
                 if not loss.requires_grad or not seen:
                     raise ValueError("mixed precision needs gradients at the layers' outputs, "
@@ -287,7 +313,7 @@ def output_gains(
                 grads = torch.autograd.grad(loss, [out for _, out in seen], allow_unused=True)
                 for (name, out), grad in zip(seen, grads, strict=True):
                     g = torch.zeros_like(out) if grad is None else grad.detach()
-                    flat = g.reshape(-1, g.shape[-1]).double()  # (tokens, N)
+                    flat = real.keep(g).reshape(-1, g.shape[-1]).double()  # (tokens, N)
                     sums[name] = sums.get(name, 0) + flat.pow(2).sum(dim=0)
                     tokens[name] += flat.shape[0]
     finally:

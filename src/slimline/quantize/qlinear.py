@@ -324,6 +324,12 @@ class Int8DynamicLinear(LogicalWeightCounts, _KernelCacheMixin):
     ``q_x`` uint8 with one scale and zero point per token, computed at run time (see
     :func:`slimline.quantize.kernels.quantize_per_token`). The product accumulates in int32.
     Buffers: ``qweight`` (N, K) int8, ``weight_scale`` (N,) float32, ``bias`` (N,).
+
+    ``activation_bits`` (8, or 7 by default on CPUs whose int8 GEMM would saturate: see
+    :func:`slimline.quantize.kernels.activation_bits`) is part of the model, saved in its
+    metadata: the grid is what the model was evaluated with, so a checkpoint computes the
+    same numbers on every machine. Only the kernel is chosen per machine — an 8-bit layer on
+    a CPU without VNNI runs its GEMM in two exact passes rather than saturating.
     """
 
     def __init__(
@@ -333,31 +339,41 @@ class Int8DynamicLinear(LogicalWeightCounts, _KernelCacheMixin):
         *,
         bias: bool = True,
         bias_dtype: torch.dtype = torch.float32,
+        activation_bits: int | None = None,
     ) -> None:
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
+        bits = kernels.activation_bits() if activation_bits is None else activation_bits
+        self.activation_bits = kernels.check_activation_bits(bits)
         self.qweight: torch.Tensor
         self.weight_scale: torch.Tensor
         self.bias: torch.Tensor | None
         self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32))
         self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype) if bias else None)
-        # Decided once here, not in forward, so that torch.compile sees a plain attribute.
+        # Decided once here, not in forward, so that torch.compile sees plain attributes.
         self.use_onednn = kernels.onednn_available()
+        self.split_high_bit = self.use_onednn and bits == 8 and kernels.onednn_saturates()
         if self.use_onednn:
             kernels.register_onednn_op()
         self._init_cache()
 
     @classmethod
-    def from_float(cls, module: nn.Module) -> Int8DynamicLinear:
-        """Quantize an ``nn.Linear`` or ``Conv1D`` weight per output channel."""
+    def from_float(
+        cls, module: nn.Module, *, activation_bits: int | None = None
+    ) -> Int8DynamicLinear:
+        """Quantize an ``nn.Linear`` or ``Conv1D`` weight per output channel.
+
+        ``activation_bits`` None: this machine's :func:`~slimline.quantize.kernels.activation_bits`.
+        """
         weight = linear_weight(module).detach()  # (N, K)
         q, scale = quantize_per_channel_int8(weight)
         bias = _bias_of(module)
         layer = cls(
             weight.shape[1], weight.shape[0], bias=bias is not None,
             bias_dtype=bias.dtype if bias is not None else torch.float32,
+            activation_bits=activation_bits,
         )  # fmt: skip
         # GPT-2's Conv1D gives a transposed (non-contiguous) view: oneDNN's prepack reads the
         # raw memory as row-major (N, K), so the codes must be laid out that way.
@@ -376,26 +392,34 @@ class Int8DynamicLinear(LogicalWeightCounts, _KernelCacheMixin):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if "offset" not in self._derived:  # e.g. after deepcopy, which drops derived layouts
             self.refresh_kernels()
-        offset = self._derived["offset"]
-        if self.use_onednn and x.device.type == "cpu":
+        codes, x_scale, x_zero = kernels.quantize_per_token(x, self.activation_bits)
+        acc = self._int8_mm(codes)  # (..., N)
+        return kernels.rescale(acc, x_scale, x_zero, self._derived["offset"], self.bias, x.dtype)
+
+    def _int8_mm(self, codes: torch.Tensor) -> torch.Tensor:
+        """(..., K) uint8 codes -> (..., N) float32 ``s_w[n] · Σ_k u · q_W``, exactly."""
+        if self.use_onednn and codes.device.type == "cpu":
             packed = self._derived["onednn"]
-            w_scale = self.weight_scale
-            return kernels.int8_dynamic_linear(
-                x, lambda u: kernels.onednn_int8_mm(u, packed, w_scale), offset, self.bias
-            )
-        weight_t = self.qweight.t()
-        return kernels.int8_dynamic_linear(
-            x, lambda u: kernels.int_mm_int8_mm(u, weight_t, self.weight_scale), offset, self.bias
-        )
+            if self.split_high_bit:
+                return kernels.onednn_int8_mm_split(codes, packed, self.weight_scale)
+            return kernels.onednn_int8_mm(codes, packed, self.weight_scale)
+        return kernels.int_mm_int8_mm(codes, self.qweight.t(), self.weight_scale)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The (N, K) weight ``q_W · s_w`` (activation rounding not included)."""
         return (self.qweight.float() * self.weight_scale[:, None]).to(dtype)
 
+    def kernel_name(self) -> str:
+        """The GEMM ``forward`` runs on CPU: "onednn", "onednn-2pass" or "_int_mm"."""
+        if not self.use_onednn:
+            return "_int_mm"
+        return "onednn-2pass" if self.split_high_bit else "onednn"
+
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias is not None}, kernel={'onednn' if self.use_onednn else '_int_mm'}"
+            f"bias={self.bias is not None}, activation_bits={self.activation_bits}, "
+            f"kernel={self.kernel_name()}"
         )
 
     def slimline_meta(self) -> dict[str, Any]:
@@ -405,6 +429,7 @@ class Int8DynamicLinear(LogicalWeightCounts, _KernelCacheMixin):
             "out_features": self.out_features,
             "bias": self.bias is not None,
             "bias_dtype": _dtype_name(self.bias.dtype) if self.bias is not None else "float32",
+            "activation_bits": self.activation_bits,
         }
 
     @classmethod
@@ -412,8 +437,16 @@ class Int8DynamicLinear(LogicalWeightCounts, _KernelCacheMixin):
         _check_version(meta)
         return cls(
             int(meta["in_features"]), int(meta["out_features"]), bias=bool(meta["bias"]),
-            bias_dtype=_dtype(meta["bias_dtype"]),
+            bias_dtype=_dtype(meta["bias_dtype"]), activation_bits=_activation_bits(meta),
         )  # fmt: skip
+
+
+def _activation_bits(meta: dict[str, Any]) -> int:
+    """The stored activation width; checkpoints written before it was recorded used 8."""
+    bits = meta.get("activation_bits", 8)
+    if not isinstance(bits, int):
+        raise ValueError(f"activation_bits: must be an integer in the metadata, got {bits!r}")
+    return bits
 
 
 def _check_version(meta: dict[str, Any]) -> None:

@@ -19,7 +19,8 @@ would otherwise set the step for all.
 Layers are calibrated block by block (:func:`~slimline.core.calibration.sequential_layers`):
 a block's ranges are measured on inputs that went through the already quantized blocks, so a
 static grid covers what the quantized model will really feed it. The GEMMs run on oneDNN's
-u8·s8 kernel (``torch._int_mm`` where oneDNN is missing); see
+u8·s8 kernel (``torch._int_mm`` where oneDNN is missing), with 7-bit activation grids on CPUs
+without VNNI, whose kernel would saturate on 8-bit ones (as ``int8_dynamic``); see
 :class:`~slimline.quantize.w8a8.SmoothQuantLinear` for where the ``1/s`` goes.
 """
 
@@ -35,6 +36,7 @@ from slimline.core.calibration import sequential_layers
 from slimline.core.config import MethodConfig
 from slimline.core.families import Family
 from slimline.core.registry import StepContext, StepOutcome, register
+from slimline.core.statistics import TokenSample
 from slimline.core.targets import linear_weight
 from slimline.quantize import kernels
 from slimline.quantize.packing import quantize_per_channel_int8
@@ -47,7 +49,6 @@ ALPHA_GRID = tuple(i / 10 for i in range(11))
 CLIP_GRID = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)
 # Input rows kept per layer for the α search: a sample, not the activations.
 _SEARCH_ROWS = 1024
-_ROWS_PER_BATCH = 256
 _TINY = 1e-8
 
 
@@ -94,11 +95,13 @@ def smoothing_multiplier(
     return s.reciprocal()
 
 
-def static_input_qparams(lo: float, hi: float) -> tuple[float, int]:
-    """uint8 (scale, zero point) covering ``[min(lo, 0), max(hi, 0)]``, with 0 exact."""
+def static_input_qparams(lo: float, hi: float, bits: int = 8) -> tuple[float, int]:
+    """(scale, zero point) of a ``bits``-wide unsigned grid covering ``[min(lo, 0), max(hi, 0)]``,
+    with 0 exact (``bits=7`` where the CPU's int8 GEMM saturates: ``kernels.activation_bits``)."""
     lo, hi = min(lo, 0.0), max(hi, 0.0)
-    scale = max((hi - lo) / 255.0, 1e-12)
-    zero = int(min(max(round(-lo / scale), 0), 255))
+    top = 2**bits - 1
+    scale = max((hi - lo) / top, 1e-12)
+    zero = int(min(max(round(-lo / scale), 0), top))
     return scale, zero
 
 
@@ -114,17 +117,22 @@ def simulated_output(
     weight: torch.Tensor,
     multiplier: torch.Tensor,
     input_qparams: tuple[float, int] | None,
+    bits: int = 8,
 ) -> torch.Tensor:
-    """``x · Wᵀ`` as the int8 layer computes it, in float (no bias): the search objective."""
+    """``x · Wᵀ`` as the int8 layer computes it, in float (no bias): the search objective.
+
+    ``bits`` is the activation grid's width, the layer's ``activation_bits``.
+    """
     q, w_scale = quantize_per_channel_int8(weight / multiplier)
     w_hat = q.float() * w_scale[:, None]
     xs = x.float() * multiplier
     if input_qparams is None:
-        codes, scale, zero = kernels.quantize_per_token(xs)
+        codes, scale, zero = kernels.quantize_per_token(xs, bits)
         x_hat = (codes.float() - zero) * scale
     else:
         x_scale, x_zero = input_qparams
-        codes = kernels.quantize_static(xs, torch.full_like(multiplier, 1.0 / x_scale), x_zero)
+        multiplier_x = torch.full_like(multiplier, 1.0 / x_scale)
+        codes = kernels.quantize_static(xs, multiplier_x, x_zero, bits)
         x_hat = (codes.float() - x_zero) * x_scale
     return x_hat @ w_hat.t()
 
@@ -136,6 +144,7 @@ def choose_smoothing(
     static: bool,
     alphas: tuple[float, ...] = ALPHA_GRID,
     clips: tuple[float, ...] = (1.0,),
+    bits: int = 8,
 ) -> tuple[float, float]:
     """The (``α``, clip) pair whose int8 layer output on ``sample`` is closest to float's.
 
@@ -149,8 +158,8 @@ def choose_smoothing(
         m = smoothing_multiplier(stats.absmax, w_absmax, alpha)
         lo, hi = smoothed_range(stats.lo, stats.hi, m)
         for clip in clips if static else (1.0,):
-            qparams = static_input_qparams(clip * lo, clip * hi) if static else None
-            out = simulated_output(sample, weight, m, qparams)
+            qparams = static_input_qparams(clip * lo, clip * hi, bits) if static else None
+            out = simulated_output(sample, weight, m, qparams, bits)
             err = float((out - reference).square().sum())
             if err < best_err:
                 best, best_err = (alpha, clip), err
@@ -167,10 +176,9 @@ class ActivationStats:
         self.tokens = 0
         self.lo = torch.full((features,), float("inf"))
         self.hi = torch.full((features,), float("-inf"))
-        self.keep_rows = keep_rows
-        self._rows: list[torch.Tensor] = []
-        self._kept = 0
-        self._generator = torch.Generator().manual_seed(seed)
+        self.features = features
+        # A uniform sample of the stream's tokens, the same however they were batched.
+        self._sample = TokenSample(keep_rows, seed=seed) if keep_rows > 0 else None
 
     @property
     def absmax(self) -> torch.Tensor:
@@ -183,14 +191,13 @@ class ActivationStats:
         self.tokens += rows.shape[0]
         self.lo = torch.minimum(self.lo, rows.amin(dim=0))
         self.hi = torch.maximum(self.hi, rows.amax(dim=0))
-        room = min(self.keep_rows - self._kept, _ROWS_PER_BATCH, rows.shape[0])
-        if room > 0:
-            pick = torch.randperm(rows.shape[0], generator=self._generator)[:room]
-            self._rows.append(rows[pick])
-            self._kept += room
+        if self._sample is not None:
+            self._sample.add(rows)
 
     def sample(self) -> torch.Tensor:
-        return torch.cat(self._rows) if self._rows else torch.empty(0, self.lo.shape[0])
+        if self._sample is None or self._sample.seen == 0:
+            return torch.empty(0, self.features)
+        return self._sample.rows
 
 
 def smooth_layer(module: nn.Module, stats: ActivationStats, cfg: SmoothQuantConfig) -> tuple[
@@ -199,16 +206,19 @@ def smooth_layer(module: nn.Module, stats: ActivationStats, cfg: SmoothQuantConf
     """The SmoothQuant int8 replacement of one layer, and the ``α`` it used."""
     weight = linear_weight(module).detach().float()
     static = cfg.activations == "static"
+    bits = kernels.activation_bits()  # the grid searched is the grid the layer will run
     alpha, clip = cfg.alpha, 1.0
     if alpha is None or static:
         alphas = ALPHA_GRID if alpha is None else (alpha,)
-        alpha, clip = choose_smoothing(stats.sample(), weight, stats, static, alphas, CLIP_GRID)
+        alpha, clip = choose_smoothing(
+            stats.sample(), weight, stats, static, alphas, CLIP_GRID, bits
+        )
     m = smoothing_multiplier(stats.absmax, weight.abs().amax(dim=0), alpha)
     if not static:
-        return SmoothQuantLinear.from_smoothed(module, m, None), alpha
+        return SmoothQuantLinear.from_smoothed(module, m, None, bits), alpha
     lo, hi = smoothed_range(stats.lo, stats.hi, m)
-    qparams = static_input_qparams(clip * lo, clip * hi)
-    return SmoothQuantLinear.from_smoothed(module, m, qparams), alpha
+    qparams = static_input_qparams(clip * lo, clip * hi, bits)
+    return SmoothQuantLinear.from_smoothed(module, m, qparams, bits), alpha
 
 
 @register(SmoothQuantConfig)
@@ -231,7 +241,7 @@ def apply_smoothquant(model: nn.Module, cfg: SmoothQuantConfig, ctx: StepContext
 
     sequential_layers(model, chosen, ctx.calibration, make, update, progress=ctx.progress,
                       desc="smoothquant")
-    kernel = "oneDNN u8·s8 GEMM" if kernels.onednn_available() else "torch._int_mm"
+    kernel = kernels.w8a8_kernel_note()
     if cfg.alpha is None and alphas:
         chosen_alpha = f"α searched per layer (median {sorted(alphas)[len(alphas) // 2]:.1f})"
     else:

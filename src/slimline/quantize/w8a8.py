@@ -29,7 +29,13 @@ from slimline.core.modules import register_module
 from slimline.core.targets import linear_weight
 from slimline.quantize import kernels
 from slimline.quantize.packing import quantize_per_channel_int8
-from slimline.quantize.qlinear import Int8DynamicLinear, _bias_of, _check_version, _dtype
+from slimline.quantize.qlinear import (
+    Int8DynamicLinear,
+    _activation_bits,
+    _bias_of,
+    _check_version,
+    _dtype,
+)
 
 
 @register_module
@@ -39,7 +45,8 @@ class SmoothQuantLinear(Int8DynamicLinear):
     Buffers: those of :class:`Int8DynamicLinear` (``qweight`` (N, K) int8, ``weight_scale``
     (N,), ``bias``), ``smooth`` (K,) float32 — the multiplier ``1/s`` applied to the input —
     and, when static, ``input_scale`` () float32 and ``input_zero`` () int32, the calibrated
-    uint8 grid of the smoothed input.
+    uint8 grid of the smoothed input, with ``2^activation_bits`` levels (7 bits by default
+    where the CPU's int8 GEMM would saturate; stored, as for :class:`Int8DynamicLinear`).
     """
 
     def __init__(
@@ -50,10 +57,14 @@ class SmoothQuantLinear(Int8DynamicLinear):
         static: bool,
         bias: bool = True,
         bias_dtype: torch.dtype = torch.float32,
+        activation_bits: int | None = None,
     ) -> None:
         self.static = static
         self._x_qparams = (1.0, 0)
-        super().__init__(in_features, out_features, bias=bias, bias_dtype=bias_dtype)
+        super().__init__(
+            in_features, out_features, bias=bias, bias_dtype=bias_dtype,
+            activation_bits=activation_bits,
+        )  # fmt: skip
         self.smooth: torch.Tensor
         self.register_buffer("smooth", torch.ones(in_features, dtype=torch.float32))
         self.input_scale: torch.Tensor | None
@@ -69,11 +80,14 @@ class SmoothQuantLinear(Int8DynamicLinear):
         module: nn.Module,
         smooth: torch.Tensor,
         input_qparams: tuple[float, int] | None,
+        activation_bits: int | None = None,
     ) -> SmoothQuantLinear:
         """Quantize ``module`` (Linear or Conv1D) given its input multiplier ``smooth`` (K,).
 
         The weight quantized is ``W · diag(1/smooth)``; ``input_qparams`` is the static
-        (scale, zero point) of the smoothed input, or None for dynamic per-token activations.
+        (scale, zero point) of the smoothed input on an ``activation_bits`` grid (None: this
+        machine's :func:`~slimline.quantize.kernels.activation_bits`), or None for dynamic
+        per-token activations.
         """
         weight = linear_weight(module).detach().float()  # (N, K)
         smooth = smooth.detach().float().to(weight.device)
@@ -87,7 +101,13 @@ class SmoothQuantLinear(Int8DynamicLinear):
         layer = cls(
             weight.shape[1], weight.shape[0], static=input_qparams is not None,
             bias=bias is not None, bias_dtype=bias.dtype if bias is not None else torch.float32,
+            activation_bits=activation_bits,
         )  # fmt: skip
+        if input_qparams is not None and not 0 <= input_qparams[1] < 2**layer.activation_bits:
+            raise ValueError(
+                f"input_qparams: zero point {input_qparams[1]} is off the "
+                f"{layer.activation_bits}-bit grid"
+            )
         layer.qweight = q
         layer.weight_scale = scale
         layer.bias = bias
@@ -115,22 +135,23 @@ class SmoothQuantLinear(Int8DynamicLinear):
             self.refresh_kernels()
         if self.static:
             return self._forward_static(x)
-        codes, x_scale, x_zero = kernels.quantize_per_token(x.float() * self.smooth)
-        if self.use_onednn and x.device.type == "cpu":
-            acc = kernels.onednn_int8_mm(codes, self._derived["onednn"], self.weight_scale)
-        else:
-            acc = kernels.int_mm_int8_mm(codes, self.qweight.t(), self.weight_scale)
+        xs = x.float() * self.smooth
+        codes, x_scale, x_zero = kernels.quantize_per_token(xs, self.activation_bits)
+        acc = self._int8_mm(codes)  # (..., N)
         return kernels.rescale(acc, x_scale, x_zero, self._derived["offset"], self.bias, x.dtype)
 
     def _forward_static(self, x: torch.Tensor) -> torch.Tensor:
         x_scale, x_zero = self._x_qparams
-        codes = kernels.quantize_static(x, self._derived["multiplier"], x_zero)
+        codes = kernels.quantize_static(
+            x, self._derived["multiplier"], x_zero, self.activation_bits
+        )
         bias = None if self.bias is None else self.bias.float()
         if self.use_onednn and x.device.type == "cpu":
-            packed = self._derived["onednn"]
-            out = kernels.onednn_static_linear(
-                codes, packed, self.weight_scale, bias, x_scale, x_zero
-            )
+            linear = (
+                kernels.onednn_static_linear_split if self.split_high_bit
+                else kernels.onednn_static_linear
+            )  # fmt: skip
+            out = linear(codes, self._derived["onednn"], self.weight_scale, bias, x_scale, x_zero)
             return out.to(x.dtype)
         acc = kernels.int_mm_int8_mm(codes, self.qweight.t(), self.weight_scale)
         out = (acc - x_zero * self._derived["offset"]) * x_scale
@@ -154,4 +175,5 @@ class SmoothQuantLinear(Int8DynamicLinear):
         return cls(
             int(meta["in_features"]), int(meta["out_features"]), static=bool(meta["static"]),
             bias=bool(meta["bias"]), bias_dtype=_dtype(meta["bias_dtype"]),
+            activation_bits=_activation_bits(meta),
         )  # fmt: skip
