@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+import slimline as sl
+from slimline import cli
 from slimline.cli import main
 
 
@@ -91,3 +93,118 @@ def test_entry_point_exit_code() -> None:
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("slimline: error:")
     assert "Traceback" not in proc.stderr
+
+
+def _one_line(err: str) -> bool:
+    return err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        ("r.yaml", "steps:\n  - method: [\n", "is not valid YAML"),
+        ("r.yml", "steps: {method: magnitude\n", "is not valid YAML"),
+        ("r.json", '{"steps": [}', "is not valid JSON"),
+    ],
+)
+def test_recipe_syntax_error_names_the_file(tmp_path, capsys, name, text, message) -> None:
+    path = tmp_path / name
+    path.write_text(text)
+    code, _, err = _run(
+        ["compress", "--model", "digits-cnn", "--recipe", str(path), "--out", str(tmp_path / "o")],
+        capsys,
+    )
+    assert code == 2 and _one_line(err)
+    assert message in err and str(path) in err
+
+
+def test_recipe_that_is_a_directory(tmp_path, capsys) -> None:
+    code, _, err = _run(
+        ["compress", "--model", "digits-cnn", "--recipe", str(tmp_path), "--out", str(tmp_path)],
+        capsys,
+    )
+    assert code == 2 and _one_line(err) and "is a directory" in err
+
+
+def test_usage_error_is_one_line(capsys) -> None:
+    code, _, err = _run(["compress", "--model", "digits-cnn"], capsys)
+    assert code == 2 and _one_line(err)
+    assert "--recipe" in err and "--out" in err
+
+
+def _raising(exc: BaseException):
+    def run(_args) -> int:
+        raise exc
+
+    return run
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        PermissionError(13, "Permission denied", "/data/r.yaml"),
+        IsADirectoryError(21, "Is a directory", "/data"),
+        FileNotFoundError(2, "No such file or directory", "/data/x"),
+        ImportError("save_chart needs matplotlib: pip install slimline[plot]"),
+    ],
+)
+def test_user_caused_os_errors_are_one_line_exit_2(monkeypatch, capsys, exc) -> None:
+    monkeypatch.setattr(cli, "_list", _raising(exc))
+    code, _, err = _run(["list"], capsys)
+    assert code == 2 and _one_line(err)
+    assert err.startswith("slimline: error:") and str(exc) in err
+
+
+def test_keyboard_interrupt_exit_130(monkeypatch, capsys) -> None:
+    monkeypatch.setattr(cli, "_list", _raising(KeyboardInterrupt()))
+    code, _, err = _run(["list"], capsys)
+    assert code == 130 and _one_line(err) and "interrupted" in err
+
+
+def test_internal_error_says_bug_exit_1(monkeypatch, capsys) -> None:
+    monkeypatch.setattr(cli, "_list", _raising(RuntimeError("shape mismatch\nin layer 3")))
+    code, _, err = _run(["list"], capsys)
+    assert code == 1 and _one_line(err)
+    assert "bug" in err and "RuntimeError: shape mismatch in layer 3" in err
+    assert "--debug" in err
+
+
+@pytest.mark.parametrize(
+    "argv", [["--debug", "list"], ["list", "--debug"], ["--debug", "list", "--json"]]
+)
+def test_debug_before_or_after_the_command_reraises(monkeypatch, argv) -> None:
+    monkeypatch.setattr(cli, "_list", _raising(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="boom"):
+        main(argv)
+
+
+def test_debug_reraises_user_errors_too(tmp_path) -> None:
+    with pytest.raises(ValueError, match="does not exist"):
+        main(["--debug", "compress", "--model", "digits-cnn",
+              "--recipe", str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "o")])
+
+
+def test_eval_of_a_broken_checkpoint_is_one_line(tmp_path, capsys) -> None:
+    from slimline.models import load_builtin
+
+    target = tmp_path / "ck"
+    sl.save(load_builtin("digits-cnn").model, target)
+    weights = target / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # truncated
+    code, _, err = _run(["eval", "--model", str(target), "--report", str(tmp_path / "r")],
+                        capsys)
+    assert code == 2 and _one_line(err)
+    assert "model.safetensors" in err and not (tmp_path / "r").exists()
+
+
+def test_entry_point_unknown_model_prints_exactly_one_line(tmp_path) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("steps:\n  - method: magnitude\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "slimline.cli", "compress", "--model", "nonexistent",
+         "--recipe", str(recipe), "--out", str(tmp_path / "o")],
+        capture_output=True, text=True, check=False,
+    )
+    assert proc.returncode == 2
+    assert len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert "nonexistent" in proc.stderr and "Traceback" not in proc.stderr

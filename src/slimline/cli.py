@@ -1,7 +1,12 @@
 """The ``slimline`` command: thin commands over the Python API.
 
-Every command ends with a readable table and writes a JSON report. A user error (bad recipe,
-missing path, unknown method...) prints one line naming the problem and exits with code 2.
+Every command ends with a readable table and writes a JSON report. Failures print one line on
+stderr, never a traceback (``--debug``, before or after the command, shows it instead):
+
+* a user error — bad recipe or arguments, a missing or unreadable file, a broken checkpoint,
+  a missing optional extra — names the problem and exits with code 2;
+* Ctrl-C exits with code 130 (128 + SIGINT, as shells report it);
+* anything else is a bug in slimline: the line says so, names the exception, and exits with 1.
 """
 
 from __future__ import annotations
@@ -11,34 +16,85 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from slimline.sources import LoadedModel, resolve_model
 
+if TYPE_CHECKING:
+    from slimline.core.recipe import Recipe
+
+EXIT_BUG = 1
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+# What a user can cause and fix: bad values, files that are missing, unreadable or not files
+# (OSError covers PermissionError and IsADirectoryError), optional extras not installed.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError, OSError, ImportError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as stop:  # --help, or a usage error already printed on one line
+        return EXIT_USAGE if stop.code is not None and not isinstance(stop.code, int) \
+            else stop.code or 0
     try:
         result: int = args.run(args)
         return result
-    except (ValueError, TypeError, FileNotFoundError) as exc:
-        print(f"slimline: error: {exc}", file=sys.stderr)
+    except BaseException as exc:
+        if args.debug or isinstance(exc, SystemExit):
+            raise
+        return _report(exc)
+
+
+def _report(exc: BaseException) -> int:
+    """Print ``exc`` as one line on stderr; the exit code for its kind."""
+    if isinstance(exc, KeyboardInterrupt):
+        _say("interrupted")
+        return EXIT_INTERRUPTED
+    if isinstance(exc, USER_ERRORS):
+        _say(f"error: {_one_line(exc)}")
         return EXIT_USAGE
+    _say(f"internal error, a bug in slimline: {type(exc).__name__}: {_one_line(exc)} "
+         "(run again with --debug for the traceback, and please report it)")
+    return EXIT_BUG
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+def _say(message: str) -> None:
+    print(f"slimline: {message}", file=sys.stderr)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its usage errors on one line (the usage itself is under ``--help``)."""
+
+    def error(self, message: str) -> NoReturn:
+        _say(f"error: {self.prog}: {message} (see {self.prog} --help)")
+        raise SystemExit(EXIT_USAGE)
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="slimline", description=__doc__)
+    parser = _Parser(prog="slimline", description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    # The same flag after the command; SUPPRESS keeps it from resetting one given before.
+    debug = _Parser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="compress the built-in minilm and compare, offline")
+    demo = sub.add_parser("demo", parents=[debug],
+                          help="compress the built-in minilm and compare, offline")
     demo.add_argument("--out", default="slimline-demo", help="directory for model and report")
     demo.add_argument("--batches", type=int, default=4, help="test batches of 32 sentences")
     demo.set_defaults(run=_demo)
 
-    comp = sub.add_parser("compress", help="apply a recipe to a model and save it")
+    comp = sub.add_parser("compress", parents=[debug],
+                          help="apply a recipe to a model and save it")
     comp.add_argument("--model", required=True, help="built-in name or model directory")
     comp.add_argument("--recipe", required=True, help="recipe file (.yaml/.yml/.json)")
     comp.add_argument("--out", required=True, help="output directory")
@@ -48,7 +104,8 @@ def _parser() -> argparse.ArgumentParser:
     comp.add_argument("--report", help="JSON report path (default: OUT/compress.json)")
     comp.set_defaults(run=_compress)
 
-    ev = sub.add_parser("eval", help="measure a model, side by side with a baseline")
+    ev = sub.add_parser("eval", parents=[debug],
+                        help="measure a model, side by side with a baseline")
     ev.add_argument("--model", required=True, help="built-in name or model directory")
     ev.add_argument("--baseline", help="built-in name or model directory to compare against")
     ev.add_argument("--data", help="text file (one sample a line); default: built-in test data")
@@ -62,7 +119,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--chart", help="also write a quality-vs-latency PNG here")
     ev.set_defaults(run=_eval)
 
-    ls = sub.add_parser("list", help="the methods table")
+    ls = sub.add_parser("list", parents=[debug], help="the methods table")
     ls.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ls.set_defaults(run=_list)
     return parser
@@ -101,9 +158,8 @@ def _yes(flag: bool) -> str:
 
 def _compress(args: argparse.Namespace) -> int:
     from slimline.api import compress, save
-    from slimline.core.recipe import Recipe
 
-    recipe = Recipe.from_file(args.recipe)  # validated before any model is loaded
+    recipe = _read_recipe(args.recipe)  # validated before any model is loaded
     source = resolve_model(args.model)
     calibration = None
     if recipe.needs_calibration:
@@ -120,6 +176,25 @@ def _compress(args: argparse.Namespace) -> int:
     _print_steps(console, result.steps)
     console.print(f"saved to [bold]{out}[/bold]")
     return 0
+
+
+def _read_recipe(path: str) -> Recipe:
+    """``Recipe.from_file``, with a syntax error reported as a ValueError naming the file."""
+    import yaml
+
+    from slimline.core.recipe import Recipe
+
+    if Path(path).is_dir():
+        raise ValueError(f"recipe file {path!r} is a directory")
+    try:
+        return Recipe.from_file(path)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"recipe file {path!r} is not valid JSON: {exc}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or exc
+        raise ValueError(f"recipe file {path!r} is not valid YAML: {problem}{where}") from None
 
 
 def _print_steps(console: Any, steps: list[Any]) -> None:

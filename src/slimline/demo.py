@@ -2,8 +2,9 @@
 
 Loads the real all-MiniLM-L6-v2 sentence encoder, compresses it with a recipe (default: W8A8
 ``int8_dynamic``), saves it, and measures it side by side with the original on held-out
-standard-library docstring sentences: latency, throughput, memory, size, and cosine of the
-embeddings. Writes ``report.json``, ``report.md`` and ``chart.png`` under the output directory.
+standard-library docstring sentences: latency, throughput, peak memory (each model in a
+process of its own), size, and cosine of the embeddings. Writes ``report.json``,
+``report.md`` and ``chart.png`` under the output directory.
 """
 
 from __future__ import annotations

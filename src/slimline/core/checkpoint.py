@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimline.core import checkpoint_checks as checks
 from slimline.core import sparse_storage
 from slimline.core.modules import is_registered_module, module_type
 
@@ -140,11 +141,10 @@ def _encode_sparse(
     return out, shapes
 
 
-def _decode_sparse(state: dict[str, torch.Tensor], shapes: dict[str, list[int]]) -> None:
-    for name, shape in shapes.items():
-        mask = state.pop(name + sparse_storage.MASK_SUFFIX)
-        values = state.pop(name + sparse_storage.VALUES_SUFFIX)
-        state[name] = sparse_storage.decode(mask, values, tuple(shape))
+def _decode_sparse(state: dict[str, torch.Tensor], name: str, shape: list[int]) -> None:
+    mask = state.pop(name + sparse_storage.MASK_SUFFIX)
+    values = state.pop(name + sparse_storage.VALUES_SUFFIX)
+    state[name] = sparse_storage.decode(mask, values, tuple(shape))
 
 
 def _architecture(model: nn.Module) -> dict[str, Any]:
@@ -171,43 +171,47 @@ def _replace_dir(tmp: Path, target: Path) -> None:
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
-    """The ``recipe.json`` of a checkpoint directory, checked."""
+    """The ``recipe.json`` of a checkpoint directory, checked (ValueError naming the file)."""
     directory = Path(path)
     manifest_path = directory / RECIPE_FILE
     if not directory.is_dir():
         raise ValueError(f"load: {str(directory)!r} does not exist or is not a directory")
     if not manifest_path.is_file() or not (directory / WEIGHTS_FILE).is_file():
         raise ValueError(f"load: {str(directory)!r} has no {RECIPE_FILE} and {WEIGHTS_FILE}")
-    manifest: dict[str, Any] = json.loads(manifest_path.read_text())
-    if manifest.get("format") != CHECKPOINT_FORMAT:
+    try:
+        data = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"load: {manifest_path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"load: {manifest_path} is not a slimline checkpoint")
-    if manifest.get("version") != CHECKPOINT_VERSION:
-        raise ValueError(f"load: checkpoint version {manifest.get('version')!r} not supported")
-    return manifest
+    if data.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(f"load: {manifest_path}: checkpoint version {data.get('version')!r} "
+                         "not supported")
+    return checks.check_manifest(data, manifest_path)
 
 
 def load(path: str | Path, *, model: nn.Module | None = None) -> nn.Module:
-    """Rebuild a saved model; ``model`` is the skeleton to fill for user architectures."""
-    from safetensors.torch import load_file
+    """Rebuild a saved model; ``model`` is the skeleton to fill for user architectures.
 
+    Every file is checked against the rebuilt architecture before any tensor is assigned
+    (``core/checkpoint_checks.py``): a broken checkpoint raises a ValueError naming the file
+    and the tensor, and ``model`` is left as it was.
+    """
     directory = Path(path)
     manifest = read_manifest(directory)
+    weights = directory / WEIGHTS_FILE
+    header = checks.read_header(weights)
     skeleton = model if model is not None else _build_architecture(directory, manifest)
-    for name, entry in manifest["modules"].items():
-        replacement = module_type(entry["type"]).from_slimline_meta(entry["meta"])  # type: ignore[attr-defined]
+    replacements = _replacements(skeleton, manifest["modules"], directory / RECIPE_FILE)
+    checks.check_tensors(
+        weights, header, checks.expected_state(skeleton, replacements),
+        aliases=manifest["aliases"], sparse=manifest["sparse"],
+    )
+    state = _read_state(weights, manifest["sparse"])
+    for name, replacement in replacements.items():
         skeleton.set_submodule(name, replacement)
-    state = load_file(str(directory / WEIGHTS_FILE))
-    _decode_sparse(state, manifest.get("sparse", {}))
-    state = {name: _aligned(t) for name, t in state.items()}
-    aliases: dict[str, str] = manifest.get("aliases", {})
-    result = skeleton.load_state_dict(state, strict=False, assign=True)
-    missing = set(result.missing_keys) - set(aliases)
-    if missing or result.unexpected_keys:
-        raise ValueError(
-            f"load: weights do not match the architecture (missing {sorted(missing)[:5]}, "
-            f"unexpected {sorted(result.unexpected_keys)[:5]})"
-        )
-    for alias, source in aliases.items():
+    skeleton.load_state_dict(state, strict=False, assign=True)  # checked: exactly its keys
+    for alias, source in manifest["aliases"].items():
         _set_tensor(skeleton, alias, _get_tensor(skeleton, source))
     setattr(skeleton, RECIPE_ATTR, manifest["recipe"])
     if manifest.get("source"):
@@ -215,6 +219,45 @@ def load(path: str | Path, *, model: nn.Module | None = None) -> nn.Module:
     skeleton.eval()
     _reapply_runtime_steps(skeleton, manifest["recipe"])
     return skeleton
+
+
+def _replacements(
+    skeleton: nn.Module, modules: dict[str, Any], where: Path
+) -> dict[str, nn.Module]:
+    """The registered compressed modules the manifest records, built empty (not installed)."""
+    built: dict[str, nn.Module] = {}
+    for name, entry in modules.items():
+        try:
+            skeleton.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"load: {where}: module {name!r} is not in the model") from None
+        try:
+            cls = module_type(entry["type"])  # the allow-list of compressed module classes
+        except ValueError as exc:
+            raise ValueError(f"load: {where}: module {name!r}: {exc}") from None
+        try:
+            built[name] = cls.from_slimline_meta(entry["meta"])  # type: ignore[attr-defined]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(
+                f"load: {where}: module {name!r} ({entry['type']}) has bad metadata: {exc}"
+            ) from None
+    return built
+
+
+def _read_state(weights: Path, sparse: dict[str, list[int]]) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(weights))
+    except SafetensorError as exc:
+        raise ValueError(f"load: {weights}: cannot be read: {exc}") from None
+    for name, shape in sparse.items():
+        try:
+            _decode_sparse(state, name, shape)
+        except ValueError as exc:
+            raise ValueError(f"load: {weights}: tensor {name!r}: {exc}") from None
+    return {name: _aligned(t) for name, t in state.items()}
 
 
 # Bytes of alignment torch's CPU allocator gives every tensor it allocates.
@@ -235,22 +278,35 @@ def _aligned(tensor: torch.Tensor) -> torch.Tensor:
 def _build_architecture(directory: Path, manifest: dict[str, Any]) -> nn.Module:
     arch = manifest["architecture"]
     if arch["kind"] == "huggingface":
-        import transformers
-
-        cls = getattr(transformers, arch["class"], None)
-        if cls is None:
-            raise ValueError(f"load: transformers has no class {arch['class']!r}")
-        config = transformers.AutoConfig.from_pretrained(str(directory))
-        built: nn.Module = cls(config)
-        return built
+        return _build_huggingface(directory, arch["class"])
     if arch["kind"] == "registered":
         _import_builtin_architectures()
         if arch["class"] not in _ARCHITECTURES:
             raise ValueError(f"load: architecture {arch['class']!r} is not registered")
-        return _ARCHITECTURES[arch["class"]](**arch["kwargs"])
+        try:
+            return _ARCHITECTURES[arch["class"]](**arch["kwargs"])
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"load: {directory / RECIPE_FILE}: architecture.kwargs do not "
+                             f"build {arch['class']}: {exc}") from None
     raise ValueError(
         f"load: {arch['class']} is a user model class; pass an instance: sl.load(path, model=...)"
     )
+
+
+def _build_huggingface(directory: Path, name: str) -> nn.Module:
+    """An untrained ``transformers.<name>`` from ``config.json`` (only model classes)."""
+    import transformers
+
+    cls = getattr(transformers, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise ValueError(f"load: transformers has no model class {name!r}")
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(directory), local_files_only=True)
+        built: nn.Module = cls(config)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise ValueError(f"load: {directory / 'config.json'} does not describe a {name}: "
+                         f"{type(exc).__name__}: {exc}") from None
+    return built
 
 
 def _import_builtin_architectures() -> None:

@@ -1,17 +1,22 @@
 """``evaluate``: measure a model (and optionally its baseline) the way MEASURING.md says.
 
 Order of work, so that one measurement does not disturb the next: static figures (size,
-params, sparsity, FLOPs), then latency (warm-up, interleaved runs), peak memory, one quality
-pass over the data, energy, and last the size on disk (which writes files). Everything runs
-in eval mode under ``torch.inference_mode()`` with the requested thread count; the models'
-training flags and the thread count are restored afterwards.
+params, sparsity, FLOPs), then latency (warm-up, interleaved runs), one quality pass over the
+data, energy, and last what writes files: each model is saved once with ``slimline.save``
+into a temporary directory, for its size on disk and for its peak memory, measured in a
+process of its own that loads the saved model (``evaluate/isolated.py``; where a model cannot
+be rebuilt there, both models are measured in this process and the report says why).
+Everything runs in eval mode under ``torch.inference_mode()`` with the requested thread count;
+the models' training flags and the thread count are restored afterwards.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -55,7 +60,10 @@ def evaluate(
     ``data``: batches as for calibration (dict of tensors, tensor, or tuple of tensors).
     ``metrics``: names from :data:`METRICS`; ``None`` means every one that applies (quality
     metrics by the model's output, ``energy`` when codecarbon is installed). Latency,
-    memory and FLOPs use the first batch; quality and energy use all of them.
+    memory and FLOPs use the first batch; quality and energy use all of them. Peak memory
+    is each model's own, measured in a child process that loads it from a ``save``;
+    ``conditions["peak_memory_method"]`` says "own process", or "shared process" (with a
+    note why) where a model cannot be rebuilt there.
     ``threads``: ``torch.set_num_threads`` while measuring (default: the current count).
     ``carbon_intensity_g_per_kwh``: grid intensity for CO2; ``None`` uses codecarbon's
     offline figure for ``country_iso_code``. The models are not modified.
@@ -70,10 +78,14 @@ def evaluate(
         used_threads = stack.enter_context(_thread_count(threads))
         stack.enter_context(_eval_mode(models.values()))
         steps = stack.enter_context(_steps(progress))
-        run = _Run(models, batches, used_threads, runs=runs, warmup=warmup, steps=steps)
+        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="slimline-eval-")))
+        run = _Run(models, batches, used_threads, runs=runs, warmup=warmup, steps=steps,
+                   workdir=workdir)
         with torch.inference_mode():
             chosen = run.choose_metrics(asked)
             run.measure(chosen, carbon_intensity_g_per_kwh, country_iso_code)
+        if "memory" in chosen:
+            run.measure_memory()
         if "size" in chosen:
             run.measure_disk()
         return run.report(chosen)
@@ -107,7 +119,7 @@ class _Run:
 
     def __init__(
         self, models: Mapping[str, nn.Module], batches: list[Batch], threads: int, *,
-        runs: int, warmup: int, steps: Callable[[str], None],
+        runs: int, warmup: int, steps: Callable[[str], None], workdir: Path,
     ) -> None:
         self.models = dict(models)
         self.devices = {name: _device_of(m) for name, m in models.items()}
@@ -118,6 +130,9 @@ class _Run:
         self.methods: dict[str, Any] = {}
         self.notes: list[str] = []
         self.kind: quality.OutputKind | None = None
+        self.workdir = workdir
+        self.saved: dict[str, Path | Exception] = {}
+        self.memory_method: str | None = None
 
     def choose_metrics(self, asked: list[str] | None) -> list[str]:
         """Probe one forward per model; the metrics to compute (ValueError if one can't)."""
@@ -143,8 +158,6 @@ class _Run:
             self.measure_flops()
         if "latency" in chosen or "throughput" in chosen:
             self.measure_latency(chosen)
-        if "memory" in chosen:
-            self.measure_memory()
         asked_quality = [m for m in chosen if m in quality.QUALITY_METRICS]
         if asked_quality:
             self.measure_quality(asked_quality)
@@ -160,11 +173,26 @@ class _Run:
                 sparsity=footprint.sparsity(model),
             )
 
-    def measure_disk(self) -> None:
-        self.step("saving to measure the size on disk")
-        for name, model in self.models.items():
+    def checkpoint(self, name: str) -> Path:
+        """The directory ``slimline.save`` wrote for model ``name`` (saved once), or its error."""
+        if name not in self.saved:
+            from slimline.core.checkpoint import save  # the method registry: only when saving
+
+            self.step(f"saving {name}")
             try:
-                self.figures[name]["size_bytes_disk"] = footprint.size_on_disk(model)
+                self.saved[name] = save(self.models[name], self.workdir / name)
+            except Exception as error:  # reported by each figure that needed the files
+                self.saved[name] = error
+        found = self.saved[name]
+        if isinstance(found, Exception):
+            raise found
+        return found
+
+    def measure_disk(self) -> None:
+        for name in self.models:
+            try:
+                self.figures[name]["size_bytes_disk"] = footprint.directory_bytes(
+                    self.checkpoint(name))
             except Exception as error:  # a model save() cannot write: say so, keep the rest
                 self.notes.append(f"size_bytes_disk of {name!r} not measured: "
                                   f"{type(error).__name__}: {error}")
@@ -199,13 +227,35 @@ class _Run:
                                    f"rounds, interleaved ({order} per round)")
 
     def measure_memory(self) -> None:
-        self.step("measuring peak memory")
-        for name, model in self.models.items():
-            peak = bench.peak_memory_during(_bound_forward(model, self.first[name]),
-                                            self.devices[name])
-            self.figures[name]["peak_memory_bytes"] = peak.bytes
-            self.methods["memory"] = (f"{peak.method}; one forward of the first batch; "
-                                      "includes the interpreter, torch and every model held")
+        """Each model's peak in a process of its own; all in this one if any cannot be."""
+        from slimline.evaluate import isolated
+
+        self.step("measuring peak memory, each model in its own process")
+        try:
+            peaks = isolated.measure_all(self.models, self.checkpoint, self.batches[0],
+                                         devices=self.devices, threads=self.threads,
+                                         workdir=self.workdir / "memory")
+        except isolated.NotIsolated as why:
+            self._memory_in_this_process(str(why))
+            return
+        for name, peak in peaks.items():
+            self.figures[name].update(peak_memory_bytes=peak.model_bytes,
+                                      peak_memory_bytes_process=peak.process_bytes)
+        self.memory_method = "own process"
+        self.methods["memory"] = isolated.describe(next(iter(peaks.values())))
+
+    def _memory_in_this_process(self, why: str) -> None:
+        with torch.inference_mode():
+            for name, model in self.models.items():
+                peak = bench.peak_memory_during(_bound_forward(model, self.first[name]),
+                                                self.devices[name])
+                self.figures[name]["peak_memory_bytes"] = peak.bytes
+        self.memory_method = "shared process"
+        self.methods["memory"] = (f"{peak.method}; one forward of the first batch, in the "
+                                  "evaluating process: includes the interpreter, torch and "
+                                  "every model held")
+        self.notes.append(f"peak memory measured in the evaluating process, not in one per "
+                          f"model: {why}")
 
     def measure_quality(self, asked: list[str]) -> None:
         self.step("quality pass over the data")
@@ -254,6 +304,8 @@ class _Run:
         conditions.update(runs=self.runs, warmup=self.warmup, batches=len(self.batches),
                           items=sum(batch_size(b) for b in self.batches), metrics=chosen,
                           methods=self.methods, notes=self.notes)
+        if self.memory_method is not None:
+            conditions["peak_memory_method"] = self.memory_method
         if "energy" in self.methods:
             conditions["energy_kwh"] = f"kWh per {energy.ITEMS_PER_FIGURE} items"
             conditions["co2_g"] = f"g CO2e per {energy.ITEMS_PER_FIGURE} items"

@@ -118,6 +118,7 @@ COLUMNS: dict[str, Column] = {
     "latency_ms_p95": Column("latency p95", _fmt_ms),
     "throughput_items_per_s": Column("throughput", lambda v: f"{v:,.1f} items/s"),
     "peak_memory_bytes": Column("peak memory", _fmt_bytes),
+    "peak_memory_bytes_process": Column("peak memory, whole process", _fmt_bytes),
     "size_bytes_memory": Column("size in memory", _fmt_bytes),
     "size_bytes_disk": Column("size on disk", _fmt_bytes),
     "params": Column("parameters", _fmt_count),
@@ -181,6 +182,8 @@ def conditions_line(conditions: Mapping[str, Any]) -> str:
         parts.append(batch)
     if "runs" in conditions:
         parts.append(f"{conditions['runs']} runs")
+    if "peak_memory_method" in conditions:
+        parts.append(f"peak memory: {conditions['peak_memory_method']}")
     return " · ".join(parts)
 
 
