@@ -280,7 +280,7 @@ def _build_architecture(directory: Path, manifest: dict[str, Any]) -> nn.Module:
     if arch["kind"] == "huggingface":
         return _build_huggingface(directory, arch["class"])
     if arch["kind"] == "registered":
-        _import_builtin_architectures()
+        _import_defining_module(arch["class"])
         if arch["class"] not in _ARCHITECTURES:
             raise ValueError(f"load: architecture {arch['class']!r} is not registered")
         try:
@@ -309,10 +309,23 @@ def _build_huggingface(directory: Path, name: str) -> nn.Module:
     return built
 
 
-def _import_builtin_architectures() -> None:
+# Packages whose modules load may import to find a recorded class: importing the module that
+# defines it runs its @register_architecture. Nothing outside runs at load; a user's own class
+# is registered by importing its module before sl.load.
+_IMPORTABLE_PACKAGES = ("slimline.",)
+
+
+def _import_defining_module(qualified: str) -> None:
+    """Import the slimline module named in ``qualified`` (``pkg.module.Class``), if not yet."""
     import importlib
 
-    importlib.import_module("slimline.models")
+    module = qualified.rpartition(".")[0]
+    if qualified in _ARCHITECTURES or not module.startswith(_IMPORTABLE_PACKAGES):
+        return
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return  # reported below as "not registered"
 
 
 def _get_tensor(model: nn.Module, name: str) -> torch.Tensor:
