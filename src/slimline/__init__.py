@@ -1,12 +1,19 @@
 """slimline: make PyTorch models faster, smaller, cheaper and greener — and measure it."""
 
-# Imported first so that the subpackage is bound to ``slimline.evaluate`` now, and the function
-# imported below replaces that binding for good (a later first import of the subpackage
-# would rebind the name to the module).
-import slimline.evaluate  # noqa: F401
+from typing import TYPE_CHECKING
+
 from slimline.api import CompressResult, StepReport, compress, evaluate, list_methods, load, save
 from slimline.core.recipe import Recipe
 from slimline.core.targets import Targets
+
+if not TYPE_CHECKING:
+    # ``slimline.evaluate`` names both the subpackage and the API function ``sl.evaluate``.
+    # One attribute cannot be both, so the subpackage is made callable (it calls the API
+    # function): ``sl.evaluate(...)``, ``import slimline.evaluate.metrics`` and
+    # ``slimline.evaluate.Report`` then all work, whichever is imported first.
+    from slimline._callable_module import make_callable
+
+    evaluate = make_callable("slimline.evaluate", evaluate)
 
 __all__ = [
     "CompressResult",

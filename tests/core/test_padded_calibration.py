@@ -224,7 +224,7 @@ def test_the_comparison_catches_padding_in_the_statistics(
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_qat_loss_on_a_padded_batch_is_the_loss_on_its_real_tokens(family: str) -> None:
-    from slimline.quantize.qat import distill_loss
+    from slimline.train.losses import distill_loss
 
     model, seqs = _build(family), _sequences()[:3]
     (batch,) = padded(seqs, "left")

@@ -157,3 +157,15 @@ def test_awq_without_blocks_clips_only(tiny_mlp) -> None:
 def test_invalid_fields(field: str, value: object) -> None:
     with pytest.raises(ValueError, match=f"awq.{field}"):
         sl.Recipe.from_dict({"steps": [{"method": "awq", field: value}]})
+
+
+def test_awq_has_the_grid_fields_only_and_reads_recipes_saved_with_mixed_fields() -> None:
+    assert {"bits", "group_size", "symmetric"} <= set(AwqConfig.field_names())
+    assert not {"average_bits", "bit_choices"} & set(AwqConfig.field_names())
+    # what AwqConfig.to_dict wrote while it inherited rtn's mixed-precision fields
+    legacy = {**AwqConfig(bits=3, grid=5).to_dict(), "average_bits": None, "bit_choices": [3, 4]}
+    assert AwqConfig.from_dict(legacy) == AwqConfig(bits=3, grid=5)
+    with pytest.raises(ValueError, match="unknown field"):
+        AwqConfig.from_dict({"average_bits": 3.5})
+    with pytest.raises(ValueError, match="unknown field"):
+        AwqConfig.from_dict({"bit_choices": [3, 4]})

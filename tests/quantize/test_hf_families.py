@@ -35,8 +35,8 @@ from slimline.core.batches import forward, output_tensor
 from slimline.quantize import awq as awq_module
 from slimline.quantize.awq import fold_groups, fold_scale
 from slimline.quantize.fp8 import Fp8Linear
-from slimline.quantize.qlinear import Int8DynamicLinear, QuantLinear
-from slimline.quantize.w8a8 import SmoothQuantLinear
+from slimline.quantize.qlinear import QuantLinear
+from slimline.quantize.w8a8 import Int8DynamicLinear, SmoothQuantLinear
 
 FAMILIES = ("llama", "gpt2", "bert", "opt")
 VOCAB = 128

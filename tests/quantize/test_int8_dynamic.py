@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from torch import nn
 
 import slimline as sl
 from slimline.core.checkpoint import read_manifest
 from slimline.evaluate.conditions import cpu_features
-from slimline.quantize import kernels
+from slimline.quantize import kernels_int8 as kernels
 from slimline.quantize.int8_dynamic import Int8DynamicConfig
-from slimline.quantize.qlinear import Int8DynamicLinear
+from slimline.quantize.w8a8 import Int8DynamicLinear
 
 
 def _activations(rows: int, width: int) -> torch.Tensor:
@@ -176,6 +179,31 @@ def test_compress_save_load_deepcopy(tmp_path) -> None:
     assert torch.equal(loaded(x), out)
     stored = sum(t.numel() * t.element_size() for t in loaded[0].state_dict().values())
     assert stored <= 0.28 * (64 * 128 + 128) * 4
+
+
+def test_checkpoint_names_the_layer_type_and_loads_in_a_fresh_process(tmp_path) -> None:
+    """Checkpoints record a layer by its registered class name, so one written before
+    ``Int8DynamicLinear`` moved from ``qlinear`` to ``w8a8`` still loads: the name is the
+    contract, and a fresh process (nothing of slimline.quantize imported) must find it."""
+    model = nn.Sequential(nn.Linear(64, 32), nn.GELU(), nn.Linear(32, 4))
+    result = sl.compress(model, [Int8DynamicConfig()])
+    sl.save(result.model, tmp_path / "ck")
+    x = torch.randn(5, 64)
+    save_file({"x": x, "y": result.model(x).detach()}, str(tmp_path / "io.safetensors"))
+    manifest = json.loads((tmp_path / "ck" / "recipe.json").read_text())
+    assert {m["type"] for m in manifest["modules"].values()} == {"Int8DynamicLinear"}
+    script = f"""
+import torch
+from safetensors.torch import load_file
+from torch import nn
+import slimline as sl
+io = load_file({str(tmp_path / "io.safetensors")!r})
+skeleton = nn.Sequential(nn.Linear(64, 32), nn.GELU(), nn.Linear(32, 4))
+loaded = sl.load({str(tmp_path / "ck")!r}, model=skeleton)
+assert type(loaded[0]).__name__ == "Int8DynamicLinear", type(loaded[0])
+assert torch.equal(loaded(io["x"]), io["y"])
+"""
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=300)
 
 
 def _quantize_and_save(path: Path, saturates: bool, monkeypatch: pytest.MonkeyPatch) -> nn.Module:

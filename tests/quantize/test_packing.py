@@ -7,11 +7,13 @@ import torch
 
 from slimline.quantize.packing import (
     dequantize,
+    from_groups,
     num_groups,
     pack,
     packed_numel,
     quantize_groups,
     quantize_per_channel_int8,
+    to_groups,
     unpack,
 )
 
@@ -41,6 +43,24 @@ def _reference_groups(w: torch.Tensor, bits: int, group: int, symmetric: bool):
             q[row, start : start + group] = codes
             scales[row, g] = scale
     return q, scales, zeros
+
+
+@pytest.mark.parametrize(("k", "group"), [(12, 4), (13, 4), (5, 8), (7, 1), (9, 9)])
+@pytest.mark.parametrize("pad", ["zero", "edge"])
+def test_to_groups_matches_element_loop(k: int, group: int, pad: str) -> None:
+    t = torch.randn(3, k)
+    grouped = to_groups(t, group, pad=pad)  # type: ignore[arg-type]
+    expect = torch.empty(3, -(-k // group), group)
+    for r in range(3):
+        for g in range(expect.shape[1]):
+            for c in range(group):
+                col = g * group + c
+                if col < k:
+                    expect[r, g, c] = t[r, col]
+                else:  # padding of the ragged last group
+                    expect[r, g, c] = 0.0 if pad == "zero" else t[r, k - 1]
+    torch.testing.assert_close(grouped, expect, rtol=0, atol=0)
+    torch.testing.assert_close(from_groups(grouped, k), t, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import slimline as sl
-from slimline.quantize import kernels
+from slimline.quantize import kernels_weight_only as kernels
 from slimline.quantize.packing import dequantize, quantize_groups
 from slimline.quantize.qlinear import QuantLinear
 from slimline.quantize.rtn import RtnConfig

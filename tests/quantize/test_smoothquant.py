@@ -14,7 +14,7 @@ from torch import nn
 import slimline as sl
 from slimline.core.batches import forward, output_tensor
 from slimline.models import load_builtin
-from slimline.quantize import kernels
+from slimline.quantize import kernels_int8 as kernels
 from slimline.quantize.smoothquant import (
     ActivationStats,
     SmoothQuantConfig,

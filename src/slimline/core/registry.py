@@ -66,14 +66,36 @@ def register(config_type: type[C]) -> Callable[[Callable[[nn.Module, C, StepCont
 
 
 def _load_builtin_methods() -> None:
+    """Import every built-in method module once; a failure names the module and is raised
+    again by every later call, never left as a half-filled registry ("unknown method")."""
     global _loaded
     if _loaded:
         return
-    _loaded = True
-    for package_name in _METHOD_PACKAGES:
-        package = importlib.import_module(package_name)
-        for info in pkgutil.iter_modules(package.__path__, package_name + "."):
-            importlib.import_module(info.name)
+    _loaded = True  # calls made while the modules below import see the registry as it fills
+    try:
+        for package_name in _METHOD_PACKAGES:
+            package = importlib.import_module(package_name)
+            for info in pkgutil.iter_modules(package.__path__, package_name + "."):
+                _import_method_module(info.name)
+    except BaseException:
+        _loaded = False
+        raise
+
+
+def _import_method_module(name: str) -> None:
+    """Import ``name``; on failure undo what it registered (so that a retry can register it
+    again) and raise ImportError naming it."""
+    handlers, by_name = dict(_HANDLERS), dict(_BY_NAME)
+    try:
+        importlib.import_module(name)
+    except Exception as exc:
+        _HANDLERS.clear()
+        _HANDLERS.update(handlers)
+        _BY_NAME.clear()
+        _BY_NAME.update(by_name)
+        raise ImportError(
+            f"slimline: importing the method module {name} failed: {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 def handler_for(config: MethodConfig) -> Handler:

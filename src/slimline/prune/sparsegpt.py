@@ -4,6 +4,7 @@ Columns are processed left to right in blocks; when a weight is pruned its error
 over the not-yet-processed columns through the inverse Hessian of the layer's least-squares
 problem, so the layer's output on the calibration inputs changes as little as possible.
 The mask is chosen per block of columns ("adaptive mask selection", §3.3) from w² / [H⁻¹]²ᵢᵢ.
+The column sweep is :func:`slimline.core.obs.obs_sweep`, shared with GPTQ.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from slimline.core.families import Family
+from slimline.core.obs import Decide, masked_problem, obs_sweep
 from slimline.core.registry import StepContext, StepOutcome, register
 from slimline.core.statistics import InputStats, inverse_hessian_factor
 from slimline.prune.base import UnstructuredPruneConfig, prune_layerwise
@@ -58,40 +60,41 @@ def sparsegpt_prune_weight(
     Unstructured: exactly ``round(sparsity·numel)`` zeros, spread over column blocks in
     proportion to their width. N:M: N kept in every M consecutive inputs of a row.
     """
-    w = weight.detach().clone().float()
-    h = hessian.clone().float()
-    dead = torch.diag(h) == 0  # inputs never active: their weights cannot matter
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
+    w, h = masked_problem(weight, hessian)
     hinv = inverse_hessian_factor(h, dampening)  # (in, in) upper
-    rows, cols = w.shape
     nm = parse_pattern(pattern) if pattern is not None else None
     if nm is not None and block_size % nm[1]:
         block_size = nm[1] * max(1, block_size // nm[1])  # N:M groups never straddle blocks
-    for start in range(0, cols, block_size):
-        end = min(start + block_size, cols)
-        w_block, hinv_block = w[:, start:end], hinv[start:end, start:end]
-        diag = torch.diag(hinv_block).pow(2).unsqueeze(0)  # (1, B)
-        if nm is None:
-            share = _block_share(sparsity, rows, cols, start, end)
-            keep = unstructured_mask(w_block.pow(2) / diag, share)  # (out, B)
-        else:
-            keep = torch.ones_like(w_block, dtype=torch.bool)
-        errors = torch.zeros_like(w_block)
-        for i in range(end - start):
-            if nm is not None and i % nm[1] == 0:
-                # N:M masks are chosen when their M columns are reached, on updated weights.
-                group = slice(i, i + nm[1])
-                keep[:, group] = nm_mask(w_block[:, group].pow(2) / diag[:, group], *nm)
-            col = w_block[:, i]
-            pruned = torch.where(keep[:, i], col, torch.zeros_like(col))
-            err = (col - pruned) / hinv_block[i, i]  # (out,)
-            w_block[:, i:] -= err.unsqueeze(1) * hinv_block[i, i:].unsqueeze(0)
-            w_block[:, i] = pruned
-            errors[:, i] = err
-        w[:, start:end] = w_block
-        w[:, end:] -= errors @ hinv[start:end, end:]
-    return w.to(weight.dtype)
+    decide = _pruner(w.shape, hinv, sparsity, nm, block_size)
+    return obs_sweep(w, hinv, block_size, decide).to(weight.dtype)
+
+
+def _pruner(
+    shape: torch.Size,
+    hinv: torch.Tensor,
+    sparsity: float,
+    nm: tuple[int, int] | None,
+    block_size: int,
+) -> Decide:
+    """SparseGPT's OBS decision for a weight of ``shape``: the column with its mask applied,
+    the mask chosen from w² / [H⁻¹]²ᵢᵢ when its block (unstructured: "adaptive mask
+    selection", §3.3) or its M columns (N:M) are reached, on the weights updated so far."""
+    rows, cols = shape
+    diag = torch.diag(hinv).pow(2).unsqueeze(0)  # (1, in)
+    keep = torch.ones(rows, cols, dtype=torch.bool, device=hinv.device)
+
+    def decide(j: int, w: torch.Tensor) -> torch.Tensor:
+        if nm is None and j % block_size == 0:  # the first column of one of obs_sweep's blocks
+            end = min(j + block_size, cols)
+            share = _block_share(sparsity, rows, cols, j, end)
+            keep[:, j:end] = unstructured_mask(w[:, j:end].pow(2) / diag[:, j:end], share)
+        elif nm is not None and j % nm[1] == 0:
+            group = slice(j, j + nm[1])
+            keep[:, group] = nm_mask(w[:, group].pow(2) / diag[:, group], *nm)
+        col = w[:, j]
+        return torch.where(keep[:, j], col, torch.zeros_like(col))
+
+    return decide
 
 
 def _block_share(sparsity: float, rows: int, cols: int, start: int, end: int) -> float:

@@ -69,9 +69,13 @@ class SwiftPruneConfig(UnstructuredPruneConfig):
     family: ClassVar[Family] = Family.PRUNE
     needs_calibration: ClassVar[bool] = True  # the metric needs Σ x² of each input feature
     summary: ClassVar[str] = (
-        "Hessian-free pruning: w²·‖x‖² scores, streaming EWMA threshold instead of a sort"
+        "Wanda's |w|·‖x‖ ranking, selected per row by a linear-time streaming-EWMA threshold "
+        "instead of a sort (approximate count; 2:4 identical to wanda); optional fp8 survivors"
     )
-    paper: ClassVar[str] = "SwiftPrune / HWPQ, arXiv 2501.16376"
+    paper: ClassVar[str] = (
+        "after SwiftPrune / HWPQ, arXiv 2501.16376 (its own metric could not be read); "
+        "ranking of Wanda, arXiv 2306.11695"
+    )
 
     # β of the threshold's EWMAs, per step (one block of columns, see `ewma_steps`). 0.9
     # remembers ~10 steps: enough to average out a block's noise, short enough to follow drift.

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import nn
@@ -37,10 +37,17 @@ from slimline.core.calibration import (
 from slimline.core.registry import StepContext, StepOutcome, register
 from slimline.core.statistics import TokenSample
 from slimline.core.targets import is_linear_like, linear_weight, set_linear_weight
-from slimline.quantize.packing import dequantize, effective_group, expand_groups, quantize_groups
+from slimline.quantize.packing import (
+    dequantize,
+    effective_group,
+    expand_groups,
+    quantize_groups,
+    to_groups,
+)
 from slimline.quantize.qlinear import QuantLinear
-from slimline.quantize.rtn import RtnConfig
+from slimline.quantize.weight_only import WeightGridConfig
 
+A = TypeVar("A", bound="AwqConfig")
 # Tokens per layer for the clipping search (the reference's 512): its cost is N·K·T per point.
 _CLIP_TOKENS = 512
 # Elements of one (rows, tokens, groups) error tensor in the clipping search: bounds memory.
@@ -48,7 +55,7 @@ _CHUNK_ELEMENTS = 1 << 24
 
 
 @dataclass(frozen=True, kw_only=True)
-class AwqConfig(RtnConfig):
+class AwqConfig(WeightGridConfig):
     """AWQ: ``rtn``'s grid and packing, after activation-aware scaling and clipping."""
 
     method: ClassVar[str] = "awq"
@@ -75,11 +82,18 @@ class AwqConfig(RtnConfig):
                 self.fail(name, f"must be ≥ 1, got {value}")
         if not 0.0 <= self.max_shrink < 1.0:
             self.fail("max_shrink", f"{self.max_shrink} is outside [0, 1)")
-        if self.average_bits is not None:
-            self.fail("average_bits", "awq quantizes at one width; use rtn, gptq or hqq to mix")
+
+    @classmethod
+    def from_dict(cls: type[A], data: dict[str, Any]) -> A:
+        """As :meth:`MethodConfig.from_dict`; also reads recipes saved (with checkpoints) while
+        awq carried rtn's mixed-precision fields, unused: ``average_bits`` null and
+        ``bit_choices`` are dropped. Any other use of them is an unknown field."""
+        if data.get("average_bits", ...) is None and "bit_choices" in data:
+            data = {k: v for k, v in data.items() if k not in ("average_bits", "bit_choices")}
+        return super().from_dict(data)
 
 
-def fake_quantize(weight: torch.Tensor, cfg: RtnConfig) -> torch.Tensor:
+def fake_quantize(weight: torch.Tensor, cfg: WeightGridConfig) -> torch.Tensor:
     """(N, K) weight rounded to ``cfg``'s grid and back to float32 (what inference sees)."""
     q, scales, zeros = quantize_groups(weight, cfg.bits, cfg.group_size, cfg.symmetric)
     return dequantize(q, scales, zeros, cfg.group_size)
@@ -118,15 +132,6 @@ def awq_search_scale(
     return best
 
 
-def _padded_groups(t: torch.Tensor, group: int) -> torch.Tensor:
-    """(R, K) -> (R, G, group), the ragged last group padded with zeros."""
-    rows, k = t.shape
-    pad = -k % group
-    if pad:
-        t = torch.cat([t, t.new_zeros(rows, pad)], dim=1)
-    return t.reshape(rows, -1, group)
-
-
 def clip_weight(weight: torch.Tensor, max_val: torch.Tensor, group_size: int | None
                 ) -> torch.Tensor:
     """(N, K) weight clamped to ``[-m, m]`` with ``m = max_val`` (N, G) of each group."""
@@ -145,15 +150,15 @@ def awq_clip(weight: torch.Tensor, x: torch.Tensor, cfg: AwqConfig) -> torch.Ten
     w = weight.float()
     n, k = w.shape
     group = effective_group(k, cfg.group_size)
-    xg = _padded_groups(x.float(), group)  # (T, G, group)
-    org_max = _padded_groups(w.abs(), group).amax(dim=-1)  # (N, G)
+    xg = to_groups(x.float(), group)  # (T, G, group)
+    org_max = to_groups(w.abs(), group).amax(dim=-1)  # (N, G)
     best_err = torch.full_like(org_max, float("inf"))
     best = org_max.clone()
     steps = cfg.clip_grid - 1
     rows = max(1, _CHUNK_ELEMENTS // max(1, xg.shape[0] * xg.shape[1]))
     for i in range(cfg.clip_grid):
         max_val = org_max * (1.0 - cfg.max_shrink * i / steps if steps else 1.0)  # (N, G)
-        delta = _padded_groups(w - fake_quantize(clip_weight(w, max_val, cfg.group_size), cfg),
+        delta = to_groups(w - fake_quantize(clip_weight(w, max_val, cfg.group_size), cfg),
                                group)  # (N, G, group)
         err = torch.cat([
             torch.einsum("tgc,ngc->ntg", xg, delta[r:r + rows]).pow(2).mean(dim=1)

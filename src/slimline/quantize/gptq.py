@@ -6,6 +6,7 @@ layer-wise least-squares problem (H = 2/n · X Xᵀ from calibration inputs), so
 output on those inputs moves as little as possible. As in the paper's Algorithm 1:
 
 * the upper Cholesky factor of H⁻¹ replaces the repeated inverse updates (§4, step 3);
+* the sweep itself is :func:`slimline.core.obs.obs_sweep`, shared with SparseGPT;
 * updates are applied lazily, ``block_size`` columns at a time (§4, step 2) — the same
   result as the column-by-column form, with far fewer memory passes;
 * dampening λ = ``dampening`` · mean(diag H) keeps H positive definite;
@@ -30,23 +31,30 @@ inputs from the already quantized blocks as usual.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, NamedTuple
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from slimline.core.calibration import sequential_layers
+from slimline.core.obs import masked_problem, obs_sweep
 from slimline.core.registry import StepContext, StepOutcome, register
 from slimline.core.statistics import InputStats, inverse_hessian_factor
 from slimline.core.targets import linear_weight
-from slimline.quantize.mixed import Quantizer
-from slimline.quantize.packing import effective_group, num_groups, quantize_groups
+from slimline.quantize.mixed_sensitivity import Quantizer
+from slimline.quantize.packing import (
+    QuantizedWeight,
+    effective_group,
+    num_groups,
+    quantize_groups,
+)
 from slimline.quantize.qlinear import QuantLinear
-from slimline.quantize.rtn import RtnConfig, choose_widths, width_note
+from slimline.quantize.rtn import choose_widths, width_note
+from slimline.quantize.weight_only import MixedWidthConfig
 
 
 @dataclass(frozen=True, kw_only=True)
-class GptqConfig(RtnConfig):
+class GptqConfig(MixedWidthConfig):
     """GPTQ: ``rtn``'s grid and packing, with Hessian-based error compensation."""
 
     method: ClassVar[str] = "gptq"
@@ -71,14 +79,6 @@ class GptqConfig(RtnConfig):
             self.fail("dampening", f"{self.dampening} is outside (0, 1)")
 
 
-class QuantizedWeight(NamedTuple):
-    """Codes (N, K), per-group scales (N, G) and zero points (N, G) or None."""
-
-    q: torch.Tensor
-    scales: torch.Tensor
-    zeros: torch.Tensor | None
-
-
 def quantize_column(
     w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,59 +97,70 @@ def gptq_quantize_weight(
     weight: torch.Tensor, hessian: torch.Tensor, cfg: GptqConfig
 ) -> QuantizedWeight:
     """GPTQ-quantize ``weight`` (N, K) given H (K, K): codes, scales, zero points."""
-    w = weight.detach().clone().float()
-    h = hessian.clone().float()
-    n, k = w.shape
-    dead = torch.diag(h) == 0  # inputs never active: their weights cannot matter
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-    group = effective_group(k, cfg.group_size)
-    scales = torch.zeros(n, num_groups(k, cfg.group_size))
-    zeros = None if cfg.symmetric else torch.zeros(n, scales.shape[1])
-    scale_dtypes = set()
+    w, h = masked_problem(weight, hessian)
+    grids = _GroupGrids(w, cfg)
     if cfg.act_order:  # static groups: fixed from the unquantized weight, original order
-        _, s0, z0 = quantize_groups(w, cfg.bits, cfg.group_size, cfg.symmetric)
-        scale_dtypes.add(s0.dtype)
-        scales.copy_(s0.float())
-        if zeros is not None and z0 is not None:
-            zeros.copy_(z0.float())
+        grids.fix_all(w)
         perm = torch.argsort(torch.diag(h), descending=True)
     else:
-        perm = torch.arange(k)
+        perm = torch.arange(w.shape[1])
     w, h = w[:, perm], h[perm][:, perm]
     hinv = inverse_hessian_factor(h, cfg.dampening)
     codes = torch.zeros_like(w)
-    for start in range(0, k, cfg.block_size):
-        end = min(start + cfg.block_size, k)
-        w_block, hinv_block = w[:, start:end], hinv[start:end, start:end]
-        errors = torch.zeros_like(w_block)
-        for i in range(end - start):
-            col = int(perm[start + i])  # the column's index in the original order
-            g = col // group
-            if not cfg.act_order and col % group == 0:
-                # The group's grid, chosen on the weights as updated so far (w_block is a view
-                # of w; columns past this block lack its lazy update, as in the reference).
-                _, sg, zg = quantize_groups(w[:, col:col + group], cfg.bits, None, cfg.symmetric)
-                scale_dtypes.add(sg.dtype)
-                scales[:, g] = sg[:, 0].float()
-                if zeros is not None and zg is not None:
-                    zeros[:, g] = zg[:, 0].float()
-            zero_g = zeros[:, g] if zeros is not None else None
-            q, deq = quantize_column(w_block[:, i], scales[:, g], zero_g, cfg.bits)
-            codes[:, start + i] = q
-            err = (w_block[:, i] - deq) / hinv_block[i, i]  # (N,)
-            w_block[:, i:] -= err.unsqueeze(1) * hinv_block[i, i:].unsqueeze(0)
-            errors[:, i] = err
-        w[:, end:] -= errors @ hinv[start:end, end:]
-    codes = codes[:, torch.argsort(perm)]
-    # fp16 scales when every group's chosen scale was fp16 (codes were computed with those)
-    stored = torch.float16 if scale_dtypes == {torch.float16} else torch.float32
+
+    def decide(j: int, w_now: torch.Tensor) -> torch.Tensor:
+        col = int(perm[j])  # the column's index in the original order
+        if not cfg.act_order and col % grids.group == 0:
+            # The group's grid, chosen on the weights as updated so far (columns past this
+            # block lack its lazy update, as in the reference).
+            grids.fix(col // grids.group, w_now[:, col:col + grids.group])
+        q, deq = quantize_column(w_now[:, j], *grids.of(col), cfg.bits)
+        codes[:, j] = q
+        return deq
+
+    obs_sweep(w, hinv, cfg.block_size, decide)
     code_dtype = torch.int8 if cfg.symmetric else torch.uint8
-    return QuantizedWeight(
-        codes.to(code_dtype),
-        scales.to(stored),
-        zeros.to(torch.uint8) if zeros is not None else None,
-    )
+    return grids.stored(codes[:, torch.argsort(perm)].to(code_dtype))
+
+
+class _GroupGrids:
+    """Per-group scales (N, G) and zero points of GPTQ, fixed up front or as groups are reached."""
+
+    def __init__(self, w: torch.Tensor, cfg: GptqConfig) -> None:
+        n, k = w.shape
+        self.cfg = cfg
+        self.group = effective_group(k, cfg.group_size)
+        self.scales = torch.zeros(n, num_groups(k, cfg.group_size))
+        self.zeros = None if cfg.symmetric else torch.zeros(n, self.scales.shape[1])
+        self.dtypes: set[torch.dtype] = set()
+
+    def fix_all(self, w: torch.Tensor) -> None:
+        """Every group's grid from ``w`` (N, K) in the original column order."""
+        _, s, z = quantize_groups(w, self.cfg.bits, self.cfg.group_size, self.cfg.symmetric)
+        self.dtypes.add(s.dtype)
+        self.scales.copy_(s.float())
+        if self.zeros is not None and z is not None:
+            self.zeros.copy_(z.float())
+
+    def fix(self, g: int, columns: torch.Tensor) -> None:
+        """Group ``g``'s grid from its ``columns`` (N, group)."""
+        _, s, z = quantize_groups(columns, self.cfg.bits, None, self.cfg.symmetric)
+        self.dtypes.add(s.dtype)
+        self.scales[:, g] = s[:, 0].float()
+        if self.zeros is not None and z is not None:
+            self.zeros[:, g] = z[:, 0].float()
+
+    def of(self, col: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Scale and zero point (or None) of the group of original column ``col``."""
+        g = col // self.group
+        return self.scales[:, g], self.zeros[:, g] if self.zeros is not None else None
+
+    def stored(self, codes: torch.Tensor) -> QuantizedWeight:
+        """``codes`` with the grids as stored: fp16 scales when every group's chosen scale was
+        fp16 (codes were computed with those), uint8 zero points."""
+        dtype = torch.float16 if self.dtypes == {torch.float16} else torch.float32
+        zeros = self.zeros.to(torch.uint8) if self.zeros is not None else None
+        return QuantizedWeight(codes, self.scales.to(dtype), zeros)
 
 
 def gptq_quantizer(cfg: GptqConfig) -> Quantizer:

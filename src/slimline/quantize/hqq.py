@@ -36,15 +36,22 @@ from torch import nn
 
 from slimline.core.registry import StepContext, StepOutcome, register
 from slimline.core.targets import linear_weight
-from slimline.quantize.gptq import QuantizedWeight
-from slimline.quantize.mixed import Quantizer
-from slimline.quantize.packing import compact_scale_dtype, effective_group, quantize_groups
+from slimline.quantize.mixed_sensitivity import Quantizer
+from slimline.quantize.packing import (
+    QuantizedWeight,
+    compact_scale_dtype,
+    effective_group,
+    from_groups,
+    quantize_groups,
+    to_groups,
+)
 from slimline.quantize.qlinear import QuantLinear
-from slimline.quantize.rtn import RtnConfig, choose_widths, width_note
+from slimline.quantize.rtn import choose_widths, width_note
+from slimline.quantize.weight_only import MixedWidthConfig
 
 
 @dataclass(frozen=True, kw_only=True)
-class HqqConfig(RtnConfig):
+class HqqConfig(MixedWidthConfig):
     """HQQ: ``rtn``'s asymmetric grid and packing, zero point and scale fitted by HQQ."""
 
     method: ClassVar[str] = "hqq"
@@ -85,15 +92,6 @@ def shrink_lp(x: torch.Tensor, beta: float, p: float) -> torch.Tensor:
 def lp_error(w: torch.Tensor, w_hat: torch.Tensor, p: float, valid: torch.Tensor) -> torch.Tensor:
     """(N, G, g) weights -> (N, G) per-group ``Σ |w − ŵ|^p`` over the valid entries."""
     return ((w - w_hat).abs().pow(p) * valid).sum(dim=-1)
-
-
-def _grouped(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, K) -> (N, G, group) zero-padded, and the (1, G, group) mask of real columns."""
-    n, k = weight.shape
-    pad = -k % group
-    w = torch.nn.functional.pad(weight, (0, pad)).reshape(n, -1, group)
-    valid = (torch.arange(k + pad, device=weight.device) < k).reshape(1, -1, group)
-    return w, valid.to(weight.dtype)
 
 
 def _codes(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, levels: int) -> torch.Tensor:
@@ -163,13 +161,15 @@ def hqq_quantize_weight(weight: torch.Tensor, cfg: HqqConfig) -> QuantizedWeight
     """
     if weight.dim() != 2:
         raise ValueError(f"expected a 2-D (out, in) weight, got shape {tuple(weight.shape)}")
-    n, k = weight.shape
+    k = weight.shape[1]
     levels = 2**cfg.bits - 1
     w32 = weight.detach().float()
     _, s0, z0 = quantize_groups(w32, cfg.bits, cfg.group_size, symmetric=False)  # min/max
     if z0 is None:  # asymmetric always has zero points; keeps mypy and readers sure
         raise RuntimeError("asymmetric quantize_groups returned no zero points")
-    w, valid = _grouped(w32, effective_group(k, cfg.group_size))  # (N, G, g), (1, G, g)
+    group = effective_group(k, cfg.group_size)
+    w = to_groups(w32, group)  # (N, G, g), zero-padded
+    valid = to_groups(w32.new_ones(1, k), group)  # (1, G, g): 1 on real columns, 0 on padding
     s, z = s0.float().unsqueeze(-1), z0.float().unsqueeze(-1)  # (N, G, 1)
     s, z_float = _half_quadratic(w, valid, s, z, cfg, update="zero")  # phase 1: HQQ proper
     z = _better_zero(w, valid, s, z, torch.clamp(torch.round(z_float), 0, levels), cfg)
@@ -177,7 +177,7 @@ def hqq_quantize_weight(weight: torch.Tensor, cfg: HqqConfig) -> QuantizedWeight
     scales = s.squeeze(-1)
     stored = scales.to(compact_scale_dtype(scales))  # (N, G)
     q = _codes(w, stored.float().unsqueeze(-1), z, levels)  # codes for the scale as stored
-    q = q.reshape(n, -1)[:, :k].to(torch.uint8).contiguous()
+    q = from_groups(q, k).to(torch.uint8).contiguous()
     return QuantizedWeight(q, stored, z.squeeze(-1).to(torch.uint8))
 
 

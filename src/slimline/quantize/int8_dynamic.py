@@ -25,8 +25,8 @@ from torch import nn
 from slimline.core.config import MethodConfig
 from slimline.core.families import Family
 from slimline.core.registry import StepContext, StepOutcome, register
-from slimline.quantize import kernels
-from slimline.quantize.qlinear import Int8DynamicLinear
+from slimline.quantize import kernels_int8 as kernels
+from slimline.quantize.w8a8 import Int8DynamicLinear
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 
@@ -40,8 +40,9 @@ _FP16_TINY = 2.0**-14
 _FP16_MAX = 65504.0
 
 
-class GroupQuant(NamedTuple):
-    """The result of :func:`quantize_groups` (unpacks as ``q, scales, zeros``)."""
+class QuantizedWeight(NamedTuple):
+    """A weight on a group grid (unpacks as ``q, scales, zeros``): what :func:`quantize_groups`,
+    GPTQ and HQQ return and :meth:`QuantLinear.from_codes` stores."""
 
     q: torch.Tensor  # (N, K) int8 codes (symmetric) or uint8 codes (asymmetric)
     scales: torch.Tensor  # (N, G) float16 or float32
@@ -86,17 +87,28 @@ def _round_up(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.where(low, torch.nextafter(cast, torch.full_like(cast, float("inf"))), cast)
 
 
-def _grouped(weight: torch.Tensor, group: int) -> torch.Tensor:
-    """(N, K) -> (N, G, group), the ragged last group padded by repeating its last column.
+def to_groups(
+    values: torch.Tensor, group: int, *, pad: Literal["zero", "edge"] = "zero"
+) -> torch.Tensor:
+    """(R, K) -> (R, G, group), ``G = ceil(K / group)``: the one grouping of slimline.
 
-    Repeating a value already in the group leaves its min, max and max|w| unchanged, so the
-    padded group gets exactly the scale it would get on its own.
+    The ragged last group is padded with zeros, or with ``pad="edge"`` by repeating its last
+    column: a value already in the group leaves its min, max and max|w| unchanged, so the
+    padded group gets exactly the scale it would get on its own. Zeros suit sums (a padded
+    activation adds nothing) and masks (``to_groups(ones(1, K), g)`` marks the real columns).
     """
-    n, k = weight.shape
-    pad = -k % group
-    if pad:
-        weight = torch.cat([weight, weight[:, -1:].expand(n, pad)], dim=1)
-    return weight.reshape(n, -1, group)
+    rows, k = values.shape
+    extra = -k % group
+    if extra:
+        edge = pad == "edge"
+        fill = values[:, -1:].expand(rows, extra) if edge else values.new_zeros(rows, extra)
+        values = torch.cat([values, fill], dim=1)
+    return values.reshape(rows, -1, group)
+
+
+def from_groups(grouped: torch.Tensor, in_features: int) -> torch.Tensor:
+    """(R, G, group) -> (R, K): the inverse of :func:`to_groups`, padding cut off."""
+    return grouped.reshape(grouped.shape[0], -1)[:, :in_features]
 
 
 def expand_groups(per_group: torch.Tensor, in_features: int, group: int) -> torch.Tensor:
@@ -111,7 +123,7 @@ def quantize_groups(
     symmetric: bool,
     *,
     scale_dtype: torch.dtype | None = None,
-) -> GroupQuant:
+) -> QuantizedWeight:
     """Round-to-nearest quantization of ``weight`` (N, K) in groups along K.
 
     ``scale_dtype`` None picks :func:`compact_scale_dtype`. Returns codes (N, K), scales
@@ -120,9 +132,9 @@ def quantize_groups(
     check_bits(bits)
     if weight.dim() != 2:
         raise ValueError(f"expected a 2-D (out, in) weight, got shape {tuple(weight.shape)}")
-    n, k = weight.shape
+    k = weight.shape[1]
     group = effective_group(k, group_size)
-    w = _grouped(weight.detach().float(), group)  # (N, G, group)
+    w = to_groups(weight.detach().float(), group, pad="edge")  # (N, G, group)
     levels = 2**bits - 1
     if symmetric:
         scales = 2.0 * w.abs().amax(dim=-1) / levels  # (N, G)
@@ -135,10 +147,10 @@ def quantize_groups(
     if symmetric:
         half = 2 ** (bits - 1)
         q = torch.clamp(torch.round(w / s), -half, half - 1).to(torch.int8)
-        return GroupQuant(q.reshape(n, -1)[:, :k].contiguous(), stored, None)
+        return QuantizedWeight(from_groups(q, k).contiguous(), stored, None)
     zeros = torch.clamp(torch.round(-lo / s.squeeze(-1)), 0, levels)  # (N, G)
     q = torch.clamp(torch.round(w / s) + zeros.unsqueeze(-1), 0, levels).to(torch.uint8)
-    return GroupQuant(q.reshape(n, -1)[:, :k].contiguous(), stored, zeros.to(torch.uint8))
+    return QuantizedWeight(from_groups(q, k).contiguous(), stored, zeros.to(torch.uint8))
 
 
 def dequantize(
@@ -157,12 +169,12 @@ def dequantize(
     """
     if zeros is not None:
         q = centre(q, zeros, group_size, torch.int16)
-    n, k = q.shape
+    k = q.shape[1]
     group = effective_group(k, group_size)
     s = scales.to(dtype)  # (N, G)
     codes = q.to(dtype)  # (N, K)
     if k % group == 0:
-        return (codes.view(n, -1, group) * s.unsqueeze(-1)).view(n, k)  # (N, G, group)
+        return from_groups(to_groups(codes, group) * s.unsqueeze(-1), k)  # (N, G, group)
     return codes * expand_groups(s, k, group)  # ragged last group
 
 

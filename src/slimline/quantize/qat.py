@@ -17,55 +17,49 @@ trained so that it works *with* the rounding. As in LSQ (Esser et al., §2):
 On the asymmetric grid each group keeps ``rtn``'s integer zero point ``z``, so its code range
 is ``[-z, 2^b - 1 - z]`` around zero and pruned weights stay exactly zero.
 
-**The loss.** Calibration batches rarely carry labels, so by default the model learns to
-match the original model (data-free distillation as in LLM-QAT, arXiv 2305.17888): KL
-divergence of the next-token (or class) distributions where the model gives ``logits``,
-mean squared error relative to the teacher's energy for hidden states (per token) and plain
-tensors. ``loss="task"`` uses the model's own loss on batches that carry ``labels``.
-
-**The teacher without a second model.** The teacher is the same model with fake
-quantization switched off and each layer's original weight: no frozen copy is made. Its
-targets are cached per batch while they fit in :data:`TEACHER_CACHE_BYTES` (then each
-batch's teacher pass runs once), else recomputed at each step. With ``train_weights`` the
-layers hold float32 master copies of their weights (the one extra copy of the trained
-weights any optimiser needs).
+**Training** is :mod:`slimline.train`'s loop and losses. Calibration batches rarely carry
+labels, so by default the model learns to match the original model (data-free distillation
+as in LLM-QAT, arXiv 2305.17888); ``loss="task"`` uses the model's own loss on batches that
+carry ``labels``. The teacher is the same model with fake quantization switched off and each
+layer's original weight: no frozen copy is made. With ``train_weights`` the layers hold
+float32 master copies of their weights (the one extra copy of the trained weights any
+optimiser needs). Under ``torchrun`` every rank trains its own copy on its share of the
+batches, gradients averaged each step, and all ranks end identical.
 
 **Conversion.** During training the step size is rounded to the dtype ``rtn`` stores it in
 (float16 when it fits), again with a straight-through gradient, and the codes are those of
 the fake-quantized forward, so the :class:`~slimline.quantize.qlinear.QuantLinear` the step
 leaves behind computes with exactly the weight the last training step used.
-
-**Distributed.** Under ``torchrun`` (``torch.distributed`` initialised, gloo on CPU) every
-rank runs this same code on its own model copy: rank ``r`` of ``W`` takes the batches
-``t·W + r`` of a shared, seeded order at step ``t``, gradients are averaged with one
-``all_reduce`` per step, and parameters start from rank 0's, so all ranks end identical.
-One process is the case ``W = 1``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
-from slimline.core.batches import Batch, forward, split_labels, to_device
+from slimline.core.batches import Batch, forward, to_device
 from slimline.core.registry import StepContext, StepOutcome, register
 from slimline.core.targets import linear_weight
 from slimline.quantize.packing import effective_group, expand_groups, quantize_groups
 from slimline.quantize.qlinear import QuantLinear
 from slimline.quantize.rtn import RtnConfig
+from slimline.train.loop import train_loop
+from slimline.train.losses import (
+    TeacherTargets,
+    distill_loss,
+    output_signal,
+    task_loss,
+    token_mask,
+)
 
-# Teacher targets are kept per batch up to this many bytes, else recomputed every step.
-TEACHER_CACHE_BYTES = 256 * 2**20
 # Mixed-precision fields ``rtn``-family configs may gain; they choose bits, QAT trains them.
 _FIXED_BIT_FIELDS = ("average_bits", "bit_choices")
 
@@ -307,136 +301,7 @@ class FakeQuantLinear(nn.Module):
         )  # fmt: skip
 
 
-# --- losses ----------------------------------------------------------------------------------
-
-
-def _signal(output: Any, batch: Batch) -> tuple[torch.Tensor, bool]:
-    """The model's answer as float32 and whether it is logits (KL) or features (MSE)."""
-    logits = getattr(output, "logits", None)
-    if logits is None and isinstance(output, Mapping):
-        logits = output.get("logits")
-    if isinstance(logits, torch.Tensor):
-        return logits.float(), True
-    hidden = getattr(output, "last_hidden_state", None)
-    if isinstance(hidden, torch.Tensor):
-        return hidden.float(), False
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        output = output[0]
-    if isinstance(output, torch.Tensor):
-        return output.float(), False
-    raise TypeError(f"qat: cannot find an output tensor in a {type(output).__name__}")
-
-
-def _token_mask(batch: Batch, shape: torch.Size) -> torch.Tensor | None:
-    """The attention mask (B, T) when the answer is per token (B, T, C), else None."""
-    mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
-    if isinstance(mask, torch.Tensor) and len(shape) == 3 and mask.shape == shape[:2]:
-        return mask.to(torch.float32)
-    return None
-
-
-def distill_loss(
-    student: torch.Tensor, teacher: torch.Tensor, is_logits: bool, mask: torch.Tensor | None
-) -> torch.Tensor:
-    """KL(teacher ‖ student) per position for logits (``teacher`` as log-probabilities), else
-    squared error relative to the teacher's energy; averaged over the positions ``mask``
-    (B, T) keeps (all when None). Shapes (..., C)."""
-    if is_logits:
-        per_row = (teacher.exp() * (teacher - student.log_softmax(-1))).sum(-1)  # (...)
-        norm = None
-    else:
-        per_row = (student - teacher).pow(2).sum(-1)
-        norm = teacher.pow(2).sum(-1)
-    if mask is None:
-        mask = torch.ones_like(per_row)
-    loss = (per_row * mask).sum() / mask.sum().clamp_min(1.0)
-    if norm is not None:
-        loss = loss / ((norm * mask).sum() / mask.sum().clamp_min(1.0)).clamp_min(1e-12)
-    return loss
-
-
-def task_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """The model's own loss on a batch with ``labels``.
-
-    Models whose ``forward`` takes ``labels`` (Hugging Face task heads, which shift the
-    labels of causal LMs themselves) give ``output.loss``; otherwise the cross-entropy of
-    the logits with the labels (ignoring -100).
-    """
-    inputs, labels = split_labels(batch)
-    if labels is None or not isinstance(batch, Mapping):
-        raise ValueError("qat.loss: 'task' needs dict batches with 'labels'")
-    if "labels" in inspect.signature(model.forward).parameters:
-        loss = getattr(model(**batch), "loss", None)
-        if isinstance(loss, torch.Tensor):
-            return loss
-    logits, is_logits = _signal(forward(model, inputs), inputs)
-    if not is_logits and logits.shape[:-1] != labels.shape:
-        raise ValueError("qat.loss: 'task' needs a model whose output are logits for 'labels'")
-    return F.cross_entropy(logits.flatten(0, -2), labels.flatten(), ignore_index=-100)
-
-
-class _Teacher:
-    """The original model's targets per batch: the model with fake quantization off."""
-
-    def __init__(self, model: nn.Module, layers: Sequence[FakeQuantLinear]) -> None:
-        self.model, self.layers = model, layers
-        self.cache: dict[int, tuple[torch.Tensor, bool]] = {}
-        self.cached_bytes = 0
-
-    @torch.no_grad()
-    def target(self, index: int, batch: Batch) -> tuple[torch.Tensor, bool]:
-        if index in self.cache:
-            return self.cache[index]
-        for layer in self.layers:
-            layer.quantize = False
-        try:
-            answer, is_logits = _signal(forward(self.model, batch), batch)
-        finally:
-            for layer in self.layers:
-                layer.quantize = True
-        if is_logits:
-            answer = answer.log_softmax(-1)
-        size = answer.numel() * answer.element_size()
-        if self.cached_bytes + size <= TEACHER_CACHE_BYTES:
-            self.cache[index] = (answer, is_logits)
-            self.cached_bytes += size
-        return answer, is_logits
-
-
-# --- training --------------------------------------------------------------------------------
-
-
-def _world() -> tuple[int, int]:
-    """(rank, world size); (0, 1) without an initialised process group."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def average_gradients(params: Sequence[nn.Parameter], world: int) -> None:
-    """Average ``params``' gradients over the ranks: one ``all_reduce`` of a flat vector."""
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    if world == 1 or not params:
-        return
-    flat = torch.cat([p.grad.reshape(-1) for p in params if p.grad is not None])
-    dist.all_reduce(flat)
-    flat /= world
-    offset = 0
-    for p in params:
-        assert p.grad is not None
-        p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
-        offset += p.numel()
-
-
-def batch_order(n_batches: int, length: int, seed: int) -> list[int]:
-    """``length`` batch indices: seeded permutations of ``range(n_batches)``, one per epoch."""
-    g = torch.Generator().manual_seed(seed)
-    order: list[int] = []
-    while len(order) < length:
-        order.extend(torch.randperm(n_batches, generator=g).tolist())
-    return order[:length]
+# --- training ----------------------------------------------------------------------------------
 
 
 def train_qat(
@@ -448,42 +313,34 @@ def train_qat(
     progress: bool = False,
 ) -> list[float]:
     """Train ``layers``' weights and step sizes inside ``model``; returns the step losses."""
-    rank, world = _world()
     weights = [p for m in layers for p in (m.weight, m.bias) if p is not None and p.requires_grad]
-    scales = [m.scales for m in layers]
-    trained = weights + scales
-    if world > 1:
-        for p in trained:
-            dist.broadcast(p.data, src=0)
-    groups = [{"params": scales, "lr": cfg.scale_lr}]
+    groups: list[dict[str, Any]] = [{"params": [m.scales for m in layers], "lr": cfg.scale_lr}]
     if weights:
         groups.append({"params": weights, "lr": cfg.lr})
-    optimizer = torch.optim.Adam(groups, fused=True)
-    cosine = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda t: 0.5 * (1.0 + math.cos(math.pi * t / cfg.steps))
-    )
-    teacher = _Teacher(model, layers)
-    order = batch_order(len(batches), cfg.steps * world, cfg.seed)
-    losses = []
-    for step in tqdm(range(cfg.steps), desc="qat", disable=not progress, leave=False):
-        index = order[step * world + rank]
+    teacher = TeacherTargets(model, lambda: _teacher_mode(layers), owner="qat")
+
+    def step_loss(index: int) -> torch.Tensor:
         batch = batches[index]
         if cfg.loss == "task":
-            loss = task_loss(model, batch)
-        else:
-            target, is_logits = teacher.target(index, batch)
-            answer, _ = _signal(forward(model, batch), batch)
-            loss = distill_loss(answer, target, is_logits, _token_mask(batch, answer.shape))
-        if not torch.isfinite(loss):
-            raise ValueError(f"qat: the loss became {loss.item()} at step {step}; "
-                             "lower lr / scale_lr")  # fmt: skip
-        optimizer.zero_grad(set_to_none=False)
-        loss.backward()
-        average_gradients(trained, world)
-        optimizer.step()
-        cosine.step()
-        losses.append(float(loss.detach()))
-    return losses
+            return task_loss(model, batch, field="qat.loss")
+        target, is_logits = teacher.target(index, batch)
+        answer, _ = output_signal(forward(model, batch), owner="qat")
+        return distill_loss(answer, target, is_logits, token_mask(batch, answer.shape))
+
+    return train_loop(groups, step_loss, len(batches), steps=cfg.steps, seed=cfg.seed,
+                      name="qat", lr_fields="lr / scale_lr", progress=progress)  # fmt: skip
+
+
+@contextmanager
+def _teacher_mode(layers: Sequence[FakeQuantLinear]) -> Iterator[None]:
+    """The teacher is the same model with fake quantization off: no frozen copy is made."""
+    for layer in layers:
+        layer.quantize = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.quantize = True
 
 
 @register(QatConfig)

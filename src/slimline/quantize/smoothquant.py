@@ -38,7 +38,7 @@ from slimline.core.families import Family
 from slimline.core.registry import StepContext, StepOutcome, register
 from slimline.core.statistics import TokenSample
 from slimline.core.targets import linear_weight
-from slimline.quantize import kernels
+from slimline.quantize import kernels_int8 as kernels
 from slimline.quantize.packing import quantize_per_channel_int8
 from slimline.quantize.w8a8 import SmoothQuantLinear
 

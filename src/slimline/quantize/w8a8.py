@@ -1,9 +1,17 @@
-"""The SmoothQuant layer: W8A8 with a per-channel smoothing of its input (arXiv 2211.10438).
+"""The W8A8 layers: int8 weights, activations quantized to uint8, an int8 GEMM.
 
-``y = (x · diag(m)) · Ŵᵀ + b`` where ``m = 1/s`` is the smoothing vector and ``Ŵ`` is the
-int8 (per output channel) quantization of ``W · diag(s)``: mathematically the float layer,
-with the activations' outlier channels shrunk by ``s`` and the weights' matching columns
-grown by it, so both quantize well to 8 bits.
+* :class:`Int8DynamicLinear` — int8 weight with per-channel scales; activations quantized
+  per token at run time. Used by ``int8_dynamic``.
+* :class:`SmoothQuantLinear` — the same with a per-channel smoothing of its input (SmoothQuant,
+  arXiv 2211.10438), and activations quantized per token or statically. Used by ``smoothquant``.
+
+Both keep every tensor needed for inference in persistent buffers (``state_dict()`` is the
+checkpoint); oneDNN's prepacked weight is derived from them and never saved.
+
+**SmoothQuant.** ``y = (x · diag(m)) · Ŵᵀ + b`` where ``m = 1/s`` is the smoothing vector and
+``Ŵ`` is the int8 (per output channel) quantization of ``W · diag(s)``: mathematically the
+float layer, with the activations' outlier channels shrunk by ``s`` and the weights' matching
+columns grown by it, so both quantize well to 8 bits.
 
 The paper folds ``1/s`` into the preceding LayerNorm. That is only exact when the norm's
 output feeds nothing else; in post-LN BERT the same output is also the residual, and in
@@ -27,15 +35,153 @@ from torch import nn
 
 from slimline.core.modules import register_module
 from slimline.core.targets import linear_weight
-from slimline.quantize import kernels
+from slimline.quantize import kernels_int8 as kernels
 from slimline.quantize.packing import quantize_per_channel_int8
 from slimline.quantize.qlinear import (
-    Int8DynamicLinear,
-    _activation_bits,
+    META_VERSION,
+    LogicalWeightCounts,
     _bias_of,
     _check_version,
     _dtype,
+    _dtype_name,
+    _KernelCacheMixin,
 )
+
+
+@register_module
+class Int8DynamicLinear(LogicalWeightCounts, _KernelCacheMixin):
+    """Dynamic W8A8 linear: ``y = ((q_x - z_x) · q_Wᵀ) · s_x[:, None] · s_w[None, :] + b``.
+
+    ``q_W`` (N, K) int8 in [-127, 127] with one scale per output channel ``s_w`` (N,);
+    ``q_x`` uint8 with one scale and zero point per token, computed at run time (see
+    :func:`slimline.quantize.kernels_int8.quantize_per_token`). The product accumulates in int32.
+    Buffers: ``qweight`` (N, K) int8, ``weight_scale`` (N,) float32, ``bias`` (N,).
+
+    ``activation_bits`` (8, or 7 by default on CPUs whose int8 GEMM would saturate: see
+    :func:`slimline.quantize.kernels_int8.activation_bits`) is part of the model, saved in its
+    metadata: the grid is what the model was evaluated with, so a checkpoint computes the
+    same numbers on every machine. Only the kernel is chosen per machine — an 8-bit layer on
+    a CPU without VNNI runs its GEMM in two exact passes rather than saturating.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        bias: bool = True,
+        bias_dtype: torch.dtype = torch.float32,
+        activation_bits: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        bits = kernels.activation_bits() if activation_bits is None else activation_bits
+        self.activation_bits = kernels.check_activation_bits(bits)
+        self.qweight: torch.Tensor
+        self.weight_scale: torch.Tensor
+        self.bias: torch.Tensor | None
+        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype) if bias else None)
+        # Decided once here, not in forward, so that torch.compile sees plain attributes.
+        self.use_onednn = kernels.onednn_available()
+        self.split_high_bit = self.use_onednn and bits == 8 and kernels.onednn_saturates()
+        if self.use_onednn:
+            kernels.register_onednn_op()
+        self._init_cache()
+
+    @classmethod
+    def from_float(
+        cls, module: nn.Module, *, activation_bits: int | None = None
+    ) -> Int8DynamicLinear:
+        """Quantize an ``nn.Linear`` or ``Conv1D`` weight per output channel.
+
+        ``activation_bits`` None: this machine's
+        :func:`~slimline.quantize.kernels_int8.activation_bits`.
+        """
+        weight = linear_weight(module).detach()  # (N, K)
+        q, scale = quantize_per_channel_int8(weight)
+        bias = _bias_of(module)
+        layer = cls(
+            weight.shape[1], weight.shape[0], bias=bias is not None,
+            bias_dtype=bias.dtype if bias is not None else torch.float32,
+            activation_bits=activation_bits,
+        )  # fmt: skip
+        # GPT-2's Conv1D gives a transposed (non-contiguous) view: oneDNN's prepack reads the
+        # raw memory as row-major (N, K), so the codes must be laid out that way.
+        layer.qweight = q.contiguous()
+        layer.weight_scale = scale
+        layer.bias = bias
+        return layer.to(weight.device)
+
+    def refresh_kernels(self) -> None:
+        """Re-derive the kernel inputs from the buffers (oneDNN's prepacked weight on CPU)."""
+        super().refresh_kernels()
+        self._derived["offset"] = kernels.weight_offset(self.qweight, self.weight_scale)
+        if self.use_onednn and self.qweight.device.type == "cpu":
+            self._derived["onednn"] = kernels.onednn_prepack(self.qweight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if "offset" not in self._derived:  # e.g. after deepcopy, which drops derived layouts
+            self.refresh_kernels()
+        codes, x_scale, x_zero = kernels.quantize_per_token(x, self.activation_bits)
+        acc = self._int8_mm(codes)  # (..., N)
+        return kernels.rescale(acc, x_scale, x_zero, self._derived["offset"], self.bias, x.dtype)
+
+    def _int8_mm(self, codes: torch.Tensor) -> torch.Tensor:
+        """(..., K) uint8 codes -> (..., N) float32 ``s_w[n] · Σ_k u · q_W``, exactly."""
+        if self.use_onednn and codes.device.type == "cpu":
+            packed = self._derived["onednn"]
+            if self.split_high_bit:
+                return kernels.onednn_int8_mm_split(codes, packed, self.weight_scale)
+            return kernels.onednn_int8_mm(codes, packed, self.weight_scale)
+        return kernels.int_mm_int8_mm(codes, self.qweight.t(), self.weight_scale)
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The (N, K) weight ``q_W · s_w`` (activation rounding not included)."""
+        return (self.qweight.float() * self.weight_scale[:, None]).to(dtype)
+
+    def kernel_name(self) -> str:
+        """The GEMM ``forward`` runs on CPU: "onednn", "onednn-2pass" or "_int_mm"."""
+        if not self.use_onednn:
+            return "_int_mm"
+        return "onednn-2pass" if self.split_high_bit else "onednn"
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, activation_bits={self.activation_bits}, "
+            f"kernel={self.kernel_name()}"
+        )
+
+    def slimline_meta(self) -> dict[str, Any]:
+        return {
+            "version": META_VERSION,
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "bias": self.bias is not None,
+            "bias_dtype": _dtype_name(self.bias.dtype) if self.bias is not None else "float32",
+            "activation_bits": self.activation_bits,
+        }
+
+    @classmethod
+    def from_slimline_meta(cls, meta: dict[str, Any]) -> nn.Module:
+        _check_version(meta)
+        return cls(
+            int(meta["in_features"]), int(meta["out_features"]), bias=bool(meta["bias"]),
+            bias_dtype=_dtype(meta["bias_dtype"]), activation_bits=_activation_bits(meta),
+        )  # fmt: skip
+
+
+def _activation_bits(meta: dict[str, Any]) -> int:
+    """The stored activation width; checkpoints written before it was recorded used 8."""
+    bits = meta.get("activation_bits", 8)
+    if not isinstance(bits, int):
+        raise ValueError(f"activation_bits: must be an integer in the metadata, got {bits!r}")
+    return bits
+
+
 
 
 @register_module
@@ -71,8 +217,6 @@ class SmoothQuantLinear(Int8DynamicLinear):
         self.input_zero: torch.Tensor | None
         self.register_buffer("input_scale", torch.ones(()) if static else None)
         self.register_buffer("input_zero", torch.zeros((), dtype=torch.int32) if static else None)
-        if static and self.use_onednn:
-            kernels.register_onednn_static_op()
 
     @classmethod
     def from_smoothed(
@@ -86,7 +230,7 @@ class SmoothQuantLinear(Int8DynamicLinear):
 
         The weight quantized is ``W · diag(1/smooth)``; ``input_qparams`` is the static
         (scale, zero point) of the smoothed input on an ``activation_bits`` grid (None: this
-        machine's :func:`~slimline.quantize.kernels.activation_bits`), or None for dynamic
+        machine's :func:`~slimline.quantize.kernels_int8.activation_bits`), or None for dynamic
         per-token activations.
         """
         weight = linear_weight(module).detach().float()  # (N, K)

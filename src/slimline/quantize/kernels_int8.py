@@ -1,19 +1,9 @@
-"""The matmuls behind slimline's quantized linears, and which ones this build of torch has.
+"""The int8 GEMMs behind the W8A8 layers (``int8_dynamic``, ``smoothquant``), and which ones
+this build of torch and this CPU run exactly.
 
 Measured with 2 threads on a 2-core AMD EPYC (Zen 5: AVX-512 VNNI and BF16, no AMX), torch
-2.13; the choices below follow these numbers.
-
-Weight-only (``rtn``), chosen per call by ``QuantLinear.kernel_path``:
-
-* :func:`dequant_linear` — dequantize to the activation dtype, then ``F.linear``: works for
-  every width, group and shape; the fastest beyond a few rows, and in float16;
-* :func:`int4pack_linear` — ``aten._weight_int4pack_mm_for_cpu`` (tinygemm layout), for
-  4-bit weights with ``N % 16 == 0`` and groups of 32/64/128/256 dividing ``K``; wins up to
-  64 rows in bfloat16 and, for large layers, at one row in float32 (its float32 loop is not
-  vectorised);
-* :func:`int8pack_linear` — ``aten._weight_int8pack_mm``, for 8-bit per-channel symmetric
-  weights with ``K % 16 == 0`` (its bfloat16 path returns garbage or crashes otherwise);
-  wins up to 32 rows in bfloat16 and, for large layers, at one row in float32.
+2.13; the choices below follow these numbers. (Weight-only kernels:
+:mod:`slimline.quantize.kernels_weight_only`.)
 
 Dynamic W8A8 (``int8_dynamic``): int8 weights with one scale per output channel, and
 activations quantized at run time to uint8 with one scale and zero point per token
@@ -31,6 +21,10 @@ output by :func:`rescale`:
 Both GEMMs run at about 1.75 TFLOP/s on 2016×384 · 384×1536 (bfloat16 0.76, float32 0.19);
 oneDNN is preferred because it applies the weight scales in its epilogue and returns float32,
 one pass over the output fewer (all-MiniLM-L6-v2 eager: 0.50× vs 0.65× the float32 time).
+
+Static W8A8 (``smoothquant`` with calibrated activation scales) runs the same custom op with
+one scale and zero point per tensor and the bias, all applied in oneDNN's epilogue
+(:func:`onednn_static_linear`): one op definition serves both.
 
 On x86 CPUs without an int8 dot product (VNNI or AMX) oneDNN multiplies with ``vpmaddubsw``,
 which adds each pair of u8·s8 products into a *saturating* int16: 8-bit activations times
@@ -50,15 +44,12 @@ import platform
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
 from slimline.evaluate.conditions import cpu_features
 
-INT4PACK_GROUPS = (32, 64, 128, 256)
 _OP_NAMESPACE = "slimline"
 _ONEDNN_OP = "onednn_int8_mm"
-_ONEDNN_STATIC_OP = "onednn_int8_mm_static"
 # uint8 activation codes minus 128 are the int8 codes ``torch._int_mm`` takes.
 U8_OFFSET = 128
 # Activation widths of the W8A8 layers: 8, or 7 where the GEMM could saturate (module doc).
@@ -66,84 +57,6 @@ ACTIVATION_BITS = (7, 8)
 # CPU flags of an int8 dot product accumulating in int32 (VNNI's vpdpbusd, AMX's tdpbusd).
 INT8_DOT_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 _X86 = frozenset({"x86_64", "amd64", "i386", "i686", "x86"})
-
-
-# --- weight-only --------------------------------------------------------------------------
-
-
-def dequant_linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
-) -> torch.Tensor:
-    """``x @ weight.T + bias`` with the already dequantized (N, K) weight."""
-    return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
-
-
-def int4pack_group(out_features: int, in_features: int, group: int) -> int | None:
-    """The group size torch's CPU int4 kernel would run this layer with, or None.
-
-    A per-channel layer (``group == K``) runs with the largest supported group dividing
-    ``K``, its one scale repeated over the groups.
-    """
-    if out_features % 16 or in_features % 2:
-        return None
-    if group in INT4PACK_GROUPS and in_features % group == 0:
-        return group
-    if group == in_features:
-        fitting = [g for g in INT4PACK_GROUPS if in_features % g == 0]
-        return max(fitting) if fitting else None
-    return None
-
-
-def int4pack_weight(codes: torch.Tensor) -> torch.Tensor:
-    """(N, K) uint8 codes in [0, 15] -> the CPU kernel's own (N, K/2) uint8 tile layout."""
-    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
-
-
-def int4pack_scales_zeros(
-    scales: torch.Tensor, zeros: torch.Tensor, kernel_groups: int, dtype: torch.dtype
-) -> torch.Tensor:
-    """(N, G) scales and zero points -> the kernel's (kernel_groups, N, 2) table.
-
-    The kernel computes ``w = (q - 8) · s + m`` on unsigned codes; with ``w = (q - z) · s``
-    that is ``m = (8 - z) · s`` (0 for a symmetric layer, stored with ``z = 8``).
-    ``kernel_groups`` is a multiple of ``G`` (per-channel scales are repeated).
-    """
-    s = scales.float()  # (N, G)
-    m = (8.0 - zeros.float()) * s
-    table = torch.stack([s.t(), m.t()], dim=-1)  # (G, N, 2)
-    table = table.repeat_interleave(kernel_groups // s.shape[1], dim=0)
-    return table.to(dtype).contiguous()
-
-
-def int4pack_linear(
-    x: torch.Tensor,
-    packed: torch.Tensor,
-    group: int,
-    scales_zeros: torch.Tensor,
-    bias: torch.Tensor | None,
-) -> torch.Tensor:
-    """``x @ W.T + bias`` with torch's CPU int4 kernel (tinygemm layout)."""
-    rows = x.reshape(-1, x.shape[-1]).contiguous()  # (M, K)
-    out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, packed, group, scales_zeros)
-    if bias is not None:
-        out = out + bias.to(out.dtype)
-    return out.reshape(*x.shape[:-1], out.shape[-1])
-
-
-def int8pack_fits(in_features: int) -> bool:
-    """Whether ``aten._weight_int8pack_mm`` computes this width correctly (see module doc)."""
-    return in_features % 16 == 0
-
-
-def int8pack_linear(
-    x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
-) -> torch.Tensor:
-    """``x @ (weight · scales).T + bias`` for an (N, K) int8 weight and (N,) scales."""
-    rows = x.reshape(-1, x.shape[-1]).contiguous()  # (M, K)
-    out = torch.ops.aten._weight_int8pack_mm(rows, weight, scales.to(x.dtype))
-    if bias is not None:
-        out = out + bias.to(out.dtype)
-    return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
 # --- dynamic int8 (W8A8) ------------------------------------------------------------------
@@ -271,52 +184,81 @@ def onednn_prepack(weight: torch.Tensor) -> torch.Tensor:
     return packed
 
 
-def _onednn_mm(codes: torch.Tensor, packed: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
-    """(..., K) uint8 · prepacked (N, K) int8 -> (..., N) float32 ``s_w[n] · Σ_k u·q_W``.
+def _onednn_qlinear(
+    codes: torch.Tensor,
+    packed: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    x_scale: float,
+    x_zero: int,
+) -> torch.Tensor:
+    """(..., K) uint8 with one scale and zero point · prepacked (N, K) int8 -> (..., N) float32.
 
-    The dot products accumulate in int32 and are scaled once in float32 (exact integers
-    while ``|acc| < 2^24``). Activation zero point 0: per-token zero points are removed
-    afterwards by :func:`rescale`, since oneDNN takes only one per tensor.
+    ``y = s_x · s_w[n] · Σ_k (u - z_x) · q_W + b``: the dot products accumulate in int32 and
+    are scaled once in float32 (exact integers while ``|acc| < 2^24``); the zero point and the
+    bias are applied in oneDNN's epilogue. Dynamic layers pass ``s_x = 1``, ``z_x = 0`` and no
+    bias: their per-token scales and zero points are applied afterwards by :func:`rescale`,
+    since oneDNN takes only one per tensor.
     """
     zero_points = torch.zeros(w_scale.shape, dtype=torch.int64, device=w_scale.device)
     out: torch.Tensor = torch.ops.onednn.qlinear_pointwise(
-        codes, 1.0, 0, packed, w_scale.float(), zero_points,
-        None, 1.0, 0, torch.float32, "none", [], "",
+        codes, x_scale, x_zero, packed, w_scale.float(), zero_points,
+        bias, 1.0, 0, torch.float32, "none", [], "",
     )  # fmt: skip
     return out
+
+
+def _onednn_mm(codes: torch.Tensor, packed: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """(..., K) uint8 · prepacked (N, K) int8 -> (..., N) float32 ``s_w[n] · Σ_k u·q_W``."""
+    return _onednn_qlinear(codes, packed, w_scale, None, 1.0, 0)
 
 
 @functools.cache
 def register_onednn_op() -> None:
     """Define ``torch.ops.slimline.onednn_int8_mm`` (once, on first use; not at import).
 
-    A custom op is opaque to inductor, which then calls it as an extern kernel and still fuses
-    the quantize and rescale ops around it.
+    One op for the dynamic and the static layers (see :func:`_onednn_qlinear`). A custom op
+    is opaque to inductor, which then calls it as an extern kernel and still fuses the
+    quantize and rescale ops around it.
     """
     name = f"{_OP_NAMESPACE}::{_ONEDNN_OP}"
-    op = torch.library.custom_op(name, mutates_args=())(_onednn_mm_op)
+    op = torch.library.custom_op(name, mutates_args=())(_onednn_qlinear_op)
 
-    def fake(codes: torch.Tensor, packed: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    def fake(
+        codes: torch.Tensor,
+        packed: torch.Tensor,
+        w_scale: torch.Tensor,
+        bias: torch.Tensor | None,
+        x_scale: float,
+        x_zero: int,
+    ) -> torch.Tensor:
         return codes.new_empty((*codes.shape[:-1], w_scale.shape[0]), dtype=torch.float32)
 
     op.register_fake(fake)
 
     @register_flop_formula(torch.ops.slimline.onednn_int8_mm)
-    def flops(codes_shape: Any, packed_shape: Any, scale_shape: Any, **_: Any) -> int:
+    def flops(codes_shape: Any, packed_shape: Any, scale_shape: Any, *_: Any, **__: Any) -> int:
         # (M, K) · (K, N): one multiply and one add per term, as FlopCounterMode counts mm.
         m = math.prod(codes_shape[:-1])
         return 2 * m * codes_shape[-1] * scale_shape[0]
 
 
-def _onednn_mm_op(codes: torch.Tensor, packed: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
-    return _onednn_mm(codes, packed, w_scale)
+def _onednn_qlinear_op(
+    codes: torch.Tensor,
+    packed: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    x_scale: float,
+    x_zero: int,
+) -> torch.Tensor:
+    return _onednn_qlinear(codes, packed, w_scale, bias, x_scale, x_zero)
 
 
 def onednn_int8_mm(
     codes: torch.Tensor, packed: torch.Tensor, w_scale: torch.Tensor
 ) -> torch.Tensor:
     """``s_w[n] · Σ_k u · q_W`` on oneDNN, through the custom op (see :func:`_onednn_mm`)."""
-    out: torch.Tensor = torch.ops.slimline.onednn_int8_mm(codes, packed, w_scale)
+    out: torch.Tensor = torch.ops.slimline.onednn_int8_mm(codes, packed, w_scale, None, 1.0, 0)
     return out
 
 
@@ -374,62 +316,6 @@ def quantize_static(
     return signed.to(torch.int8).view(torch.uint8).bitwise_xor_(U8_OFFSET)
 
 
-def _onednn_static(
-    codes: torch.Tensor,
-    packed: torch.Tensor,
-    w_scale: torch.Tensor,
-    bias: torch.Tensor | None,
-    x_scale: float,
-    x_zero: int,
-) -> torch.Tensor:
-    """(..., K) uint8 with one scale and zero point · prepacked (N, K) int8 -> float32.
-
-    ``y = s_x · s_w[n] · Σ_k (u - z_x) · q_W + b``, all in oneDNN: the zero point and the
-    bias are applied in its epilogue, so there is no separate rescale pass.
-    """
-    zero_points = torch.zeros(w_scale.shape, dtype=torch.int64, device=w_scale.device)
-    out: torch.Tensor = torch.ops.onednn.qlinear_pointwise(
-        codes, x_scale, x_zero, packed, w_scale.float(), zero_points,
-        bias, 1.0, 0, torch.float32, "none", [], "",
-    )  # fmt: skip
-    return out
-
-
-@functools.cache
-def register_onednn_static_op() -> None:
-    """Define ``torch.ops.slimline.onednn_int8_mm_static`` (once, on first use)."""
-    name = f"{_OP_NAMESPACE}::{_ONEDNN_STATIC_OP}"
-    op = torch.library.custom_op(name, mutates_args=())(_onednn_static_op)
-
-    def fake(
-        codes: torch.Tensor,
-        packed: torch.Tensor,
-        w_scale: torch.Tensor,
-        bias: torch.Tensor | None,
-        x_scale: float,
-        x_zero: int,
-    ) -> torch.Tensor:
-        return codes.new_empty((*codes.shape[:-1], w_scale.shape[0]), dtype=torch.float32)
-
-    op.register_fake(fake)
-
-    @register_flop_formula(torch.ops.slimline.onednn_int8_mm_static)
-    def flops(codes_shape: Any, packed_shape: Any, scale_shape: Any, *_: Any, **__: Any) -> int:
-        m = math.prod(codes_shape[:-1])
-        return 2 * m * codes_shape[-1] * scale_shape[0]
-
-
-def _onednn_static_op(
-    codes: torch.Tensor,
-    packed: torch.Tensor,
-    w_scale: torch.Tensor,
-    bias: torch.Tensor | None,
-    x_scale: float,
-    x_zero: int,
-) -> torch.Tensor:
-    return _onednn_static(codes, packed, w_scale, bias, x_scale, x_zero)
-
-
 def onednn_static_linear(
     codes: torch.Tensor,
     packed: torch.Tensor,
@@ -438,8 +324,8 @@ def onednn_static_linear(
     x_scale: float,
     x_zero: int,
 ) -> torch.Tensor:
-    """Static W8A8 GEMM on oneDNN, through the custom op (see :func:`_onednn_static`)."""
-    out: torch.Tensor = torch.ops.slimline.onednn_int8_mm_static(
+    """Static W8A8 GEMM on oneDNN, through the custom op (see :func:`_onednn_qlinear`)."""
+    out: torch.Tensor = torch.ops.slimline.onednn_int8_mm(
         codes, packed, w_scale, bias, x_scale, x_zero
     )
     return out
