@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
 
 import pytest
 import torch
@@ -203,14 +202,14 @@ def test_missing_calibration_and_labels_raise_before_touching(tiny_mlp) -> None:
         assert torch.equal(v, before[k]), k
 
 
-def test_mixed_precision_fields_are_rejected() -> None:
-    @dataclass(frozen=True, kw_only=True)
-    class WithMixed(QatConfig):  # the fields rtn-family configs may gain
-        average_bits: float | None = None
-
-    WithMixed()  # the default (unset) is fine
-    with pytest.raises(ValueError, match="qat.average_bits"):
-        WithMixed(average_bits=3.5)
+def test_mixed_precision_fields_are_not_qat_fields() -> None:
+    """qat trains one width: it takes the grid, not rtn's mixed-precision fields."""
+    with pytest.raises(ValueError, match="qat: unknown field"):
+        sl.Recipe.from_dict({"steps": [{"method": "qat", "average_bits": 3.5}]})
+    # Recipes saved while qat carried the fields unused (null, and the default choices) load.
+    legacy = {"method": "qat", "bits": 3, "average_bits": None, "bit_choices": [3, 4, 8]}
+    step = sl.Recipe.from_dict({"steps": [legacy]}).to_dict()["steps"][0]
+    assert step["bits"] == 3 and "average_bits" not in step and "bit_choices" not in step
 
 
 class _Classifier(nn.Module):

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, TypeVar
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -47,7 +47,6 @@ from slimline.quantize.packing import (
 from slimline.quantize.qlinear import QuantLinear
 from slimline.quantize.weight_only import WeightGridConfig
 
-A = TypeVar("A", bound="AwqConfig")
 # Tokens per layer for the clipping search (the reference's 512): its cost is N·K·T per point.
 _CLIP_TOKENS = 512
 # Elements of one (rows, tokens, groups) error tensor in the clipping search: bounds memory.
@@ -82,15 +81,6 @@ class AwqConfig(WeightGridConfig):
                 self.fail(name, f"must be ≥ 1, got {value}")
         if not 0.0 <= self.max_shrink < 1.0:
             self.fail("max_shrink", f"{self.max_shrink} is outside [0, 1)")
-
-    @classmethod
-    def from_dict(cls: type[A], data: dict[str, Any]) -> A:
-        """As :meth:`MethodConfig.from_dict`; also reads recipes saved (with checkpoints) while
-        awq carried rtn's mixed-precision fields, unused: ``average_bits`` null and
-        ``bit_choices`` are dropped. Any other use of them is an unknown field."""
-        if data.get("average_bits", ...) is None and "bit_choices" in data:
-            data = {k: v for k, v in data.items() if k not in ("average_bits", "bit_choices")}
-        return super().from_dict(data)
 
 
 def fake_quantize(weight: torch.Tensor, cfg: WeightGridConfig) -> torch.Tensor:

@@ -34,7 +34,6 @@ leaves behind computes with exactly the weight the last training step used.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -48,9 +47,15 @@ from torch import nn
 from slimline.core.batches import Batch, forward, to_device
 from slimline.core.registry import StepContext, StepOutcome, register
 from slimline.core.targets import linear_weight
-from slimline.quantize.packing import effective_group, expand_groups, quantize_groups
+from slimline.quantize.packing import (
+    effective_group,
+    expand_groups,
+    from_groups,
+    quantize_groups,
+    to_groups,
+)
 from slimline.quantize.qlinear import QuantLinear
-from slimline.quantize.rtn import RtnConfig
+from slimline.quantize.weight_only import WeightGridConfig
 from slimline.train.loop import train_loop
 from slimline.train.losses import (
     TeacherTargets,
@@ -60,12 +65,9 @@ from slimline.train.losses import (
     token_mask,
 )
 
-# Mixed-precision fields ``rtn``-family configs may gain; they choose bits, QAT trains them.
-_FIXED_BIT_FIELDS = ("average_bits", "bit_choices")
-
 
 @dataclass(frozen=True, kw_only=True)
-class QatConfig(RtnConfig):
+class QatConfig(WeightGridConfig):
     """QAT: ``rtn``'s grid and packing, weights and step sizes trained through the rounding."""
 
     method: ClassVar[str] = "qat"
@@ -94,10 +96,6 @@ class QatConfig(RtnConfig):
 
     def check(self) -> None:
         super().check()
-        for name in _FIXED_BIT_FIELDS:
-            field = {f.name: f for f in dataclasses.fields(self)}.get(name)
-            if field is not None and getattr(self, name) != _default(field):
-                self.fail(name, "is for rtn/gptq/hqq; qat trains one bit width, set bits")
         if self.steps < 1:
             self.fail("steps", f"must be ≥ 1, got {self.steps}")
         for name in ("lr", "scale_lr"):
@@ -111,12 +109,6 @@ class QatConfig(RtnConfig):
     def trains_weights(self) -> bool:
         """Whether the latent float weights (and biases) are trained, not only step sizes."""
         return self.train_weights and self.lr > 0.0
-
-
-def _default(field: dataclasses.Field[Any]) -> Any:
-    if field.default_factory is not dataclasses.MISSING:
-        return field.default_factory()
-    return field.default
 
 
 # --- LSQ maths -----------------------------------------------------------------------------
@@ -179,15 +171,6 @@ class _CastSTE(torch.autograd.Function):
         return grad, None
 
 
-def grouped(weight: torch.Tensor, group: int) -> torch.Tensor:
-    """(N, K) -> (N, G, group); a ragged last group is zero-padded (no gradient flows there)."""
-    n, k = weight.shape
-    pad = -k % group
-    if pad:
-        weight = F.pad(weight, (0, pad))
-    return weight.view(n, -1, group)
-
-
 def fake_quantize(
     weight: torch.Tensor,
     scales: torch.Tensor,
@@ -203,11 +186,11 @@ def fake_quantize(
     gradients at the clipped ends; the value equals ``rtn``'s ``clamp(round(w / s))``, the
     bounds being integers, and ``w / s`` is computed elementwise as ``rtn`` does.
     """
-    n, k = weight.shape
+    k = weight.shape[1]
     if isinstance(low, torch.Tensor):
         low, high = low.unsqueeze(-1), high.unsqueeze(-1)  # (N, G, 1)
-    out = LsqQuantize.apply(grouped(weight, group), scales.unsqueeze(-1), low, high, grad_scale)
-    return out.view(n, -1)[:, :k].contiguous()  # (N, K), laid out as QuantLinear's weight
+    out = LsqQuantize.apply(to_groups(weight, group), scales.unsqueeze(-1), low, high, grad_scale)
+    return from_groups(out, k).contiguous()  # (N, K), laid out as QuantLinear's weight
 
 
 def lsq_codes(
@@ -215,11 +198,11 @@ def lsq_codes(
 ) -> torch.Tensor:
     """The (N, K) integer codes ``round(clamp(w / s, low, high))`` of :func:`fake_quantize`
     (float tensor holding integers; signed, relative to the zero point)."""
-    n, k = weight.shape
+    k = weight.shape[1]
     if isinstance(low, torch.Tensor):
         low, high = low.unsqueeze(-1), high.unsqueeze(-1)  # (N, G, 1)
-    ratio = grouped(weight.detach(), group) / scales.detach().unsqueeze(-1)
-    return torch.round(torch.clamp(ratio, low, high)).view(n, -1)[:, :k]
+    ratio = to_groups(weight.detach(), group) / scales.detach().unsqueeze(-1)
+    return from_groups(torch.round(torch.clamp(ratio, low, high)), k)
 
 
 # --- the train-time layer --------------------------------------------------------------------

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from slimline.core.config import MethodConfig
 from slimline.core.families import Family
 from slimline.quantize.packing import MAX_BITS, MIN_BITS
 
+G = TypeVar("G", bound="WeightGridConfig")
 M = TypeVar("M", bound="MixedWidthConfig")
 
 
@@ -41,6 +42,18 @@ class WeightGridConfig(MethodConfig):
             self.fail("bits", f"must be between {MIN_BITS} and {MAX_BITS}, got {self.bits}")
         if self.group_size is not None and self.group_size < 1:
             self.fail("group_size", f"must be a positive integer or null, got {self.group_size}")
+
+    @classmethod
+    def from_dict(cls: type[G], data: dict[str, Any]) -> G:
+        """As :meth:`MethodConfig.from_dict`; a grid-only method (``awq``, ``qat``) also reads
+        recipes saved with checkpoints while it carried rtn's mixed-precision fields unused
+        (``average_bits`` null and ``bit_choices``): those two are dropped. Any other use of
+        them is an unknown field."""
+        own = {f.name for f in dataclasses.fields(cls)}
+        legacy = data.get("average_bits", ...) is None and "bit_choices" in data
+        if legacy and "average_bits" not in own:
+            data = {k: v for k, v in data.items() if k not in ("average_bits", "bit_choices")}
+        return super().from_dict(data)
 
     def nominal_overhead(self) -> float:
         """Scale and zero-point bits per weight with float16 scales and full groups."""
