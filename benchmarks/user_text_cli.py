@@ -16,6 +16,7 @@ shared 2-core machine), and the held-out perplexity of the saved model.
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import subprocess
 import sys
@@ -146,7 +147,9 @@ def main() -> None:
         f"characters; `slimline compress --model DIR --recipe r.yaml --calibration my.txt "
         f"--out OUT` at defaults (batch size 8, 8 batches: padded, varied lengths); perplexity "
         f"on the file's last {HELD_OUT} lines. Llama: code-llama-tiny@small saved with "
-        "save_pretrained; GPT-2: random weights (a run check, not a quality figure).\n\n"
+        "save_pretrained; GPT-2: random weights (a run check, not a quality figure). "
+        f"1-minute load average at the end: {os.getloadavg()[0]:.1f} (seconds include "
+        "process start and are only comparable within one quiet run).\n\n"
         + markdown_table(header, rows)
     )
     write_section("user_text_cli", "Every calibrated method through the CLI on a user's model "
