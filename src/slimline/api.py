@@ -79,6 +79,7 @@ def compress(
     previous = checkpoint.applied_recipe(work)["steps"]
     applied = {"version": 1, "steps": previous + recipe.to_dict()["steps"]}
     setattr(work, checkpoint.RECIPE_ATTR, applied)
+    checkpoint.record_reports(work, [r.to_dict() for r in reports])
     return CompressResult(model=work, steps=reports, recipe=recipe)
 
 
@@ -124,9 +125,14 @@ def save(
     *,
     tokenizer: Any | None = None,
     source: str | None = None,
+    source_dir: str | Path | None = None,
 ) -> Path:
-    """Write ``model`` (compressed or not) to a directory: safetensors + JSON, atomically."""
-    return checkpoint.save(model, path, tokenizer=tokenizer, source=source)
+    """Write ``model`` (compressed or not) to a directory: safetensors + JSON, atomically.
+
+    ``source_dir``: the local Hugging Face directory the model came from, whose tokenizer,
+    generation and sentence-transformers files and card are carried over (not its weights).
+    """
+    return checkpoint.save(model, path, tokenizer=tokenizer, source=source, source_dir=source_dir)
 
 
 def load(path: str | Path, *, model: nn.Module | None = None) -> nn.Module:

@@ -170,7 +170,10 @@ def _compress(args: argparse.Namespace) -> int:
     console = _console()
     with console.status(f"compressing {args.model} ({len(recipe)} steps)"):
         result = compress(source.model, recipe, calibration=calibration, progress=True)
-    out = save(result.model, args.out, tokenizer=source.tokenizer, source=source.builtin)
+    # A directory's tokenizer files are copied as they are (save's source_dir), not re-saved.
+    tokenizer = None if source.directory is not None else source.tokenizer
+    out = save(result.model, args.out, tokenizer=tokenizer, source=source.builtin,
+               source_dir=source.directory)
     report = {"model": args.model, "out": str(out), "steps": [s.to_dict() for s in result.steps]}
     _write_json(report, Path(args.report) if args.report else out / "compress.json")
     _print_steps(console, result.steps)

@@ -15,7 +15,7 @@ from typing import Any, Literal
 from torch import nn
 
 from slimline.core.batches import Batch
-from slimline.core.checkpoint import RECIPE_FILE, SOURCE_ATTR
+from slimline.core.checkpoint import RECIPE_FILE, SOURCE_ATTR, SOURCE_DIR_ATTR
 
 Split = Literal["train", "validation", "test"]
 
@@ -27,6 +27,7 @@ class LoadedModel:
     model: nn.Module
     tokenizer: Any | None
     builtin: str | None  # the built-in model it is or came from
+    directory: Path | None = None  # the local directory it was read from (its files are kept)
 
     def data(
         self, text_file: str | None, *, split: Split, batch_size: int, limit: int | None
@@ -68,9 +69,12 @@ def resolve_model(spec: str) -> LoadedModel:
         from slimline.core.checkpoint import load
 
         model = load(path)
-        return LoadedModel(model, _tokenizer(path), getattr(model, SOURCE_ATTR, None))
+        setattr(model, SOURCE_DIR_ATTR, str(path.resolve()))  # sl.save carries its files over
+        return LoadedModel(model, _tokenizer(path), getattr(model, SOURCE_ATTR, None), path)
     if (path / "config.json").is_file():
-        return LoadedModel(_hf_model(path), _tokenizer(path), None)
+        model = _hf_model(path)
+        setattr(model, SOURCE_DIR_ATTR, str(path.resolve()))
+        return LoadedModel(model, _tokenizer(path), None, path)
     raise ValueError(f"{spec!r} has neither recipe.json (slimline) nor config.json (Hugging Face)")
 
 

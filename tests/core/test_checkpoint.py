@@ -94,7 +94,8 @@ def test_load_errors(tmp_path) -> None:
 
 def test_no_pickle_in_checkpoint(tmp_path, tiny_mlp) -> None:
     sl.save(tiny_mlp, tmp_path / "ck")
-    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["model.safetensors", "recipe.json"]
+    names = sorted(p.name for p in (tmp_path / "ck").iterdir())
+    assert names == ["README.md", "model.safetensors", "recipe.json"]
 
 
 # --- broken checkpoints are refused, naming the file and the tensor -----------------------

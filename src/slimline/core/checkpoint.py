@@ -7,7 +7,11 @@ A checkpoint is a directory:
 * ``recipe.json`` — the recipe applied, how to rebuild the architecture, which modules were
   replaced by which registered compressed class (with its JSON metadata), the shared-tensor
   aliases, and the steps to re-apply at load (``compile`` cannot be stored);
-* ``config.json`` (+ tokenizer files) for Hugging Face models.
+* ``config.json`` (+ tokenizer files) for Hugging Face models, marked so that transformers
+  without slimline refuses a compressed one (``export/hf_config.py``); the source directory's
+  tokenizer, generation and sentence-transformers files (``export/source_files.py``);
+* ``README.md``, the model card: recipe, what each step did, how to load
+  (``export/model_card.py``).
 
 Writes go to a temporary sibling directory that is renamed over the target at the end, so an
 interrupted save leaves the previous checkpoint intact.
@@ -35,6 +39,8 @@ RECIPE_FILE = "recipe.json"
 WEIGHTS_FILE = "model.safetensors"
 RECIPE_ATTR = "slimline_recipe"  # the applied recipe dict, kept on the compressed model
 SOURCE_ATTR = "slimline_source"  # the built-in model a checkpoint came from, if any
+SOURCE_DIR_ATTR = "slimline_source_dir"  # the local directory the model was read from, if any
+REPORTS_ATTR = "slimline_step_reports"  # per applied step: method, layers, seconds, notes
 
 _ARCHITECTURES: dict[str, type[nn.Module]] = {}
 
@@ -53,27 +59,40 @@ def applied_recipe(model: nn.Module) -> dict[str, Any]:
     return recipe if isinstance(recipe, dict) else {"version": 1, "steps": []}
 
 
+def record_reports(model: nn.Module, reports: list[dict[str, Any]]) -> None:
+    """Append ``compress``'s step reports to ``model``'s record (layer lists as counts)."""
+    kept = [{"method": r["method"], "modules": len(r["modules"]), "seconds": r["seconds"],
+             "notes": [str(n) for n in r["notes"]]} for r in reports]
+    setattr(model, REPORTS_ATTR, list(getattr(model, REPORTS_ATTR, [])) + kept)
+
+
 def save(
     model: nn.Module,
     path: str | Path,
     *,
     tokenizer: Any | None = None,
     source: str | None = None,
+    source_dir: str | Path | None = None,
 ) -> Path:
     """Write ``model`` to the directory ``path`` atomically; returns the path.
 
     ``source`` names the built-in model it came from (default: the model's own record), so
-    ``slimline eval`` can find its data and baseline.
+    ``slimline eval`` can find its data and baseline. ``source_dir`` is the local Hugging Face
+    directory it was read from (default: the model's own record, set by the command line):
+    its tokenizer, generation and sentence-transformers files and its card are carried over,
+    never its weights.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"save: expected an nn.Module, got {type(model).__name__}")
     target = Path(path)
     if target.exists() and not target.is_dir():
         raise ValueError(f"save: {str(target)!r} exists and is not a directory")
+    origin = _source_dir(source_dir if source_dir is not None
+                         else getattr(model, SOURCE_DIR_ATTR, None))
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
-        _write(model, tmp, tokenizer, source or getattr(model, SOURCE_ATTR, None))
+        _write(model, tmp, tokenizer, source or getattr(model, SOURCE_ATTR, None), origin)
         _replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -81,18 +100,44 @@ def save(
     return target
 
 
-def _write(model: nn.Module, directory: Path, tokenizer: Any | None, source: str | None) -> None:
+def _source_dir(value: str | Path | None) -> Path | None:
+    if value is None:
+        return None
+    if not isinstance(value, (str, Path)):
+        raise TypeError(f"save: source_dir must be a path, got {type(value).__name__}")
+    if not Path(value).is_dir():
+        raise ValueError(f"save: source_dir {str(value)!r} is not a directory")
+    return Path(value)
+
+
+def _write(
+    model: nn.Module,
+    directory: Path,
+    tokenizer: Any | None,
+    source: str | None,
+    source_dir: Path | None,
+) -> None:
     from safetensors.torch import save_file
 
+    from slimline.export.companions import write_companions
+    from slimline.export.hf_config import changes_weights
+
     tensors, aliases = _dedupe(model.state_dict())
-    tensors, sparse = _encode_sparse(tensors)
+    # A Hugging Face model the recipe left as it was stays readable by transformers: dense.
+    if _architecture(model)["kind"] != "huggingface" or changes_weights(applied_recipe(model)):
+        tensors, sparse = _encode_sparse(tensors)
+    else:
+        sparse = {}
     save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "to_json_file"):
-        config.to_json_file(str(directory / "config.json"))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(directory))
-    manifest = {
+    manifest = _manifest(model, aliases, sparse, source)
+    (directory / RECIPE_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    write_companions(model, directory, manifest, tokenizer, source_dir)
+
+
+def _manifest(
+    model: nn.Module, aliases: dict[str, str], sparse: dict[str, list[int]], source: str | None
+) -> dict[str, Any]:
+    return {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
         "recipe": applied_recipe(model),
@@ -105,8 +150,8 @@ def _write(model: nn.Module, directory: Path, tokenizer: Any | None, source: str
         "aliases": aliases,
         "sparse": sparse,
         "source": source,
+        "reports": list(getattr(model, REPORTS_ATTR, [])),
     }
-    (directory / RECIPE_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
 
 
 def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -216,6 +261,7 @@ def load(path: str | Path, *, model: nn.Module | None = None) -> nn.Module:
     setattr(skeleton, RECIPE_ATTR, manifest["recipe"])
     if manifest.get("source"):
         setattr(skeleton, SOURCE_ATTR, manifest["source"])
+    setattr(skeleton, REPORTS_ATTR, manifest["reports"])
     skeleton.eval()
     _reapply_runtime_steps(skeleton, manifest["recipe"])
     return skeleton
@@ -297,11 +343,14 @@ def _build_huggingface(directory: Path, name: str) -> nn.Module:
     """An untrained ``transformers.<name>`` from ``config.json`` (only model classes)."""
     import transformers
 
+    from slimline.export.hf_config import strip
+
     cls = getattr(transformers, name, None)
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
         raise ValueError(f"load: transformers has no model class {name!r}")
     try:
         config = transformers.AutoConfig.from_pretrained(str(directory), local_files_only=True)
+        strip(config)  # the marks that keep transformers alone away are not the model's
         built: nn.Module = cls(config)
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
         raise ValueError(f"load: {directory / 'config.json'} does not describe a {name}: "

@@ -64,7 +64,10 @@ def check_manifest(data: object, where: Path) -> dict[str, Any]:
             _bad(where, f"sparse[{name!r}] must be a shape (a list of sizes), got {shape!r}")
     if data.get("source") is not None and not isinstance(data["source"], str):
         _bad(where, f"source must be a string, got {data['source']!r}")
-    return {**data, "modules": modules, "aliases": aliases, "sparse": sparse}
+    reports = data.get("reports", [])  # absent in checkpoints written before it was recorded
+    if not isinstance(reports, list) or not all(isinstance(r, dict) for r in reports):
+        _bad(where, "reports must be a list of JSON objects (one per applied step)")
+    return {**data, "modules": modules, "aliases": aliases, "sparse": sparse, "reports": reports}
 
 
 def _check_recipe(recipe: object, where: Path) -> None:
