@@ -5,6 +5,7 @@ from typing import TYPE_CHECKING
 from slimline.api import CompressResult, StepReport, compress, evaluate, list_methods, load, save
 from slimline.core.recipe import Recipe
 from slimline.core.targets import Targets
+from slimline.integrations.import_hook import install as _install_transformers_hook
 
 if not TYPE_CHECKING:
     # ``slimline.evaluate`` names both the subpackage and the API function ``sl.evaluate``.
@@ -27,3 +28,6 @@ __all__ = [
     "save",
 ]
 __version__ = "0.1.0"
+
+# transformers' from_pretrained reads slimline checkpoints (slimline/integrations/).
+_install_transformers_hook()

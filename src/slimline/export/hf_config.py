@@ -14,6 +14,10 @@ weight initialised at random — a model that runs and outputs garbage. Two keys
   name makes ``from_pretrained`` raise a ValueError quoting it, before any weight is read, so
   the value is the message: it names slimline and how to load the directory.
 
+With slimline imported, transformers reads such a directory itself: slimline registers a
+quantizer for ``quant_method: "slimline"`` that drops the guard and builds the compressed layers
+before the weights are read (``integrations/transformers.py``).
+
 A model whose recipe leaves the weights as transformers stores them (no step, or only cast,
 cache or compile steps) gets neither key and stays loadable by transformers as it is.
 """
@@ -51,8 +55,8 @@ def guard_message(manifest: dict[str, Any]) -> str:
     methods = ", ".join(s["method"] for s in manifest["recipe"]["steps"]) or "none"
     return (
         f"this directory is a slimline-compressed checkpoint (recipe: {methods}); transformers "
-        "cannot read its weights without slimline. Load it with `import slimline as sl; "
-        "sl.load(path)` (pip install slimline)"
+        "cannot read its weights without slimline. `import slimline` before `from_pretrained` "
+        "(pip install slimline), or load it with `sl.load(path)`"
     )
 
 
