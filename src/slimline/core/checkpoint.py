@@ -247,7 +247,8 @@ def load(path: str | Path, *, model: nn.Module | None = None) -> nn.Module:
     weights = directory / WEIGHTS_FILE
     header = checks.read_header(weights)
     skeleton = model if model is not None else _build_architecture(directory, manifest)
-    replacements = _replacements(skeleton, manifest["modules"], directory / RECIPE_FILE)
+    recipe_file = directory / RECIPE_FILE
+    replacements = rebuild_compressed_modules(skeleton, manifest["modules"], recipe_file)
     checks.check_tensors(
         weights, header, checks.expected_state(skeleton, replacements),
         aliases=manifest["aliases"], sparse=manifest["sparse"],
@@ -263,11 +264,11 @@ def load(path: str | Path, *, model: nn.Module | None = None) -> nn.Module:
         setattr(skeleton, SOURCE_ATTR, manifest["source"])
     setattr(skeleton, REPORTS_ATTR, manifest["reports"])
     skeleton.eval()
-    _reapply_runtime_steps(skeleton, manifest["recipe"])
+    reapply_runtime_steps(skeleton, manifest["recipe"])
     return skeleton
 
 
-def _replacements(
+def rebuild_compressed_modules(
     skeleton: nn.Module, modules: dict[str, Any], where: Path
 ) -> dict[str, nn.Module]:
     """The registered compressed modules the manifest records, built empty (not installed)."""
@@ -388,7 +389,7 @@ def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
     setattr(model.get_submodule(owner), attr, tensor)
 
 
-def _reapply_runtime_steps(model: nn.Module, recipe: dict[str, Any]) -> None:
+def reapply_runtime_steps(model: nn.Module, recipe: dict[str, Any]) -> None:
     """Steps whose effect is not all in the tensors (``compile``) are applied again."""
     from slimline.core.recipe import Recipe
     from slimline.core.registry import StepContext, handler_for

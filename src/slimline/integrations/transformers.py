@@ -106,10 +106,10 @@ class SlimlineHfQuantizer(HfQuantizer):
         return config
 
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
-        from slimline.core.checkpoint import _replacements
+        from slimline.core.checkpoint import rebuild_compressed_modules
 
         modules = _model_names(model, self.quantization_config.modules)
-        for name, module in _replacements(model, modules, _where(model)).items():
+        for name, module in rebuild_compressed_modules(model, modules, _where(model)).items():
             model.set_submodule(name, module)
         return model
 
@@ -119,11 +119,11 @@ class SlimlineHfQuantizer(HfQuantizer):
         return [WeightConverter([_MASK, _VALUES], "", [SparseDecode()])]
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
-        from slimline.core.checkpoint import RECIPE_ATTR, _reapply_runtime_steps
+        from slimline.core.checkpoint import RECIPE_ATTR, reapply_runtime_steps
 
         recipe = self.quantization_config.recipe
         setattr(model, RECIPE_ATTR, recipe)
-        _reapply_runtime_steps(model, recipe)
+        reapply_runtime_steps(model, recipe)
         return model
 
     def is_serializable(self) -> bool:
