@@ -131,20 +131,20 @@ class _ProbeDraws:
         return (math.sqrt(2.0) * torch.erfinv(2.0 * u - 1.0)).reshape(shape)
 
 
-def _probe_loss(output: object, batch: Batch, draws: _ProbeDraws) -> torch.Tensor:
+def _probe_loss(
+    output: object, batch: Batch, draws: _ProbeDraws, real: RealTokens
+) -> torch.Tensor:
     """A loss whose gradients' expected outer product is the curvature of the output cost.
 
     Logits: cross-entropy to labels drawn from the model's own softmax — its expected
     gradient outer product is the Fisher, the Hessian of the KL divergence at the model.
-    Padding tokens get no label. Other outputs: ``⟨output, v⟩`` with v ~ N(0, I) —
+    Only the real tokens ``real`` keeps (the batch's mask) get a label. Other outputs: ``⟨output, v⟩`` with v ~ N(0, I) —
     ``E[g gᵀ] = JᵀJ``, the Gauss–Newton matrix of ½‖Δoutput‖².
     """
     logits = getattr(output, "logits", None)
     if logits is None and isinstance(output, Mapping):
         logits = output.get("logits")
     if isinstance(logits, torch.Tensor):
-        real = RealTokens()
-        real.mask = token_mask(batch)
         flat = real.keep(logits).reshape(-1, logits.shape[-1]).float()  # (real tokens, classes)
         labels = draws.labels(flat.detach().softmax(dim=-1).cpu()).to(flat.device)
         return torch.nn.functional.cross_entropy(flat, labels, reduction="sum")
@@ -184,7 +184,7 @@ def output_gains(
                 for kept in outputs.values():
                     kept.clear()
                 real.mask = token_mask(batch)
-                loss = _probe_loss(forward(model, batch), batch, draws)
+                loss = _probe_loss(forward(model, batch), batch, draws, real)
                 seen = [(n, out) for n in names for out in outputs[n] if out.requires_grad]
                 if not loss.requires_grad or not seen:
                     raise ValueError("mixed precision needs gradients at the layers' outputs, "

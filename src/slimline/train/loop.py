@@ -27,19 +27,20 @@ def world() -> tuple[int, int]:
 
 def average_gradients(params: Sequence[nn.Parameter], world: int) -> None:
     """Average ``params``' gradients over the ranks: one ``all_reduce`` of a flat vector."""
+    grads = []
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-    if world == 1 or not params:
+        grads.append(p.grad)
+    if world == 1 or not grads:
         return
-    flat = torch.cat([p.grad.reshape(-1) for p in params if p.grad is not None])
+    flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat)
     flat /= world
     offset = 0
-    for p in params:
-        assert p.grad is not None
-        p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
-        offset += p.numel()
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
 
 
 def batch_order(n_batches: int, length: int, seed: int) -> list[int]:
