@@ -138,8 +138,8 @@ def _probe_loss(
 
     Logits: cross-entropy to labels drawn from the model's own softmax — its expected
     gradient outer product is the Fisher, the Hessian of the KL divergence at the model.
-    Only the real tokens ``real`` keeps (the batch's mask) get a label. Other outputs: ``⟨output, v⟩`` with v ~ N(0, I) —
-    ``E[g gᵀ] = JᵀJ``, the Gauss–Newton matrix of ½‖Δoutput‖².
+    Only the real tokens ``real`` keeps (the batch's mask) get a label. Other outputs:
+    ``⟨output, v⟩`` with v ~ N(0, I) — ``E[g gᵀ] = JᵀJ``, the Gauss–Newton matrix of ½‖Δoutput‖².
     """
     logits = getattr(output, "logits", None)
     if logits is None and isinstance(output, Mapping):
