@@ -44,7 +44,8 @@ def test_method_contract(method: str, spec: str, tmp_path) -> None:
     recipe = sl.Recipe((config_cls(),))
     assert sl.Recipe.from_dict(recipe.to_dict()) == recipe
     batch = built.batches("test", batch_size=2, limit=1)[0]
-    calibration = built.batches("train", batch_size=2, limit=2) if recipe.needs_calibration else None
+    needs_data = recipe.needs_calibration or any(s.needs_training for s in recipe.steps)
+    calibration = built.batches("train", batch_size=2, limit=2) if needs_data else None
     before = _state(built.model)
     reference = _outputs(built.model, batch)
     if not recipe.steps[0].applies_to(built.model):

@@ -51,6 +51,7 @@ def compress(
     recipe: Recipe | dict[str, Any] | Sequence[MethodConfig],
     *,
     calibration: Iterable[object] | None = None,
+    training: Iterable[object] | None = None,
     inplace: bool = False,
     progress: bool = False,
 ) -> CompressResult:
@@ -58,17 +59,19 @@ def compress(
 
     Everything that can be checked is checked before the model is touched: the recipe
     (fields, order), calibration data when a step needs it (and NaN/inf in it), NaN/inf in
-    the weights, and that every step's targets select layers it can handle.
+    the weights, and that every step's targets select layers it can handle. ``training`` feeds
+    the training steps (distill, lora, qat); it defaults to ``calibration``.
     """
     recipe = _as_recipe(recipe)
     if not isinstance(model, nn.Module):
         raise TypeError(f"compress: model must be an nn.Module, got {type(model).__name__}")
     batches = _calibration(recipe, calibration)
+    train_batches = _training(recipe, training, batches)
     check_finite_weights(model)
     for i, step in enumerate(recipe.steps):
         _dry_run_targets(model, step, i)
     work = model if inplace else copy.deepcopy(model)
-    ctx = StepContext(calibration=batches, progress=progress)
+    ctx = StepContext(calibration=batches, training=train_batches, progress=progress)
     reports = []
     for step in recipe.steps:
         start = time.perf_counter()
@@ -105,6 +108,21 @@ def _calibration(recipe: Recipe, calibration: Iterable[object] | None) -> list[B
     batches = materialize(calibration)
     if not batches and recipe.needs_calibration:
         raise ValueError("calibration data is empty")
+    return batches
+
+
+def _training(
+    recipe: Recipe, training: Iterable[object] | None, calibration: list[Batch] | None
+) -> list[Batch] | None:
+    needing = [s.method for s in recipe.steps if s.needs_training]
+    if training is None:
+        if needing and calibration is None:
+            raise ValueError(f"step {needing[0]!r} needs training data: pass training=batches "
+                             "(or calibration=batches, its default)")
+        return calibration
+    batches = materialize(training)
+    if not batches and needing:
+        raise ValueError(f"training data is empty (step {needing[0]!r} trains on it)")
     return batches
 
 

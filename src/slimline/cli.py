@@ -100,6 +100,9 @@ def _parser() -> argparse.ArgumentParser:
     comp.add_argument("--out", required=True, help="output directory")
     comp.add_argument("--calibration", help="text file (one sample a line); default: built-in data")
     comp.add_argument("--calibration-batches", type=int, default=8)
+    comp.add_argument("--train-data", help="text file (one sample a line) for training steps "
+                      "(distill, lora, qat); default: the built-in's train split")
+    comp.add_argument("--train-batches", type=int, default=32)
     comp.add_argument("--batch-size", type=int, default=8)
     comp.add_argument("--report", help="JSON report path (default: OUT/compress.json)")
     comp.set_defaults(run=_compress)
@@ -167,9 +170,15 @@ def _compress(args: argparse.Namespace) -> int:
             args.calibration, split="train", batch_size=args.batch_size,
             limit=args.calibration_batches,
         )
+    training = None
+    if any(step.needs_training for step in recipe.steps):
+        training = source.data(
+            args.train_data, split="train", batch_size=args.batch_size, limit=args.train_batches,
+        )
     console = _console()
     with console.status(f"compressing {args.model} ({len(recipe)} steps)"):
-        result = compress(source.model, recipe, calibration=calibration, progress=True)
+        result = compress(source.model, recipe, calibration=calibration, training=training,
+                          progress=True)
     # A directory's tokenizer files are copied as they are (save's source_dir), not re-saved.
     tokenizer = None if source.directory is not None else source.tokenizer
     out = save(result.model, args.out, tokenizer=tokenizer, source=source.builtin,

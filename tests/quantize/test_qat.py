@@ -193,7 +193,7 @@ def test_bad_config_raises_naming_the_field_before_touching(tiny_mlp, fields, fi
 
 def test_missing_calibration_and_labels_raise_before_touching(tiny_mlp) -> None:
     before = _state(tiny_mlp)
-    with pytest.raises(ValueError, match="'qat' needs calibration data"):
+    with pytest.raises(ValueError, match="'qat' needs training data"):
         sl.compress(tiny_mlp, {"steps": [{"method": "qat"}]}, inplace=True)
     with pytest.raises(ValueError, match="qat.loss: 'task' needs dict batches with 'labels'"):
         sl.compress(tiny_mlp, {"steps": [{"method": "qat", "loss": "task"}]},

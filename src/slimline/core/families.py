@@ -31,6 +31,10 @@ class Family(Enum):
     FACTORIZE = FamilyRule(2, False, "factorization needs full-precision weights")
     # Quantizers replace float layers by packed ones; they need float weights to round.
     QUANTIZE = FamilyRule(3, False, "quantizers need float weights, so they come after pruning")
+    # Recovery training (distill, lora) follows the structure, prune and quantize steps it
+    # recovers from; it shares quantization's rank so that a quantizer may also follow it
+    # (structured → distill → int8_dynamic).
+    TRAIN = FamilyRule(3, False, "training recovers from earlier steps, before cast/cache/compile")
     # A dtype cast applies to whatever float layers are left.
     CAST = FamilyRule(4, True, "a dtype cast applies to the layers left in float, after quantizers")
     # The KV cache holds the final model's attention states: set once weights and dtypes are

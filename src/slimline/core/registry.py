@@ -22,7 +22,10 @@ from slimline.core.config import MethodConfig
 C = TypeVar("C", bound=MethodConfig)
 
 # Packages whose modules define methods; each is walked once, lazily.
-_METHOD_PACKAGES = ("slimline.quantize", "slimline.prune", "slimline.cache", "slimline.compile")
+_METHOD_PACKAGES = (
+    "slimline.quantize", "slimline.prune", "slimline.factorize", "slimline.distill",
+    "slimline.peft", "slimline.cache", "slimline.compile",
+)
 
 
 @dataclass
@@ -30,6 +33,9 @@ class StepContext:
     """What a handler gets besides the model and its config."""
 
     calibration: list[Batch] | None = None
+    # Batches training steps learn from (distill, lora, qat); ``compress`` defaults it to
+    # ``calibration``.
+    training: list[Batch] | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     progress: bool = False
 

@@ -71,8 +71,7 @@ class QatConfig(WeightGridConfig):
     """QAT: ``rtn``'s grid and packing, weights and step sizes trained through the rounding."""
 
     method: ClassVar[str] = "qat"
-    needs_calibration: ClassVar[bool] = True  # the calibration batches are the training data
-    needs_training: ClassVar[bool] = True
+    needs_training: ClassVar[bool] = True  # compress(training=...), default its calibration
     summary: ClassVar[str] = "quantization-aware training, learned step sizes (LSQ), int2–int8"
     paper: ClassVar[str] = "LSQ, Esser et al., arXiv 1902.08153; LLM-QAT, arXiv 2305.17888"
 
@@ -329,16 +328,16 @@ def _teacher_mode(layers: Sequence[FakeQuantLinear]) -> Iterator[None]:
 @register(QatConfig)
 def apply_qat(model: nn.Module, cfg: QatConfig, ctx: StepContext) -> StepOutcome:
     """Insert fake quantization, train, and convert each selected layer to a QuantLinear."""
-    if not ctx.calibration:
-        raise ValueError("qat needs calibration data: the batches it trains on")
+    if not ctx.training:
+        raise ValueError("qat needs training data: the batches it trains on")
     if cfg.loss == "task":
-        for i, batch in enumerate(ctx.calibration):
+        for i, batch in enumerate(ctx.training):
             if not isinstance(batch, Mapping) or "labels" not in batch:
                 raise ValueError(f"qat.loss: 'task' needs dict batches with 'labels' "
-                                 f"(calibration[{i}] has none)")  # fmt: skip
+                                 f"(training[{i}] has none)")  # fmt: skip
     chosen = cfg.select_modules(model)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    batches = [to_device(b, device) for b in ctx.calibration]
+    batches = [to_device(b, device) for b in ctx.training]
     fake = {name: FakeQuantLinear(module, cfg) for name, module in chosen}
     flags = {p: p.requires_grad for p in model.parameters()}
     was_training = model.training

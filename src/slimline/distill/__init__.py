@@ -1,0 +1,1 @@
+"""Knowledge distillation: recover a compressed model from the model it was."""

@@ -1,0 +1,1 @@
+"""Low-rank factorization methods: svd, asvd, svd_llm, tucker."""

@@ -1,0 +1,1 @@
+"""Parameter-efficient fine-tuning: LoRA / DoRA adapters, PEFT-compatible on disk."""
