@@ -83,6 +83,7 @@ def compress(
     applied = {"version": 1, "steps": previous + recipe.to_dict()["steps"]}
     setattr(work, checkpoint.RECIPE_ATTR, applied)
     checkpoint.record_reports(work, [r.to_dict() for r in reports])
+    checkpoint.bind_save_pretrained(work)
     return CompressResult(model=work, steps=reports, recipe=recipe)
 
 

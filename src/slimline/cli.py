@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from slimline.core.checkpoint import RECIPE_FILE
 from slimline.sources import LoadedModel, resolve_model
 
 if TYPE_CHECKING:
@@ -239,6 +241,12 @@ def _eval(args: argparse.Namespace) -> int:
         save_chart(report, args.chart)
     _console().print(render_table(report))
     print(f"report written to {args.report}")
+    if source.directory is not None and (source.directory / RECIPE_FILE).is_file():
+        from slimline.export.model_card import write_evaluation
+
+        command = "slimline " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        card = write_evaluation(source.directory, to_markdown(report), command)
+        print(f"figures added to the model card {card}")
     return 0
 
 

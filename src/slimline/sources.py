@@ -58,7 +58,9 @@ def resolve_model(spec: str) -> LoadedModel:
     if is_builtin(name):
         built = load_builtin(name, size=size)
         setattr(built.model, SOURCE_ATTR, spec)
-        return LoadedModel(built.model, built.tokenizer, spec)
+        if built.directory is not None:  # sl.save carries its files over (minilm's ST files)
+            setattr(built.model, SOURCE_DIR_ATTR, str(built.directory.resolve()))
+        return LoadedModel(built.model, built.tokenizer, spec, built.directory)
     path = Path(spec)
     if not path.is_dir():
         raise ValueError(

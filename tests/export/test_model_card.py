@@ -58,3 +58,16 @@ def test_source_card_kept_below_with_front_matter_on_top(tmp_path, tiny_llama) -
 def test_uncompressed_card_says_so(tmp_path, tiny_llama) -> None:
     card = (sl.save(tiny_llama, tmp_path / "out") / "README.md").read_text()
     assert "No compression step" in card and "refuses" not in card
+
+
+def test_eval_figures_go_into_the_card_and_replace_older_ones(tmp_path, tiny_llama) -> None:
+    from slimline.export.model_card import EVAL_BEGIN, write_evaluation
+
+    out = sl.save(sl.compress(tiny_llama, {"steps": [{"method": "int8_dynamic"}]}).model,
+                  tmp_path / "out")
+    write_evaluation(out, "| metric | model |\n| --- | --- |\n| cosine | 0.9 |", "slimline eval A")
+    write_evaluation(out, "| metric | model |\n| --- | --- |\n| cosine | 0.8 |", "slimline eval B")
+    card = (out / "README.md").read_text()
+    assert card.count(EVAL_BEGIN) == 1 and "0.8" in card and "0.9" not in card
+    assert card.index(EVAL_BEGIN) < card.index("<!-- slimline:end -->")
+    assert "`slimline eval B`" in card

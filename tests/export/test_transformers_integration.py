@@ -89,3 +89,33 @@ def test_registration_waits_for_transformers_and_import_stays_lean(tmp_path, tin
                           text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1] == "QuantLinear"
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_save_pretrained_round_trips(tmp_path, tiny_llama, token_batches, name):
+    out = sl.save(sl.compress(tiny_llama, {"steps": RECIPES[name]}).model, tmp_path / "out")
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    loaded.save_pretrained(tmp_path / "again")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "again")
+    assert read_manifest(tmp_path / "again")["modules"] == read_manifest(out)["modules"]
+    for model in (again, sl.load(tmp_path / "again")):
+        with torch.no_grad():
+            torch.testing.assert_close(model(**token_batches[0]).logits,
+                                       loaded(**token_batches[0]).logits, rtol=0, atol=0)
+
+
+def test_compressed_model_save_pretrained_writes_a_slimline_directory(tmp_path, tiny_llama):
+    from slimline.export.hf_config import GUARD_KEY
+
+    compressed = sl.compress(tiny_llama, {"steps": RECIPES["rtn_int4_g32"]}).model
+    compressed.save_pretrained(tmp_path / "out")  # the transformers habit, not sl.save
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert GUARD_KEY in config  # transformers alone refuses it instead of loading noise
+    assert type(AutoModelForCausalLM.from_pretrained(tmp_path / "out").model.layers[0]
+                .mlp.up_proj).__name__ == "QuantLinear"
+    with pytest.raises(ValueError, match="push_to_hub"):
+        compressed.save_pretrained(tmp_path / "x", push_to_hub=True)
+    with pytest.raises(ValueError, match="max_shard_size"):
+        compressed.save_pretrained(tmp_path / "x", max_shard_size="1GB")
+    assert not (tmp_path / "x").exists()
+    assert "save_pretrained" not in vars(tiny_llama)  # the user's model is not touched

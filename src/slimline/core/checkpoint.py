@@ -144,14 +144,24 @@ def _manifest(
         "architecture": _architecture(model),
         "modules": {
             name: {"type": type(m).__name__, "meta": m.slimline_meta()}  # type: ignore[operator]
-            for name, m in model.named_modules()
-            if name and is_registered_module(m)
+            for name, m in _outermost_registered(model)
         },
         "aliases": aliases,
         "sparse": sparse,
         "source": source,
         "reports": list(getattr(model, REPORTS_ATTR, [])),
     }
+
+
+def _outermost_registered(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Registered compressed modules not inside another one: an outer module's metadata
+    describes and rebuilds the modules it holds (a LoRA layer around a packed base)."""
+    found: list[tuple[str, nn.Module]] = []
+    for name, m in model.named_modules():
+        inside = bool(found) and name.startswith(found[-1][0] + ".")  # depth-first order
+        if name and not inside and is_registered_module(m):
+            found.append((name, m))
+    return found
 
 
 def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -265,7 +275,17 @@ def load(path: str | Path, *, model: nn.Module | None = None) -> nn.Module:
     setattr(skeleton, REPORTS_ATTR, manifest["reports"])
     skeleton.eval()
     reapply_runtime_steps(skeleton, manifest["recipe"])
+    bind_save_pretrained(skeleton)
     return skeleton
+
+
+def bind_save_pretrained(model: nn.Module) -> None:
+    """Route a compressed Hugging Face model's ``save_pretrained`` through :func:`save`."""
+    from slimline.export import save_pretrained
+    from slimline.export.hf_config import changes_weights
+
+    if changes_weights(applied_recipe(model)):
+        save_pretrained.bind(model)
 
 
 def rebuild_compressed_modules(

@@ -28,7 +28,8 @@ class Family(Enum):
     STRUCTURE = FamilyRule(0, False, "structural pruning changes layer shapes that later steps use")
     # Masks are chosen on full-precision weights (SparseGPT, Wanda) before they are rounded.
     PRUNE = FamilyRule(1, False, "pruning scores need full-precision weights")
-    FACTORIZE = FamilyRule(2, False, "factorization needs full-precision weights")
+    # Factorization shares pruning's rank: factors may be pruned, and a pruned layer factorized.
+    FACTORIZE = FamilyRule(1, False, "factorization needs full-precision weights")
     # Quantizers replace float layers by packed ones; they need float weights to round.
     QUANTIZE = FamilyRule(3, False, "quantizers need float weights, so they come after pruning")
     # Recovery training (distill, lora) follows the structure, prune and quantize steps it

@@ -13,8 +13,7 @@ from typing import Any
 from torch import nn
 
 from slimline.export import hf_config, model_card, source_files
-
-CARD_FILE = "README.md"
+from slimline.export.model_card import CARD_FILE
 
 
 def write_companions(

@@ -9,10 +9,15 @@ Face Hub reads) stays at the top of the file, where the Hub looks for it.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
+
+CARD_FILE = "README.md"
 
 BEGIN = "<!-- slimline:begin -->"
 END = "<!-- slimline:end -->"
+EVAL_BEGIN = "<!-- slimline:eval:begin -->"
+EVAL_END = "<!-- slimline:eval:end -->"
 
 
 def render(
@@ -34,6 +39,31 @@ def render(
     ]) + f"\n{END}\n"
     source_part = f"\n## The source model's card\n\n{body}\n" if body else ""
     return front + section + source_part
+
+
+def with_evaluation(card: str, table: str, command: str) -> str:
+    """``card`` with the figures of ``slimline eval`` (a Markdown ``table``) in its slimline
+    section, replacing those of an earlier run."""
+    part = (f"{EVAL_BEGIN}\n## Measured by `slimline eval`\n\n{table.strip()}\n\n"
+            f"Command: `{command}`\n{EVAL_END}")
+    start, stop = card.find(EVAL_BEGIN), card.find(EVAL_END)
+    if 0 <= start < stop:
+        return card[:start] + part + card[stop + len(EVAL_END):]
+    end = card.find(END)
+    if end >= 0:
+        return card[:end] + part + "\n" + card[end:]
+    return card.rstrip() + "\n\n" + part + "\n"
+
+
+def write_evaluation(directory: Path, table: str, command: str) -> Path:
+    """Put ``slimline eval``'s figures into the card of the checkpoint in ``directory``
+    (written atomically); returns the card's path."""
+    card = directory / CARD_FILE
+    text = card.read_text(encoding="utf-8") if card.is_file() else ""
+    tmp = card.with_name(f".{CARD_FILE}.tmp")
+    tmp.write_text(with_evaluation(text, table, command), encoding="utf-8")
+    tmp.replace(card)
+    return card
 
 
 def split_front_matter(text: str) -> tuple[str, str]:
@@ -81,6 +111,10 @@ def _load_part(architecture: dict[str, Any], marked: bool) -> str:
             f"model = {call}\n```\n\n"
             "Only safetensors and JSON are read; no pickle.")
     if marked:
-        text += (" transformers' `from_pretrained` alone refuses this directory, naming slimline: "
-                 "its compressed layers need slimline's modules.")
+        text += ("\n\nWith slimline installed, transformers reads it too once `import slimline` "
+                 "has run: `AutoModel*.from_pretrained(dir)`, `SentenceTransformer(dir)` and "
+                 "`pipeline(..., model=dir)` give the compressed model, and its "
+                 "`save_pretrained(out)` writes a directory like this one. Without slimline, "
+                 "transformers refuses this directory with an error naming slimline: its "
+                 "compressed layers need slimline's modules.")
     return text

@@ -22,6 +22,7 @@ the registration runs while the ``transformers.quantizers`` package is still imp
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -84,7 +85,9 @@ class SparseDecode(ConversionOps):
         target: str = kwargs["full_layer_name"]
         model: nn.Module = kwargs["model"]
         (mask,), (values,) = (input_dict[_MASK], input_dict[_VALUES])
-        shape = tuple(model.get_parameter(target).shape)
+        owner, _, leaf = target.rpartition(".")
+        # A parameter or a buffer (a packed layer's bias is a buffer).
+        shape = tuple(getattr(model.get_submodule(owner), leaf).shape)
         return {target: [sparse_storage.decode(mask, values, shape)]}
 
 
@@ -111,6 +114,7 @@ class SlimlineHfQuantizer(HfQuantizer):
         modules = _model_names(model, self.quantization_config.modules)
         for name, module in rebuild_compressed_modules(model, modules, _where(model)).items():
             model.set_submodule(name, module)
+            _skip_parent_init(model, name)
         return model
 
     def get_weight_conversions(self) -> list[WeightConverter]:
@@ -119,20 +123,45 @@ class SlimlineHfQuantizer(HfQuantizer):
         return [WeightConverter([_MASK, _VALUES], "", [SparseDecode()])]
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
-        from slimline.core.checkpoint import RECIPE_ATTR, reapply_runtime_steps
+        from slimline.core.checkpoint import (
+            RECIPE_ATTR,
+            SOURCE_DIR_ATTR,
+            bind_save_pretrained,
+            reapply_runtime_steps,
+        )
 
         recipe = self.quantization_config.recipe
         setattr(model, RECIPE_ATTR, recipe)
+        directory = str(getattr(model.config, "name_or_path", "") or "")
+        if directory and Path(directory).is_dir():  # its tokenizer, sentence-transformers files
+            setattr(model, SOURCE_DIR_ATTR, str(Path(directory).resolve()))  # go along on save
         reapply_runtime_steps(model, recipe)
+        bind_save_pretrained(model)  # model.save_pretrained(out) writes with sl.save
         return model
 
     def is_serializable(self) -> bool:
-        # save_pretrained would write no recipe.json and no guard: sl.save writes both.
+        # transformers' own writer would keep no recipe.json and no guard; the model's
+        # save_pretrained is bound to sl.save instead (export/save_pretrained.py).
         return False
 
     @property
     def is_trainable(self) -> bool:
         return False
+
+
+def _skip_parent_init(model: nn.Module, name: str) -> None:
+    """Keep transformers' weight initialisation off the parent of compressed layer ``name``.
+
+    After loading, transformers runs ``_init_weights`` on every module not flagged
+    ``_is_hf_initialized``; some models' versions reach into a child's ``.weight`` from the
+    parent (GPT-2's attention and MLP re-initialise ``c_proj.weight``), which a packed layer
+    does not have. A parent holding no tensors of its own has nothing to initialise, so it is
+    flagged as done; its children (the packed layer included) are still checked one by one.
+    """
+    parent = model.get_submodule(name.rpartition(".")[0])
+    own = [*parent.parameters(recurse=False), *parent.buffers(recurse=False)]
+    if not own:
+        parent._is_hf_initialized = True  # type: ignore[assignment]
 
 
 def _model_names(model: nn.Module, modules: dict[str, Any]) -> dict[str, Any]:
@@ -146,9 +175,7 @@ def _model_names(model: nn.Module, modules: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _where(model: nn.Module) -> Any:
-    from pathlib import Path
-
+def _where(model: nn.Module) -> Path:
     from slimline.export.hf_config import CONFIG_FILE
 
     return Path(str(getattr(model.config, "name_or_path", ""))) / CONFIG_FILE

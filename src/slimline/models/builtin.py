@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, TypeAlias
 
 import torch
@@ -31,6 +32,9 @@ class Builtin:
     tokenizer: Any | None
     task: Task
     make_batches: BatchMaker = field(repr=False)
+    # The local Hugging Face directory the model was read from, when it has one (minilm): its
+    # tokenizer and sentence-transformers files go along when a compressed copy is saved.
+    directory: Path | None = None
 
     def batches(
         self,

@@ -93,4 +93,4 @@ def load_minilm(size: Literal["full", "small"] = "full") -> Builtin:
             out.append({key: enc[key] for key in ("input_ids", "token_type_ids", "attention_mask")})
         return out
 
-    return Builtin(NAME, model, tokenizer, "embedding", make_batches)
+    return Builtin(NAME, model, tokenizer, "embedding", make_batches, directory=directory)

@@ -1,0 +1,110 @@
+"""Ranks across layers under one parameter budget, by measured sensitivity.
+
+Layers are not equally compressible: ASVD (arXiv 2312.05821 §3.3) searches per-layer ranks by
+their effect on perplexity, and SVD-LLM's follow-ups allocate ranks by layer importance. Here
+the question is the one the mixed-precision allocator answers (:mod:`slimline.quantize.mixed`,
+HAWQ-V3's integer program) with ranks in place of bit widths:
+
+    min Σ_l e_l(r_l)   s.t.   Σ_l r_l (N_l + K_l) ≤ budget
+
+where e_l(r) is the output cost of truncating layer l alone to rank r — the K-FAC cost
+Σ_n G_nn (ΔW A ΔWᵀ)_nn (A = X Xᵀ / n from the layer's inputs, G from gradients at its outputs,
+``quantize/mixed_sensitivity.output_gains``) with calibration data, ‖ΔW‖²_F without — and a
+layer may also stay dense (cost 0, N·K weights). The budget is what the uniform choice
+(``rank``, ``ratio`` or ``energy``) would spend, so both compare at the same size. The
+multiple-choice knapsack is ``quantize.mixed.allocate_bits``, reused as it is.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from slimline.core.calibration import sequential_layers
+from slimline.core.registry import StepContext
+from slimline.core.targets import linear_weight
+from slimline.factorize.base import Decompose, FactorStats, LowRankConfig
+from slimline.factorize.decomposition import truncation_errors
+from slimline.factorize.ranks import candidate_ranks, factor_params, max_saving_rank
+from slimline.quantize.mixed import allocate_bits
+from slimline.quantize.mixed_sensitivity import output_gains
+
+
+@dataclass(frozen=True)
+class RankPlan:
+    """The chosen rank per layer (``min(N, K)``: kept dense) and the parameters it spends."""
+
+    ranks: dict[str, int]
+    spent: int  # weights of the chosen layout
+    budget: int  # weights the uniform choice would spend
+    weighted: bool  # errors measured on calibration data (K-FAC), else ‖ΔW‖²
+
+    def __str__(self) -> str:
+        how = "K-FAC output cost (calibration data)" if self.weighted else "‖ΔW‖² (no data)"
+        return (f"allocated ranks: {self.spent} weights of a budget of {self.budget}; "
+                f"sensitivity: {how}")
+
+
+@dataclass
+class _Problem:
+    errors: dict[str, dict[int, float]]
+    sizes: dict[str, dict[int, int]]
+    uniform: dict[str, int]  # the weights the uniform choice spends per layer
+
+
+def layer_options(
+    n: int, k: int, errors: torch.Tensor, uniform: int
+) -> tuple[dict[int, float], dict[int, int], int]:
+    """One (n, k) layer's candidate ranks: {rank: error}, {rank: weights}, uniform weights.
+
+    ``errors`` (m + 1,) are the truncation errors at every rank; the dense layer is offered
+    as rank ``min(n, k)`` at no error, and the uniform rank is always among the candidates.
+    """
+    dense = min(n, k)
+    saving = uniform <= max_saving_rank(n, k)
+    ranks = candidate_ranks(n, k, extra=(uniform,) if saving else ())
+    errs = {r: float(errors[r]) for r in ranks} | {dense: 0.0}
+    sizes = {r: factor_params(n, k, r) for r in ranks} | {dense: n * k}
+    return errs, sizes, sizes[uniform] if saving else n * k
+
+
+def allocate_ranks(
+    model: nn.Module,
+    layers: dict[str, nn.Module],
+    cfg: LowRankConfig,
+    decompose: Decompose,
+    ctx: StepContext,
+) -> RankPlan:
+    """Measure every layer on the unchanged model, then choose ranks within the budget."""
+    data = ctx.calibration
+    gains = output_gains(model, layers, data) if data else None
+    problem = _Problem({}, {}, {})
+
+    def measure(name: str, module: nn.Module, stats: FactorStats | None) -> None:
+        w = linear_weight(module).detach().double()  # (N, K)
+        n, k = w.shape
+        dec = decompose(w, stats)
+        hessian = None if stats is None else stats.xxt / stats.tokens  # A = X Xᵀ / n
+        errors = truncation_errors(dec, hessian, None if gains is None else gains[name])
+        found = layer_options(n, k, errors, cfg.uniform_rank(n, k, dec.values))
+        problem.errors[name], problem.sizes[name], problem.uniform[name] = found
+
+    if data:
+        def record(group: dict[str, nn.Module], stats: dict[str, FactorStats]) -> None:
+            for name, module in group.items():
+                measure(name, module, stats[name])
+
+        sequential_layers(model, layers, data, lambda _n, m: cfg.stats_for(m, allocating=True),
+                          record, progress=ctx.progress, desc=f"{cfg.method} sensitivity")
+    else:
+        for name, module in layers.items():
+            measure(name, module, None)
+    ratio = cfg.kept_ratio
+    total = sum(linear_weight(m).numel() for m in layers.values())
+    budget = math.floor(ratio * total) if ratio is not None else sum(problem.uniform.values())
+    ranks = allocate_bits(problem.errors, problem.sizes, budget)
+    spent = sum(problem.sizes[n][r] for n, r in ranks.items())
+    return RankPlan({n: ranks[n] for n in layers}, spent, budget, weighted=bool(data))
