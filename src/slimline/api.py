@@ -71,7 +71,8 @@ def compress(
     for i, step in enumerate(recipe.steps):
         _dry_run_targets(model, step, i)
     work = model if inplace else copy.deepcopy(model)
-    ctx = StepContext(calibration=batches, training=train_batches, progress=progress)
+    ctx = StepContext(calibration=batches, training=train_batches, progress=progress,
+                      original=_original(model, recipe, inplace))  # fmt: skip
     reports = []
     for step in recipe.steps:
         start = time.perf_counter()
@@ -85,6 +86,18 @@ def compress(
     checkpoint.record_reports(work, [r.to_dict() for r in reports])
     checkpoint.bind_save_pretrained(work)
     return CompressResult(model=work, steps=reports, recipe=recipe)
+
+
+def _original(model: nn.Module, recipe: Recipe, inplace: bool) -> nn.Module | None:
+    """The pre-recipe model for steps that need it (a teacher): the untouched input itself,
+    or a frozen copy of it when the steps work in place."""
+    if not any(step.needs_original() for step in recipe.steps):
+        return None
+    if not inplace:
+        return model
+    original = copy.deepcopy(model)
+    original.requires_grad_(False)
+    return original
 
 
 def _as_recipe(recipe: Recipe | dict[str, Any] | Sequence[MethodConfig]) -> Recipe:
@@ -121,7 +134,7 @@ def _training(
             raise ValueError(f"step {needing[0]!r} needs training data: pass training=batches "
                              "(or calibration=batches, its default)")
         return calibration
-    batches = materialize(training)
+    batches = materialize(training, where="training")
     if not batches and needing:
         raise ValueError(f"training data is empty (step {needing[0]!r} trains on it)")
     return batches

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-import slimline as sl
 from benchmarks.hf_loading import (
     ARCHITECTURES,
     RECIPES,
@@ -16,6 +14,8 @@ from benchmarks.hf_loading import (
     padded_batches,
     steps_for,
 )
+
+import slimline as sl
 
 # Refusals the table records: structured pruning does not handle GPT-2's blocks yet (fused
 # Conv1D attention; torch.fx cannot trace the model), and an encoder has no KV cache. Anything else must load.

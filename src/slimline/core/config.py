@@ -74,6 +74,11 @@ class MethodConfig:
         """Whether this step, with these fields, needs calibration data (default: the class's)."""
         return self.needs_calibration
 
+    def needs_original(self) -> bool:
+        """Whether the step needs the model as it was before the recipe (``ctx.original``,
+        e.g. a distillation teacher); ``compress`` then keeps it. Default: no."""
+        return False
+
     def fail(self, field_name: str, message: str) -> typing.NoReturn:
         """Raise the ValueError every config uses: ``method.field: message``."""
         raise ValueError(f"{self.method}.{field_name}: {message}")

@@ -38,6 +38,9 @@ class StepContext:
     training: list[Batch] | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     progress: bool = False
+    # The model as it was before the recipe, never to be changed (the ``distill`` teacher);
+    # set by ``compress`` only when a step's ``needs_original()``.
+    original: nn.Module | None = None
 
 
 @dataclass

@@ -35,7 +35,9 @@ QUANTIZATION_KEY = "quantization_config"
 GUARD_KEY = "transformers_weights"
 CONFIG_FILE = "config.json"
 # Families whose steps change the stored tensors (values, layout or shapes).
-_WEIGHT_CHANGING = frozenset({Family.STRUCTURE, Family.PRUNE, Family.FACTORIZE, Family.QUANTIZE})
+_WEIGHT_CHANGING = frozenset({
+    Family.STRUCTURE, Family.PRUNE, Family.FACTORIZE, Family.QUANTIZE, Family.TRAIN,
+})
 
 
 def needs_slimline(manifest: dict[str, Any]) -> bool:
@@ -44,10 +46,15 @@ def needs_slimline(manifest: dict[str, Any]) -> bool:
 
 
 def changes_weights(recipe: dict[str, Any]) -> bool:
-    """Whether a step of ``recipe`` changes the stored tensors (values, layout or shapes)."""
-    from slimline.core.recipe import Recipe
+    """Whether a step of ``recipe`` changes the stored tensors (values, layout or shapes).
 
-    return any(type(step).family in _WEIGHT_CHANGING for step in Recipe.from_dict(recipe).steps)
+    Read step by step, not as one recipe: a model compressed twice records both recipes, one
+    after the other, which as a single recipe may break the order rules (two cache steps).
+    """
+    from slimline.core.registry import config_type
+
+    return any(config_type(step["method"]).family in _WEIGHT_CHANGING
+               for step in recipe["steps"])
 
 
 def guard_message(manifest: dict[str, Any]) -> str:

@@ -1,21 +1,36 @@
-"""The training loop: Adam with a cosine schedule over a seeded batch order, one or N ranks.
+"""The training loop: one code path for one process and N under ``torchrun``.
 
-Under ``torchrun`` (``torch.distributed`` initialised, gloo on CPU) every rank runs this same
-code on its own model copy: rank ``r`` of ``W`` takes the batches ``t·W + r`` of a shared,
-seeded order at step ``t``, gradients are averaged with one ``all_reduce`` per step, and
-parameters start from rank 0's, so all ranks end identical. One process is the case ``W = 1``.
+Every training step (``qat``, ``distill``, ``lora``) hands the loop its parameter groups and
+a ``step_loss(i)`` closure (the loss on batch ``i``). Under ``torchrun`` (``torch.distributed``
+initialised, gloo on CPU, nccl on GPU) the parameters are wrapped in torch's
+``DistributedDataParallel``: it starts every rank from rank 0's values and averages the
+gradients during ``backward``, so all ranks stay identical. Micro-batch ``j`` of step ``t``
+on rank ``r`` of ``W`` is batch ``order[(t·A + j)·W + r]`` of one seeded order (``A``
+micro-batches accumulated per step), so that W processes with A micro-batches each see the
+batches one process sees with W·A: the same global batch, the same loss curve. One process
+is the case ``W = 1`` (no wrapper: DDP of one rank is the identity). Rank 0 alone prints and
+writes checkpoints.
+
+Not done: FSDP2 (``fully_shard``) sharding; DDP keeps a full copy of the trained parameters
+on every rank, which suits the recovery steps' model sizes.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
+
+from slimline.train.options import LoopOptions
+from slimline.train.precision import MasterWeights, autocast
+from slimline.train.resume import LoopState, load_state, save_state
 
 
 def world() -> tuple[int, int]:
@@ -25,24 +40,6 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
-def average_gradients(params: Sequence[nn.Parameter], world: int) -> None:
-    """Average ``params``' gradients over the ranks: one ``all_reduce`` of a flat vector."""
-    grads = []
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        grads.append(p.grad)
-    if world == 1 or not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= world
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
-
-
 def batch_order(n_batches: int, length: int, seed: int) -> list[int]:
     """``length`` batch indices: seeded permutations of ``range(n_batches)``, one per epoch."""
     g = torch.Generator().manual_seed(seed)
@@ -50,6 +47,39 @@ def batch_order(n_batches: int, length: int, seed: int) -> list[int]:
     while len(order) < length:
         order.extend(torch.randperm(n_batches, generator=g).tolist())
     return order[:length]
+
+
+def warmup_cosine(step: int, steps: int, warmup: int) -> float:
+    """Learning-rate factor at optimizer step ``step`` (0-based): linear warm-up over
+    ``warmup`` steps to 1, then a cosine to 0 at ``steps`` (SGDR, arXiv 1608.03983)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(steps - warmup, 1)))
+
+
+class _Trained(nn.Module):
+    """The trained parameters as a module, so that DDP can hold them; its forward is the
+    step's loss on one batch (the parameters are used inside the closure's model)."""
+
+    def __init__(self, params: Sequence[nn.Parameter], step_loss: Callable[[int], torch.Tensor]):
+        super().__init__()
+        self.params = nn.ParameterList(params)
+        self.step_loss = step_loss
+
+    def forward(self, index: int) -> torch.Tensor:
+        return self.step_loss(index)
+
+
+def make_optimizer(
+    groups: list[dict[str, Any]], options: LoopOptions
+) -> torch.optim.Optimizer:
+    """The named optimizer over ``groups`` (fused Adam/AdamW kernels where they apply)."""
+    if options.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=0.0, weight_decay=options.weight_decay)
+    params = [p for g in groups for p in g["params"]]
+    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    kind = torch.optim.AdamW if options.optimizer == "adamw" else torch.optim.Adam
+    return kind(groups, weight_decay=options.weight_decay, fused=fused or None)
 
 
 def train_loop(
@@ -62,33 +92,195 @@ def train_loop(
     name: str,
     lr_fields: str = "lr",
     progress: bool = False,
+    options: LoopOptions | None = None,
+    evaluate: Callable[[], float] | None = None,
+    after_step: Callable[[int], None] | None = None,
+    tokens: Callable[[int], int] | None = None,
 ) -> list[float]:
-    """Run ``steps`` Adam steps on ``param_groups``; returns the step losses.
+    """Run ``steps`` optimizer steps on ``param_groups``; returns the loss of each step.
 
-    ``step_loss(i)`` is the loss on batch ``i`` (of ``n_batches``); the learning rates of the
-    groups follow a cosine from their value to 0. ``name`` labels the progress bar and errors,
-    ``lr_fields`` the config fields to lower should the loss stop being finite.
+    ``step_loss(i)`` is the loss on batch ``i`` (of ``n_batches``); each group's learning
+    rate follows :func:`warmup_cosine` from its ``lr``. ``name`` labels the progress bar and
+    errors; ``lr_fields`` are the config fields to lower should the loss stop being finite
+    (ValueError naming the step, raised before that step changes anything). ``evaluate()``
+    is the held-out loss (every ``options.eval_every`` steps, and before the first: the
+    best evaluated parameters are kept); ``after_step(t)`` runs after each optimizer step;
+    ``tokens(i)`` counts batch ``i``'s tokens for the progress bar's tokens/s.
     """
+    opts = options or LoopOptions()
     rank, size = world()
-    params = [p for group in param_groups for p in group["params"]]
+    groups = [dict(g) for g in param_groups]
+    params = [p for g in groups for p in g["params"]]
+    if not params:
+        raise ValueError(f"{name}: nothing to train (no parameter requires gradients)")
+    module = _Trained(params, step_loss)
+    # DDP broadcasts rank 0's parameters on construction and all-reduces the gradients.
+    engine: nn.Module = module
     if size > 1:
-        for p in params:
-            dist.broadcast(p.data, src=0)
-    optimizer = torch.optim.Adam([dict(g) for g in param_groups], fused=True)
-    cosine = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda t: 0.5 * (1.0 + math.cos(math.pi * t / steps))
+        engine = nn.parallel.DistributedDataParallel(module, find_unused_parameters=True)
+    masters = MasterWeights(groups) if opts.master_weights else None
+    trained = [p for g in (masters.groups if masters else groups) for p in g["params"]]
+    optimizer = make_optimizer(masters.groups if masters else groups, opts)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda t: warmup_cosine(t, steps, opts.warmup)
     )
-    order = batch_order(n_batches, steps * size, seed)
-    losses = []
-    for step in tqdm(range(steps), desc=name, disable=not progress, leave=False):
-        loss = step_loss(order[step * size + rank])
-        if not torch.isfinite(loss):
-            raise ValueError(f"{name}: the loss became {loss.item()} at step {step}; "
-                             f"lower {lr_fields}")  # fmt: skip
-        optimizer.zero_grad(set_to_none=False)
-        loss.backward()
-        average_gradients(params, size)
-        optimizer.step()
-        cosine.step()
-        losses.append(float(loss.detach()))
-    return losses
+    run = {"name": name, "steps": steps, "seed": seed, "n_batches": n_batches,
+           "global_micro_batches": opts.accumulation * size,
+           "shapes": [list(p.shape) for p in params]}  # fmt: skip
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + rank)  # dropout and the like; a resumed run restores its own
+        state = _start(opts, run, trained, optimizer, schedule, masters)
+        runner = _Runner(engine, params, trained, optimizer, schedule, masters, opts, name,
+                         lr_fields)  # fmt: skip
+        if evaluate is not None and state.step == 0 and state.best_params is None:
+            runner.evaluate(evaluate, state)
+        order = batch_order(n_batches, steps * opts.accumulation * size, seed)
+        _run(runner, state, run, steps, order=order, progress=progress, evaluate=evaluate,
+             after_step=after_step, tokens=tokens)  # fmt: skip
+        if state.best_params is not None:
+            runner.restore(state.best_params)
+    return state.losses
+
+
+def _start(
+    opts: LoopOptions,
+    run: dict[str, Any],
+    trained: list[torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+    masters: MasterWeights | None,
+) -> LoopState:
+    """A fresh state, or the one in ``opts.checkpoint_dir`` with parameters restored."""
+    if not opts.checkpoint_dir:
+        return LoopState()
+    resumed = load_state(opts.checkpoint_dir, run, trained, optimizer)
+    if resumed is None:
+        return LoopState()
+    schedule.last_epoch = resumed.step
+    if masters is not None:
+        masters.masters_to_params()
+    return resumed
+
+
+def _run(
+    runner: _Runner,
+    state: LoopState,
+    run: dict[str, Any],
+    steps: int,
+    *,
+    order: list[int],
+    progress: bool,
+    evaluate: Callable[[], float] | None,
+    after_step: Callable[[int], None] | None,
+    tokens: Callable[[int], int] | None,
+) -> None:
+    """The steps from ``state.step`` to ``steps`` (or early stopping)."""
+    rank, size = world()
+    opts = runner.opts
+    bar = tqdm(total=steps, initial=state.step, desc=runner.name, leave=False,
+               disable=not progress or rank != 0)  # fmt: skip
+    with bar:
+        while state.step < steps and not state.stopped:
+            t = state.step
+            micro = [order[(t * opts.accumulation + j) * size + rank]
+                     for j in range(opts.accumulation)]  # fmt: skip
+            start = time.perf_counter()
+            state.losses.append(runner.step(t, micro))
+            state.step += 1
+            if after_step is not None:
+                after_step(t)
+            if evaluate is not None and opts.eval_every and state.step % opts.eval_every == 0:
+                runner.evaluate(evaluate, state)
+            _show(bar, state.losses[-1], micro, tokens, size, time.perf_counter() - start)
+            due = opts.checkpoint_every and (state.step % opts.checkpoint_every == 0
+                                             or state.step == steps or state.stopped)  # fmt: skip
+            if opts.checkpoint_dir and due and rank == 0:
+                save_state(opts.checkpoint_dir, run, runner.trained, runner.optimizer, state)
+    if evaluate is not None and not state.stopped and (
+        not opts.eval_every or state.step % opts.eval_every
+    ):
+        runner.evaluate(evaluate, state)  # the last steps count too
+
+
+def _show(bar: Any, loss: float, micro: list[int], tokens: Callable[[int], int] | None,
+          size: int, seconds: float) -> None:  # fmt: skip
+    bar.update(1)
+    postfix = {"loss": f"{loss:.4g}"}
+    if tokens is not None:
+        postfix["tok/s"] = f"{sum(tokens(i) for i in micro) * size / max(seconds, 1e-9):.0f}"
+    bar.set_postfix(postfix, refresh=False)
+
+
+class _Runner:
+    """One optimizer step and one evaluation, with the loop's fixed collaborators."""
+
+    def __init__(
+        self,
+        engine: nn.Module,
+        params: list[nn.Parameter],
+        trained: list[torch.Tensor],
+        optimizer: torch.optim.Optimizer,
+        schedule: torch.optim.lr_scheduler.LRScheduler,
+        masters: MasterWeights | None,
+        opts: LoopOptions,
+        name: str,
+        lr_fields: str,
+    ) -> None:
+        self.engine, self.params, self.trained = engine, params, trained
+        self.optimizer, self.schedule, self.masters = optimizer, schedule, masters
+        self.opts, self.name, self.lr_fields = opts, name, lr_fields
+        self.size = world()[1]
+
+    def step(self, t: int, micro: list[int]) -> float:
+        """Accumulate the micro-batches' gradients, check the loss, step; the mean loss."""
+        self.optimizer.zero_grad(set_to_none=True)
+        for p in self.params:
+            p.grad = None
+        total = torch.zeros((), dtype=torch.float64)
+        for j, index in enumerate(micro):
+            with self._sync(last=j == len(micro) - 1):
+                with autocast(self.params, self.opts.autocast):
+                    loss = self.engine(index)
+                (loss.float() / len(micro)).backward()
+            total += float(loss.detach())
+        mean = total / len(micro)
+        if self.size > 1:  # the global batch's loss, the same on every rank
+            dist.all_reduce(mean)
+            mean /= self.size
+        value = float(mean)
+        if not math.isfinite(value):  # every rank sees it, nothing was updated yet
+            raise ValueError(f"{self.name}: the loss became {value} at step {t}; "
+                             f"lower {self.lr_fields}")  # fmt: skip
+        if self.masters is not None:
+            self.masters.gradients_to_masters()
+        if self.opts.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.trained, self.opts.max_grad_norm)
+        self.optimizer.step()
+        self.schedule.step()
+        if self.masters is not None:
+            self.masters.masters_to_params()
+        return value
+
+    def _sync(self, *, last: bool) -> AbstractContextManager[Any]:
+        no_sync = getattr(self.engine, "no_sync", None)
+        return nullcontext() if last or no_sync is None else no_sync()
+
+    @torch.no_grad()
+    def evaluate(self, evaluate: Callable[[], float], state: LoopState) -> None:
+        """Evaluate; keep the parameters when best, count toward early stopping if not."""
+        with autocast(self.params, self.opts.autocast):
+            value = float(evaluate())
+        if value < state.best:
+            state.best, state.bad = value, 0
+            state.best_params = [p.detach().clone() for p in self.trained]
+        else:
+            state.bad += 1
+            state.stopped = bool(self.opts.patience) and state.bad >= self.opts.patience
+
+    @torch.no_grad()
+    def restore(self, values: list[torch.Tensor]) -> None:
+        for p, value in zip(self.trained, values, strict=True):
+            p.copy_(value)
+        if self.masters is not None:
+            self.masters.masters_to_params()
+

@@ -126,3 +126,76 @@ class TeacherTargets:
             self.cache[index] = (answer, is_logits)
             self.cached_bytes += size
         return answer, is_logits
+
+
+# --- distillation losses (``distill``) --------------------------------------------------------
+
+
+def masked_mean(per_row: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean of ``per_row`` (...) over the positions ``mask`` (same shape) keeps; all if None."""
+    if mask is None:
+        return per_row.mean()
+    mask = mask.to(per_row.dtype)
+    return (per_row * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def kl_with_temperature(
+    student: torch.Tensor, teacher: torch.Tensor, temperature: float, mask: torch.Tensor | None
+) -> torch.Tensor:
+    """``T² · KL(softmax(t/T) ‖ softmax(s/T))`` per position, averaged over ``mask``.
+
+    Logits (..., V). The ``T²`` factor (Hinton et al., arXiv 1503.02531, §2) keeps the
+    gradient's size independent of the temperature: at high ``T`` it tends to
+    ``(s - t) / V`` for zero-mean logits.
+    """
+    t = temperature
+    log_p = (teacher.float() / t).log_softmax(-1)
+    log_q = (student.float() / t).log_softmax(-1)
+    per_row = (log_p.exp() * (log_p - log_q)).sum(-1)  # (...)
+    return masked_mean(per_row, mask) * t * t
+
+
+def pooled_cosine_loss(
+    student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None
+) -> torch.Tensor:
+    """``1 - cos`` of the mask-aware mean-pooled embeddings, averaged over the batch.
+
+    Hidden states (B, T, C), ``mask`` (B, T) with 1 on real tokens: sentence encoders such as
+    all-MiniLM-L6-v2 embed a sentence as the mean of its real tokens' states.
+    """
+    from slimline.core.batches import mean_pool
+
+    s = mean_pool(student.float(), mask)  # (B, C)
+    t = mean_pool(teacher.float(), mask)
+    return (1.0 - F.cosine_similarity(s, t, dim=-1)).mean()
+
+
+def layer_map(n_student: int, n_teacher: int) -> list[int]:
+    """Teacher layer matched to each student layer: TinyBERT's uniform map ``g(m) = m·N/M``
+    (arXiv 1909.10351, §3.1), over hidden-state lists that include the embeddings (index 0)
+    so that embeddings match embeddings and the last layer the last."""
+    if n_student < 1 or n_teacher < 1:
+        raise ValueError(f"need hidden states on both sides, got {n_student} and {n_teacher}")
+    if n_student == 1:
+        return [n_teacher - 1]
+    return [round(m * (n_teacher - 1) / (n_student - 1)) for m in range(n_student)]
+
+
+def hidden_state_loss(
+    student: tuple[torch.Tensor, ...],
+    teacher: tuple[torch.Tensor, ...],
+    projections: nn.ModuleList | None,
+    mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """TinyBERT's hidden-state loss (arXiv 1909.10351, eq. 7): the student's states (B, T, C_s),
+    through a learned projection ``W_h`` (C_s → C_t) where the widths differ, against the
+    mapped teacher states (B, T, C_t); squared error relative to the teacher's energy per
+    token (so that layers of any scale weigh alike), averaged over layers and real tokens."""
+    pairs = layer_map(len(student), len(teacher))
+    total = torch.zeros((), device=student[0].device)
+    for i, j in enumerate(pairs):
+        s = student[i].float()
+        if projections is not None:
+            s = projections[i](s)
+        total = total + distill_loss(s, teacher[j].float(), False, mask)
+    return total / len(pairs)

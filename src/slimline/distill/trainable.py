@@ -1,0 +1,92 @@
+"""Which parameters a recovery step trains, and the sparsity they must keep.
+
+``all`` trains every floating-point parameter of the selected modules; ``norms_and_biases``
+only the normalisation layers' parameters and the biases, which PERP (Zimmer et al., arXiv
+2312.15230) finds recovers most of a pruned model's quality at a fraction of the memory.
+Quantized layers (any layer class of :mod:`slimline.quantize`: ``QuantLinear``, the W8A8
+and fp8 layers) hold packed integer codes and stay frozen.
+
+A weight pruned to zero stays exactly zero: the zero pattern of each trained Linear-like
+weight is recorded before training, its gradient is masked (so optimizer moments stay zero
+there) and the pattern is written again after each optimizer step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from slimline.core.targets import is_linear_like
+
+
+def is_quantized_layer(module: nn.Module) -> bool:
+    """A slimline quantized layer: trained only through ``qat``, frozen here."""
+    return type(module).__module__.startswith("slimline.quantize")
+
+
+def is_norm(module: nn.Module) -> bool:
+    """LayerNorm, RMSNorm, GroupNorm, BatchNorm and the Hugging Face ``*Norm`` classes."""
+    kinds = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.batchnorm._BatchNorm)
+    return isinstance(module, kinds) or type(module).__name__.endswith("Norm")
+
+
+def holds_trainable(module: nn.Module) -> bool:
+    """Whether ``module`` has floating-point parameters of its own and is not quantized."""
+    if is_quantized_layer(module):
+        return False
+    return any(p.is_floating_point() for p in module.parameters(recurse=False))
+
+
+def trainable_parameters(
+    modules: Iterable[tuple[str, nn.Module]], mode: str
+) -> dict[str, nn.Parameter]:
+    """``name → parameter`` trained in ``mode`` (``all`` or ``norms_and_biases``) among
+    ``modules``' own parameters, each once (tied weights are one parameter)."""
+    chosen: dict[str, nn.Parameter] = {}
+    seen: set[int] = set()
+    for name, module in modules:
+        if not holds_trainable(module):
+            continue
+        for pname, p in module.named_parameters(recurse=False):
+            keep = mode == "all" or is_norm(module) or pname == "bias"
+            if keep and p.is_floating_point() and id(p) not in seen:
+                seen.add(id(p))
+                chosen[f"{name}.{pname}" if name else pname] = p
+    return chosen
+
+
+class SparsityMasks:
+    """The zero patterns of the trained Linear-like weights, kept exact through training."""
+
+    def __init__(self, model: nn.Module, trained: dict[str, nn.Parameter]) -> None:
+        ids = {id(p) for p in trained.values()}
+        self.masks: list[tuple[nn.Parameter, torch.Tensor]] = []
+        for module in model.modules():
+            weight = getattr(module, "weight", None)
+            if is_linear_like(module) and isinstance(weight, nn.Parameter) and id(weight) in ids:
+                zeros = weight.detach() == 0
+                if bool(zeros.any()):
+                    self.masks.append((weight, zeros))
+        self.handles: list[RemovableHandle] = []
+
+    def __len__(self) -> int:
+        return len(self.masks)
+
+    def mask_gradients(self) -> None:
+        """Zero the gradient of pruned weights (before DDP reduces it)."""
+        for p, zeros in self.masks:
+            self.handles.append(p.register_hook(lambda g, z=zeros: g.masked_fill(z, 0)))
+
+    @torch.no_grad()
+    def reapply(self, _step: int = 0) -> None:
+        """Write the zeros again (after each optimizer step)."""
+        for p, zeros in self.masks:
+            p.masked_fill_(zeros, 0)
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
