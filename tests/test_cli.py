@@ -83,6 +83,10 @@ def test_compress_then_eval(tmp_path, capsys) -> None:
     assert set(report["models"]) == {"baseline", "model"}
     assert 0.8 < report["models"]["model"]["accuracy"] <= 1.0
     assert report["models"]["model"]["size_bytes_disk"] > 0
+    card = (out_dir / "README.md").read_text()  # the card now holds the measured figures
+    accuracy = f"{100 * report['models']['model']['accuracy']:.2f} %"
+    assert "## Measured by `slimline eval`" in card and accuracy in card, card[-1500:]
+    assert f"`slimline eval --model {out_dir} --report" in card
 
 
 def test_entry_point_exit_code() -> None:

@@ -37,6 +37,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError, OSError, 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)
+        args.argv = list(sys.argv[1:] if argv is None else argv)  # the command, as typed
     except SystemExit as stop:  # --help, or a usage error already printed on one line
         return EXIT_USAGE if stop.code is not None and not isinstance(stop.code, int) \
             else stop.code or 0
@@ -244,7 +245,7 @@ def _eval(args: argparse.Namespace) -> int:
     if source.directory is not None and (source.directory / RECIPE_FILE).is_file():
         from slimline.export.model_card import write_evaluation
 
-        command = "slimline " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        command = "slimline " + " ".join(shlex.quote(a) for a in args.argv)
         card = write_evaluation(source.directory, to_markdown(report), command)
         print(f"figures added to the model card {card}")
     return 0
