@@ -113,3 +113,17 @@ def test_sentence_transformers_modules_are_kept(tmp_path) -> None:
     b = reference.encode(sentences, convert_to_tensor=True)
     torch.testing.assert_close(a, b)
     torch.testing.assert_close(a.norm(dim=-1), torch.ones(2))  # Normalize is there
+
+
+def test_text_generation_pipeline_generates_from_the_output(tmp_path, hf_dir) -> None:
+    from transformers import pipeline
+
+    source = resolve_model(str(hf_dir))
+    out = sl.save(sl.compress(source.model, RTN).model, tmp_path / "out")
+    generate = pipeline("text-generation", model=str(out), device="cpu")
+    assert type(generate.model.model.layers[0].mlp.up_proj).__name__ == "QuantLinear"
+    text = generate("a b", do_sample=False)[0]["generated_text"]
+    # Greedy decoding of sl.load's model with the same tokenizer gives the same text.
+    ids = source.tokenizer("a b", return_tensors="pt")
+    expected = sl.load(out).generate(**ids, do_sample=False, max_new_tokens=7)
+    assert text == source.tokenizer.decode(expected[0], skip_special_tokens=True)
