@@ -133,3 +133,25 @@ def test_load_adapter_refuses_what_it_cannot_honour(tiny_llama: torch.nn.Module,
     with pytest.raises(ValueError, match="rank_pattern"):
         load_adapter(tiny_llama, tmp_path / "adapter")
     assert not any(isinstance(m, LoraLinear) for m in tiny_llama.modules())
+
+
+def test_adapter_over_a_compressed_base_loads_in_peft_on_from_pretrained(
+    tiny_llama: torch.nn.Module, token_batches: list, tmp_path: Path
+) -> None:
+    """The recovery path users take: a pruned base saved by slimline, LoRA trained on it, the
+    adapter opened by peft on the base that transformers' from_pretrained reads."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    import slimline as sl
+
+    pruned = sl.compress(tiny_llama, {"steps": [{"method": "magnitude", "sparsity": 0.5}]})
+    base_dir = sl.save(pruned.model, tmp_path / "base")
+    lora = {"method": "lora", "r": 4, "alpha": 8, "steps": 3, "lr": 1e-2}
+    adapted = sl.compress(sl.load(base_dir), {"steps": [lora]}, training=token_batches).model
+    save_adapter(adapted, tmp_path / "adapter")
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    loaded = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    for batch in token_batches:
+        torch.testing.assert_close(_logits(loaded, batch), _logits(adapted, batch),
+                                   rtol=0, atol=1e-6)
