@@ -1,21 +1,27 @@
-"""Low-rank factorization: quality, parameters, time and latency against the dense model.
+"""Low-rank factorization: quality, parameters, factorization time and latency against dense.
 
-SKELETON — written with the methods (issue 12), not yet run; no figure from it is in
-BENCHMARKS.md. What it measures, in one process:
+Rows, each section measured in one process with every variant interleaved with the dense
+model (MEASURING.md):
 
-* `code-llama-tiny` at 80% and 60% of the target layers' weights: test perplexity for `svd`,
-  `asvd`, `svd_llm` with uniform and allocated ranks, factorization seconds, parameters, and
-  latency (prefill of one sequence, interleaved with the dense model);
-* `digits-cnn` with `tucker` at 50% of its conv weights: test accuracy and latency against
-  dense and against `structured` channel pruning.
+* ``minilm`` at 80% and 60% of the target layers' weights: ``svd``, ``asvd``, ``svd_llm``,
+  uniform and allocated (``allocation: sensitivity``) ranks; mean cosine of the pooled
+  sentence embeddings to fp32 on held-out (test split) sentences, latency × fp32, parameters,
+  factorization seconds.
+* ``digits-cnn``: ``tucker`` at 50% of the conv weights against dense and against
+  ``structured`` channel pruning at the same conv weights and at the same model parameters;
+  test accuracy and latency.
+* ``code-llama-tiny`` (``--llm``, only when the full model is already cached — this script
+  never builds it): the minilm rows with test perplexity, and prefill and decode latency.
 
-Still to add (see the issue): minilm cosine and latency, decode latency, `+ distill` rows.
+Calibration comes from the train split, quality from the test split (split by module file).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -29,80 +35,293 @@ from benchmarks.harness import (
     print_table,
     write_section,
 )
-from benchmarks.pruning import test_perplexity
-from slimline.core.batches import forward
+from benchmarks.pruning import cosine_quality, test_perplexity
+from slimline.core.batches import forward, output_tensor
+from slimline.factorize.svd import SvdConfig
 from slimline.models import load_builtin
 
+RATIOS = (0.8, 0.6)
+METHODS = ("svd", "asvd", "svd_llm")
+ALLOCATIONS = ("uniform", "sensitivity")
+# A digits-cnn forward takes milliseconds: on shared cores one preemption moves a short
+# series' median, so it gets this many times the runs of the other models (seconds in all).
+CNN_RUNS = 10
+TITLES = {"minilm": "Low-rank factorization: minilm (svd, asvd, svd_llm)",
+          "digits-cnn": "Low-rank factorization: digits-cnn (tucker against structured channels)",
+          "code-llama-tiny": "Low-rank factorization: code-llama-tiny (svd, asvd, svd_llm)"}
 
-def _params(model: nn.Module) -> int:
+
+def dict_batches(batches: list[Any]) -> list[dict[str, torch.Tensor]]:
+    """The built-in text models' batches, which are dicts of tensors (HF style)."""
+    if not all(isinstance(b, Mapping) for b in batches):
+        raise TypeError("expected dict batches (input_ids, attention_mask, ...)")
+    return [dict(b) for b in batches]
+
+
+def params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _latency_ms(models: dict[str, nn.Module], batch: Any, runs: int) -> dict[str, float]:
-    calls = {name: (lambda m=m: forward(m, batch)) for name, m in models.items()}
-    with torch.inference_mode():
-        found = interleaved(calls, runs=runs, warmup=3)
-    return {name: lat.median_ms for name, lat in found.items()}
+def target_weights(model: nn.Module, names: list[str]) -> int:
+    """Weights (2-D parameters) under the target layers' names: dense or factorized."""
+    return sum(p.numel() for n in names for p in model.get_submodule(n).parameters() if p.dim() == 2)
 
 
-def llm_rows(args: argparse.Namespace) -> tuple[list[str], list[list[Any]]]:
-    built = load_builtin("code-llama-tiny")
-    calib = built.batches("train", batch_size=args.calib_batch, limit=args.calib_batches)
-    test = built.batches("test", batch_size=4, limit=args.test_batches)
-    models: dict[str, nn.Module] = {"dense": built.model}
-    rows = [["dense", "-", "-", f"{test_perplexity(built.model, test):.3f}", _params(built.model), "-"]]
-    for ratio in (0.8, 0.6):
-        for method in ("svd", "asvd", "svd_llm"):
-            for allocation in ("uniform", "sensitivity"):
+def calls_of(models: Mapping[str, nn.Module], run: Callable[[nn.Module], object]) -> dict[str, Callable[[], object]]:
+    def bind(model: nn.Module) -> Callable[[], object]:
+        def call() -> object:
+            with torch.inference_mode():
+                return run(model)
+
+        return call
+
+    return {name: bind(m) for name, m in models.items()}
+
+
+def factorized_variants(
+    base: nn.Module, calib: list[Any], rows: list[dict[str, Any]]
+) -> dict[str, nn.Module]:
+    """Every method × ratio × allocation, compressed from ``base``; fills ``rows`` (one per model)."""
+    names = [n for n, _ in SvdConfig().select_modules(base)]
+    dense_targets = target_weights(base, names)
+    # Untimed: the first compress pays one-time costs (imports, LAPACK set-up) that are
+    # no method's own.
+    sl.compress(base, {"steps": [{"method": "svd", "ratio": RATIOS[-1]}]})
+    models: dict[str, nn.Module] = {"dense": base}
+    rows.append({"label": "dense", "method": "-", "ranks": "-", "ratio": "-", "kept": 1.0,
+                 "params": params(base), "seconds": None})
+    for ratio in RATIOS:
+        for method in METHODS:
+            for allocation in ALLOCATIONS:
+                label = f"{method} {allocation} {ratio:.0%}"
                 step = {"method": method, "ratio": ratio, "allocation": allocation}
                 start = time.perf_counter()
-                out = sl.compress(built.model, {"steps": [step]}, calibration=calib).model
+                out = sl.compress(base, {"steps": [step]}, calibration=calib).model
                 seconds = time.perf_counter() - start
-                models[f"{method}/{allocation}@{ratio}"] = out
-                rows.append([method, allocation, ratio, f"{test_perplexity(out, test):.3f}",
-                             _params(out), f"{seconds:.1f}"])
-    latency = _latency_ms(models, test[0], args.runs)
-    header = ["method", "ranks", "ratio", "test ppl", "params", "factorize s", "latency ms"]
-    for row, name in zip(rows, models, strict=True):
-        row.append(f"{latency[name]:.2f}")
-    return header, rows
+                models[label] = out
+                rows.append({"label": label, "method": method, "ranks": allocation,
+                             "ratio": f"{ratio:.0%}", "kept": target_weights(out, names) / dense_targets,
+                             "params": params(out), "seconds": seconds})
+                print(f"{label}: {seconds:.1f} s", flush=True)
+    return models
 
 
-def cnn_rows(args: argparse.Namespace) -> tuple[list[str], list[list[Any]]]:
+def order_note(rows: list[dict[str, Any]], error: str, lower_is_better: bool) -> str:
+    """Whether the expected order svd_llm ≤ asvd ≤ svd (in error) holds, per ratio × allocation."""
+    out = []
+    for ratio in RATIOS:
+        for allocation in ALLOCATIONS:
+            q = {r["method"]: r["quality"] for r in rows
+                 if r["ratio"] == f"{ratio:.0%}" and r["ranks"] == allocation}
+            err = {m: (v if lower_is_better else -v) for m, v in q.items()}
+            holds = err["svd_llm"] <= err["asvd"] <= err["svd"]
+            ranked = " ≤ ".join(sorted(err, key=err.__getitem__))
+            out.append(f"{ratio:.0%} {allocation}: {ranked} ({'as expected' if holds else 'NOT the expected order'})")
+    return f"Order in {error}: " + "; ".join(out) + "."
+
+
+def factor_table(rows: list[dict[str, Any]], metric: str, timing_cols: list[str],
+                 timings: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
+    header = ["variant", "ranks", "target weights kept", "params", metric, "factorize s", *timing_cols]
+    dense = rows[0]["params"]
+    table = []
+    for r in rows:
+        cells = [r["label"], r["ranks"], f"{r['kept']:.3f}", f"{r['params'] / 1e6:.2f}M ({r['params'] / dense:.3f})",
+                 f"{r['quality']:.4f}" if metric != "test ppl" else f"{r['quality']:.3f}",
+                 "-" if r["seconds"] is None else f"{r['seconds']:.1f}"]
+        for t in timings:
+            lat = t[r["label"]]
+            cells.append(f"{lat.median_ms:.1f} ({lat.median_ms / t['dense'].median_ms:.2f}×)")
+        table.append(cells)
+    return header, table
+
+
+def minilm_section(args: argparse.Namespace) -> str:
+    built = load_builtin("minilm")
+    calib = dict_batches(built.batches("train", batch_size=8, limit=args.calib_batches))
+    data = dict_batches(built.batches("test", batch_size=32, limit=args.test_batches))
+    reference = [output_tensor(forward(built.model, b), b).float() for b in data]
+    rows: list[dict[str, Any]] = []
+    models = factorized_variants(built.model, calib, rows)
+    for r in rows:
+        r["quality"] = cosine_quality(models[r["label"]], reference, data)
+    batch = data[0]
+    times = interleaved(calls_of(models, lambda m: forward(m, batch)), runs=args.runs, warmup=args.warmup)
+    header, table = factor_table(rows, "cosine to fp32", ["latency ms (× fp32)"], [times])
+    print_table("factorize: minilm", header, table)
+    tokens = sum(int(b["attention_mask"].sum()) for b in calib)
+    seq = batch["input_ids"].shape[1]
+    return (f"**minilm** — {len(SvdConfig().select_modules(built.model))} target Linear layers (every "
+            f"Linear but the output head); calibration {args.calib_batches}×8 train sentences ({tokens} "
+            f"tokens); cosine of mean-pooled embeddings to fp32 on {sum(b['input_ids'].shape[0] for b in data)} "
+            f"test sentences; latency: batch {batch['input_ids'].shape[0]}×{seq} tokens, median of "
+            f"{args.runs} interleaved runs (all rows in one loop) after {args.warmup} warm-up rounds. "
+            "`ratio` is the share of the target layers' weights kept; allocated rows spend the same "
+            "budget, layer by layer.\n\n"
+            + markdown_table(header, table) + "\n" + order_note(rows, "1 − cosine", lower_is_better=False))
+
+
+# ---- code-llama-tiny -------------------------------------------------------------------------
+
+
+def decode_call(model: nn.Module, prompt: torch.Tensor, steps: int) -> Callable[[], object]:
+    """``steps`` greedy decode steps after a cached prompt; the cache is cropped back after."""
+    with torch.inference_mode():
+        out = model(input_ids=prompt, use_cache=True)
+    cache = out.cache  # transformers ≥ 5.2x; the DynamicCache of the prompt
+    first = out.logits[:, -1:].argmax(-1)
+
+    def run() -> object:
+        with torch.inference_mode():
+            token = first
+            for _ in range(steps):
+                step = model(input_ids=token, cache=cache, use_cache=True)
+                token = step.logits[:, -1:].argmax(-1)
+            cache.crop(-steps)  # back to the prompt: every call decodes from the same state
+        return token
+
+    return run
+
+
+def llm_section(args: argparse.Namespace) -> str:
+    built = load_builtin("code-llama-tiny", size=args.llm_size)
+    calib = dict_batches(built.batches("train", batch_size=8, limit=args.calib_batches))
+    data = dict_batches(built.batches("test", batch_size=16, limit=args.test_batches))
+    rows: list[dict[str, Any]] = []
+    models = factorized_variants(built.model, calib, rows)
+    for r in rows:
+        r["quality"] = test_perplexity(models[r["label"]], data)
+    prefill_batch = {k: v[:1] for k, v in data[0].items()}
+    prompt = prefill_batch["input_ids"][:, : args.prompt_len]
+    prefill = interleaved(calls_of(models, lambda m: forward(m, prefill_batch)), runs=args.runs,
+                          warmup=args.warmup)
+    decode = interleaved({n: decode_call(m, prompt, args.decode_steps) for n, m in models.items()},
+                         runs=args.runs, warmup=args.warmup)
+    header, table = factor_table(rows, "test ppl", ["prefill ms (× dense)",
+                                                    f"decode ms / {args.decode_steps} tokens (× dense)"],
+                                 [prefill, decode])
+    print_table(f"factorize: code-llama-tiny ({args.llm_size})", header, table)
+    tokens = sum(int(b["attention_mask"].sum()) for b in calib)
+    return (f"**code-llama-tiny** ({args.llm_size}) — calibration {args.calib_batches}×8 train windows "
+            f"({tokens} tokens); test perplexity on {sum(b['input_ids'].shape[0] for b in data)} held-out "
+            f"windows; prefill: 1×{prefill_batch['input_ids'].shape[1]} tokens; decode: "
+            f"{args.decode_steps} greedy tokens after a cached {prompt.shape[1]}-token prompt, batch 1; "
+            f"medians of {args.runs} interleaved runs after {args.warmup} warm-up rounds.\n\n"
+            + markdown_table(header, table) + "\n" + order_note(rows, "perplexity", lower_is_better=True))
+
+
+def llm_cached(size: str) -> bool:
+    from slimline.models.cache import is_cached
+    from slimline.models.code_llama import cache_key
+
+    return is_cached(cache_key(size))  # type: ignore[arg-type]
+
+
+# ---- digits-cnn ------------------------------------------------------------------------------
+
+
+def conv_weights(model: nn.Module) -> int:
+    """Weights of every Conv2d (a Tucker layer's three convs included)."""
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Conv2d))
+
+
+def structured_at(base: nn.Module, calib: list[Any], goal: int, measure: Callable[[nn.Module], int]
+                  ) -> tuple[nn.Module, float]:
+    """``structured`` channel pruning whose ``measure`` is nearest ``goal`` (sparsity by 1% steps)."""
+    best: tuple[int, float, nn.Module] | None = None
+    for pct in range(1, 96):
+        step = {"method": "structured", "sparsity": pct / 100, "units": ["channels"]}
+        model = sl.compress(base, {"steps": [step]}, calibration=calib).model
+        gap = abs(measure(model) - goal)
+        if best is None or gap < best[0]:
+            best = (gap, pct / 100, model)
+        if measure(model) < goal:
+            break
+    assert best is not None
+    return best[2], best[1]
+
+
+def cnn_section(args: argparse.Namespace) -> str:
     from slimline.models.digits_cnn import accuracy, digits_splits
 
     built = load_builtin("digits-cnn")
+    base = built.model
     test = digits_splits()["test"]
     calib = built.batches("train", batch_size=64, limit=4)
-    recipes = {"dense": [], "tucker 0.5": [{"method": "tucker", "ratio": 0.5}],
-               "tucker vbmf": [{"method": "tucker", "rank": "vbmf"}],
-               "structured channels 0.3": [{"method": "structured", "sparsity": 0.3,
-                                            "units": ["channels"]}]}
-    models = {name: sl.compress(built.model, {"steps": steps}, calibration=calib).model
-              for name, steps in recipes.items()}
-    latency = _latency_ms(models, test["pixel_values"][:64], args.runs)
-    rows = [[name, f"{accuracy(m, test):.4f}", _params(m), f"{latency[name]:.3f}"]
-            for name, m in models.items()]
-    return ["model", "test accuracy", "params", "latency ms (64 images)"], rows
+    models: dict[str, nn.Module] = {"dense": base}
+    seconds: dict[str, float] = {}
+    recipes = {"tucker 50% (every k×k conv)": {"method": "tucker", "ratio": 0.5},
+               "tucker 50% (conv2; conv1 dense)": {"method": "tucker", "ratio": 0.5,
+                                                   "targets": {"include": ["conv2"]}},
+               "tucker rank vbmf": {"method": "tucker", "rank": "vbmf"}}
+    for label, step in recipes.items():
+        start = time.perf_counter()
+        models[label] = sl.compress(base, {"steps": [step]}, calibration=calib).model
+        seconds[label] = time.perf_counter() - start
+    tucker = models["tucker 50% (every k×k conv)"]
+    for label, goal, measure in (("same conv weights", conv_weights(tucker), conv_weights),
+                                 ("same params", params(tucker), params)):
+        start = time.perf_counter()
+        model, sparsity = structured_at(base, calib, goal, measure)
+        name = f"structured channels {sparsity:.0%} ({label} as tucker 50%)"
+        models[name] = model
+        seconds[name] = time.perf_counter() - start
+    images = test["pixel_values"][: args.cnn_batch]
+    times = interleaved(calls_of(models, lambda m: m(images)), runs=args.runs * CNN_RUNS, warmup=args.warmup)
+    header = ["variant", "test accuracy", "conv weights", "params", "latency ms (× dense)", "compress s"]
+    rows = []
+    for name, m in models.items():
+        t = times[name].median_ms
+        rows.append([name, f"{accuracy(m, test):.4f}", f"{conv_weights(m)} ({conv_weights(m) / conv_weights(base):.3f})",
+                     f"{params(m)} ({params(m) / params(base):.3f})", f"{t:.3f} ({t / times['dense'].median_ms:.2f}×)",
+                     "-" if name not in seconds else f"{seconds[name]:.2f}"])
+    print_table("factorize: digits-cnn", header, rows)
+    return (f"**digits-cnn** — test accuracy on {len(test['labels'])} held-out images; latency: batch "
+            f"{images.shape[0]} images, median of {args.runs * CNN_RUNS} interleaved runs after {args.warmup} "
+            "warm-up rounds. Structured rows: the channel sparsity (1% steps, calibration 4×64 train "
+            "images, slimline's defaults) whose conv weights, or whole-model parameters, come nearest "
+            "the every-conv Tucker row's; the 'compress s' of those rows includes that search.\n\n"
+            + markdown_table(header, rows))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--sections", default="minilm,digits-cnn",
+                        help="comma-separated: minilm, digits-cnn (each its own BENCHMARKS.md section)")
+    parser.add_argument("--llm", action="store_true",
+                        help="add code-llama-tiny (skipped with a message unless already cached)")
+    parser.add_argument("--llm-size", default="full", choices=("full", "small"),
+                        help="small: a smoke run of the code path, not a figure")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--runs", type=int, default=20)
-    parser.add_argument("--calib-batch", type=int, default=8)
-    parser.add_argument("--calib-batches", type=int, default=16)
-    parser.add_argument("--test-batches", type=int, default=16)
-    parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
+    parser.add_argument("--runs", type=int, default=15)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--calib-batches", type=int, default=16, help="×8 train items")
+    parser.add_argument("--test-batches", type=int, default=4, help="minilm ×32, code-llama-tiny ×16")
+    parser.add_argument("--cnn-batch", type=int, default=64)
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--decode-steps", type=int, default=16)
+    parser.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    body = conditions_line(args.threads, runs=args.runs) + "\n\n"
-    for title, (header, rows) in (("code-llama-tiny", llm_rows(args)),
-                                  ("digits-cnn", cnn_rows(args))):
-        print_table(title, header, rows)
-        body += f"### {title}\n\n{markdown_table(header, rows)}\n"
-    if args.write:
-        write_section("factorize", "Low-rank factorization", body)
+    torch.manual_seed(0)
+    builders: dict[str, Callable[[argparse.Namespace], str]] = {
+        "minilm": minilm_section, "digits-cnn": cnn_section, "code-llama-tiny": llm_section}
+    names = [s for s in args.sections.split(",") if s] + (["code-llama-tiny"] if args.llm else [])
+    for name in names:  # one BENCHMARKS.md section each: a later run can redo one alone
+        if name == "code-llama-tiny" and not llm_cached(args.llm_size):
+            print(f"code-llama-tiny ({args.llm_size}) is not cached yet: its rows are left for a "
+                  "later run (this script does not build it).")
+            continue
+        load_start = os.getloadavg()[0]
+        body = builders[name](args)
+        load = (f"Machine load (other engineers share the {os.cpu_count()} cores): 1-min load "
+                f"average {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end.")
+        print(load)
+        smoke = name == "code-llama-tiny" and args.llm_size == "small"  # not a figure
+        if not args.no_write and not smoke:
+            write_section(f"factorize-{name}", TITLES[name],
+                          "\n\n".join([conditions_line(args.threads), load, body]))
+
 
 
 if __name__ == "__main__":

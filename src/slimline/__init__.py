@@ -6,6 +6,7 @@ from slimline.api import CompressResult, StepReport, compress, evaluate, list_me
 from slimline.core.recipe import Recipe
 from slimline.core.targets import Targets
 from slimline.integrations.import_hook import install as _install_transformers_hook
+from slimline.search import SearchResult, search
 
 if not TYPE_CHECKING:
     # ``slimline.evaluate`` names both the subpackage and the API function ``sl.evaluate``.
@@ -15,10 +16,12 @@ if not TYPE_CHECKING:
     from slimline._callable_module import make_callable
 
     evaluate = make_callable("slimline.evaluate", evaluate)
+    search = make_callable("slimline.search", search)  # the same, for ``sl.search``
 
 __all__ = [
     "CompressResult",
     "Recipe",
+    "SearchResult",
     "StepReport",
     "Targets",
     "compress",
@@ -26,6 +29,7 @@ __all__ = [
     "list_methods",
     "load",
     "save",
+    "search",
 ]
 __version__ = "0.1.0"
 

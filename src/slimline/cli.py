@@ -125,6 +125,30 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--chart", help="also write a quality-vs-latency PNG here")
     ev.set_defaults(run=_eval)
 
+    se = sub.add_parser("search", parents=[debug],
+                        help="search recipes: the Pareto front under constraints (optuna)")
+    se.add_argument("--model", required=True, help="built-in name or model directory")
+    se.add_argument("--objectives", default="latency,size", help="comma-separated metrics")
+    se.add_argument("--constraint", action="append", default=[],
+                    help='e.g. "cosine>=0.99" or "perplexity<=+2%%" (repeatable)')
+    se.add_argument("--trials", type=int, default=20)
+    se.add_argument("--storage", help="optuna database URL, e.g. sqlite:///search.db")
+    se.add_argument("--study", help="study name (the same storage and name resume it)")
+    se.add_argument("--space", help="YAML file narrowing the methods and ranges searched")
+    se.add_argument("--out", required=True, help="directory for the recipes and the report")
+    se.add_argument("--data", help="text file (one sample a line); default: built-in "
+                    "validation data")
+    se.add_argument("--batches", type=int, default=4)
+    se.add_argument("--batch-size", type=int, default=32)
+    se.add_argument("--calibration-batches", type=int, default=8,
+                    help="built-in train batches for calibration (0: leave out the methods "
+                    "that need it)")
+    se.add_argument("--train-batches", type=int, default=0,
+                    help="built-in train batches for training steps (0: leave them out)")
+    se.add_argument("--seed", type=int, default=0)
+    se.add_argument("--runs", type=int, default=5)
+    se.set_defaults(run=_search)
+
     ls = sub.add_parser("list", parents=[debug], help="the methods table")
     ls.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ls.set_defaults(run=_list)
@@ -249,6 +273,35 @@ def _eval(args: argparse.Namespace) -> int:
         card = write_evaluation(source.directory, to_markdown(report), command)
         print(f"figures added to the model card {card}")
     return 0
+
+
+def _search(args: argparse.Namespace) -> int:
+    from slimline.search import search
+    from slimline.search.objectives import parse_constraints, parse_objectives
+    from slimline.search.render import rich_table
+
+    parse_objectives(args.objectives)  # bad names fail before the model is loaded
+    parse_constraints(args.constraint)
+    source = resolve_model(args.model)
+    data = source.data(args.data, split="validation", batch_size=args.batch_size,
+                       limit=args.batches)
+    calibration = _train_split(source, args.calibration_batches, args.batch_size)
+    training = _train_split(source, args.train_batches, args.batch_size)
+    found = search(source.model, data, calibration=calibration, training=training,
+                   objectives=args.objectives, constraints=args.constraint, trials=args.trials,
+                   storage=args.storage, study=args.study, space=args.space, seed=args.seed,
+                   runs=args.runs, progress=True)
+    written = found.write(args.out)
+    _console().print(rich_table(found))
+    print(f"{len(written)} files written to {args.out} (search.json, pareto.md, recipes)")
+    return 0
+
+
+def _train_split(source: LoadedModel, batches: int, batch_size: int) -> list[Any] | None:
+    """The built-in's train batches, or None (no built-in data, or 0 asked)."""
+    if batches <= 0 or source.builtin is None:
+        return None
+    return source.data(None, split="train", batch_size=batch_size, limit=batches)
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -80,3 +80,33 @@ def test_allocation_may_keep_a_layer_dense() -> None:
     assert isinstance(result.model.fc1, LowRankLinear) and result.model.fc1.rank >= 2
     assert isinstance(result.model.fc2, nn.Linear)
     assert any("kept dense" in n for n in result.steps[0].notes)
+
+
+class UnequalLayers(nn.Module):
+    """Two (40, 24)-shaped layers whose uniform ranks round down by different amounts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.head = nn.Linear(24, 40), nn.Linear(40, 24), nn.Linear(24, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.b(torch.tanh(self.a(x))))
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.45, 0.65])
+def test_allocation_spends_no_more_than_uniform_ranks(ratio: float) -> None:
+    # ⌊ratio·N·K/(N+K)⌋ rounds each layer down; the allocated layout must not spend the
+    # rounding slack that ⌊ratio · Σ N·K⌋ would leave (it did: 576 against 512 at 0.3).
+    model = UnequalLayers().eval()
+
+    def weights(allocation: str) -> int:
+        step = {"method": "svd", "ratio": ratio, "allocation": allocation,
+                "targets": {"include": ["a", "b"]}}
+        out = sl.compress(model, {"steps": [step]}).model
+        return sum(p.numel() for n in ("a", "b") for p in out.get_submodule(n).parameters()
+                   if p.dim() == 2)
+
+    uniform = weights("uniform")
+    assert uniform == 2 * int(ratio * 40 * 24 / 64) * 64  # r·(N+K) per layer, r rounded down
+    assert weights("sensitivity") <= uniform

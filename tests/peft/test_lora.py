@@ -265,3 +265,43 @@ def test_batch_size_recuts_rows(tiny_llama: torch.nn.Module, token_batches: list
     with pytest.raises(ValueError, match="lora.batch_size"):
         uneven = [token_batches[0], {k: v[:, :8] for k, v in token_batches[1].items()}]
         sl.compress(tiny_llama, [LoraConfig(batch_size=4)], training=uneven)
+
+
+# --- a pruned base -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_masked_adapter_computes_and_merges_the_masked_weight(dora: bool) -> None:
+    g = torch.Generator().manual_seed(0)
+    base = torch.nn.Linear(16, 12)
+    with torch.no_grad():
+        base.weight.mul_(torch.rand(12, 16, generator=g) > 0.5)  # half pruned
+    mask = base.weight.detach() != 0
+    layer = LoraLinear(base, r=3, alpha=6.0, dora=dora, weight_mask=mask)
+    with torch.no_grad():
+        layer.lora_B.weight.copy_(torch.randn(12, 3, generator=g))
+    x = torch.randn(5, 16, generator=g)
+    # Reference: the layer computes with (W + s·BA) ⊙ M (DoRA: each row rescaled to m).
+    w = (base.weight + layer.scaling * layer.lora_B.weight @ layer.lora_A.weight) * mask
+    if dora:
+        w = (layer.lora_magnitude_vector / w.norm(dim=1)).unsqueeze(1) * w
+    with torch.no_grad():
+        unmerged = layer(x)
+        torch.testing.assert_close(unmerged, F.linear(x, w, base.bias), rtol=0, atol=1e-5)
+        rebuilt = LoraLinear.from_slimline_meta(layer.slimline_meta())  # checkpoint path
+        rebuilt.load_state_dict(layer.state_dict(), assign=True)
+        torch.testing.assert_close(rebuilt(x), unmerged, rtol=0, atol=0)
+        model = torch.nn.Sequential(layer)
+        merge_adapters(model)
+        torch.testing.assert_close(model(x), unmerged, rtol=0, atol=1e-5)
+    assert torch.equal(model[0].weight == 0, ~mask)  # exactly the pruned zeros
+
+
+def test_loop_options_reach_the_lora_step(tiny_llama: torch.nn.Module,
+                                          token_batches: list) -> None:
+    cfg = LoraConfig(steps=3, accumulation=2, eval_fraction=0.34, max_grad_norm=None)
+    assert (LoraConfig().steps, LoraConfig().lr) == (16, 1e-3)  # its own defaults
+    result = sl.compress(tiny_llama, [cfg], training=token_batches)
+    assert f"on {len(token_batches) - 1} batches, 1 held out" in result.steps[0].notes[1]
+    with pytest.raises(ValueError, match="lora.accumulation"):
+        LoraConfig(accumulation=0)

@@ -140,10 +140,9 @@ def test_adapter_over_a_compressed_base_loads_in_peft_on_from_pretrained(
 ) -> None:
     """The recovery path users take: a pruned base saved by slimline, LoRA trained on it, the
     adapter opened by peft on the base that transformers' from_pretrained reads."""
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    import slimline as sl
+    from peft import PeftModel
 
     pruned = sl.compress(tiny_llama, {"steps": [{"method": "magnitude", "sparsity": 0.5}]})
     base_dir = sl.save(pruned.model, tmp_path / "base")
@@ -155,3 +154,34 @@ def test_adapter_over_a_compressed_base_loads_in_peft_on_from_pretrained(
     for batch in token_batches:
         torch.testing.assert_close(_logits(loaded, batch), _logits(adapted, batch),
                                    rtol=0, atol=1e-6)
+
+
+def test_a_bad_adapter_directory_raises_a_value_error_naming_the_file(
+    tiny_llama: torch.nn.Module, tmp_path: Path
+) -> None:
+    from slimline.peft.peft_format import load_adapter
+
+    with pytest.raises(ValueError, match="cannot read .*adapter_config.json"):
+        load_adapter(tiny_llama, tmp_path / "missing")
+    good = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}
+    cases = [
+        ("{not json", "cannot read"),
+        ([1, 2], "holds a list"),
+        ({**good, "r": None}, "adapter_config.json: r must be an integer"),
+        ({**good, "r": 2.5}, "r must be an integer"),
+        ({**good, "lora_alpha": "8"}, "lora_alpha must be a number"),
+        ({k: v for k, v in good.items() if k != "target_modules"}, "target_modules must be"),
+        ({**good, "r": 0}, r"adapter_config.json: lora.r: must be ≥ 1"),
+    ]
+    for content, match in cases:
+        (tmp_path / "adapter_config.json").write_text(
+            content if isinstance(content, str) else json.dumps(content))
+        with pytest.raises(ValueError, match=match):
+            load_adapter(tiny_llama, tmp_path)
+    (tmp_path / "adapter_config.json").write_text(json.dumps(good))
+    with pytest.raises(ValueError, match="adapter_model.safetensors is missing"):
+        load_adapter(tiny_llama, tmp_path)
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ValueError, match="cannot read .*adapter_model.safetensors"):
+        load_adapter(tiny_llama, tmp_path)
+    assert not any(isinstance(m, LoraLinear) for m in tiny_llama.modules())

@@ -41,6 +41,18 @@ def _train(accumulation: int, seed_model: int) -> tuple[list[float], dict[str, t
     return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def _early_stopping(rank: int, checkpoint_dir: str) -> list[float]:
+    """A run whose held-out loss differs by rank: rank 0 alone would find its best at the
+    third evaluation and stop at step 10, the mean (5, 3, 5, 5.5, 6.5, ...) stops at 8."""
+    p = nn.Parameter(torch.zeros(1))
+    held = {0: [5.0, 3.0, 1.0, 2.0, 4.0, 6.0, 7.0], 1: [5.0, 3.0, 9.0, 9.0, 9.0, 9.0, 9.0]}
+    values = iter(held[rank])
+    options = LoopOptions(optimizer="sgd", eval_every=2, patience=3,
+                          checkpoint_dir=checkpoint_dir, checkpoint_every=2)  # fmt: skip
+    return train_loop([{"params": [p], "lr": 0.1}], lambda _: -p.sum(), 1, steps=20, seed=0,
+                      name="stop", options=options, evaluate=lambda: next(values))  # fmt: skip
+
+
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
     import torch.distributed as dist
 
@@ -49,8 +61,10 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
     try:
         losses, state = _train(accumulation=1, seed_model=rank)
         save_file(state, f"{out_dir}/rank{rank}.safetensors")
+        stopped = _early_stopping(rank, f"{out_dir}/ckpt")
+        resumed = _early_stopping(rank, f"{out_dir}/ckpt")  # every rank resumes the end
         with open(f"{out_dir}/rank{rank}.json", "w") as f:
-            json.dump(losses, f)
+            json.dump({"losses": losses, "stopped": stopped, "resumed": resumed}, f)
     finally:
         dist.destroy_process_group()
 
@@ -62,7 +76,11 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path) -> None:
     # fork: the ranks start in milliseconds and inherit the imports.
     mp.start_processes(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2,
                        start_method="fork")  # fmt: skip
-    curves = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    runs = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    curves = [run["losses"] for run in runs]
+    # Early stopping on the held-out loss averaged over the ranks: both stop at step 8.
+    assert len(runs[0]["stopped"]) == len(runs[1]["stopped"]) == 8
+    assert runs[0]["resumed"] == runs[0]["stopped"] == runs[1]["resumed"]
     states = [load_file(tmp_path / f"rank{r}.safetensors") for r in range(2)]
     assert curves[0] == curves[1]  # the reported loss is the global batch's, on every rank
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])  # ranks identical

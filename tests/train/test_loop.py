@@ -196,3 +196,36 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(tmp_path) -> N
     assert torch.equal(resumed, uninterrupted)
     with pytest.raises(ValueError, match="checkpoint of another run"):
         _fit(batches, 7, **options, checkpoint_dir=str(tmp_path), checkpoint_every=1)
+
+
+def test_resume_with_dropout_draws_what_the_uninterrupted_run_drew(tmp_path) -> None:
+    # Each step reseeds from (seed, rank, step): no random state in the checkpoint, yet the
+    # resumed run's dropout masks are the uninterrupted run's; the caller's state is kept.
+    batches = _regression(3)
+
+    def run(directory, crash_at: int | None) -> torch.Tensor:
+        torch.manual_seed(0)
+        layer = nn.Linear(4, 1)
+        calls = []
+
+        def loss(i: int) -> torch.Tensor:
+            calls.append(i)
+            if crash_at is not None and len(calls) > crash_at:
+                raise KeyboardInterrupt
+            x, y = batches[i]
+            return (layer(nn.functional.dropout(x, 0.5)) - y).pow(2).mean()
+
+        options = LoopOptions(checkpoint_dir=directory, checkpoint_every=2 if directory else 0)
+        torch.manual_seed(caller_seed)  # the caller's state: the run must not depend on it
+        before = torch.get_rng_state()
+        train_loop([{"params": list(layer.parameters()), "lr": 0.05}], loss, len(batches),
+                   steps=7, seed=4, name="drop", options=options)  # fmt: skip
+        assert torch.equal(torch.get_rng_state(), before)  # and must leave it as it was
+        return torch.cat([layer.weight.detach().flatten(), layer.bias.detach()])
+
+    caller_seed = 123
+    uninterrupted = run(None, None)
+    with pytest.raises(KeyboardInterrupt):
+        run(str(tmp_path), crash_at=5)  # dies in step 5; the checkpoint is after step 4
+    caller_seed = 999
+    assert torch.equal(run(str(tmp_path), None), uninterrupted)

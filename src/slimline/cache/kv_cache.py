@@ -20,6 +20,7 @@ from slimline.cache.kv_quant import SUPPORTED_BITS
 from slimline.core.config import MethodConfig
 from slimline.core.families import Family
 from slimline.core.registry import StepContext, StepOutcome, register
+from slimline.search.ranges import Choice, SearchSpace
 
 if TYPE_CHECKING:
     from slimline.cache.hf.quantized_cache import KVQuantSpec
@@ -44,6 +45,8 @@ class KvCacheConfig(MethodConfig):
     family: ClassVar[Family] = Family.CACHE
     summary: ClassVar[str] = "int8/int4 KV cache for generation: keys and values as codes + scales"
     paper: ClassVar[str] = "KIVI, arXiv 2402.02750"
+    # What `slimline search` tries (slimline/search/ranges.py); a space file narrows it.
+    search_space: ClassVar[SearchSpace] = {"bits": Choice(4, 8)}
     reapply_on_load: ClassVar[bool] = True
 
     bits: int = 8

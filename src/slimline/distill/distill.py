@@ -16,7 +16,10 @@ The loss mixes, with the weights of the config:
 * the **task** loss, the model's own loss on batches that carry ``labels``.
 
 ``trainable`` (PERP, arXiv 2312.15230): ``all`` float parameters of the selected modules,
-``norms_and_biases`` only, or ``lora`` adapters (``slimline.peft.lora``). Quantized layers
+``norms_and_biases`` only, or ``lora`` adapters (``slimline.peft.lora``, rank ``lora_r``,
+scale ``lora_alpha``) on the selected Linear-like layers, merged after training; over a
+pruned layer the adapter trains ``(W + ΔW) ⊙ M`` with M its non-zero pattern, so the merged
+model is the trained one and keeps every zero. Quantized layers
 (``QuantLinear``, W8A8, fp8: any :mod:`slimline.quantize` layer) stay **frozen**: they hold
 packed codes; train through the rounding with ``qat`` instead. Pruned weights stay exactly
 zero. Padding is masked out of every loss. Training is :mod:`slimline.train`'s loop: one or
@@ -27,27 +30,25 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from slimline.core.batches import Batch, materialize, split_labels, to_device
 from slimline.core.registry import StepContext, StepOutcome, register
-from slimline.core.targets import select
-from slimline.distill.outputs import Outputs, TeacherOutputs, positions_mask, run_model
+from slimline.core.targets import is_linear_like, linear_weight, select, set_linear_weight
 from slimline.distill.trainable import SparsityMasks, holds_trainable, trainable_parameters
 from slimline.train.config import TrainingConfig
 from slimline.train.data import count_tokens, hold_out, rebatch
 from slimline.train.loop import train_loop
-from slimline.train.losses import (
-    distill_loss,
-    hidden_state_loss,
-    kl_with_temperature,
-    pooled_cosine_loss,
-)
-from slimline.train.recompute import gradient_checkpointing
+from slimline.train.losses import OutputLoss, hidden_state_loss, output_loss, task_loss_of
+from slimline.train.outputs import Outputs, TeacherOutputs, answer_mask, run_model
+from slimline.train.recompute import check_checkpointing, gradient_checkpointing
+
+if TYPE_CHECKING:
+    from slimline.peft.layer import LoraLinear
+    from slimline.peft.lora import LoraConfig
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -68,6 +69,10 @@ class DistillConfig(TrainingConfig):
     # Mixed in only on batches that carry ``labels``.
     task_weight: float = 0.5
     trainable: Literal["all", "lora", "norms_and_biases"] = "all"
+    # The adapters of ``trainable: lora``: rank and scale numerator (update (alpha / r)·BA),
+    # the lora step's defaults (peft's r = 8, alpha = 2r).
+    lora_r: int = 8
+    lora_alpha: float = 16.0
     # Built-in name, sl.save directory or Hugging Face directory; None: the model as it was
     # before the recipe.
     teacher: str | None = None
@@ -82,14 +87,30 @@ class DistillConfig(TrainingConfig):
                 self.fail(name, f"must be a finite number ≥ 0, got {value}")
         if self.output_weight == self.hidden_weight == self.task_weight == 0.0:
             self.fail("output_weight", "all loss weights are 0: nothing to learn")
+        if self.lora_r < 1:
+            self.fail("lora_r", f"must be ≥ 1, got {self.lora_r}")
+        if not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0.0):
+            self.fail("lora_alpha", f"must be a finite number > 0, got {self.lora_alpha}")
+
+    def lora_config(self) -> LoraConfig:
+        """The adapters of ``trainable: lora``: ``lora_r``, ``lora_alpha``, this step's
+        targets and seed (A's initialisation)."""
+        from slimline.peft.lora import LoraConfig
+
+        return LoraConfig(targets=self.targets, r=self.lora_r, alpha=self.lora_alpha,
+                          seed=self.seed)  # fmt: skip
 
     def needs_original(self) -> bool:
         return self.teacher is None
 
     def select_modules(self, model: nn.Module, *, step: str = "") -> list[tuple[str, nn.Module]]:
-        """Modules whose own parameters train (LoRA: the Linear-like layers it adapts)."""
+        """Modules whose own parameters train (LoRA: the Linear-like layers it adapts; a
+        layer that already carries an adapter is refused)."""
         if self.trainable == "lora":
-            return super().select_modules(model, step=step)
+            from slimline.peft.lora import adapter_targets
+
+            chosen = adapter_targets(model, self.lora_config(), step=step or self.method)
+            return [(n, m) for n, m in chosen if is_linear_like(m)]
         return select(model, self.targets, accepts=holds_trainable, what="parameter-holding",
                       step=step or self.method)  # fmt: skip
 
@@ -101,44 +122,43 @@ class DistillLoss(nn.Module):
     """The config's weighted loss of a student forward against the teacher's; holds the
     TinyBERT projections (trained, then dropped)."""
 
-    def __init__(self, cfg: DistillConfig, kind: str, projections: nn.ModuleList | None):
+    def __init__(self, cfg: DistillConfig, kind: OutputLoss, projections: nn.ModuleList | None):
         super().__init__()
         self.cfg, self.kind, self.projections = cfg, kind, projections
 
     def forward(self, student: Outputs, teacher: Outputs, batch: Batch) -> torch.Tensor:
         cfg = self.cfg
-        mask = positions_mask(batch, student.answer)
+        mask = answer_mask(batch, student.answer)
         total = torch.zeros((), device=student.answer.device)
         if cfg.output_weight:
-            total = total + cfg.output_weight * self.output(student.answer, teacher.answer, mask)
+            answer = output_loss(self.kind, student.answer, teacher.answer, mask,
+                                 temperature=cfg.temperature)  # fmt: skip
+            total = total + cfg.output_weight * answer
         if cfg.hidden_weight and student.hidden is not None and teacher.hidden is not None:
             hidden = hidden_state_loss(student.hidden, teacher.hidden, self.projections, mask)
             total = total + cfg.hidden_weight * hidden
         _, labels = split_labels(batch)
         if cfg.task_weight and labels is not None:
-            total = total + cfg.task_weight * _task(student, labels)
+            task = task_loss_of(student, labels, field="distill.task_weight")
+            total = total + cfg.task_weight * task
         return total
 
-    def output(self, s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        if self.kind == "kl":
-            return kl_with_temperature(s, t, self.cfg.temperature, mask)
-        if self.kind == "cosine":
-            return pooled_cosine_loss(s, t, mask)
-        return distill_loss(s.float(), t.float(), False, mask)
 
-
-def _task(student: Outputs, labels: torch.Tensor) -> torch.Tensor:
-    if student.loss is not None:  # Hugging Face heads shift causal-LM labels themselves
-        return student.loss
-    logits = student.answer.float()
-    return F.cross_entropy(logits.flatten(0, -2), labels.flatten(), ignore_index=-100)
-
-
-def output_kind(cfg: DistillConfig, kind: str) -> str:
-    """The output loss: ``cfg.output_loss``, or from the model's answer when ``auto``."""
-    if cfg.output_loss != "auto":
-        return cfg.output_loss
-    return {"logits": "kl", "hidden": "cosine"}.get(kind, "mse")
+def output_kind(cfg: DistillConfig, student: Outputs) -> OutputLoss:
+    """The output loss: ``cfg.output_loss``, or from the model's answer when ``auto``;
+    ValueError before training when a forced one does not fit the answer."""
+    if cfg.output_loss == "auto":
+        if student.kind == "logits":
+            return "kl"
+        return "cosine" if student.kind == "hidden" else "mse"
+    shape = tuple(student.answer.shape)
+    if cfg.output_loss == "kl" and student.kind != "logits":
+        cfg.fail("output_loss", f"'kl' needs a model that answers logits; this one answers "
+                                f"{student.kind} of shape {shape}: use mse or cosine")  # fmt: skip
+    if cfg.output_loss == "cosine" and student.answer.dim() != 3:
+        cfg.fail("output_loss", f"'cosine' pools token states (B, T, C); this model answers "
+                                f"shape {shape}: use mse")  # fmt: skip
+    return cfg.output_loss
 
 
 def check_teacher(student: Outputs, teacher: Outputs, cfg: DistillConfig) -> None:
@@ -190,17 +210,6 @@ def _batches(cfg: DistillConfig, ctx: StepContext, device: torch.device) -> list
     return [to_device(b, device) for b in batches]
 
 
-def _lora_parameters(model: nn.Module, cfg: DistillConfig) -> dict[str, nn.Parameter]:
-    """Add LoRA adapters to the selected layers; their parameters are what trains."""
-    try:
-        from slimline.peft.lora import LoraConfig, add_adapters
-    except ImportError as exc:
-        raise ValueError(f"distill.trainable: 'lora' needs slimline.peft.lora ({exc})") from None
-    before = {id(p) for p in model.parameters()}
-    add_adapters(model, LoraConfig(targets=cfg.targets))
-    return {n: p for n, p in model.named_parameters() if id(p) not in before}
-
-
 @register(DistillConfig)
 def apply_distill(model: nn.Module, cfg: DistillConfig, ctx: StepContext) -> StepOutcome:
     """Train the student toward the teacher; the model is left as trained (or, should the
@@ -210,34 +219,80 @@ def apply_distill(model: nn.Module, cfg: DistillConfig, ctx: StepContext) -> Ste
     teacher = resolve_teacher(cfg, ctx, device)
     train, held = hold_out(batches, cfg.eval_fraction)
     want_hidden = cfg.hidden_weight > 0
-    teach = TeacherOutputs(teacher, train, hidden=want_hidden)
+    teach = TeacherOutputs(teacher, train, hidden=want_hidden, owner="distill")
     with torch.no_grad():
-        first = run_model(model, train[0], hidden=want_hidden, labels=False)
+        first = run_model(model, train[0], hidden=want_hidden, owner="distill")
     check_teacher(first, teach(0), cfg)
+    kind = output_kind(cfg, first)
+    check_checkpointing(model, cfg.checkpointing, field="distill.checkpointing")
     projections = projections_for(first, teach(0)) if want_hidden else None
-    loss_fn = DistillLoss(cfg, output_kind(cfg, first.kind), projections).to(device)
+    loss_fn = DistillLoss(cfg, kind, projections).to(device)
     chosen = cfg.select_modules(model)
-    if cfg.trainable == "lora":  # merging the adapters must keep the base's zeros
-        weights = {n: getattr(m, "weight", None) for n, m in chosen}
-        base = SparsityMasks(model, {n: w for n, w in weights.items()
-                                     if isinstance(w, nn.Parameter)})  # fmt: skip
-        params = _lora_parameters(model, cfg)
+    data = (train, teach)
+    if cfg.trainable == "lora":
+        losses, count, modules = _train_lora(model, cfg, ctx, chosen, loss_fn, data, held)
     else:
         params = trainable_parameters(chosen, cfg.trainable)
-    if not params:
-        cfg.fail("trainable", f"{cfg.trainable!r} selects no parameter of the targets")
-    losses = _train(model, cfg, ctx, params, loss_fn, (train, teach), held)
-    if cfg.trainable == "lora":
-        _merge_lora(model)
-        base.reapply()
-    kind = loss_fn.kind
+        if not params:
+            cfg.fail("trainable", f"{cfg.trainable!r} selects no parameter of the targets")
+        losses = _train(model, cfg, ctx, params, loss_fn, data, held)
+        count = sum(p.numel() for p in params.values())
+        modules = sorted({n.rsplit(".", 1)[0] for n in params if "." in n})
     notes = [
-        f"trained {sum(p.numel() for p in params.values())} parameters ({cfg.trainable}) "
-        f"on {len(train)} batches, {len(held)} held out",
+        f"trained {count} parameters ({cfg.trainable}) on {len(train)} batches, "
+        f"{len(held)} held out",
         f"{len(losses)} steps, {kind} loss {losses[0]:.4g} → {losses[-1]:.4g}",
     ]
-    modules = sorted({n.rsplit(".", 1)[0] for n in params if "." in n})
     return StepOutcome(modules=modules, notes=notes)
+
+
+def weight_masks(layers: list[tuple[str, nn.Module]]) -> dict[str, torch.Tensor]:
+    """(N, K) non-zero pattern of each layer whose weight has zeros (a pruned layer)."""
+    masks: dict[str, torch.Tensor] = {}
+    for name, module in layers:
+        nonzero = linear_weight(module).detach() != 0
+        if not bool(nonzero.all()):
+            masks[name] = nonzero
+    return masks
+
+
+def _train_lora(
+    model: nn.Module,
+    cfg: DistillConfig,
+    ctx: StepContext,
+    layers: list[tuple[str, nn.Module]],
+    loss_fn: DistillLoss,
+    data: tuple[list[Batch], TeacherOutputs],
+    held: list[Batch],
+) -> tuple[list[float], int, list[str]]:
+    """Adapt ``layers`` (masked where pruned), train the adapters, merge them; the losses,
+    the adapter parameter count and the adapted layers. On any failure the adapters are
+    removed and every weight and ``requires_grad`` flag is as it was."""
+    from slimline.peft.lora import add_adapters, merge_adapters, remove_adapters
+
+    if not layers:
+        cfg.fail("trainable", "'lora' selects no Linear-like layer of the targets")
+    flags = {p: p.requires_grad for p in model.parameters()}  # before the adapters exist
+    adapters: dict[str, LoraLinear] = {}
+    merged: dict[str, torch.Tensor] = {}
+    try:
+        adapters = add_adapters(model, cfg.lora_config(), layers, freeze=False,
+                                masks=weight_masks(layers))  # fmt: skip
+        params = {f"{name}.{pname}": p for name, adapter in adapters.items()
+                  for pname, p in adapter.named_parameters()
+                  if not pname.startswith("base_layer.")}  # fmt: skip
+        losses = _train(model, cfg, ctx, params, loss_fn, data, held)
+        for name, adapter in adapters.items():  # layer by layer, each undoable exactly
+            merged[name] = linear_weight(adapter.base_layer).detach().to("cpu", copy=True)
+            merge_adapters(model, names={name})
+    except BaseException:
+        for name, weight in merged.items():
+            set_linear_weight(adapters[name].base_layer, weight)
+        remove_adapters(model, adapters)
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+        raise
+    return losses, sum(p.numel() for p in params.values()), sorted(adapters)
 
 
 def _train(
@@ -252,7 +307,7 @@ def _train(
     """Run the loop on ``params`` (and the projections); restores the model on failure."""
     train, teach = data
     want_hidden = cfg.hidden_weight > 0
-    held_teacher = TeacherOutputs(teach.teacher, held, hidden=want_hidden)
+    held_teacher = teach.on(held)
     masks = SparsityMasks(model, params)
     saved = {n: p.detach().to("cpu", copy=True) for n, p in params.items()}
     flags = {p: p.requires_grad for p in model.parameters()}
@@ -260,13 +315,13 @@ def _train(
 
     def step_loss(index: int) -> torch.Tensor:
         batch = train[index]
-        student = run_model(model, batch, hidden=want_hidden, labels=True)
+        student = run_model(model, batch, hidden=want_hidden, labels=True, owner="distill")
         return loss_fn(student, teach(index), batch)
 
     def evaluate() -> float:
         total = 0.0
         for i, batch in enumerate(held):
-            student = run_model(model, batch, hidden=want_hidden, labels=True)
+            student = run_model(model, batch, hidden=want_hidden, labels=True, owner="distill")
             total += float(loss_fn(student, held_teacher(i), batch))
         return total / len(held)
 
@@ -299,12 +354,3 @@ def _train(
             p.requires_grad_(flag)
         model.train(was_training)
     return losses
-
-
-def _merge_lora(model: nn.Module) -> None:
-    """Fold trained LoRA adapters into their layers when slimline.peft offers it."""
-    from slimline.peft import lora
-
-    merge = getattr(lora, "merge_adapters", None)
-    if merge is not None:
-        merge(model)

@@ -17,7 +17,6 @@ multiple-choice knapsack is ``quantize.mixed.allocate_bits``, reused as it is.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -102,9 +101,9 @@ def allocate_ranks(
     else:
         for name, module in layers.items():
             measure(name, module, None)
-    ratio = cfg.kept_ratio
-    total = sum(linear_weight(m).numel() for m in layers.values())
-    budget = math.floor(ratio * total) if ratio is not None else sum(problem.uniform.values())
+    # Not ⌊ratio · Σ N·K⌋: each uniform rank is rounded down, and that budget would let the
+    # allocated layout spend more weights than the uniform one it is compared with.
+    budget = sum(problem.uniform.values())
     ranks = allocate_bits(problem.errors, problem.sizes, budget)
     spent = sum(problem.sizes[n][r] for n, r in ranks.items())
     return RankPlan({n: ranks[n] for n in layers}, spent, budget, weighted=bool(data))

@@ -18,6 +18,7 @@ from torch import nn
 from slimline.core.registry import StepContext, StepOutcome, register
 from slimline.factorize.base import Decompose, FactorStats, LowRankConfig, factorize_layers
 from slimline.factorize.decomposition import Decomposition, decompose_transformed
+from slimline.search.ranges import FloatRange, SearchSpace
 
 # A channel that never fired would get d_j = 0, a singular D, and its column of W could not
 # be rebuilt: scales are floored at this fraction of the largest (the column is then nearly
@@ -34,6 +35,8 @@ class AsvdConfig(LowRankConfig):
     uses_abs_mean: ClassVar[bool] = True
     summary: ClassVar[str] = "activation-aware SVD: columns scaled by mean|x|^α before truncation"
     paper: ClassVar[str] = "ASVD, arXiv 2312.05821"
+    # What `slimline search` tries (slimline/search/ranges.py); a space file narrows it.
+    search_space: ClassVar[SearchSpace] = {"ratio": FloatRange(0.2, 0.9, step=0.05)}
 
     # The paper's α (§3.2): 0.5 balances outlier channels against the rest.
     alpha: float = 0.5

@@ -18,6 +18,7 @@ from torch import nn
 from slimline.core.registry import StepContext, StepOutcome, register
 from slimline.factorize.base import FactorStats, LowRankConfig, factorize_layers
 from slimline.factorize.decomposition import Decomposition, svd_of
+from slimline.search.ranges import FloatRange, SearchSpace
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -27,6 +28,8 @@ class SvdConfig(LowRankConfig):
     method: ClassVar[str] = "svd"
     summary: ClassVar[str] = "truncated SVD: each Linear → two thin Linears (K→r→N)"
     paper: ClassVar[str] = "Eckart–Young; low-rank baseline of arXiv 2312.05821, 2403.07378"
+    # What `slimline search` tries (slimline/search/ranges.py); a space file narrows it.
+    search_space: ClassVar[SearchSpace] = {"ratio": FloatRange(0.2, 0.9, step=0.05)}
 
 
 def svd_decompose(weight: torch.Tensor, _stats: FactorStats | None = None) -> Decomposition:

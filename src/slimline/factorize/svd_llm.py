@@ -24,6 +24,7 @@ from torch import nn
 from slimline.core.registry import StepContext, StepOutcome, register
 from slimline.factorize.base import Decompose, FactorStats, LowRankConfig, factorize_layers
 from slimline.factorize.decomposition import Decomposition, decompose_transformed
+from slimline.search.ranges import FloatRange, SearchSpace
 
 _FIRST_JITTER = 1e-10  # relative to the mean diagonal of X Xᵀ
 _JITTER_TRIES = 12
@@ -38,6 +39,8 @@ class SvdLlmConfig(LowRankConfig):
     uses_hessian: ClassVar[bool] = True
     summary: ClassVar[str] = "truncation-aware whitening (Cholesky of XXᵀ), then truncated SVD"
     paper: ClassVar[str] = "SVD-LLM, arXiv 2403.07378"
+    # What `slimline search` tries (slimline/search/ranges.py); a space file narrows it.
+    search_space: ClassVar[SearchSpace] = {"ratio": FloatRange(0.2, 0.9, step=0.05)}
 
 
 def whitening_factor(xxt: torch.Tensor) -> tuple[torch.Tensor, float]:

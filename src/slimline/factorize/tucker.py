@@ -29,6 +29,7 @@ from slimline.core.targets import select
 from slimline.factorize.base import DEFAULT_RATIO
 from slimline.factorize.layers import TuckerConv2d
 from slimline.factorize.vbmf import evbmf
+from slimline.search.ranges import FloatRange, SearchSpace
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -39,6 +40,8 @@ class TuckerConfig(MethodConfig):
     family: ClassVar[Family] = Family.FACTORIZE
     summary: ClassVar[str] = "Tucker-2 of Conv2d kernels: 1×1 → k×k core → 1×1"
     paper: ClassVar[str] = "Kim et al., arXiv 1511.06530 (Tucker-2 + VBMF ranks)"
+    # What `slimline search` tries (slimline/search/ranges.py); a space file narrows it.
+    search_space: ClassVar[SearchSpace] = {"ratio": FloatRange(0.2, 0.9, step=0.05)}
 
     # ``vbmf``: ranks estimated per layer by EVBMF (Nakajima et al. 2013); else by ratio.
     rank: Literal["vbmf"] | None = None

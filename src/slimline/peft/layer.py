@@ -13,6 +13,12 @@ slimline's packed :class:`~slimline.quantize.qlinear.QuantLinear` (QLoRA, arXiv 
 the base stays packed and frozen, the adapters are float32). Attribute names follow the
 ``peft`` package (``base_layer``, ``lora_A``, ``lora_B``, ``lora_magnitude_vector``), so
 the state-dict keys map one to one onto its adapter files.
+
+Over a pruned base an optional ``weight_mask`` M (N, K) keeps the pruning: the layer computes
+with ``(W + ΔW) ⊙ M``, which is ``W + ΔW ⊙ M`` as W is already zero off M, so the weight
+merging writes has exactly the base's zeros and computes what was trained (a dense ΔW
+merged and then re-pruned would not). The masked update is formed as a dense (N, K) matrix,
+one extra matmul of the layer's size per forward.
 """
 
 from __future__ import annotations
@@ -101,12 +107,22 @@ class LoraLinear(nn.Module):
         dora: bool = False,
         rslora: bool = False,
         generator: torch.Generator | None = None,
+        weight_mask: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         if not (is_linear_like(base_layer) or isinstance(base_layer, QuantLinear)):
             raise TypeError(f"lora: cannot adapt a {type(base_layer).__name__}")
         self.base_layer = base_layer
         self.out_features, self.in_features = base_shape(base_layer)
+        self.weight_mask: torch.Tensor | None
+        if weight_mask is not None:
+            if tuple(weight_mask.shape) != (self.out_features, self.in_features):
+                raise ValueError(f"lora: weight_mask of shape {tuple(weight_mask.shape)} does "
+                                 f"not fit the ({self.out_features}, {self.in_features}) "
+                                 "weight")  # fmt: skip
+            weight_mask = weight_mask.to(device=_base_device(base_layer), dtype=torch.bool)
+        # (N, K) bool, 1 where the weight may be non-zero; saved with the layer.
+        self.register_buffer("weight_mask", weight_mask)
         self.r, self.alpha, self.rslora, self.dropout_p = r, float(alpha), rslora, dropout
         self.scaling = lora_scaling(r, alpha, rslora)
         device = _base_device(base_layer)
@@ -141,8 +157,11 @@ class LoraLinear(nn.Module):
         return weight if dtype is None else weight.to(dtype)
 
     def delta_weight(self) -> torch.Tensor:
-        """The (N, K) LoRA update ``s · B A`` (float32)."""
-        return delta_weight(self.lora_A.weight, self.lora_B.weight, self.scaling)
+        """The (N, K) LoRA update ``s · B A`` (float32), ``⊙ M`` with a weight mask."""
+        delta = delta_weight(self.lora_A.weight, self.lora_B.weight, self.scaling)
+        if self.weight_mask is None:
+            return delta
+        return delta * self.weight_mask
 
     def adapted_weight(self) -> torch.Tensor:
         """The (N, K) float32 weight this layer computes with (what merging writes)."""
@@ -153,7 +172,10 @@ class LoraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)  # (..., N)
         dropped = self.dropout(x.to(ADAPTER_DTYPE))
-        lora = self.lora_B(self.lora_A(dropped)) * self.scaling  # (..., N)
+        if self.weight_mask is None:
+            lora = self.lora_B(self.lora_A(dropped)) * self.scaling  # (..., N)
+        else:  # the masked update is not low-rank: form it
+            lora = F.linear(dropped, self.delta_weight())
         if self.lora_magnitude_vector is None:
             return result + lora.to(result.dtype)
         return result + self._dora_extra(result, dropped, lora).to(result.dtype)
@@ -178,7 +200,8 @@ class LoraLinear(nn.Module):
 
     def extra_repr(self) -> str:
         kind = "dora" if self.dora else "lora"
-        return f"{kind}, r={self.r}, alpha={self.alpha:g}, rslora={self.rslora}"
+        masked = ", masked" if self.weight_mask is not None else ""
+        return f"{kind}, r={self.r}, alpha={self.alpha:g}, rslora={self.rslora}{masked}"
 
     # --- checkpoint ---------------------------------------------------------------------------
 
@@ -187,6 +210,7 @@ class LoraLinear(nn.Module):
         return {
             "version": META_VERSION, "r": self.r, "alpha": self.alpha, "rslora": self.rslora,
             "dropout": self.dropout_p, "dora": self.dora, "base": _base_meta(self.base_layer),
+            "masked": self.weight_mask is not None,
         }  # fmt: skip
 
     @classmethod
@@ -195,9 +219,11 @@ class LoraLinear(nn.Module):
             raise ValueError(f"lora layer metadata version {meta.get('version')!r} unsupported")
         base = _base_from_meta(meta["base"])
         with torch.device("meta"):  # load_state_dict(assign=True) supplies every tensor
+            n_out, n_in = base_shape(base)
+            mask = torch.empty(n_out, n_in, dtype=torch.bool) if meta.get("masked") else None
             return cls(base, r=int(meta["r"]), alpha=float(meta["alpha"]),
                        dropout=float(meta["dropout"]), dora=bool(meta["dora"]),
-                       rslora=bool(meta["rslora"]))  # fmt: skip
+                       rslora=bool(meta["rslora"]), weight_mask=mask)  # fmt: skip
 
 
 def base_shape(module: nn.Module) -> tuple[int, int]:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
@@ -37,25 +37,27 @@ from slimline.core.batches import (
     to_device,
     with_positions,
 )
-from slimline.core.config import MethodConfig
-from slimline.core.families import Family
 from slimline.core.registry import StepContext, StepOutcome, register
 from slimline.core.targets import is_linear_like, select, set_linear_weight
 from slimline.peft.layer import LoraLinear
 from slimline.quantize.packing import quantize_groups
 from slimline.quantize.qlinear import QuantLinear
-from slimline.train.data import rebatch
+from slimline.train.config import TrainingConfig
+from slimline.train.data import count_tokens, hold_out, rebatch
 from slimline.train.loop import train_loop
 from slimline.train.losses import task_loss
+from slimline.train.recompute import check_checkpointing, gradient_checkpointing
 
 
 @dataclass(frozen=True, kw_only=True)
-class LoraConfig(MethodConfig):
-    """LoRA / DoRA adapters on the selected Linear-like layers, trained on the task loss."""
+class LoraConfig(TrainingConfig):
+    """LoRA / DoRA adapters on the selected Linear-like layers, trained on the task loss.
+
+    The loop's fields (accumulation, autocast, checkpointing, held-out evaluation, clipping,
+    resumable checkpoints...) are :class:`~slimline.train.config.TrainingConfig`'s; the
+    defaults below override its ``steps`` and ``lr``."""
 
     method: ClassVar[str] = "lora"
-    family: ClassVar[Family] = Family.TRAIN
-    needs_training: ClassVar[bool] = True  # compress(training=...), default its calibration
     summary: ClassVar[str] = "LoRA / DoRA / QLoRA adapters on the task loss, peft-compatible"
     paper: ClassVar[str] = ("LoRA arXiv 2106.09685; DoRA arXiv 2402.09353; "
                             "rsLoRA arXiv 2312.03732; QLoRA arXiv 2305.14314")  # fmt: skip
@@ -82,25 +84,17 @@ class LoraConfig(MethodConfig):
     steps: int = 16
     # Adam learning rate of the adapters; QLoRA uses 2e-4 (7B–13B), small models take more.
     lr: float = 1e-3
-    # Rows per step; null trains on the batches as given. When set, the rows of all batches
-    # are re-cut (the batches must then share their shapes beyond the first dimension).
-    batch_size: int | None = None
-    # Seeds A's initialisation, the batch order and the adapter dropout.
+    # Seeds A's initialisation (and, as in every training step, the batch order and dropout).
     seed: int = 0
 
     def check(self) -> None:
+        super().check()
         if self.r < 1:
             self.fail("r", f"must be ≥ 1, got {self.r}")
         if not (math.isfinite(self.alpha) and self.alpha > 0.0):
             self.fail("alpha", f"must be a finite number > 0, got {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
             self.fail("dropout", f"must be in [0, 1), got {self.dropout}")
-        if self.steps < 1:
-            self.fail("steps", f"must be ≥ 1, got {self.steps}")
-        if not (math.isfinite(self.lr) and self.lr > 0.0):
-            self.fail("lr", f"must be a finite number > 0, got {self.lr}")
-        if self.batch_size is not None and self.batch_size < 1:
-            self.fail("batch_size", f"must be ≥ 1 or null, got {self.batch_size}")
 
     def applies_to(self, model: nn.Module) -> bool:
         """False for Hugging Face models without a task head (``BertModel``, ``LlamaModel``):
@@ -153,6 +147,7 @@ def add_adapters(
     modules: Sequence[tuple[str, nn.Module]] | None = None,
     *,
     freeze: bool = True,
+    masks: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, LoraLinear]:
     """Wrap layers of ``model`` in :class:`LoraLinear` adapters, in place; returns them by name.
 
@@ -162,13 +157,17 @@ def add_adapters(
     (A's initialisation); the training fields are the caller's. With ``freeze`` every
     parameter but the adapters' stops requiring gradients (as ``peft.get_peft_model``). The
     original layers become the adapters' ``base_layer``; :func:`remove_adapters` puts them
-    back. Every adapter is built before the model changes, so an error leaves it as it was.
+    back. ``masks`` gives layers by name a (N, K) weight mask (a pruned base keeps its zeros,
+    :class:`LoraLinear`). Every adapter is built before the model changes, so an error leaves
+    it as it was.
     """
     chosen = list(adapter_targets(model, cfg) if modules is None else modules)
     generator = torch.Generator().manual_seed(cfg.seed)
+    masks = masks or {}
     adapters = {
         name: LoraLinear(module, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout,
-                         dora=cfg.variant == "dora", rslora=cfg.rslora, generator=generator)
+                         dora=cfg.variant == "dora", rslora=cfg.rslora, generator=generator,
+                         weight_mask=masks.get(name))
         for name, module in chosen
     }  # fmt: skip
     if freeze:
@@ -208,7 +207,10 @@ class MergeReport:
 
 @torch.no_grad()
 def merge_adapters(
-    model: nn.Module, *, quantized: Literal["keep", "requantize"] = "keep"
+    model: nn.Module,
+    *,
+    quantized: Literal["keep", "requantize"] = "keep",
+    names: Collection[str] | None = None,
 ) -> MergeReport:
     """Fold every :class:`LoraLinear` of ``model`` into a plain layer, in place.
 
@@ -217,10 +219,11 @@ def merge_adapters(
     reference to that weight (a sparsity mask, an optimizer) stays valid. A packed
     ``QuantLinear`` base is kept with its adapter (``"keep"``) or replaced by a new layer,
     ``dequant(W) + ΔW`` rounded onto the same grid (bits, groups, symmetry, scale dtype;
-    ``"requantize"``).
+    ``"requantize"``). ``names``: only the adapters of these layers (default: all).
     """
     report = MergeReport()
-    for name, adapter in [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLinear)]:
+    for name, adapter in [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLinear)
+                          and (names is None or n in names)]:  # fmt: skip
         if not isinstance(adapter.base_layer, QuantLinear):
             set_linear_weight(adapter.base_layer, adapter.adapted_weight())
             model.set_submodule(name, adapter.base_layer)
@@ -299,20 +302,36 @@ def lora_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
 
 
 def train_adapters(
-    model: nn.Module, batches: Sequence[Batch], cfg: LoraConfig, *, progress: bool = False
+    model: nn.Module,
+    batches: Sequence[Batch],
+    cfg: LoraConfig,
+    *,
+    progress: bool = False,
+    held: Sequence[Batch] = (),
 ) -> list[float]:
     """Train the adapter parameters of ``model`` on the task loss; returns the step losses.
 
-    Dropout (the adapters' and the model's own) draws from a generator forked and seeded
-    with ``cfg.seed``, so a run repeats exactly and the caller's random state is untouched.
+    The loop runs with ``cfg``'s options (accumulation, autocast, clipping, resumable
+    checkpoints, ``cfg.checkpointing``); ``held`` batches, when given, are evaluated (in eval
+    mode) for the best adapters and early stopping. Dropout (the adapters' and the model's
+    own) is reseeded each step from ``cfg.seed`` by the loop, so a run repeats exactly and
+    the caller's random state is untouched.
     """
     groups = [{"params": adapter_parameters(model), "lr": cfg.lr}]
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(cfg.seed)
+
+    def evaluate() -> float:
+        was_training = model.training
+        model.eval()
+        try:
+            return sum(float(lora_loss(model, b)) for b in held) / len(held)
+        finally:
+            model.train(was_training)
+
+    with gradient_checkpointing(model, cfg.checkpointing, field="lora.checkpointing"):
         return train_loop(groups, lambda i: lora_loss(model, batches[i]), len(batches),
-                          steps=cfg.steps, seed=cfg.seed, name="lora",
-                          progress=progress)  # fmt: skip
+                          steps=cfg.steps, seed=cfg.seed, name="lora", progress=progress,
+                          options=cfg.loop_options(), evaluate=evaluate if held else None,
+                          tokens=lambda i: count_tokens(batches[i]))  # fmt: skip
 
 
 @register(LoraConfig)
@@ -327,8 +346,9 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, ctx: StepContext) -> StepOutco
     chosen = cfg.select_modules(model)
     if not chosen:
         return StepOutcome(notes=["no layer selected: model unchanged"])
+    check_checkpointing(model, cfg.checkpointing, field="lora.checkpointing")
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    batches = [to_device(b, device) for b in batches]
+    train, held = hold_out([to_device(b, device) for b in batches], cfg.eval_fraction)
     flags = {p: p.requires_grad for p in model.parameters()}
     was_training = model.training
     adapters: dict[str, LoraLinear] = {}
@@ -336,7 +356,7 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, ctx: StepContext) -> StepOutco
         adapters = add_adapters(model, cfg, chosen)
         model.train()  # adapter dropout on; the base weights are frozen either way
         with torch.enable_grad():
-            losses = train_adapters(model, batches, cfg, progress=ctx.progress)
+            losses = train_adapters(model, train, cfg, progress=ctx.progress, held=held)
     except BaseException:
         remove_adapters(model, adapters)  # the originals were never written to
         _restore_flags(flags)
@@ -346,13 +366,14 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, ctx: StepContext) -> StepOutco
     notes = [f"{len(adapters)} layers, {cfg.variant} r={cfg.r} alpha={cfg.alpha:g}"
              f"{', rslora' if cfg.rslora else ''}: "
              f"{sum(p.numel() for p in adapter_parameters(model))} adapter parameters",
-             f"{cfg.steps} steps, task loss {losses[0]:.4g} → {losses[-1]:.4g}"]  # fmt: skip
+             f"{len(losses)} steps on {len(train)} batches, {len(held)} held out, task loss "
+             f"{losses[0]:.4g} → {losses[-1]:.4g}"]  # fmt: skip
     if cfg.merge:
         # A plain model again: its layers train as before. Merging goes layer by layer, each
         # merged layer computing what its adapter did, so a failure midway (out of memory)
         # leaves a model that still computes the trained function.
         _restore_flags(flags)
-        notes += _merge_step(model, cfg, batches[0])
+        notes += _merge_step(model, cfg, train[0])
     return StepOutcome(modules=[name for name, _ in chosen], notes=notes)
 
 

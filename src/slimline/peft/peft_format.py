@@ -37,6 +37,11 @@ def adapter_config(model: nn.Module, adapters: dict[str, LoraLinear]) -> dict[st
         raise ValueError("save_adapter: the adapters differ in r / alpha / variant / rslora / "
                          "dropout; peft's format holds one setting per directory")  # fmt: skip
     r, alpha, dora, rslora, dropout = shapes.pop()
+    masked = sorted(n for n, a in adapters.items() if a.weight_mask is not None)
+    if masked:
+        raise ValueError(f"save_adapter: {masked[0]!r} carries a weight mask (a pruned "
+                         "base), which peft's format cannot express; merge the adapters "
+                         "instead")  # fmt: skip
     conv1d = [is_conv1d(a.base_layer) for a in adapters.values()]
     config = getattr(model, "config", None)
     return {
@@ -97,20 +102,8 @@ def load_adapter(model: nn.Module, directory: str | Path) -> dict[str, LoraLinea
     DoRA and rsLoRA with one rank for all layers. Everything is read and checked (options,
     module names, tensor shapes) before ``model`` changes; ValueError naming the file else.
     """
-    from safetensors.torch import load_file
-
     path = Path(directory)
-    config = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
-    if config.get("peft_type") != "LORA":
-        raise ValueError(f"load_adapter: {path / CONFIG_FILE} is not a LoRA adapter")
-    for key, default in _UNSUPPORTED.items():
-        if config.get(key, default) not in (default, None, {}):
-            raise ValueError(f"load_adapter: {path / CONFIG_FILE}: {key}={config[key]!r} "
-                             "is not supported")  # fmt: skip
-    cfg = LoraConfig(r=int(config["r"]), alpha=float(config["lora_alpha"]),
-                     dropout=float(config.get("lora_dropout", 0.0)),
-                     variant="dora" if config.get("use_dora") else "lora",
-                     rslora=bool(config.get("use_rslora")))  # fmt: skip
+    config, cfg = _read_config(path / CONFIG_FILE)
     chosen = [(n, m) for n, m in model.named_modules() if n and _targeted(n, config)]
     if not chosen:
         raise ValueError(f"load_adapter: target_modules {config['target_modules']!r} match no "
@@ -119,7 +112,7 @@ def load_adapter(model: nn.Module, directory: str | Path) -> dict[str, LoraLinea
         if not adaptable(module):
             raise ValueError(f"load_adapter: target_modules match {name!r}, a "
                              f"{type(module).__name__}, which LoRA cannot adapt")  # fmt: skip
-    tensors = load_file(str(path / WEIGHTS_FILE))
+    tensors = _read_weights(path / WEIGHTS_FILE)
     expected = _expected_tensors(chosen, cfg)
     if set(tensors) != set(expected):
         odd = sorted(set(tensors) ^ set(expected))
@@ -136,6 +129,56 @@ def load_adapter(model: nn.Module, directory: str | Path) -> dict[str, LoraLinea
                 if not param_name.startswith("base_layer."):
                     param.copy_(tensors[_file_key(name, param_name)])
     return adapters
+
+
+def _read_config(file: Path) -> tuple[dict[str, Any], LoraConfig]:
+    """The JSON of ``adapter_config.json`` and the adapter settings it holds; ValueError
+    naming the file (and the key) for a missing, unreadable or unsupported config."""
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"load_adapter: cannot read {file}: {exc}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"load_adapter: {file} holds a {type(config).__name__}, not an object")
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"load_adapter: {file} is not a LoRA adapter "
+                         f"(peft_type {config.get('peft_type')!r})")  # fmt: skip
+    for key, default in _UNSUPPORTED.items():
+        if config.get(key, default) not in (default, None, {}):
+            raise ValueError(f"load_adapter: {file}: {key}={config[key]!r} is not supported")
+    targets = config.get("target_modules")
+    names = [targets] if isinstance(targets, str) else targets
+    if not (isinstance(names, list) and all(isinstance(t, str) for t in names)):
+        raise ValueError(f"load_adapter: {file}: target_modules must be a string or a list of "
+                         f"strings, got {targets!r}")  # fmt: skip
+    values: dict[str, Any] = {}
+    for key, field_name, kind in (("r", "r", int), ("lora_alpha", "alpha", float),
+                                  ("lora_dropout", "dropout", float)):  # fmt: skip
+        value = config.get(key, 0.0 if key == "lora_dropout" else None)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+            kind is int and not float(value).is_integer()
+        ):
+            what = "an integer" if kind is int else "a number"
+            raise ValueError(f"load_adapter: {file}: {key} must be {what}, got {value!r}")
+        values[field_name] = kind(value)
+    try:
+        cfg = LoraConfig(**values, variant="dora" if config.get("use_dora") else "lora",
+                         rslora=bool(config.get("use_rslora")))  # fmt: skip
+    except ValueError as exc:
+        raise ValueError(f"load_adapter: {file}: {exc}") from None
+    return config, cfg
+
+
+def _read_weights(file: Path) -> dict[str, torch.Tensor]:
+    """The tensors of ``adapter_model.safetensors``; ValueError naming the file else."""
+    from safetensors.torch import load_file
+
+    if not file.is_file():
+        raise ValueError(f"load_adapter: {file} is missing")
+    try:
+        return load_file(str(file))
+    except Exception as exc:  # safetensors raises its own SafetensorError for a bad file
+        raise ValueError(f"load_adapter: cannot read {file}: {exc}") from None
 
 
 def _targeted(name: str, config: dict[str, Any]) -> bool:

@@ -30,6 +30,7 @@ from slimline.core.calibration import find_blocks
 from slimline.core.config import MethodConfig
 from slimline.core.families import Family
 from slimline.core.registry import StepContext, StepOutcome, register
+from slimline.search.ranges import IntRange, SearchSpace
 
 Criterion = Literal["block_influence", "last"]
 
@@ -43,6 +44,8 @@ class LayerDropConfig(MethodConfig):
     needs_calibration: ClassVar[bool] = True  # for the default criterion; "last" needs none
     summary: ClassVar[str] = "removes whole transformer blocks with the lowest Block Influence"
     paper: ClassVar[str] = "ShortGPT, arXiv 2403.03853"
+    # What `slimline search` tries (slimline/search/ranges.py); a space file narrows it.
+    search_space: ClassVar[SearchSpace] = {"n_layers": IntRange(1, 4)}
 
     # One block is the cautious default: ShortGPT removes ~25% of a deep model's blocks, but a
     # shallow model has few to spare.

@@ -14,6 +14,7 @@ from slimline.core.targets import linear_weight
 from slimline.prune.base import UnstructuredPruneConfig
 from slimline.prune.importance import magnitude_score
 from slimline.prune.masks import global_masks, nm_mask, parse_pattern, unstructured_mask
+from slimline.search.ranges import FloatRange, SearchSpace
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -24,6 +25,8 @@ class MagnitudeConfig(UnstructuredPruneConfig):
     family: ClassVar[Family] = Family.PRUNE
     summary: ClassVar[str] = "unstructured / N:M pruning of the smallest |W|"
     paper: ClassVar[str] = "Learning both Weights and Connections, arXiv 1506.02626"
+    # What `slimline search` tries (slimline/search/ranges.py); a space file narrows it.
+    search_space: ClassVar[SearchSpace] = {"sparsity": FloatRange(0.1, 0.7, step=0.05)}
 
     # "layer": each layer loses `sparsity` of its weights; "global": one threshold for all,
     # so layers with many small weights lose more (only for unstructured sparsity).

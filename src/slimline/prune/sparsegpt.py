@@ -21,6 +21,7 @@ from slimline.core.registry import StepContext, StepOutcome, register
 from slimline.core.statistics import InputStats, inverse_hessian_factor
 from slimline.prune.base import UnstructuredPruneConfig, prune_layerwise
 from slimline.prune.masks import nm_mask, parse_pattern, unstructured_mask
+from slimline.search.ranges import FloatRange, SearchSpace
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -32,6 +33,8 @@ class SparseGPTConfig(UnstructuredPruneConfig):
     needs_calibration: ClassVar[bool] = True
     summary: ClassVar[str] = "one-shot pruning with OBS reconstruction of the kept weights"
     paper: ClassVar[str] = "SparseGPT, arXiv 2301.00774"
+    # What `slimline search` tries (slimline/search/ranges.py); a space file narrows it.
+    search_space: ClassVar[SearchSpace] = {"sparsity": FloatRange(0.1, 0.7, step=0.05)}
 
     # Columns updated together (the paper's B = 128): lazy batched updates, same result.
     block_size: int = 128

@@ -67,6 +67,7 @@ from slimline.prune.surgery import (
     refit_linear_,
     unit_features,
 )
+from slimline.search.ranges import FloatRange, SearchSpace
 
 Importance = Literal["magnitude", "activation"]
 
@@ -80,6 +81,8 @@ class StructuredConfig(MethodConfig):
     needs_calibration: ClassVar[bool] = True  # for the default importance; magnitude needs none
     summary: ClassVar[str] = "removes whole heads, MLP neurons and conv channels: smaller, faster"
     paper: ClassVar[str] = "LLM-Pruner, arXiv 2305.11627; DepGraph, arXiv 2301.12900"
+    # What `slimline search` tries (slimline/search/ranges.py); a space file narrows it.
+    search_space: ClassVar[SearchSpace] = {"sparsity": FloatRange(0.1, 0.5, step=0.05)}
 
     # Share of the units of each kind removed in every layer. 0.3 keeps most of the quality
     # of a pretrained encoder without retraining; more usually wants a distillation step.

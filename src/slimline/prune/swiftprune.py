@@ -54,6 +54,7 @@ from slimline.core.statistics import InputStats
 from slimline.prune.base import UnstructuredPruneConfig, prune_layerwise
 from slimline.prune.ewma import ewma_threshold_mask, nm_count_mask
 from slimline.prune.masks import parse_pattern
+from slimline.search.ranges import FloatRange, SearchSpace
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
@@ -76,6 +77,8 @@ class SwiftPruneConfig(UnstructuredPruneConfig):
         "after SwiftPrune / HWPQ, arXiv 2501.16376 (its own metric could not be read); "
         "ranking of Wanda, arXiv 2306.11695"
     )
+    # What `slimline search` tries (slimline/search/ranges.py); a space file narrows it.
+    search_space: ClassVar[SearchSpace] = {"sparsity": FloatRange(0.1, 0.7, step=0.05)}
 
     # β of the threshold's EWMAs, per step (one block of columns, see `ewma_steps`). 0.9
     # remembers ~10 steps: enough to average out a block's noise, short enough to follow drift.

@@ -14,6 +14,7 @@ from slimline.core.statistics import InputStats
 from slimline.prune.base import UnstructuredPruneConfig, prune_layerwise
 from slimline.prune.importance import wanda_score
 from slimline.prune.masks import nm_mask, parse_pattern, row_masks
+from slimline.search.ranges import FloatRange, SearchSpace
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -25,6 +26,8 @@ class WandaConfig(UnstructuredPruneConfig):
     needs_calibration: ClassVar[bool] = True
     summary: ClassVar[str] = "pruning by |W|·‖X‖ per output row, no retraining or update"
     paper: ClassVar[str] = "Wanda, arXiv 2306.11695"
+    # What `slimline search` tries (slimline/search/ranges.py); a space file narrows it.
+    search_space: ClassVar[SearchSpace] = {"sparsity": FloatRange(0.1, 0.7, step=0.05)}
 
 
 def wanda_mask(

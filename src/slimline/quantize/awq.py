@@ -46,6 +46,7 @@ from slimline.quantize.packing import (
 )
 from slimline.quantize.qlinear import QuantLinear
 from slimline.quantize.weight_only import WeightGridConfig
+from slimline.search.ranges import Choice, SearchSpace
 
 # Tokens per layer for the clipping search (the reference's 512): its cost is N·K·T per point.
 _CLIP_TOKENS = 512
@@ -61,6 +62,11 @@ class AwqConfig(WeightGridConfig):
     needs_calibration: ClassVar[bool] = True
     summary: ClassVar[str] = "activation-aware scaling + clipping, then int2–int8 RTN, packed"
     paper: ClassVar[str] = "AWQ, arXiv 2306.00978"
+    # What `slimline search` tries (slimline/search/ranges.py); a space file narrows it.
+    search_space: ClassVar[SearchSpace] = {
+        "bits": Choice(3, 4, 8),
+        "group_size": Choice(32, 64, 128),
+    }
 
     # α ∈ {0, 1/20, ..., 19/20}: the paper's grid; finer grids change little.
     grid: int = 20

@@ -30,6 +30,7 @@ from slimline.core.modules import register_module
 from slimline.core.registry import StepContext, StepOutcome, register
 from slimline.core.targets import linear_weight
 from slimline.quantize.qlinear import LogicalWeightCounts
+from slimline.search.ranges import Choice, SearchSpace
 
 Fp8Format = Literal["e4m3", "e5m2"]
 ScaleMode = Literal["tensor", "channel"]
@@ -51,6 +52,13 @@ class Fp8Config(MethodConfig):
     needs_calibration: ClassVar[bool] = False
     summary: ClassVar[str] = "FP8 weights (E4M3/E5M2), per-tensor or per-channel scales"
     paper: ClassVar[str] = "FP8 formats, arXiv 2209.05433"
+    # What `slimline search` tries (slimline/search/ranges.py); a space file narrows it.
+    search_space: ClassVar[SearchSpace] = {
+        "format": Choice("e4m3",
+        "e5m2"),
+        "scale": Choice("channel",
+        "tensor"),
+    }
 
     # E4M3 is the inference format of the paper: 3 mantissa bits cover weights' dynamic range.
     format: Fp8Format = "e4m3"

@@ -51,6 +51,7 @@ from slimline.quantize.packing import (
 from slimline.quantize.qlinear import QuantLinear
 from slimline.quantize.rtn import choose_widths, width_note
 from slimline.quantize.weight_only import MixedWidthConfig
+from slimline.search.ranges import Choice, SearchSpace
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -61,6 +62,11 @@ class GptqConfig(MixedWidthConfig):
     needs_calibration: ClassVar[bool] = True
     summary: ClassVar[str] = "second-order (OBQ/GPTQ) weight quantization, int2–int8, packed"
     paper: ClassVar[str] = "GPTQ, arXiv 2210.17323"
+    # What `slimline search` tries (slimline/search/ranges.py); a space file narrows it.
+    search_space: ClassVar[SearchSpace] = {
+        "bits": Choice(3, 4, 8),
+        "group_size": Choice(32, 64, 128, None),
+    }
 
     # Lazy batch updates of 128 columns: the paper's B; any value gives the same result.
     block_size: int = 128

@@ -20,6 +20,7 @@ from slimline.core.config import MethodConfig
 from slimline.core.families import Family
 from slimline.core.registry import StepContext, StepOutcome, register
 from slimline.core.targets import output_head_names, select
+from slimline.search.ranges import Choice, SearchSpace
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 _HOOKED = "_slimline_half_hooked"
@@ -33,6 +34,8 @@ class HalfConfig(MethodConfig):
     family: ClassVar[Family] = Family.CAST
     summary: ClassVar[str] = "cast to bfloat16/float16, norms kept in fp32"
     paper: ClassVar[str] = "Mixed precision training, arXiv 1710.03740"
+    # What `slimline search` tries (slimline/search/ranges.py); a space file narrows it.
+    search_space: ClassVar[SearchSpace] = {"dtype": Choice("bfloat16", "float16")}
     reapply_on_load: ClassVar[bool] = True  # the dtype hooks are not tensors
 
     # bfloat16 keeps fp32's exponent range (no overflow in attention scores); float16 has

@@ -48,6 +48,7 @@ from slimline.quantize.packing import (
 from slimline.quantize.qlinear import QuantLinear
 from slimline.quantize.rtn import choose_widths, width_note
 from slimline.quantize.weight_only import MixedWidthConfig
+from slimline.search.ranges import Choice, SearchSpace
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -58,6 +59,11 @@ class HqqConfig(MixedWidthConfig):
     needs_calibration: ClassVar[bool] = False
     summary: ClassVar[str] = "half-quadratic (l_p, p<1) fit of zero points/scales, int2–int8"
     paper: ClassVar[str] = "HQQ, Badri & Shaji 2023 (Mobius Labs blog)"
+    # What `slimline search` tries (slimline/search/ranges.py); a space file narrows it.
+    search_space: ClassVar[SearchSpace] = {
+        "bits": Choice(3, 4, 8),
+        "group_size": Choice(32, 64, 128),
+    }
 
     # HQQ optimises the zero point, so only the asymmetric grid has one to optimise.
     symmetric: bool = False

@@ -27,6 +27,7 @@ from slimline.core.families import Family
 from slimline.core.registry import StepContext, StepOutcome, register
 from slimline.quantize import kernels_int8 as kernels
 from slimline.quantize.w8a8 import Int8DynamicLinear
+from slimline.search.ranges import SearchSpace
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -39,6 +40,8 @@ class Int8DynamicConfig(MethodConfig):
     devices: ClassVar[tuple[str, ...]] = ("cpu",)
     summary: ClassVar[str] = "int8 weights per channel, int8 activations per token, int8 GEMM"
     paper: ClassVar[str] = "LLM.int8() arXiv 2208.07339; SmoothQuant arXiv 2211.10438"
+    # What `slimline search` tries (slimline/search/ranges.py); a space file narrows it.
+    search_space: ClassVar[SearchSpace] = {}
 
 
 @register(Int8DynamicConfig)

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimline.core.batches import Batch, forward, to_device
+from slimline.core.batches import Batch, to_device
 from slimline.core.registry import StepContext, StepOutcome, register
 from slimline.core.targets import linear_weight
 from slimline.quantize.packing import (
@@ -56,14 +56,10 @@ from slimline.quantize.packing import (
 )
 from slimline.quantize.qlinear import QuantLinear
 from slimline.quantize.weight_only import WeightGridConfig
+from slimline.search.ranges import Choice, SearchSpace
 from slimline.train.loop import train_loop
-from slimline.train.losses import (
-    TeacherTargets,
-    distill_loss,
-    output_signal,
-    task_loss,
-    token_mask,
-)
+from slimline.train.losses import output_loss, task_loss
+from slimline.train.outputs import TeacherOutputs, answer_mask, run_model
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -74,6 +70,8 @@ class QatConfig(WeightGridConfig):
     needs_training: ClassVar[bool] = True  # compress(training=...), default its calibration
     summary: ClassVar[str] = "quantization-aware training, learned step sizes (LSQ), int2–int8"
     paper: ClassVar[str] = "LSQ, Esser et al., arXiv 1902.08153; LLM-QAT, arXiv 2305.17888"
+    # What `slimline search` tries (slimline/search/ranges.py); a space file narrows it.
+    search_space: ClassVar[SearchSpace] = {"bits": Choice(4, 8), "group_size": Choice(32, 64, 128)}
 
     # Optimizer steps, one batch per process each. On code-llama-tiny at 2 bits g64 (batches
     # of 4×256 tokens), held-out KL to fp32 falls from rtn's 0.136 to 0.092 after 16 steps,
@@ -299,15 +297,19 @@ def train_qat(
     groups: list[dict[str, Any]] = [{"params": [m.scales for m in layers], "lr": cfg.scale_lr}]
     if weights:
         groups.append({"params": weights, "lr": cfg.lr})
-    teacher = TeacherTargets(model, lambda: _teacher_mode(layers), owner="qat")
+    teacher = TeacherOutputs(model, batches, as_teacher=lambda: _teacher_mode(layers),
+                             owner="qat")  # fmt: skip
 
     def step_loss(index: int) -> torch.Tensor:
         batch = batches[index]
         if cfg.loss == "task":
             return task_loss(model, batch, field="qat.loss")
-        target, is_logits = teacher.target(index, batch)
-        answer, _ = output_signal(forward(model, batch), owner="qat")
-        return distill_loss(answer, target, is_logits, token_mask(batch, answer.shape))
+        target = teacher(index)
+        answer = run_model(model, batch, owner="qat").answer
+        mask = answer_mask(batch, answer)
+        if target.kind == "logits":
+            return output_loss("kl", answer, target.answer, mask)
+        return output_loss("mse", answer, target.answer, mask)
 
     return train_loop(groups, step_loss, len(batches), steps=cfg.steps, seed=cfg.seed,
                       name="qat", lr_fields="lr / scale_lr", progress=progress)  # fmt: skip

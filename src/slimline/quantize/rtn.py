@@ -27,6 +27,7 @@ from slimline.quantize.mixed_sensitivity import Quantizer
 from slimline.quantize.packing import quantize_groups
 from slimline.quantize.qlinear import QuantLinear
 from slimline.quantize.weight_only import MixedWidthConfig, WeightGridConfig
+from slimline.search.ranges import Choice, SearchSpace
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -37,6 +38,11 @@ class RtnConfig(MixedWidthConfig):
     needs_calibration: ClassVar[bool] = False
     summary: ClassVar[str] = "weight-only round-to-nearest, int2–int8, per-group scales, packed"
     paper: ClassVar[str] = "RTN baseline (GPTQ arXiv 2210.17323; arXiv 2212.09720)"
+    # What `slimline search` tries (slimline/search/ranges.py); a space file narrows it.
+    search_space: ClassVar[SearchSpace] = {
+        "bits": Choice(3, 4, 8),
+        "group_size": Choice(32, 64, 128, None),
+    }
 
 
 def quantize_module(module: nn.Module, cfg: WeightGridConfig) -> QuantLinear:

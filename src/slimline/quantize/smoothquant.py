@@ -41,6 +41,7 @@ from slimline.core.targets import linear_weight
 from slimline.quantize import kernels_int8 as kernels
 from slimline.quantize.packing import quantize_per_channel_int8
 from slimline.quantize.w8a8 import SmoothQuantLinear
+from slimline.search.ranges import FloatRange, SearchSpace
 
 ACTIVATION_MODES = ("dynamic", "static")
 # α searched on this grid when ``alpha`` is null (the paper reports 0.4–0.9 as useful).
@@ -62,6 +63,8 @@ class SmoothQuantConfig(MethodConfig):
     devices: ClassVar[tuple[str, ...]] = ("cpu",)
     summary: ClassVar[str] = "W8A8 after migrating activation outliers into weights, int8 GEMM"
     paper: ClassVar[str] = "SmoothQuant, arXiv 2211.10438"
+    # What `slimline search` tries (slimline/search/ranges.py); a space file narrows it.
+    search_space: ClassVar[SearchSpace] = {"alpha": FloatRange(0.3, 0.8, step=0.1)}
 
     # Migration strength: 0 leaves activations as they are, 1 moves all their range into the
     # weights. null: chosen per layer from ALPHA_GRID on the calibration inputs.

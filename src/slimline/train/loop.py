@@ -9,7 +9,14 @@ on rank ``r`` of ``W`` is batch ``order[(t·A + j)·W + r]`` of one seeded order
 micro-batches accumulated per step), so that W processes with A micro-batches each see the
 batches one process sees with W·A: the same global batch, the same loss curve. One process
 is the case ``W = 1`` (no wrapper: DDP of one rank is the identity). Rank 0 alone prints and
-writes checkpoints.
+writes checkpoints; the other ranks wait at a barrier until it is written, and a resumed run
+checks that every rank resumed the same step.
+
+Random draws (dropout) come from generators reseeded before each step from ``(seed, rank,
+step)``: a resumed run draws exactly what the uninterrupted one drew, on every rank, without
+any random state in the checkpoint; the caller's random state (CPU and CUDA) is restored after.
+The loss reported, and the held-out loss that decides early stopping, are averaged over the
+ranks, so every rank takes the same decisions.
 
 Not done: FSDP2 (``fully_shard``) sharding; DDP keeps a full copy of the trained parameters
 on every rank, which suits the recovery steps' model sizes.
@@ -17,10 +24,11 @@ on every rank, which suits the recovery steps' model sizes.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -38,6 +46,55 @@ def world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def collective_device() -> torch.device:
+    """Where the tensors of collectives live: the current GPU under NCCL, else the CPU."""
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def mean_over_ranks(value: float) -> float:
+    """The mean of ``value`` over the ranks (itself in one process), the same on every rank."""
+    size = world()[1]
+    if size == 1:
+        return value
+    tensor = torch.tensor(value, dtype=torch.float64, device=collective_device())
+    dist.all_reduce(tensor)
+    return float(tensor) / size
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """The seed of optimizer step ``step`` on ``rank``: a hash of the three, so that steps
+    and ranks draw unrelated streams and a resumed run draws what the first one did."""
+    digest = hashlib.blake2b(f"{seed}/{rank}/{step}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1  # < 2**63
+
+
+def _cuda_devices(params: Sequence[torch.Tensor]) -> list[int]:
+    """The CUDA devices whose generators the run may draw from: the parameters' and the
+    current one, when CUDA is in use (never initialising it otherwise)."""
+    if not torch.cuda.is_initialized():
+        return []
+    found = {p.device.index for p in params if p.device.type == "cuda"}
+    found.add(torch.cuda.current_device())
+    return sorted(i for i in found if i is not None)
+
+
+@contextmanager
+def seeded_steps(params: Sequence[torch.Tensor]) -> Iterator[Callable[[int], None]]:
+    """A ``reseed(seed)`` for the CPU generator and the CUDA generators of ``params``'
+    devices; the caller's states of those generators are restored on leaving."""
+    devices = _cuda_devices(params)
+    with torch.random.fork_rng(devices=devices):
+
+        def reseed(value: int) -> None:
+            torch.default_generator.manual_seed(value)
+            for index in devices:  # these devices only: torch.manual_seed would seed all
+                torch.cuda.default_generators[index].manual_seed(value)
+
+        yield reseed
 
 
 def batch_order(n_batches: int, length: int, seed: int) -> list[int]:
@@ -127,12 +184,12 @@ def train_loop(
     run = {"name": name, "steps": steps, "seed": seed, "n_batches": n_batches,
            "global_micro_batches": opts.accumulation * size,
            "shapes": [list(p.shape) for p in params]}  # fmt: skip
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed + rank)  # dropout and the like; a resumed run restores its own
+    with seeded_steps(params) as reseed:
         state = _start(opts, run, trained, optimizer, schedule, masters)
         runner = _Runner(engine, params, trained, optimizer, schedule, masters, opts, name,
-                         lr_fields)  # fmt: skip
+                         lr_fields, reseed=lambda t: reseed(step_seed(seed, rank, t)))  # fmt: skip
         if evaluate is not None and state.step == 0 and state.best_params is None:
+            runner.reseed(-1)
             runner.evaluate(evaluate, state)
         order = batch_order(n_batches, steps * opts.accumulation * size, seed)
         _run(runner, state, run, steps, order=order, progress=progress, evaluate=evaluate,
@@ -154,12 +211,28 @@ def _start(
     if not opts.checkpoint_dir:
         return LoopState()
     resumed = load_state(opts.checkpoint_dir, run, trained, optimizer)
+    _check_ranks_agree(opts.checkpoint_dir, -1 if resumed is None else resumed.step)
     if resumed is None:
         return LoopState()
     schedule.last_epoch = resumed.step
     if masters is not None:
         masters.masters_to_params()
     return resumed
+
+
+def _check_ranks_agree(directory: str, step: int) -> None:
+    """ValueError on every rank when the ranks did not resume the same step (-1: none), e.g.
+    a checkpoint directory that is not on a file system every rank shares."""
+    if world()[1] == 1:
+        return
+    mine = torch.tensor([step], dtype=torch.int64, device=collective_device())
+    steps = [torch.zeros_like(mine) for _ in range(world()[1])]
+    dist.all_gather(steps, mine)
+    found = [int(s) for s in steps]
+    if len(set(found)) > 1:
+        raise ValueError(f"checkpoint_dir: the ranks found different checkpoints in {directory} "
+                         f"(steps by rank, -1 none: {found}); it must be one directory every "
+                         "rank reads")  # fmt: skip
 
 
 def _run(
@@ -185,6 +258,7 @@ def _run(
             micro = [order[(t * opts.accumulation + j) * size + rank]
                      for j in range(opts.accumulation)]  # fmt: skip
             start = time.perf_counter()
+            runner.reseed(t)
             state.losses.append(runner.step(t, micro))
             state.step += 1
             if after_step is not None:
@@ -194,8 +268,11 @@ def _run(
             _show(bar, state.losses[-1], micro, tokens, size, time.perf_counter() - start)
             due = opts.checkpoint_every and (state.step % opts.checkpoint_every == 0
                                              or state.step == steps or state.stopped)  # fmt: skip
-            if opts.checkpoint_dir and due and rank == 0:
-                save_state(opts.checkpoint_dir, run, runner.trained, runner.optimizer, state)
+            if opts.checkpoint_dir and due:
+                if rank == 0:
+                    save_state(opts.checkpoint_dir, run, runner.trained, runner.optimizer, state)
+                if size > 1:  # no rank runs ahead of a checkpoint that may yet fail to write
+                    dist.barrier()
     if evaluate is not None and not state.stopped and (
         not opts.eval_every or state.step % opts.eval_every
     ):
@@ -225,29 +302,27 @@ class _Runner:
         opts: LoopOptions,
         name: str,
         lr_fields: str,
+        *,
+        reseed: Callable[[int], None],
     ) -> None:
         self.engine, self.params, self.trained = engine, params, trained
         self.optimizer, self.schedule, self.masters = optimizer, schedule, masters
         self.opts, self.name, self.lr_fields = opts, name, lr_fields
-        self.size = world()[1]
+        self.reseed = reseed  # the random state of step t (-1: before the first)
 
     def step(self, t: int, micro: list[int]) -> float:
         """Accumulate the micro-batches' gradients, check the loss, step; the mean loss."""
         self.optimizer.zero_grad(set_to_none=True)
         for p in self.params:
             p.grad = None
-        total = torch.zeros((), dtype=torch.float64)
+        total = 0.0
         for j, index in enumerate(micro):
             with self._sync(last=j == len(micro) - 1):
                 with autocast(self.params, self.opts.autocast):
                     loss = self.engine(index)
                 (loss.float() / len(micro)).backward()
             total += float(loss.detach())
-        mean = total / len(micro)
-        if self.size > 1:  # the global batch's loss, the same on every rank
-            dist.all_reduce(mean)
-            mean /= self.size
-        value = float(mean)
+        value = mean_over_ranks(total / len(micro))  # the global batch's, on every rank
         if not math.isfinite(value):  # every rank sees it, nothing was updated yet
             raise ValueError(f"{self.name}: the loss became {value} at step {t}; "
                              f"lower {self.lr_fields}")  # fmt: skip
@@ -270,6 +345,7 @@ class _Runner:
         """Evaluate; keep the parameters when best, count toward early stopping if not."""
         with autocast(self.params, self.opts.autocast):
             value = float(evaluate())
+        value = mean_over_ranks(value)  # every rank keeps and stops alike
         if value < state.best:
             state.best, state.bad = value, 0
             state.best_params = [p.detach().clone() for p in self.trained]

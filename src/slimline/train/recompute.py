@@ -15,18 +15,24 @@ from contextlib import contextmanager
 from torch import nn
 
 
-@contextmanager
-def gradient_checkpointing(model: nn.Module, enabled: bool, *, field: str) -> Iterator[None]:
-    """Checkpoint ``model``'s layers inside the block when ``enabled``; ValueError naming
-    ``field`` when the model is not a Hugging Face model that supports it."""
-    if not enabled:
-        yield
-        return
-    if not getattr(model, "supports_gradient_checkpointing", False):
+def check_checkpointing(model: nn.Module, enabled: bool, *, field: str) -> None:
+    """ValueError naming ``field`` when checkpointing is asked of a model that is not a
+    Hugging Face model supporting it (call before the model changes)."""
+    if enabled and not getattr(model, "supports_gradient_checkpointing", False):
         raise ValueError(
             f"{field}: {type(model).__name__} does not support gradient checkpointing "
             "(a Hugging Face PreTrainedModel that does is needed)"
         )
+
+
+@contextmanager
+def gradient_checkpointing(model: nn.Module, enabled: bool, *, field: str) -> Iterator[None]:
+    """Checkpoint ``model``'s layers inside the block when ``enabled``; ValueError naming
+    ``field`` when the model is not a Hugging Face model that supports it."""
+    check_checkpointing(model, enabled, field=field)
+    if not enabled:
+        yield
+        return
     was_on = bool(getattr(model, "is_gradient_checkpointing", False))
     # Non-reentrant checkpointing: gradients reach the parameters even when the inputs
     # (token ids) need none.

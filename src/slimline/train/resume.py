@@ -1,11 +1,12 @@
 """Resumable training checkpoints: one safetensors file, its JSON state in the header.
 
 The file holds the trained tensors (the float32 masters where there are some), the
-optimizer's per-parameter state, the best evaluated parameters and the CPU random state;
-its ``__metadata__`` holds the loop's JSON state (step, losses, early-stopping counters,
-learning rates) and the identity of the run (name, steps, seed, data, shapes), checked on
-resume so that a directory is never resumed into another run. Written to a temporary name
-and renamed, so that a run killed mid-write leaves the previous checkpoint whole. No pickle.
+optimizer's per-parameter state and the best evaluated parameters; no random state (the loop
+reseeds each step from its seed, rank and step number). Its ``__metadata__`` holds the
+loop's JSON state (step, losses, early-stopping counters, learning rates) and the identity
+of the run (name, steps, seed, data, shapes), checked on resume so that a directory is never
+resumed into another run. Written to a temporary name and renamed, so that a run killed
+mid-write leaves the previous checkpoint whole. No pickle.
 """
 
 from __future__ import annotations
@@ -55,7 +56,6 @@ def save_state(
                 scalars.setdefault(str(i), {})[key] = value
     for i, p in enumerate(state.best_params or []):
         tensors[f"best.{i}"] = p.contiguous().cpu()
-    tensors["rng.cpu"] = torch.get_rng_state()
     meta = {
         "run": run,
         "step": state.step,
@@ -96,7 +96,6 @@ def load_state(
         for i, p in enumerate(params):
             p.copy_(tensors[f"param.{i}"])
     _load_optimizer(optimizer, tensors, meta)
-    torch.set_rng_state(tensors["rng.cpu"])
     best = None
     if "best.0" in tensors:
         best = [tensors[f"best.{i}"].to(p.device) for i, p in enumerate(params)]

@@ -1,13 +1,16 @@
-"""What distillation reads from a model's forward: its answer, hidden states, own loss.
+"""What a training step reads from a model's forward: its answer, hidden states, own loss.
 
-The student and the teacher are called the same way; the teacher's outputs are computed
-without gradients and kept per batch while they fit (they do not change during training).
+One reader for every training step (``qat``, ``distill``, ``lora``): the answer is the
+``logits`` where the model gives them, else an encoder's ``last_hidden_state``, else the
+first tensor it returns. The teacher's outputs are computed without gradients and kept per
+batch while they fit (they do not change during training).
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -15,9 +18,11 @@ import torch
 from torch import nn
 
 from slimline.core.batches import Batch, split_labels, token_mask, with_positions
-from slimline.train.losses import TEACHER_CACHE_BYTES
 
 Kind = Literal["logits", "hidden", "tensor"]
+
+# Teacher outputs are kept per batch up to this many bytes, else recomputed every step.
+TEACHER_CACHE_BYTES = 256 * 2**20
 
 
 @dataclass
@@ -42,9 +47,13 @@ def _takes(model: nn.Module, name: str) -> bool:
         return False
 
 
-def run_model(model: nn.Module, batch: Batch, *, hidden: bool, labels: bool) -> Outputs:
+def run_model(
+    model: nn.Module, batch: Batch, *, hidden: bool = False, labels: bool = False,
+    owner: str = "train",
+) -> Outputs:  # fmt: skip
     """Call ``model`` on ``batch`` asking for hidden states (``hidden``) and its own loss on
-    the batch's ``labels`` (``labels``, when its forward takes them)."""
+    the batch's ``labels`` (``labels``, when its forward takes them); ``owner`` names the
+    step in the error raised when the model returns no tensor."""
     inputs, targets = split_labels(batch)
     if isinstance(inputs, Mapping):
         kwargs: dict[str, Any] = with_positions(model, inputs)
@@ -59,7 +68,7 @@ def run_model(model: nn.Module, batch: Batch, *, hidden: bool, labels: bool) -> 
         out = model(inputs)
     else:
         out = model(*inputs)
-    return _read(out)
+    return read_outputs(out, owner=owner)
 
 
 def _field(out: Any, name: str) -> Any:
@@ -69,7 +78,9 @@ def _field(out: Any, name: str) -> Any:
     return value
 
 
-def _read(out: Any) -> Outputs:
+def read_outputs(out: Any, *, owner: str = "train") -> Outputs:
+    """The :class:`Outputs` of whatever a forward returned (Hugging Face output, dict, tuple
+    or tensor); TypeError naming ``owner`` when there is no tensor in it."""
     states = _field(out, "hidden_states")
     states = tuple(states) if isinstance(states, (tuple, list)) and states else None
     loss = _field(out, "loss")
@@ -84,11 +95,12 @@ def _read(out: Any) -> Outputs:
         out = out[0]
     if isinstance(out, torch.Tensor):
         return Outputs("tensor", out, states, loss)
-    raise TypeError(f"distill: cannot find an output tensor in a {type(out).__name__}")
+    raise TypeError(f"{owner}: cannot find an output tensor in a {type(out).__name__}")
 
 
-def positions_mask(batch: Batch, answer: torch.Tensor) -> torch.Tensor | None:
-    """(B, T) real-token mask when the answer is per token (B, T, C), else None."""
+def answer_mask(batch: Batch, answer: torch.Tensor) -> torch.Tensor | None:
+    """(B, T) real-token mask when the answer is per token (B, T, C), else None (every
+    position counts)."""
     mask = token_mask(batch)
     if mask is not None and answer.dim() == 3 and mask.shape == answer.shape[:2]:
         return mask
@@ -97,11 +109,25 @@ def positions_mask(batch: Batch, answer: torch.Tensor) -> torch.Tensor | None:
 
 class TeacherOutputs:
     """The teacher's :class:`Outputs` per batch index, cached while they fit in
-    :data:`~slimline.train.losses.TEACHER_CACHE_BYTES`; the teacher runs in eval mode
-    without gradients and is left in the mode it was in."""
+    :data:`TEACHER_CACHE_BYTES`; the teacher runs in eval mode without gradients and is
+    left in the mode it was in.
 
-    def __init__(self, teacher: nn.Module, batches: list[Batch], *, hidden: bool) -> None:
+    ``as_teacher()`` is a context manager under which ``teacher`` computes as the teacher
+    (``qat``: the student itself with fake quantization switched off, so that no frozen copy
+    of the model is needed); None for a separate teacher model.
+    """
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        batches: Sequence[Batch],
+        *,
+        hidden: bool = False,
+        as_teacher: Callable[[], AbstractContextManager[object]] | None = None,
+        owner: str = "train",
+    ) -> None:
         self.teacher, self.batches, self.hidden = teacher, batches, hidden
+        self.as_teacher, self.owner = as_teacher or nullcontext, owner
         self.cache: dict[int, Outputs] = {}
         self.cached_bytes = 0
 
@@ -112,7 +138,9 @@ class TeacherOutputs:
         was_training = self.teacher.training
         self.teacher.eval()
         try:
-            out = run_model(self.teacher, self.batches[index], hidden=self.hidden, labels=False)
+            with self.as_teacher():
+                out = run_model(self.teacher, self.batches[index], hidden=self.hidden,
+                                owner=self.owner)  # fmt: skip
         finally:
             self.teacher.train(was_training)
         out.loss = None
@@ -120,3 +148,8 @@ class TeacherOutputs:
             self.cache[index] = out
             self.cached_bytes += out.nbytes()
         return out
+
+    def on(self, batches: Sequence[Batch]) -> TeacherOutputs:
+        """The same teacher over other batches (a held-out slice), with its own cache."""
+        return TeacherOutputs(self.teacher, batches, hidden=self.hidden,
+                              as_teacher=self.as_teacher, owner=self.owner)  # fmt: skip

@@ -1,0 +1,251 @@
+"""``search``: sample recipes, compress, measure cheap figures first, and keep the front.
+
+Each trial: sample a recipe from the space → ``compress`` → quality on a small slice of the
+data against the original (a trial that already breaks a quality constraint there is pruned
+before anything slow is timed) → ``evaluate`` on all the data, the original measured beside
+it in the same call (latency interleaved). The trial's report, recipe and constraint
+violations are stored in the study as user attributes; a trial that raises is recorded as
+failed with its reason, and the study goes on.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from slimline.core.batches import Batch, materialize
+from slimline.search.objectives import Constraint, Metric, parse_constraints, parse_objectives
+from slimline.search.result import SearchResult
+from slimline.search.space import Space, build_space
+from slimline.search.study import (
+    DEFAULT_STUDY,
+    create_study,
+    describe_url,
+    import_optuna,
+    open_storage,
+    quiet,
+    records,
+)
+
+
+def search(
+    model: nn.Module,
+    data: Iterable[object],
+    *,
+    calibration: Iterable[object] | None = None,
+    training: Iterable[object] | None = None,
+    objectives: Sequence[str] | str = ("latency", "size"),
+    constraints: Sequence[str] | str | None = None,
+    trials: int = 20,
+    storage: str | None = None,
+    study: str | None = None,
+    space: Mapping[str, Any] | str | Path | None = None,
+    seed: int = 0,
+    quality_batches: int = 1,
+    runs: int = 5,
+    warmup: int = 1,
+    threads: int | None = None,
+    population: int | None = None,
+    progress: bool = False,
+) -> SearchResult:
+    """Search recipes for ``model``: the Pareto front of ``objectives`` under ``constraints``.
+
+    ``data``: batches the trials are measured on (as for ``sl.evaluate``); ``calibration`` /
+    ``training``: batches for the methods that need them — without them those methods are
+    left out of the space. ``objectives``: metric names (latency, throughput, size, memory,
+    energy, flops, perplexity, accuracy, cosine, kl, agreement); ``constraints``: e.g.
+    ``"cosine>=0.99"``, ``"perplexity<=+2%"``. ``trials``: trials run by this call (a resumed
+    study keeps its earlier ones). ``storage``/``study``: an Optuna database URL and study
+    name (default: in memory). ``space``: a space file or mapping narrowing the methods.
+    ``quality_batches``: the slice the cheap quality check runs on. ``runs``/``warmup``/
+    ``threads``: as for ``sl.evaluate``. Everything is checked before the first trial.
+    """
+    plan = _plan(model, data, calibration, training, objectives, constraints, trials, space,
+                 quality_batches)
+    optuna = import_optuna()
+    db = open_storage(storage)
+    name = study or DEFAULT_STUDY
+    found = create_study(db, name, plan.objectives, plan.constraints, seed=seed,
+                         population=population or _population(trials))
+    trial_fn = _Trial(model, plan, runs=runs, warmup=warmup, threads=threads)
+    with quiet(optuna), _progress(progress, trials, plan) as callback:
+        found.optimize(trial_fn, n_trials=trials, catch=(Exception,), callbacks=[callback],
+                       gc_after_trial=True)
+    return result_of(found, plan.objectives, plan.constraints, plan.space.describe(),
+                     describe_url(storage))
+
+
+def result_of(study: Any, objectives: Sequence[Metric], constraints: Sequence[Constraint],
+              space: list[str], storage: str | None) -> SearchResult:
+    return SearchResult(study=study.study_name, objectives=tuple(objectives),
+                        constraints=tuple(constraints), trials=records(study), space=space,
+                        storage=storage)
+
+
+@dataclass
+class _Plan:
+    """Everything checked before the first trial."""
+
+    objectives: tuple[Metric, ...]
+    constraints: tuple[Constraint, ...]
+    space: Space
+    data: list[Batch]
+    calibration: list[Batch] | None
+    training: list[Batch] | None
+    quality_batches: int
+
+    @property
+    def measured(self) -> list[Metric]:
+        out = list(self.objectives)
+        out += [c.metric for c in self.constraints if c.metric not in out]
+        return out
+
+    @property
+    def quality_constraints(self) -> list[Constraint]:
+        return [c for c in self.constraints if c.metric.quality]
+
+
+def _plan(model: nn.Module, data: Iterable[object], calibration: Iterable[object] | None,
+          training: Iterable[object] | None, objectives: Sequence[str] | str,
+          constraints: Sequence[str] | str | None, trials: int,
+          space: Mapping[str, Any] | str | Path | None, quality_batches: int) -> _Plan:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"search: model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:
+        raise ValueError(f"search: trials must be a positive integer, got {trials!r}")
+    if quality_batches < 1:
+        raise ValueError(f"search: quality_batches must be >= 1, got {quality_batches}")
+    goals, limits = parse_objectives(objectives), parse_constraints(constraints)
+    if any(m.name == "energy" for m in (*goals, *(c.metric for c in limits))) and \
+            importlib.util.find_spec("codecarbon") is None:
+        raise ImportError("the energy metric needs codecarbon: pip install slimline[energy]")
+    batches = materialize(data, where="data")
+    if not batches:
+        raise ValueError("search: data is empty")
+    cal = materialize(calibration, where="calibration") if calibration is not None else None
+    train = materialize(training, where="training") if training is not None else None
+    found = build_space(model, calibration=bool(cal), training=bool(train), spec=space)
+    plan = _Plan(goals, limits, found, batches, cal, train, quality_batches)
+    _check_metrics_apply(model, plan)
+    return plan
+
+
+def _check_metrics_apply(model: nn.Module, plan: _Plan) -> None:
+    """Evaluate the original on one batch for the quality metrics asked: a metric that does not
+    apply to this model (perplexity of a classifier) is an error now, not in every trial."""
+    from slimline.evaluate import evaluate
+
+    quality = [m.evaluator_metric for m in plan.measured if m.quality]
+    if quality:
+        evaluate(model, plan.data[:1], metrics=quality, baseline=model, runs=1, warmup=0)
+
+
+def _population(trials: int) -> int:
+    """NSGA-II's generation size: a few generations within the budget, 4 to 50."""
+    return max(4, min(50, trials // 4))
+
+
+class _Trial:
+    """The objective Optuna calls: one recipe, compressed and measured."""
+
+    def __init__(self, model: nn.Module, plan: _Plan, *, runs: int, warmup: int,
+                 threads: int | None) -> None:
+        self.model, self.plan = model, plan
+        self.runs, self.warmup, self.threads = runs, warmup, threads
+
+    def __call__(self, trial: Any) -> tuple[float, ...]:
+        optuna = import_optuna()
+        recipe = self.plan.space.sample(trial)
+        trial.set_user_attr("recipe", recipe.to_dict())
+        try:
+            compressed = self._compress(recipe)
+            slice_report = self._quality_on_slice(trial, compressed)
+            report = self._measure(compressed, slice_report)
+        except optuna.TrialPruned:
+            raise
+        except Exception as exc:
+            trial.set_user_attr("error", f"{type(exc).__name__}: {' '.join(str(exc).split())}")
+            raise
+        figures, baseline = report["models"]["model"], report["models"]["baseline"]
+        trial.set_user_attr("report", report)
+        violations = [c.violation(figures, baseline) for c in self.plan.constraints]
+        trial.set_user_attr("violations", violations)
+        return tuple(m.value(figures, baseline) for m in self.plan.objectives)
+
+    def _compress(self, recipe: Any) -> nn.Module:
+        from slimline.api import compress
+
+        return compress(self.model, recipe, calibration=self.plan.calibration,
+                        training=self.plan.training).model
+
+    def _quality_on_slice(self, trial: Any, compressed: nn.Module) -> dict[str, Any] | None:
+        """Quality on the first batches; prune the trial when a quality constraint is broken."""
+        quality = [m.evaluator_metric for m in self.plan.measured if m.quality]
+        if not quality:
+            return None
+        from slimline.evaluate import evaluate
+
+        report: dict[str, Any] = evaluate(
+            compressed, self.plan.data[: self.plan.quality_batches], metrics=quality,
+            baseline=self.model, runs=1, warmup=0, threads=self.threads)
+        figures, baseline = report["models"]["model"], report["models"]["baseline"]
+        broken = {c: c.violation(figures, baseline) for c in self.plan.quality_constraints}
+        if any(v > 0 for v in broken.values()):
+            optuna = import_optuna()
+            why = ", ".join(f"{c} (got {c.measured(figures, baseline):.4g})"
+                            for c, v in broken.items() if v > 0)
+            trial.set_user_attr("report", report)
+            trial.set_user_attr("pruned", f"breaks {why} on {self.plan.quality_batches} "
+                                          "batch(es), before timing")
+            trial.set_user_attr("violations", [broken.get(c, 0.0)
+                                               for c in self.plan.constraints])
+            raise optuna.TrialPruned(why)
+        return report
+
+    def _measure(self, compressed: nn.Module, slice_report: dict[str, Any] | None
+                 ) -> dict[str, Any]:
+        """The full report; quality is reused from the slice when the slice is all the data."""
+        from slimline.evaluate import evaluate
+
+        whole = slice_report is not None and len(self.plan.data) <= self.plan.quality_batches
+        metrics = [m.evaluator_metric for m in self.plan.measured if not (whole and m.quality)]
+        report: dict[str, Any] = evaluate(compressed, self.plan.data, metrics=metrics,
+                                          baseline=self.model, runs=self.runs,
+                                          warmup=self.warmup, threads=self.threads)
+        if whole and slice_report is not None:
+            for name in ("model", "baseline"):
+                report["models"][name].update(slice_report["models"][name])
+        return dict(report)
+
+
+@contextmanager
+def _progress(show: bool, trials: int, plan: _Plan) -> Iterator[Callable[[Any, Any], None]]:
+    """A rich progress bar over trials, its description the best feasible trial so far."""
+    if not show:
+        yield lambda _study, _trial: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    first = plan.objectives[0]
+    with Progress(TextColumn("search"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.description}")) as bar:
+        task = bar.add_task("no feasible trial yet", total=trials)
+        best: list[float] = []
+
+        def update(_study: Any, frozen: Any) -> None:
+            feasible = frozen.state.name == "COMPLETE" and all(
+                v <= 0 for v in frozen.user_attrs.get("violations", []))
+            if feasible:
+                value = frozen.values[0]
+                if not best or first.minimised(value) < first.minimised(best[0]):
+                    best[:] = [value]
+            text = f"best {first.name}: {best[0]:.4g}" if best else "no feasible trial yet"
+            bar.update(task, advance=1, description=text)
+
+        yield update

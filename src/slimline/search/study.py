@@ -1,0 +1,163 @@
+"""The Optuna side: storage, sampler, the study, and trials read back as records.
+
+Storage: ``None`` keeps the study in memory; a database URL (``sqlite:///search.db`` for one
+machine, ``postgresql://...`` for many workers) makes it shared and resumable — the same URL
+and study name continue where an earlier run stopped. A URL that does not parse or cannot be
+opened is one ValueError before any trial. Database studies get a heartbeat, so a worker
+killed mid-trial leaves a failed trial that is retried once (``RetryFailedTrialCallback``).
+
+The sampler is NSGA-II (Deb et al. 2002, doi:10.1109/4235.996017) with Optuna's constraint
+handling (a feasible trial beats an infeasible one; infeasible ones rank by total violation).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+from slimline.search.objectives import Constraint, Metric
+from slimline.search.result import TrialRecord
+
+if TYPE_CHECKING:
+    import optuna
+
+HEARTBEAT_S = 60  # a trial is declared dead after GRACE_S without a heartbeat
+GRACE_S = 180
+DEFAULT_STUDY = "slimline-search"
+
+
+def import_optuna() -> Any:
+    try:
+        import optuna
+    except ImportError:
+        raise ImportError("recipe search needs optuna: pip install slimline[search]") from None
+    return optuna
+
+
+def describe_url(url: str | None) -> str | None:
+    """The storage URL with any password hidden (safe to print and store)."""
+    if url is None:
+        return None
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "<unparseable URL>"
+
+
+def open_storage(url: str | None) -> Any:
+    """An Optuna storage for ``url``; ValueError naming the URL when it is malformed or the
+    database cannot be reached."""
+    optuna = import_optuna()
+    if url is None:
+        return optuna.storages.InMemoryStorage()
+    if not isinstance(url, str) or "://" not in url:
+        raise ValueError(f"storage {url!r} is not a database URL; use e.g. "
+                         "sqlite:///search.db or postgresql://user@host/db")
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        make_url(url)
+    except ArgumentError as exc:
+        raise ValueError(f"storage {url!r} is not a valid database URL: {exc}") from None
+    retry = optuna.storages.RetryFailedTrialCallback(max_retry=1)
+    try:
+        return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S,
+                                          grace_period=GRACE_S, failed_trial_callback=retry)
+    except Exception as exc:
+        message = " ".join(str(exc).split())[:300]
+        raise ValueError(f"storage {describe_url(url)}: cannot open the database: "
+                         f"{type(exc).__name__}: {message}") from None
+
+
+def sampler_seed(seed: int, existing_trials: int) -> int:
+    """A seed per (seed, trials already in the study): a resumed study does not replay the
+    random first samples it already tried; a fresh one with the same seed repeats exactly."""
+    return (seed * 1_000_003 + existing_trials) % (2**32)
+
+
+def create_study(
+    storage: Any,
+    name: str,
+    objectives: Sequence[Metric],
+    constraints: Sequence[Constraint],
+    *,
+    seed: int,
+    population: int,
+) -> optuna.Study:
+    """Create or load study ``name``; a loaded study must have the same objectives and
+    constraints (ValueError otherwise, before any trial)."""
+    optuna = import_optuna()
+    directions = ["maximize" if m.higher_is_better else "minimize" for m in objectives]
+    existing = _existing_trials(optuna, storage, name)
+    with warnings.catch_warnings():  # constraints_func is "experimental" in Optuna 4
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        sampler = optuna.samplers.NSGAIISampler(
+            population_size=population, seed=sampler_seed(seed, existing),
+            constraints_func=_violations if constraints else None,
+        )
+    with quiet(optuna):
+        study = optuna.create_study(storage=storage, study_name=name, directions=directions,
+                                    sampler=sampler, load_if_exists=True)
+    _check_same_search(study, objectives, constraints)
+    return study
+
+
+def _existing_trials(optuna: Any, storage: Any, name: str) -> int:
+    try:
+        study_id = storage.get_study_id_from_name(name)
+    except KeyError:
+        return 0
+    return len(storage.get_all_trials(study_id, deepcopy=False))
+
+
+def _check_same_search(study: optuna.Study, objectives: Sequence[Metric],
+                       constraints: Sequence[Constraint]) -> None:
+    wanted = {"objectives": [m.name for m in objectives],
+              "constraints": [str(c) for c in constraints]}
+    for key, value in wanted.items():
+        stored = study.user_attrs.get(key)
+        if stored is None:
+            study.set_user_attr(key, value)
+        elif stored != value:
+            raise ValueError(f"study {study.study_name!r} was created with {key} {stored}, "
+                             f"not {value}: use another study name to search anew")
+
+
+def _violations(trial: optuna.trial.FrozenTrial) -> Sequence[float]:
+    violations: list[float] = trial.user_attrs["violations"]
+    return violations
+
+
+@contextmanager
+def quiet(optuna: Any) -> Iterator[None]:
+    """Optuna's per-trial INFO lines off while we run (warnings and errors stay)."""
+    previous = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(logging.WARNING)
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(previous)
+
+
+def records(study: optuna.Study) -> list[TrialRecord]:
+    """Every trial of ``study`` as a :class:`TrialRecord`, in trial order."""
+    out = []
+    for t in study.get_trials(deepcopy=False):
+        state = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed"}.get(
+            t.state.name, "running")
+        note = t.user_attrs.get("error") or t.user_attrs.get("pruned")
+        if state == "failed" and note is None:
+            note = t.system_attrs.get("fail_reason", "failed (no reason recorded)")
+        out.append(TrialRecord(
+            number=t.number, state=state, recipe=t.user_attrs.get("recipe"),
+            values=tuple(t.values) if t.values is not None else None,
+            violations=tuple(t.user_attrs.get("violations", ())),
+            report=t.user_attrs.get("report"), note=note,
+        ))
+    return out
