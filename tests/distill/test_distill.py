@@ -126,7 +126,7 @@ def test_distill_undoes_most_of_a_damage_on_held_out_text() -> None:
                             StepContext(training=train, original=model))  # fmt: skip
     # The pooled-cosine distance on unseen sentences at least halves (measured: to a third).
     assert 1 - _cosine(student, model, test) < 0.5 * before
-    assert "cosine loss" in outcome.notes[1]
+    assert "cosine output term" in outcome.notes[1]
 
 
 def test_distill_recovers_a_structured_pruned_encoder_on_its_training_text() -> None:

@@ -241,7 +241,8 @@ def apply_distill(model: nn.Module, cfg: DistillConfig, ctx: StepContext) -> Ste
     notes = [
         f"trained {count} parameters ({cfg.trainable}) on {len(train)} batches, "
         f"{len(held)} held out",
-        f"{len(losses)} steps, {kind} loss {losses[0]:.4g} → {losses[-1]:.4g}",
+        f"{len(losses)} steps, total loss ({kind} output term + weighted hidden/task terms) "
+        f"{losses[0]:.4g} → {losses[-1]:.4g}",
     ]
     return StepOutcome(modules=modules, notes=notes)
 
