@@ -2,7 +2,16 @@
 
 from typing import TYPE_CHECKING
 
-from slimline.api import CompressResult, StepReport, compress, evaluate, list_methods, load, save
+from slimline.api import (
+    CompressResult,
+    StepReport,
+    compress,
+    evaluate,
+    export,
+    list_methods,
+    load,
+    save,
+)
 from slimline.core.recipe import Recipe
 from slimline.core.targets import Targets
 from slimline.integrations.import_hook import install as _install_transformers_hook
@@ -17,6 +26,7 @@ if not TYPE_CHECKING:
 
     evaluate = make_callable("slimline.evaluate", evaluate)
     search = make_callable("slimline.search", search)  # the same, for ``sl.search``
+    export = make_callable("slimline.export", export)  # and for ``sl.export``
 
 __all__ = [
     "CompressResult",
@@ -26,6 +36,7 @@ __all__ = [
     "Targets",
     "compress",
     "evaluate",
+    "export",
     "list_methods",
     "load",
     "save",

@@ -1,4 +1,4 @@
-"""compress / save / load / evaluate / list_methods: orchestration only."""
+"""compress / save / load / evaluate / export / list_methods: orchestration only."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
@@ -17,6 +17,9 @@ from slimline.core.batches import Batch, materialize
 from slimline.core.config import MethodConfig
 from slimline.core.recipe import Recipe
 from slimline.core.registry import StepContext, handler_for, registered
+
+if TYPE_CHECKING:
+    from slimline.export.report import ExportReport
 
 
 @dataclass
@@ -204,3 +207,21 @@ def evaluate(
         model, batches, metrics=metrics, baseline=baseline, **options
     )
     return report
+
+
+def export(
+    model: nn.Module,
+    path: str | Path,
+    format: Literal["onnx"] = "onnx",
+    example: object = None,
+    **options: Any,
+) -> ExportReport:
+    """Write ``model`` to the directory ``path`` in a deployment ``format``, checked for parity
+    with the torch model on ``example`` (one batch): see ``slimline.export.onnx``."""
+    if format != "onnx":
+        raise ValueError(f"export: format {format!r} is not supported yet (supported: onnx)")
+    if example is None:
+        raise ValueError("export: pass example=batch (one batch of the model's inputs)")
+    from slimline.export.onnx import export_onnx
+
+    return export_onnx(model, path, example, **options)

@@ -125,6 +125,19 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--chart", help="also write a quality-vs-latency PNG here")
     ev.set_defaults(run=_eval)
 
+    ex = sub.add_parser("export", parents=[debug],
+                        help="export a model (ONNX), checked for parity with torch")
+    ex.add_argument("--model", required=True, help="built-in name or model directory")
+    ex.add_argument("--format", required=True, choices=["onnx"])
+    ex.add_argument("--out", required=True, help="output directory")
+    ex.add_argument("--data", help="text file (one sample a line) for the example batch; "
+                    "default: built-in test data")
+    ex.add_argument("--batch-size", type=int, default=2)
+    ex.add_argument("--exporter", choices=["auto", "torchscript", "dynamo"], default="auto")
+    ex.add_argument("--external-data", action="store_true",
+                    help="weights in model.onnx.data (default: only past 2 GiB)")
+    ex.set_defaults(run=_export)
+
     se = sub.add_parser("search", parents=[debug],
                         help="search recipes: the Pareto front under constraints (optuna)")
     se.add_argument("--model", required=True, help="built-in name or model directory")
@@ -272,6 +285,23 @@ def _eval(args: argparse.Namespace) -> int:
         command = "slimline " + " ".join(shlex.quote(a) for a in args.argv)
         card = write_evaluation(source.directory, to_markdown(report), command)
         print(f"figures added to the model card {card}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from slimline.api import export
+    from slimline.export.report import REPORT_FILE
+
+    source = resolve_model(args.model)
+    example = source.data(args.data, split="test", batch_size=args.batch_size, limit=1)[0]
+    tokenizer = None if source.directory is not None else source.tokenizer  # files copied
+    with _console().status(f"exporting {args.model} to {args.format}"):
+        report = export(source.model, args.out, format=args.format, example=example,
+                        exporter=args.exporter, external_data=args.external_data or None,
+                        tokenizer=tokenizer)
+    print(report.summary())
+    print(f"exported to {report.path} ({report.exporter} exporter); report in "
+          f"{report.path / REPORT_FILE}")
     return 0
 
 

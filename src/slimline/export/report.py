@@ -1,0 +1,64 @@
+"""What ``sl.export`` did: the files written, the exporter used and the parity it measured.
+
+The same dict is stored as ``export.json`` beside the exported model, so that a directory
+says how faithful it is to the torch model it came from.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from slimline.export.parity import ATOL, MIN_COSINE, ParityCheck
+
+REPORT_FILE = "export.json"
+
+
+@dataclass
+class ExportReport:
+    """An exported model: where, which format and exporter, its inputs and outputs, parity."""
+
+    path: Path
+    format: str
+    exporter: str  # "torchscript" (torch.onnx.export dynamo=False) or "dynamo"
+    inputs: list[str]
+    outputs: list[str]
+    dynamic_axes: dict[str, dict[int, str]]
+    parity: list[ParityCheck]
+    external_data: bool
+    files: list[str] = field(default_factory=list)
+    attempts: dict[str, str] = field(default_factory=dict)  # exporter -> why it was not kept
+
+    @property
+    def passed(self) -> bool:
+        return all(p.passed for p in self.parity)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": self.format,
+            "exporter": self.exporter,
+            "inputs": self.inputs,
+            "outputs": self.outputs,
+            "dynamic_axes": {k: {str(a): n for a, n in v.items()}
+                             for k, v in self.dynamic_axes.items()},
+            "parity": [p.to_dict() for p in self.parity],
+            "tolerance": {"atol_of_scale": ATOL, "min_cosine": MIN_COSINE},
+            "external_data": self.external_data,
+            "files": self.files,
+            "attempts": self.attempts,
+        }
+
+    def write(self, directory: Path) -> Path:
+        target = directory / REPORT_FILE
+        target.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+        return target
+
+    def summary(self) -> str:
+        """One line per parity check, as the command line prints them."""
+        return "\n".join(
+            f"parity {'ok' if p.passed else 'FAILED'} on input {tuple(p.shape)}: "
+            f"max abs diff {p.max_abs_diff:.3g}, cosine {p.cosine:.6f}"
+            for p in self.parity
+        )
