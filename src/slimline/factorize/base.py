@@ -169,7 +169,8 @@ def factorize_layers(
     """Factorize every selected layer with ``decompose``; ranks uniform or allocated."""
     from slimline.factorize.allocate import allocate_ranks
 
-    if cfg.requires_calibration() and not ctx.calibration:
+    calibration = ctx.calibration or []
+    if cfg.requires_calibration() and not calibration:
         raise ValueError(f"{cfg.method} needs calibration data")
     chosen = dict(cfg.select_modules(model))
     plan = allocate_ranks(model, chosen, cfg, decompose, ctx) if cfg.allocation == "sensitivity" \
@@ -187,13 +188,12 @@ def factorize_layers(
             replace_layer(model, name, module, dec, rank)
 
     if cfg.requires_calibration():
-        assert ctx.calibration is not None  # checked above; for mypy
 
         def update(group: dict[str, nn.Module], stats: dict[str, FactorStats]) -> None:
             for name, module in group.items():
                 factorize(name, module, stats[name])
 
-        sequential_layers(model, chosen, ctx.calibration, lambda _n, m: cfg.stats_for(m),
+        sequential_layers(model, chosen, calibration, lambda _n, m: cfg.stats_for(m),
                           update, progress=ctx.progress, desc=cfg.method)
     else:
         for name, module in chosen.items():

@@ -180,7 +180,8 @@ def apply_tucker(model: nn.Module, cfg: TuckerConfig, ctx: StepContext) -> StepO
     ratio = DEFAULT_RATIO if cfg.ratio is None else cfg.ratio
     done, dense, kept, total = [], [], 0, 0
     for name, conv in chosen:
-        assert isinstance(conv, nn.Conv2d)  # select accepted only Conv2d
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"tucker: {name} is a {type(conv).__name__}, not a Conv2d")
         shape = conv.weight.shape
         ranks = vbmf_ranks(conv.weight) if cfg.rank == "vbmf" \
             else tucker_ranks_for_ratio(shape, ratio)

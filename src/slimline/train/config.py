@@ -8,7 +8,7 @@ shared ones read the same in every recipe (ARCHITECTURE.md: ``steps``, ``lr``,
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import ClassVar
 
 from slimline.core.config import MethodConfig
@@ -74,11 +74,6 @@ class TrainingConfig(MethodConfig):
     def loop_options(self) -> LoopOptions:
         """The loop's options from these fields (checkpoints every step when only a
         directory is given)."""
-        every = self.checkpoint_every or (1 if self.checkpoint_dir else 0)
-        return LoopOptions(
-            optimizer=self.optimizer, weight_decay=self.weight_decay, warmup=self.warmup,
-            accumulation=self.accumulation, autocast=self.autocast,
-            master_weights=self.master_weights, max_grad_norm=self.max_grad_norm,
-            eval_every=self.eval_every, patience=self.patience,
-            checkpoint_dir=self.checkpoint_dir, checkpoint_every=every,
-        )  # fmt: skip
+        shared = {f.name: getattr(self, f.name) for f in fields(LoopOptions)}
+        shared["checkpoint_every"] = self.checkpoint_every or (1 if self.checkpoint_dir else 0)
+        return LoopOptions(**shared)
