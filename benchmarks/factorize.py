@@ -10,8 +10,11 @@ model (MEASURING.md):
 * ``digits-cnn``: ``tucker`` at 50% of the conv weights against dense and against
   ``structured`` channel pruning at the same conv weights and at the same model parameters;
   test accuracy and latency.
-* ``code-llama-tiny`` (``--llm``, only when the full model is already cached — this script
-  never builds it): the minilm rows with test perplexity, and prefill and decode latency.
+* ``code-llama-tiny`` (``--llm``, only when the model is already cached — this script never
+  builds it): the minilm rows with test perplexity, and prefill and decode latency; then, per
+  ratio, the best factorized row + ``distill`` (logit KL at T = 1 against the dense model, one
+  pass over train windows) beside the same row unrecovered: how much recovery wins back.
+  ``--llm-size small`` smoke-tests the code path on the small variant (no figure written).
 
 Calibration comes from the train split, quality from the test split (split by module file).
 """
@@ -36,6 +39,7 @@ from benchmarks.harness import (
     write_section,
 )
 from benchmarks.pruning import cosine_quality, test_perplexity
+from benchmarks.recovery import describe, step_seconds
 from slimline.core.batches import forward, output_tensor
 from slimline.factorize.svd import SvdConfig
 from slimline.models import load_builtin
@@ -202,12 +206,59 @@ def llm_section(args: argparse.Namespace) -> str:
                                  [prefill, decode])
     print_table(f"factorize: code-llama-tiny ({args.llm_size})", header, table)
     tokens = sum(int(b["attention_mask"].sum()) for b in calib)
-    return (f"**code-llama-tiny** ({args.llm_size}) — calibration {args.calib_batches}×8 train windows "
+    body = (f"**code-llama-tiny** ({args.llm_size}) — calibration {args.calib_batches}×8 train windows "
             f"({tokens} tokens); test perplexity on {sum(b['input_ids'].shape[0] for b in data)} held-out "
             f"windows; prefill: 1×{prefill_batch['input_ids'].shape[1]} tokens; decode: "
             f"{args.decode_steps} greedy tokens after a cached {prompt.shape[1]}-token prompt, batch 1; "
             f"medians of {args.runs} interleaved runs after {args.warmup} warm-up rounds.\n\n"
             + markdown_table(header, table) + "\n" + order_note(rows, "perplexity", lower_is_better=True))
+    if args.distill_steps:
+        models.clear()  # the recovery rows are scored one at a time
+        body += "\n\n" + recovery_part(args, built, calib, data, rows)
+    return body
+
+
+def best_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per ratio, the factorized row of least error (lowest perplexity)."""
+    return [min((r for r in rows if r["ratio"] == f"{ratio:.0%}"), key=lambda r: r["quality"])
+            for ratio in RATIOS]
+
+
+def recovery_part(args: argparse.Namespace, built: Any, calib: list[Any], data: list[Any],
+                  rows: list[dict[str, Any]]) -> str:
+    """The best factorized row of each ratio, then the same recipe + ``distill``."""
+    train = dict_batches(built.batches("train", batch_size=args.distill_batch, limit=args.distill_steps))
+    recover = {"method": "distill", "steps": args.distill_steps, "lr": args.distill_lr,
+               "warmup": max(args.distill_steps // 10, 1)}
+    dense = rows[0]["quality"]
+    header = ["variant", "recipe", "test ppl", "gap to dense closed", "params", "factorize + distill s",
+              "note"]
+    table: list[list[Any]] = [["dense", "-", f"{dense:.3f}", "-", f"{rows[0]['params'] / 1e6:.2f}M", "-", ""]]
+    for best in best_rows(rows):
+        step = {"method": best["method"], "ratio": float(best["ratio"].rstrip("%")) / 100,
+                "allocation": best["ranks"]}
+        table.append([best["label"], f"`{describe([step])}`", f"{best['quality']:.3f}", "-",
+                      f"{best['params'] / 1e6:.2f}M", f"{best['seconds']:.0f}", "not recovered"])
+        result = sl.compress(built.model, {"steps": [step, recover]}, calibration=calib, training=train,
+                             progress=args.progress)
+        after = test_perplexity(result.model, data)
+        gap = best["quality"] - dense
+        closed = f"{(best['quality'] - after) / gap:.0%}" if gap > 0 else "no gap to close"
+        notes = [n for r in result.steps if r.method == "distill" for n in r.notes]
+        seconds = step_seconds(result, best["method"]) + step_seconds(result, "distill")
+        table.append([f"{best['label']} + distill", f"`{describe([step, recover])}`", f"{after:.3f}",
+                      closed, f"{params(result.model) / 1e6:.2f}M", f"{seconds:.0f}",
+                      "; ".join(notes)])
+        print_table("factorize + distill: code-llama-tiny", header, table)
+        del result
+    windows = sum(int(b["input_ids"].shape[0]) for b in train)
+    return (f"**Recovery** — per ratio, the factorized row of lowest test perplexity above, then the "
+            f"same recipe followed by `distill` ({args.distill_steps} AdamW steps, one pass over "
+            f"{windows} train windows in batches of {args.distill_batch}, lr {args.distill_lr:g} with "
+            f"{recover['warmup']} warm-up steps then a cosine to 0, logit KL at T = 1 against the dense "
+            "model, every parameter trainable). Distillation changes weights, not shapes: the recovered "
+            "rows have the parameters and the latency of the rows above them.\n\n"
+            + markdown_table(header, table))
 
 
 def llm_cached(size: str) -> bool:
@@ -253,6 +304,8 @@ def cnn_section(args: argparse.Namespace) -> str:
     recipes = {"tucker 50% (every k×k conv)": {"method": "tucker", "ratio": 0.5},
                "tucker 50% (conv2; conv1 dense)": {"method": "tucker", "ratio": 0.5,
                                                    "targets": {"include": ["conv2"]}},
+               "tucker 50% allocated (every k×k conv)": {"method": "tucker", "ratio": 0.5,
+                                                         "allocation": "sensitivity"},
                "tucker rank vbmf": {"method": "tucker", "rank": "vbmf"}}
     for label, step in recipes.items():
         start = time.perf_counter()
@@ -300,6 +353,11 @@ def main() -> None:
     parser.add_argument("--cnn-batch", type=int, default=64)
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--decode-steps", type=int, default=16)
+    parser.add_argument("--distill-steps", type=int, default=100,
+                        help="code-llama-tiny recovery: distill steps after the best row per ratio (0: none)")
+    parser.add_argument("--distill-batch", type=int, default=8, help="train windows per distill step")
+    parser.add_argument("--distill-lr", type=float, default=1e-4)
+    parser.add_argument("--progress", action="store_true")
     parser.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -60,3 +60,24 @@ def test_scales_are_the_mean_absolute_input_of_real_tokens() -> None:
 def test_alpha_is_validated() -> None:
     with pytest.raises(ValueError, match=r"asvd\.alpha"):
         sl.Recipe.from_dict({"steps": [{"method": "asvd", "alpha": 0.0}]})
+
+
+@pytest.mark.parametrize(("alpha", "rank"), [(0.5, 5), (1.0, 12)])
+def test_layer_is_the_truncated_svd_of_the_scaled_weight(alpha: float, rank: int) -> None:
+    # Reference, from the paper's definition (arXiv 2312.05821 §3.2), computed here: the
+    # rank-r truncation of W·diag(s), s = mean|x|^α over the calibration tokens, with
+    # diag(s)⁻¹ folded back — W_r = U_r Σ_r V_rᵀ diag(1/s).
+    model = _model().double()
+    x = _outlier_inputs().double()
+    step = {"method": "asvd", "rank": rank, "alpha": alpha, "targets": {"include": ["0"]}}
+    out = sl.compress(model, {"steps": [step]}, calibration=list(x.reshape(4, 128, 48))).model
+    w, bias = model[0].weight.detach(), model[0].bias.detach()
+    s = x.abs().mean(0).pow(alpha)  # (K,)
+    u, sigma, vh = torch.linalg.svd(w * s[None, :], full_matrices=False)
+    w_r = (u[:, :rank] * sigma[:rank]) @ vh[:rank] / s[None, :]
+    layer = out[0]
+    assert layer.rank == rank
+    torch.testing.assert_close(layer.second.weight @ layer.first.weight, w_r, rtol=1e-9, atol=1e-9)
+    probe = torch.randn(7, 48, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(probe), probe @ w_r.t() + bias, rtol=1e-9, atol=1e-9)

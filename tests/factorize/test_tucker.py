@@ -92,3 +92,44 @@ def test_vbmf_ranks_find_a_low_rank_kernel_under_noise() -> None:
                            layer.first.weight[:, :, 0, 0].t())
     # Truncating at the true ranks removes most of the noise: closer to the clean kernel.
     assert (rebuilt - clean).norm() < 0.5 * (w - clean).norm()
+
+
+def _hosvd_reference(w: torch.Tensor, r_out: int, r_in: int) -> torch.Tensor:
+    """Tucker-2 by truncated HOSVD (De Lathauwer et al. 2000), from the mode unfoldings:
+    U_out, U_in the leading left singular vectors of W₍₀₎ (C_out, C_in·kh·kw) and
+    W₍₁₎ (C_in, C_out·kh·kw); W' = W ×₀ U_out U_outᵀ ×₁ U_in U_inᵀ."""
+    c_out, c_in = w.shape[:2]
+    u_out = torch.linalg.svd(w.reshape(c_out, -1), full_matrices=False)[0][:, :r_out]
+    u_in = torch.linalg.svd(w.permute(1, 0, 2, 3).reshape(c_in, -1), full_matrices=False)[0][:, :r_in]
+    p_out, p_in = u_out @ u_out.t(), u_in @ u_in.t()  # projections: no sign ambiguity
+    return torch.einsum("oikl,po,qi->pqkl", w, p_out, p_in)
+
+
+@pytest.mark.parametrize(("stride", "padding", "dilation"), [(1, 1, 1), (2, 0, 1), (1, 2, 2)])
+def test_hosvd_layer_matches_a_reference_from_the_unfoldings(
+    stride: int, padding: int, dilation: int
+) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(6, 10, 3, stride=stride, padding=padding,
+                                    dilation=dilation)).double()
+    step = {"method": "tucker", "ratio": 0.4, "iterations": 0}  # 0 sweeps: the HOSVD itself
+    layer = sl.compress(model, {"steps": [step]}).model[0]
+    assert isinstance(layer, TuckerConv2d)
+    r_in, r_out = layer.ranks
+    conv = model[0]
+    reference = _hosvd_reference(conv.weight.detach(), r_out, r_in)
+    rebuilt = torch.einsum("abkl,oa,bi->oikl", layer.core.weight, layer.last.weight[:, :, 0, 0],
+                           layer.first.weight[:, :, 0, 0])
+    torch.testing.assert_close(rebuilt, reference, rtol=1e-10, atol=1e-10)
+    x = torch.randn(2, 6, 11, 11, dtype=torch.float64)
+    expected = torch.nn.functional.conv2d(x, reference, conv.bias, stride=stride, padding=padding,
+                                          dilation=dilation)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_hooi_refines_the_hosvd_reference() -> None:
+    w = torch.randn(12, 8, 3, 3, dtype=torch.float64)
+    reference = float((_hosvd_reference(w, 5, 4) - w).norm())
+    assert _error(w, 5, 4, 0) == pytest.approx(reference, rel=1e-12)
+    assert _error(w, 5, 4, 5) < reference

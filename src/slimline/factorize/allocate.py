@@ -12,12 +12,16 @@ where e_l(r) is the output cost of truncating layer l alone to rank r — the K-
 ``quantize/mixed_sensitivity.output_gains``) with calibration data, ‖ΔW‖²_F without — and a
 layer may also stay dense (cost 0, N·K weights). The budget is what the uniform choice
 (``rank``, ``ratio`` or ``energy``) would spend, so both compare at the same size. The
-multiple-choice knapsack is ``quantize.mixed.allocate_bits``, reused as it is.
+multiple-choice knapsack is ``quantize.mixed.allocate_bits``, reused as it is, here and for
+``tucker``'s layouts (:mod:`slimline.factorize.tucker_allocate`): :func:`plan_within_budget`
+takes any layer's candidate layouts.
 """
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import torch
 from torch import nn
@@ -31,12 +35,15 @@ from slimline.factorize.ranks import candidate_ranks, factor_params, max_saving_
 from slimline.quantize.mixed import allocate_bits
 from slimline.quantize.mixed_sensitivity import output_gains
 
+Choice = TypeVar("Choice", bound=Hashable)
+
 
 @dataclass(frozen=True)
-class RankPlan:
-    """The chosen rank per layer (``min(N, K)``: kept dense) and the parameters it spends."""
+class RankPlan(Generic[Choice]):
+    """The chosen layout per layer and the parameters it spends. A layout is a rank
+    (``min(N, K)``: kept dense) for the matrix methods, Tucker's (r_out, r_in) (None: dense)."""
 
-    ranks: dict[str, int]
+    ranks: dict[str, Choice]
     spent: int  # weights of the chosen layout
     budget: int  # weights the uniform choice would spend
     weighted: bool  # errors measured on calibration data (K-FAC), else ‖ΔW‖²
@@ -47,17 +54,35 @@ class RankPlan:
                 f"sensitivity: {how}")
 
 
-@dataclass
-class _Problem:
-    errors: dict[str, dict[int, float]]
-    sizes: dict[str, dict[int, int]]
-    uniform: dict[str, int]  # the weights the uniform choice spends per layer
+@dataclass(frozen=True)
+class LayerOptions(Generic[Choice]):
+    """One layer's candidate layouts: each one's error and weights, and the weights the
+    uniform choice spends (itself among the candidates, or the dense layer)."""
+
+    errors: dict[Choice, float]
+    sizes: dict[Choice, int]
+    uniform: int
 
 
-def layer_options(
-    n: int, k: int, errors: torch.Tensor, uniform: int
-) -> tuple[dict[int, float], dict[int, int], int]:
-    """One (n, k) layer's candidate ranks: {rank: error}, {rank: weights}, uniform weights.
+def plan_within_budget(options: dict[str, LayerOptions[Choice]], *, weighted: bool
+                       ) -> RankPlan[Choice]:
+    """The layouts of least total error spending at most what the uniform choice spends.
+
+    Not ⌊ratio · Σ N·K⌋: each uniform rank is rounded down, and that budget would let the
+    allocated layout spend more weights than the uniform one it is compared with.
+    """
+    budget = sum(o.uniform for o in options.values())
+    keys = {n: list(o.errors) for n, o in options.items()}  # the knapsack's widths: indices
+    errors = {n: {i: o.errors[c] for i, c in enumerate(keys[n])} for n, o in options.items()}
+    sizes = {n: {i: o.sizes[c] for i, c in enumerate(keys[n])} for n, o in options.items()}
+    picked = allocate_bits(errors, sizes, budget)
+    ranks = {n: keys[n][i] for n, i in picked.items()}
+    spent = sum(options[n].sizes[c] for n, c in ranks.items())
+    return RankPlan({n: ranks[n] for n in options}, spent, budget, weighted)
+
+
+def layer_options(n: int, k: int, errors: torch.Tensor, uniform: int) -> LayerOptions[int]:
+    """One (n, k) layer's candidate ranks, their errors and weights.
 
     ``errors`` (m + 1,) are the truncation errors at every rank; the dense layer is offered
     as rank ``min(n, k)`` at no error, and the uniform rank is always among the candidates.
@@ -67,7 +92,7 @@ def layer_options(
     ranks = candidate_ranks(n, k, extra=(uniform,) if saving else ())
     errs = {r: float(errors[r]) for r in ranks} | {dense: 0.0}
     sizes = {r: factor_params(n, k, r) for r in ranks} | {dense: n * k}
-    return errs, sizes, sizes[uniform] if saving else n * k
+    return LayerOptions(errs, sizes, sizes[uniform] if saving else n * k)
 
 
 def allocate_ranks(
@@ -76,11 +101,11 @@ def allocate_ranks(
     cfg: LowRankConfig,
     decompose: Decompose,
     ctx: StepContext,
-) -> RankPlan:
+) -> RankPlan[int]:
     """Measure every layer on the unchanged model, then choose ranks within the budget."""
     data = ctx.calibration
     gains = output_gains(model, layers, data) if data else None
-    problem = _Problem({}, {}, {})
+    options: dict[str, LayerOptions[int]] = {}
 
     def measure(name: str, module: nn.Module, stats: FactorStats | None) -> None:
         w = linear_weight(module).detach().double()  # (N, K)
@@ -88,8 +113,7 @@ def allocate_ranks(
         dec = decompose(w, stats)
         hessian = None if stats is None else stats.xxt / stats.tokens  # A = X Xᵀ / n
         errors = truncation_errors(dec, hessian, None if gains is None else gains[name])
-        found = layer_options(n, k, errors, cfg.uniform_rank(n, k, dec.values))
-        problem.errors[name], problem.sizes[name], problem.uniform[name] = found
+        options[name] = layer_options(n, k, errors, cfg.uniform_rank(n, k, dec.values))
 
     if data:
         def record(group: dict[str, nn.Module], stats: dict[str, FactorStats]) -> None:
@@ -101,9 +125,4 @@ def allocate_ranks(
     else:
         for name, module in layers.items():
             measure(name, module, None)
-    # Not ⌊ratio · Σ N·K⌋: each uniform rank is rounded down, and that budget would let the
-    # allocated layout spend more weights than the uniform one it is compared with.
-    budget = sum(problem.uniform.values())
-    ranks = allocate_bits(problem.errors, problem.sizes, budget)
-    spent = sum(problem.sizes[n][r] for n, r in ranks.items())
-    return RankPlan({n: ranks[n] for n in layers}, spent, budget, weighted=bool(data))
+    return plan_within_budget({n: options[n] for n in layers}, weighted=bool(data))

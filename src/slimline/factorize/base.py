@@ -21,7 +21,6 @@ from slimline.core.calibration import sequential_layers
 from slimline.core.config import MethodConfig
 from slimline.core.families import Family
 from slimline.core.registry import StepContext, StepOutcome
-from slimline.core.statistics import InputStats
 from slimline.core.targets import linear_weight
 from slimline.factorize.decomposition import Decomposition
 from slimline.factorize.layers import LowRankLinear
@@ -32,6 +31,7 @@ from slimline.factorize.ranks import (
     rank_for_energy,
     rank_for_ratio,
 )
+from slimline.factorize.swaps import Swaps, undone_on_failure
 
 Allocation = Literal["uniform", "sensitivity"]
 # Half the parameters when nothing is said: where plain SVD of an LLM starts to hurt
@@ -40,30 +40,36 @@ DEFAULT_RATIO = 0.5
 
 
 class FactorStats:
-    """A layer's input statistics for factorization: X Xᵀ (InputStats) and Σ|x| per feature.
+    """A layer's input statistics for factorization: X Xᵀ and Σ|x| per feature, float64.
 
     An accumulator for ``core.calibration``'s capture (``add_batch``), fed real tokens only.
+    X Xᵀ is summed in float64 (the shared ``InputStats`` sums in float32): SVD-LLM's
+    Cholesky factor and its truncation theorem (arXiv 2403.07378, Thm. 3.2) are only as exact
+    as X Xᵀ, and a float32 sum over many tokens loses the small eigenvalues first — the
+    directions whose truncation error the whitening is meant to weigh.
     """
 
     def __init__(self, in_features: int, *, hessian: bool, abs_mean: bool) -> None:
         self.tokens = 0
-        self.inputs = InputStats(in_features, hessian=hessian)
+        self._xxt = torch.zeros(in_features, in_features, dtype=torch.float64) if hessian else None
         self.abs_sum = torch.zeros(in_features, dtype=torch.float64) if abs_mean else None
 
     def add_batch(self, x: torch.Tensor) -> None:
         """``x`` (..., K): every leading position is one token."""
-        self.inputs.add_batch(x)
-        self.tokens = self.inputs.tokens
+        flat = x.detach().reshape(-1, x.shape[-1]).double()  # (tokens, K)
+        self.tokens += flat.shape[0]
+        if self._xxt is not None:
+            self._xxt = self._xxt.to(flat.device)
+            self._xxt += flat.t() @ flat
         if self.abs_sum is not None:
-            flat = x.detach().reshape(-1, x.shape[-1])  # (tokens, K)
-            self.abs_sum = self.abs_sum.to(flat.device) + flat.abs().double().sum(0)
+            self.abs_sum = self.abs_sum.to(flat.device) + flat.abs().sum(0)
 
     @property
     def xxt(self) -> torch.Tensor:
         """Σ x xᵀ over tokens (K, K), float64."""
-        if self.inputs.xxt is None:
+        if self._xxt is None:
             raise ValueError("FactorStats was built without X Xᵀ")
-        return self.inputs.xxt.double()
+        return self._xxt
 
     @property
     def abs_mean(self) -> torch.Tensor:
@@ -150,7 +156,7 @@ class LowRankConfig(MethodConfig):
 
 
 def replace_layer(
-    model: nn.Module, name: str, module: nn.Module, dec: Decomposition, rank: int
+    swaps: Swaps, name: str, module: nn.Module, dec: Decomposition, rank: int
 ) -> LowRankLinear:
     """Install the rank-``rank`` factors of ``dec`` in place of ``module`` (Linear or Conv1D)."""
     weight = linear_weight(module)
@@ -159,14 +165,17 @@ def replace_layer(
     layer = LowRankLinear.from_factors(
         first.to(weight), second.to(weight), None if bias is None else bias.detach(), weight.dtype
     )
-    model.set_submodule(name, layer)
+    swaps.replace(name, layer)
     return layer
 
 
 def factorize_layers(
     model: nn.Module, cfg: LowRankConfig, ctx: StepContext, decompose: Decompose
 ) -> StepOutcome:
-    """Factorize every selected layer with ``decompose``; ranks uniform or allocated."""
+    """Factorize every selected layer with ``decompose``; ranks uniform or allocated.
+
+    All or nothing: if any layer fails, the layers already replaced are put back.
+    """
     from slimline.factorize.allocate import allocate_ranks
 
     calibration = ctx.calibration or []
@@ -176,28 +185,29 @@ def factorize_layers(
     plan = allocate_ranks(model, chosen, cfg, decompose, ctx) if cfg.allocation == "sensitivity" \
         else None
     dense: list[str] = []
+    with undone_on_failure(model) as swaps:
 
-    def factorize(name: str, module: nn.Module, stats: FactorStats | None) -> None:
-        w = linear_weight(module).detach().double()  # (N, K)
-        dec = decompose(w, stats)
-        n, k = w.shape
-        rank = cfg.uniform_rank(n, k, dec.values) if plan is None else plan.ranks[name]
-        if rank > max_saving_rank(n, k):
-            dense.append(name)
+        def factorize(name: str, module: nn.Module, stats: FactorStats | None) -> None:
+            w = linear_weight(module).detach().double()  # (N, K)
+            dec = decompose(w, stats)
+            n, k = w.shape
+            rank = cfg.uniform_rank(n, k, dec.values) if plan is None else plan.ranks[name]
+            if rank > max_saving_rank(n, k):
+                dense.append(name)
+            else:
+                replace_layer(swaps, name, module, dec, rank)
+
+        if cfg.requires_calibration():
+
+            def update(group: dict[str, nn.Module], stats: dict[str, FactorStats]) -> None:
+                for name, module in group.items():
+                    factorize(name, module, stats[name])
+
+            sequential_layers(model, chosen, calibration, lambda _n, m: cfg.stats_for(m),
+                              update, progress=ctx.progress, desc=cfg.method)
         else:
-            replace_layer(model, name, module, dec, rank)
-
-    if cfg.requires_calibration():
-
-        def update(group: dict[str, nn.Module], stats: dict[str, FactorStats]) -> None:
-            for name, module in group.items():
-                factorize(name, module, stats[name])
-
-        sequential_layers(model, chosen, calibration, lambda _n, m: cfg.stats_for(m),
-                          update, progress=ctx.progress, desc=cfg.method)
-    else:
-        for name, module in chosen.items():
-            factorize(name, module, None)
+            for name, module in chosen.items():
+                factorize(name, module, None)
     done = [n for n in chosen if n not in dense]
     return StepOutcome(modules=done, notes=_notes(model, chosen, done, dense, cfg, plan))
 

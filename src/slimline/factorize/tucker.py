@@ -10,7 +10,9 @@ decomposition is exact.
 
 Ranks: ``ratio`` keeps that fraction of the kernel's weights, with r_in / C_in ≈ r_out / C_out;
 ``rank: vbmf`` takes each mode's rank from EVBMF on its unfolding (as Kim et al. do), and a
-layer whose estimated ranks would not save weights stays dense.
+layer whose estimated ranks would not save weights stays dense. ``allocation: sensitivity``
+spends the weights those uniform choices would spend, layer by layer where the measured
+error is least (:mod:`slimline.factorize.tucker_allocate`, the knapsack of the matrix methods).
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ from slimline.core.config import MethodConfig
 from slimline.core.families import Family
 from slimline.core.registry import StepContext, StepOutcome, register
 from slimline.core.targets import select
-from slimline.factorize.base import DEFAULT_RATIO
+from slimline.factorize.base import DEFAULT_RATIO, Allocation
 from slimline.factorize.layers import TuckerConv2d
+from slimline.factorize.swaps import undone_on_failure
 from slimline.factorize.vbmf import evbmf
 from slimline.search.ranges import FloatRange, SearchSpace
 
@@ -50,6 +53,9 @@ class TuckerConfig(MethodConfig):
     # HOOI sweeps after the HOSVD start; each lowers the error, most of the gain is in the
     # first few (exact at full ranks either way).
     iterations: int = 5
+    # ``sensitivity``: ranks differ by layer, chosen by measured output error (K-FAC with
+    # calibration data, ‖ΔW‖² without) under the weights the uniform choice would spend.
+    allocation: Allocation = "uniform"
 
     def check(self) -> None:
         if self.rank is not None and self.ratio is not None:
@@ -77,6 +83,15 @@ class TuckerConfig(MethodConfig):
             if self.rank is None and tucker_ranks_for_ratio(shape, ratio) is None:
                 self.fail("ratio", f"{ratio} is below what rank (1, 1) keeps of {name} {shape}")
         return chosen
+
+    def uniform_ranks(self, conv: nn.Conv2d) -> tuple[int, int] | None:
+        """(r_out, r_in) by ``rank`` or ``ratio`` for ``conv``; None where they save nothing."""
+        shape = conv.weight.shape
+        ranks = vbmf_ranks(conv.weight) if self.rank == "vbmf" \
+            else tucker_ranks_for_ratio(shape, DEFAULT_RATIO if self.ratio is None else self.ratio)
+        if ranks is None or tucker_params(shape, *ranks) >= conv.weight.numel():
+            return None
+        return ranks
 
 
 def _supported_conv(module: nn.Module) -> bool:
@@ -176,25 +191,32 @@ def _pair(value: object) -> tuple[int, int]:
 
 @register(TuckerConfig)
 def apply_tucker(model: nn.Module, cfg: TuckerConfig, ctx: StepContext) -> StepOutcome:
-    chosen = cfg.select_modules(model)
-    ratio = DEFAULT_RATIO if cfg.ratio is None else cfg.ratio
-    done, dense, kept, total = [], [], 0, 0
-    for name, conv in chosen:
+    from slimline.factorize.tucker_allocate import allocate_tucker_ranks
+
+    chosen: dict[str, nn.Conv2d] = {}
+    for name, conv in cfg.select_modules(model):
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"tucker: {name} is a {type(conv).__name__}, not a Conv2d")
-        shape = conv.weight.shape
-        ranks = vbmf_ranks(conv.weight) if cfg.rank == "vbmf" \
-            else tucker_ranks_for_ratio(shape, ratio)
-        total += conv.weight.numel()
-        if ranks is None or tucker_params(shape, *ranks) >= conv.weight.numel():
-            dense.append(name)
-            kept += conv.weight.numel()
-            continue
-        model.set_submodule(name, tucker_layer(conv, *ranks, cfg.iterations))
-        done.append(f"{name} {ranks}")
-        kept += tucker_params(shape, *ranks)
+        chosen[name] = conv
+    plan = allocate_tucker_ranks(model, chosen, cfg, ctx) if cfg.allocation == "sensitivity" \
+        else None
+    done, dense, kept, total = [], [], 0, 0
+    with undone_on_failure(model) as swaps:  # all or nothing
+        for name, conv in chosen.items():
+            ranks = cfg.uniform_ranks(conv) if plan is None else plan.ranks[name]
+            total += conv.weight.numel()
+            if ranks is None:
+                dense.append(name)
+                kept += conv.weight.numel()
+                continue
+            swaps.replace(name, tucker_layer(conv, *ranks, cfg.iterations))
+            done.append(f"{name} {ranks}")
+            kept += tucker_params(conv.weight.shape, *ranks)
     notes = [f"{len(done)} convs decomposed (r_out, r_in): {', '.join(done)}; "
              f"kernel weights kept: {kept / max(total, 1):.4f} of {total}"]
     if dense:
-        notes.append(f"kept dense (ranks would not save weights): {', '.join(dense)}")
+        why = "the allocation's choice" if plan is not None else "ranks would not save weights"
+        notes.append(f"kept dense ({why}): {', '.join(dense)}")
+    if plan is not None:
+        notes.append(str(plan))
     return StepOutcome(modules=[d.split(" ")[0] for d in done], notes=notes)

@@ -161,7 +161,8 @@ def output_gains(
     seed: int = 0,
 ) -> dict[str, torch.Tensor]:
     """Per layer, ``G_nn`` (N,): the mean over real tokens of the squared probe-loss gradient
-    at each of its output features (see :func:`_probe_loss`); the model is left unchanged."""
+    at each of its output features (see :func:`_probe_loss`); the model is left unchanged.
+    A ``Conv2d``'s features are its output channels (C_out,), every position a token."""
     draws = _ProbeDraws(seed)
     real = RealTokens()
     names = list(layers)
@@ -192,6 +193,8 @@ def output_gains(
                 grads = torch.autograd.grad(loss, [out for _, out in seen], allow_unused=True)
                 for (name, out), grad in zip(seen, grads, strict=True):
                     g = torch.zeros_like(out) if grad is None else grad.detach()
+                    if isinstance(layers[name], nn.Conv2d):  # (B, C, H, W): features are C
+                        g = g.movedim(1, -1)
                     flat = real.keep(g).reshape(-1, g.shape[-1]).double()  # (tokens, N)
                     sums[name] = sums.get(name, 0) + flat.pow(2).sum(dim=0)
                     tokens[name] += flat.shape[0]
