@@ -49,6 +49,16 @@ def tiny_llama() -> torch.nn.Module:
 
 
 @pytest.fixture
+def tiny_gpt2() -> torch.nn.Module:
+    """GPT-2 (Conv1D layers, learned positions) beside the tiny Llama; token 0 is its EOS."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=128, n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                        bos_token_id=0, eos_token_id=0)  # fmt: skip
+    return GPT2LMHeadModel(config).eval()
+
+
+@pytest.fixture
 def token_batches() -> list[dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(1)
     return [

@@ -76,15 +76,16 @@ def compress(
     work = model if inplace else copy.deepcopy(model)
     ctx = StepContext(calibration=batches, training=train_batches, progress=progress,
                       original=_original(model, recipe, inplace))  # fmt: skip
-    reports = []
+    reports, recorded = [], []
     for step in recipe.steps:
         start = time.perf_counter()
         outcome = handler_for(step)(work, step, ctx)
         reports.append(
             StepReport(step.method, outcome.modules, time.perf_counter() - start, outcome.notes)
         )
+        recorded.append((outcome.recorded or step).to_dict())
     previous = checkpoint.applied_recipe(work)["steps"]
-    applied = {"version": 1, "steps": previous + recipe.to_dict()["steps"]}
+    applied = {"version": 1, "steps": previous + recorded}
     setattr(work, checkpoint.RECIPE_ATTR, applied)
     checkpoint.record_reports(work, [r.to_dict() for r in reports])
     checkpoint.bind_save_pretrained(work)

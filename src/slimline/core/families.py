@@ -43,6 +43,13 @@ class Family(Enum):
     CACHE = FamilyRule(
         5, True, "the KV cache is set up on the final weights and dtypes, before compilation"
     )
+    # Speculative decoding wraps ``generate`` of the final model: its verify pass runs the
+    # quantized/cast weights through the KV cache the cache step set up, so it follows them,
+    # and compilation (which traces that forward) follows it.
+    SPECULATE = FamilyRule(
+        6, True, "speculative decoding wraps generate of the final weights, dtypes and cache, "
+        "before compilation"
+    )
     # Compilation traces the final module; any later change would be invisible to it.
     COMPILE = FamilyRule(9, True, "compilation must see the final model, so it comes last")
 

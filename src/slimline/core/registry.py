@@ -24,7 +24,7 @@ C = TypeVar("C", bound=MethodConfig)
 # Packages whose modules define methods; each is walked once, lazily.
 _METHOD_PACKAGES = (
     "slimline.quantize", "slimline.prune", "slimline.factorize", "slimline.distill",
-    "slimline.peft", "slimline.cache", "slimline.compile",
+    "slimline.peft", "slimline.cache", "slimline.speculative", "slimline.compile",
 )
 
 
@@ -49,6 +49,10 @@ class StepOutcome:
 
     modules: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # The step as applied, with what it chose from the data written into its fields (the
+    # blocks ``speculative`` skips): recorded in place of the given config, so ``sl.load``
+    # applies it again without data. None: the config is recorded as given.
+    recorded: MethodConfig | None = None
 
 
 Handler = Callable[[nn.Module, Any, StepContext], StepOutcome]
