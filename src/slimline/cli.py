@@ -160,6 +160,10 @@ def _parser() -> argparse.ArgumentParser:
                     help="built-in train batches for training steps (0: leave them out)")
     se.add_argument("--seed", type=int, default=0)
     se.add_argument("--runs", type=int, default=5)
+    se.add_argument("--worker", type=int, default=0,
+                    help="this worker's number among those sharing --study (each its own)")
+    se.add_argument("--energy-rating", action="store_true",
+                    help="measure energy per 1,000 items of the front and rate it 1-5 stars")
     se.set_defaults(run=_search)
 
     ls = sub.add_parser("list", parents=[debug], help="the methods table")
@@ -320,9 +324,14 @@ def _search(args: argparse.Namespace) -> int:
     found = search(source.model, data, calibration=calibration, training=training,
                    objectives=args.objectives, constraints=args.constraint, trials=args.trials,
                    storage=args.storage, study=args.study, space=args.space, seed=args.seed,
-                   runs=args.runs, progress=True)
+                   runs=args.runs, worker=args.worker, energy_rating=args.energy_rating,
+                   progress=True)
     written = found.write(args.out)
     _console().print(rich_table(found))
+    if found.energy is not None:
+        from slimline.search.render import energy_table
+
+        _console().print(energy_table(found.energy))
     print(f"{len(written)} files written to {args.out} (search.json, pareto.md, recipes)")
     return 0
 

@@ -12,8 +12,11 @@ from slimline.cli import main
 from slimline.core.recipe import Recipe
 
 
-def test_search_command_writes_the_front(tmp_path: Path, capsys: pytest.CaptureFixture[str]
-                                         ) -> None:
+def test_search_command_writes_the_front(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from slimline.evaluate import energy
+
+    monkeypatch.setattr(energy, "MIN_SECONDS", 0.3)  # the wiring, not the figures
     space = tmp_path / "space.yaml"
     space.write_text("methods:\n  rtn: {bits: [4, 8], group_size: [64, 128]}\n")
     out = tmp_path / "out"
@@ -21,7 +24,7 @@ def test_search_command_writes_the_front(tmp_path: Path, capsys: pytest.CaptureF
                  "--constraint", "accuracy>=0.5", "--trials", "2", "--space", str(space),
                  "--batches", "1", "--batch-size", "64", "--runs", "1",
                  "--calibration-batches", "0", "--storage", f"sqlite:///{tmp_path / 's.db'}",
-                 "--study", "cli", "--out", str(out)])
+                 "--study", "cli", "--worker", "1", "--energy-rating", "--out", str(out)])
     assert code == 0, capsys.readouterr().err
     report = json.loads((out / "search.json").read_text())
     assert report["study"] == "cli" and len(report["trials"]) == 2
@@ -33,7 +36,11 @@ def test_search_command_writes_the_front(tmp_path: Path, capsys: pytest.CaptureF
     chart = out / "pareto.png"
     has_plot = importlib.util.find_spec("matplotlib") is not None
     assert chart.is_file() == has_plot
-    assert "Pareto front" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "Pareto front" in printed and "energy rating" in printed
+    rating = report["energy_rating"]
+    assert [r["trial"] for r in rating["rows"]] == [None, *report["pareto"]]
+    assert "Energy rating" in (out / "pareto.md").read_text()
 
 
 @pytest.mark.parametrize(("argv", "message"), [

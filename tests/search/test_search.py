@@ -12,7 +12,7 @@ import torch
 
 import slimline.api
 from slimline.core.recipe import Recipe
-from slimline.search import SearchResult, TrialRecord, search
+from slimline.search import SearchResult, TrialRecord, load_search, search
 from slimline.search.result import dominates
 
 SPACE = {"methods": {"rtn": {"group_size": [32]}, "magnitude": {}}}
@@ -76,6 +76,11 @@ def test_resume_continues_the_same_study(tiny_mlp: torch.nn.Module, tmp_path: Pa
     second = _search(tiny_mlp, trials=2, storage=url, study="r")
     assert [t.number for t in second.trials] == [0, 1, 2, 3]
     assert [t.recipe for t in second.trials[:2]] == [t.recipe for t in first.trials]
+    loaded = load_search(url, "r")  # read back without searching: the same trials and front
+    assert loaded.to_dict()["trials"] == second.to_dict()["trials"]
+    assert [m.name for m in loaded.objectives] == ["latency", "size"]
+    with pytest.raises(ValueError, match="has no study 'nope'"):
+        load_search(url, "nope")
     with pytest.raises(ValueError, match="created with objectives"):
         _search(tiny_mlp, objectives=["size"], trials=1, storage=url, study="r")
 
@@ -139,3 +144,14 @@ def test_bad_arguments_fail_before_any_trial(tiny_mlp: torch.nn.Module) -> None:
         _search(tiny_mlp, constraints=["cosine=>0.9"], trials=1)
     with pytest.raises(ValueError, match="perplexity"):  # not a language model
         _search(tiny_mlp, constraints=["perplexity<=+2%"], trials=1)
+
+
+def test_workers_sample_differently_and_each_repeats_itself(tiny_mlp: torch.nn.Module) -> None:
+    def recipes(worker: int) -> list[Any]:
+        found = _search(tiny_mlp, objectives=["size"], trials=3, worker=worker)
+        return [t.recipe for t in found.trials]
+
+    assert recipes(0) == recipes(0)  # a fresh study with the same seed and worker repeats
+    assert recipes(0) != recipes(1)  # workers sharing a study do not sample the same recipes
+    with pytest.raises(ValueError, match="worker must be an integer >= 0"):
+        _search(tiny_mlp, trials=1, worker=-1)

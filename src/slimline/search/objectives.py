@@ -41,6 +41,24 @@ class Metric:
             return own
         return own / _figure(baseline, self.key, f"baseline {self.name}")
 
+    def relative(self, figures: Mapping[str, Any], baseline: Mapping[str, Any]) -> float:
+        """The figure as a ratio to the original's, oriented so that lower is better and the
+        original scores 1: latency × baseline, size / baseline size, baseline throughput /
+        throughput, 1 / cosine (the original's cosine to itself is 1). Used to put several
+        objectives on one scale (hypervolume); kl has no ratio (the original's is 0)."""
+        if self.name == "kl":
+            raise ValueError("kl has no ratio to the original (the original's kl is 0)")
+        if self.pairwise:
+            own = 1.0 / _figure(figures, self.key, self.name)
+        elif self.timing:
+            own = self.value(figures, baseline)
+            own = 1.0 / own if self.higher_is_better else own
+        else:
+            ratio = _figure(figures, self.key, self.name) / _figure(
+                baseline, self.key, f"baseline {self.name}")
+            own = 1.0 / ratio if self.higher_is_better else ratio
+        return own
+
     def minimised(self, value: float) -> float:
         """``value`` turned into a quantity to minimise (Pareto dominance is on these)."""
         return -value if self.higher_is_better else value

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from slimline.search.objectives import METRICS, Metric
 
 if TYPE_CHECKING:
+    from slimline.search.energy_rating import EnergyRating
     from slimline.search.result import SearchResult, TrialRecord
 
 _BYTES = {"size", "memory"}
@@ -65,6 +66,13 @@ def _header(result: SearchResult) -> list[str]:
     return ["trial", "recipe", *names]
 
 
+def front_table(result: SearchResult) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the front (the closest trials when none is feasible)."""
+    rows = result.pareto if result.feasible else result.closest
+    return _header(result), [[str(t.number), recipe_summary(t.recipe), *_cells(result, t)]
+                             for t in rows]
+
+
 def markdown(result: SearchResult) -> str:
     counts = result.counts()
     lines = [f"# Recipe search: study `{result.study}`", "",
@@ -73,25 +81,72 @@ def markdown(result: SearchResult) -> str:
              + ", ".join(f"{n} {k}" for k, n in counts.items()) + ".", "",
              "Timing figures are ratios to the original model timed in the same trial, "
              "interleaved.", ""]
-    rows = result.pareto if result.feasible else result.closest
     if result.feasible:
         lines.append("## Pareto front")
     else:
         lines += ["## No trial meets the constraints", "",
                   "The closest trials (least total relative violation):"]
-    lines += ["", _md_row(_header(result)), _md_row(["---"] * len(_header(result)))]
-    lines += [_md_row([str(t.number), recipe_summary(t.recipe), *_cells(result, t)])
-              for t in rows]
+    header, rows = front_table(result)
+    lines += ["", _md_row(header), _md_row(["---"] * len(header)), *map(_md_row, rows)]
     if result.feasible:
         lines += ["", "## Recommended", ""]
         for m in result.objectives:
             best = result.best(objective=m.name)
             lines.append(f"- best {m.name}: {recipe_summary(best.to_dict())}")
+    if result.energy is not None:
+        lines += ["", *energy_markdown(result.energy)]
     failed = [t for t in result.trials if t.state in ("failed", "pruned") and t.note]
     if failed:
         lines += ["", "## Failed and pruned trials", ""]
         lines += [f"- trial {t.number} ({t.state}): {t.note}" for t in failed]
     return "\n".join(lines) + "\n"
+
+
+_SOURCES = {"rapl": "read from the CPU's RAPL counters",
+            "nvml": "read from the GPU's NVML counters",
+            "estimate": "estimated by codecarbon from the CPU's TDP and load (no counters)"}
+
+
+def stars_text(stars: int) -> str:
+    return "★" * stars + "☆" * (5 - stars)
+
+
+def energy_header() -> list[str]:
+    return ["model", "recipe", "energy / 1,000 items", "× original", "CO2e / 1,000 items",
+            "rating"]
+
+
+def energy_cells(rating: EnergyRating) -> list[list[str]]:
+    return [[row.label, recipe_summary(row.recipe), f"{row.kwh_per_1000 * 1e3:.3g} Wh",
+             f"{rating.ratio(row):.3g}×", f"{row.co2_g_per_1000:.3g} g",
+             f"{stars_text(row.stars)} ({row.stars})"] for row in rating.rows]
+
+
+def energy_conditions(rating: EnergyRating) -> str:
+    intensity = (f"{rating.carbon_intensity_g_per_kwh:.0f} g CO2e/kWh"
+                 if rating.carbon_intensity_g_per_kwh is not None else "unknown")
+    return (f"Energy {_SOURCES.get(rating.source, rating.source)} (source: {rating.source}; "
+            f"hardware: {', '.join(rating.hardware) or 'none reported'}), codecarbon, the "
+            f"models' inference loops interleaved in one run, at least {rating.seconds:.1f} s "
+            f"and {rating.items} items each; CO2e at {intensity}.")
+
+
+def energy_markdown(rating: EnergyRating) -> list[str]:
+    header = energy_header()
+    return ["## Energy rating", "", energy_conditions(rating), "", _md_row(header),
+            _md_row(["---"] * len(header)), *(_md_row(r) for r in energy_cells(rating)), "",
+            f"Rule: {rating.rule}"]
+
+
+def energy_table(rating: EnergyRating) -> Any:
+    from rich.table import Table
+
+    table = Table(title="energy rating (relative to this front)", caption=rating.rule)
+    for name in energy_header():
+        table.add_column(name)
+    for cells in energy_cells(rating):
+        table.add_row(*cells)
+    return table
 
 
 def _md_row(cells: list[str]) -> str:
@@ -103,10 +158,11 @@ def rich_table(result: SearchResult) -> Any:
 
     title = "Pareto front" if result.feasible else "no trial meets the constraints: closest"
     table = Table(title=f"{title} (study {result.study})")
-    for name in _header(result):
+    header, rows = front_table(result)
+    for name in header:
         table.add_column(name)
-    for t in result.pareto if result.feasible else result.closest:
-        table.add_row(str(t.number), recipe_summary(t.recipe), *_cells(result, t))
+    for row in rows:
+        table.add_row(*row)
     return table
 
 

@@ -11,7 +11,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from slimline.core.recipe import Recipe
 from slimline.search.objectives import (
@@ -20,6 +20,9 @@ from slimline.search.objectives import (
     metric,
     parse_constraints,
 )
+
+if TYPE_CHECKING:
+    from slimline.search.energy_rating import EnergyRating
 
 CLOSEST_SHOWN = 3
 
@@ -35,6 +38,8 @@ class TrialRecord:
     violations: tuple[float, ...] = ()  # one per constraint, relative; <= 0 means met
     report: Mapping[str, Any] | None = None
     note: str | None = None  # why it was pruned, or the error it failed with
+    worker: str | None = None  # "host:pid" of the process that ran it
+    retry_of: int | None = None  # the trial whose worker died, run again as this one
 
     @property
     def feasible(self) -> bool:
@@ -57,7 +62,30 @@ class TrialRecord:
     def to_dict(self) -> dict[str, Any]:
         return {"number": self.number, "state": self.state, "feasible": self.feasible,
                 "recipe": self.recipe, "values": list(self.values) if self.values else None,
-                "violations": list(self.violations), "note": self.note, "report": self.report}
+                "violations": list(self.violations), "note": self.note, "worker": self.worker,
+                "retry_of": self.retry_of, "report": self.report}
+
+
+def hypervolume(points: Sequence[Sequence[float]], reference: Sequence[float]) -> float:
+    """The volume dominated by ``points`` (all minimised) and bounded by ``reference``
+    (Zitzler & Thiele 1998, the S metric; doi:10.1007/BFb0056872): sliced along the last
+    axis, each slab the (d-1)-volume of the points at or below it. Points not strictly better
+    than the reference everywhere add nothing. Exact; fine for the fronts of a search."""
+    d = len(reference)
+    inside = sorted((list(p) for p in points
+                     if len(p) == d and all(x < r for x, r in zip(p, reference, strict=True))),
+                    key=lambda p: p[-1])
+    if not inside:
+        return 0.0
+    if d == 1:
+        return reference[0] - inside[0][0]
+    total = 0.0
+    for i, point in enumerate(inside):
+        top = inside[i + 1][-1] if i + 1 < len(inside) else reference[-1]
+        if top > point[-1]:
+            total += (top - point[-1]) * hypervolume([q[:-1] for q in inside[: i + 1]],
+                                                     reference[:-1])
+    return total
 
 
 def dominates(a: Sequence[float], b: Sequence[float]) -> bool:
@@ -76,6 +104,7 @@ class SearchResult:
     trials: list[TrialRecord]
     space: list[str] = field(default_factory=list)
     storage: str | None = None
+    energy: EnergyRating | None = None  # set by search(energy_rating=True) or rate_energy
 
     def _minimised(self, trial: TrialRecord) -> list[float]:
         if trial.values is None:
@@ -131,6 +160,26 @@ class SearchResult:
         first = names.index(objective)
         return [first, *(i for i in range(len(names)) if i != first)]
 
+    def relative_front(self) -> list[list[float]]:
+        """The front's objectives as ratios to the original's, lower better (the original at
+        1 on every axis; ``Metric.relative``)."""
+        out = []
+        for t in self.pareto:
+            figures, baseline = t.figures()
+            out.append([m.relative(figures, baseline) for m in self.objectives])
+        return out
+
+    def hypervolume(self, reference: float | Sequence[float] = 1.0) -> float:
+        """Hypervolume of the front in :meth:`relative_front` units, bounded by ``reference``
+        (one ratio per objective, or one for all: 1.0 counts only what beats the original on
+        every objective). Comparable between searches of the same model and objectives."""
+        ref = [float(reference)] * len(self.objectives) if isinstance(reference, (int, float)) \
+            else [float(r) for r in reference]
+        if len(ref) != len(self.objectives):
+            raise ValueError(f"hypervolume: {len(ref)} reference values for "
+                             f"{len(self.objectives)} objectives")
+        return hypervolume(self.relative_front(), ref)
+
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
         for t in self.trials:
@@ -149,6 +198,7 @@ class SearchResult:
             "feasible": self.feasible,
             "pareto": [t.number for t in self.pareto],
             "closest": [] if self.feasible else [t.number for t in self.closest],
+            "energy_rating": self.energy.to_dict() if self.energy is not None else None,
             "trials": [t.to_dict() for t in self.trials],
         }
 

@@ -11,6 +11,8 @@ failed with its reason, and the study goes on.
 from __future__ import annotations
 
 import importlib.util
+import os
+import socket
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,6 +27,7 @@ from slimline.search.result import SearchResult
 from slimline.search.space import Space, build_space
 from slimline.search.study import (
     DEFAULT_STUDY,
+    SamplerName,
     create_study,
     describe_url,
     import_optuna,
@@ -52,6 +55,9 @@ def search(
     warmup: int = 1,
     threads: int | None = None,
     population: int | None = None,
+    worker: int = 0,
+    sampler: SamplerName = "nsga2",
+    energy_rating: bool = False,
     progress: bool = False,
 ) -> SearchResult:
     """Search recipes for ``model``: the Pareto front of ``objectives`` under ``constraints``.
@@ -64,20 +70,58 @@ def search(
     study keeps its earlier ones). ``storage``/``study``: an Optuna database URL and study
     name (default: in memory). ``space``: a space file or mapping narrowing the methods.
     ``quality_batches``: the slice the cheap quality check runs on. ``runs``/``warmup``/
-    ``threads``: as for ``sl.evaluate``. Everything is checked before the first trial.
+    ``threads``: as for ``sl.evaluate``. ``worker``: this process's number among the workers
+    sharing ``study`` (each its own, so their samplers differ; see ``study.py``). ``sampler``:
+    "nsga2" (default), or "random" — uniform sampling, to compare a search against.
+    ``energy_rating``: afterwards, measure energy per 1,000 items of the original and each
+    Pareto recipe together and rate them 1–5 stars (``result.energy``; relative to this
+    front, see ``energy_rating.py``). Everything is checked before the first trial.
     """
     plan = _plan(model, data, calibration, training, objectives, constraints, trials, space,
-                 quality_batches)
+                 quality_batches, energy_rating=energy_rating)
+    if not isinstance(worker, int) or isinstance(worker, bool) or worker < 0:
+        raise ValueError(f"search: worker must be an integer >= 0, got {worker!r}")
+    if sampler not in ("nsga2", "random"):
+        raise ValueError(f"search: sampler must be 'nsga2' or 'random', got {sampler!r}")
     optuna = import_optuna()
     db = open_storage(storage)
     name = study or DEFAULT_STUDY
     found = create_study(db, name, plan.objectives, plan.constraints, seed=seed,
-                         population=population or _population(trials))
+                         population=population or _population(trials), worker=worker,
+                         sampler=sampler)
     trial_fn = _Trial(model, plan, runs=runs, warmup=warmup, threads=threads)
     with quiet(optuna), _progress(progress, trials, plan) as callback:
         found.optimize(trial_fn, n_trials=trials, catch=(Exception,), callbacks=[callback],
                        gc_after_trial=True)
-    return result_of(found, plan.objectives, plan.constraints, plan.space.describe(),
+    result = result_of(found, plan.objectives, plan.constraints, plan.space.describe(),
+                       describe_url(storage))
+    if energy_rating and result.feasible:
+        from slimline.search.energy_rating import rate_energy
+
+        result.energy = rate_energy(model, result, plan.data, calibration=plan.calibration,
+                                    training=plan.training, threads=threads)
+    return result
+
+
+def worker_id() -> str:
+    """``host:pid`` of this process, recorded in every trial it runs."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def load_search(storage: str, study: str) -> SearchResult:
+    """Study ``study`` of ``storage`` read back as a result (one that other workers ran, or an
+    earlier run): its objectives and constraints are those ``search`` stored with it."""
+    optuna = import_optuna()
+    db = open_storage(storage)
+    with quiet(optuna):
+        try:
+            found = optuna.load_study(study_name=study, storage=db)
+        except KeyError:
+            raise ValueError(f"storage {describe_url(storage)} has no study {study!r}") from None
+    if "objectives" not in found.user_attrs:
+        raise ValueError(f"study {study!r} was not written by slimline's search")
+    return result_of(found, parse_objectives(found.user_attrs["objectives"]),
+                     parse_constraints(found.user_attrs["constraints"]), [],
                      describe_url(storage))
 
 
@@ -114,7 +158,8 @@ class _Plan:
 def _plan(model: nn.Module, data: Iterable[object], calibration: Iterable[object] | None,
           training: Iterable[object] | None, objectives: Sequence[str] | str,
           constraints: Sequence[str] | str | None, trials: int,
-          space: Mapping[str, Any] | str | Path | None, quality_batches: int) -> _Plan:
+          space: Mapping[str, Any] | str | Path | None, quality_batches: int, *,
+          energy_rating: bool = False) -> _Plan:
     if not isinstance(model, nn.Module):
         raise TypeError(f"search: model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:
@@ -122,9 +167,10 @@ def _plan(model: nn.Module, data: Iterable[object], calibration: Iterable[object
     if quality_batches < 1:
         raise ValueError(f"search: quality_batches must be >= 1, got {quality_batches}")
     goals, limits = parse_objectives(objectives), parse_constraints(constraints)
-    if any(m.name == "energy" for m in (*goals, *(c.metric for c in limits))) and \
-            importlib.util.find_spec("codecarbon") is None:
-        raise ImportError("the energy metric needs codecarbon: pip install slimline[energy]")
+    wants_energy = energy_rating or any(m.name == "energy"
+                                        for m in (*goals, *(c.metric for c in limits)))
+    if wants_energy and importlib.util.find_spec("codecarbon") is None:
+        raise ImportError("energy figures need codecarbon: pip install slimline[energy]")
     batches = materialize(data, where="data")
     if not batches:
         raise ValueError("search: data is empty")
@@ -161,6 +207,7 @@ class _Trial:
 
     def __call__(self, trial: Any) -> tuple[float, ...]:
         optuna = import_optuna()
+        trial.set_user_attr("worker", worker_id())
         recipe = self.plan.space.sample(trial)
         trial.set_user_attr("recipe", recipe.to_dict())
         try:
