@@ -7,7 +7,7 @@ from slimline.models import BUILTIN_MODELS, Builtin, is_builtin, load_builtin
 
 
 def test_names() -> None:
-    assert BUILTIN_MODELS == ("code-llama-tiny", "minilm", "digits-cnn")
+    assert BUILTIN_MODELS == ("code-llama-tiny", "minilm", "digits-cnn", "llama-1b-random")
     assert all(is_builtin(n) for n in BUILTIN_MODELS)
     assert not is_builtin("gpt2")
     assert not is_builtin("Code-Llama-Tiny")

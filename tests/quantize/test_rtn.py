@@ -12,7 +12,7 @@ from torch import nn
 import slimline as sl
 from slimline.quantize import kernels_weight_only as kernels
 from slimline.quantize.packing import dequantize, quantize_groups
-from slimline.quantize.qlinear import QuantLinear
+from slimline.quantize.qlinear import GEMV_MAX_ROWS, QuantLinear
 from slimline.quantize.rtn import RtnConfig
 
 
@@ -82,9 +82,10 @@ def test_ragged_last_group_forward_matches_dequantized_reference() -> None:
     assert quant.scales.shape == (48, 2)
     q, scales, zeros = quantize_groups(layer.weight, 4, 128, False)
     torch.testing.assert_close(quant.dequantized_weight(), dequantize(q, scales, zeros, 128))
-    x = torch.randn(5, 200)
+    for rows in (5, GEMV_MAX_ROWS + 1):  # the gemv kernel (where it runs), then F.linear
+        x = torch.randn(rows, 200)
+        torch.testing.assert_close(quant(x), F.linear(x, quant.dequantized_weight(), layer.bias))
     assert quant.kernel_path(x) == "dequant"
-    torch.testing.assert_close(quant(x), F.linear(x, quant.dequantized_weight(), layer.bias))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -96,7 +97,8 @@ def test_ragged_last_group_forward_matches_dequantized_reference() -> None:
 def test_kernel_paths_equal_dequantize_path(fields, dtype: torch.dtype) -> None:
     quant = _quantized(nn.Linear(256, 64), **fields)
     x = torch.randn(1, 1, 256).to(dtype)  # one row: the weight-only kernels' regime
-    expected = "int4pack" if fields["bits"] == 4 else "int8pack"
+    torch_kernel = "int4pack" if fields["bits"] == 4 else "int8pack"
+    expected = torch_kernel if quant._gemv_problem(dtype) else "gemv"
     assert quant.kernel_path(x) == expected
     out = quant(x)
     ref = kernels.dequant_linear(x.float(), quant.dequantized_weight(), quant.bias)

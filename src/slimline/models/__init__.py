@@ -16,7 +16,7 @@ from slimline.models.cache import cache_root
 from slimline.models.digits_cnn import DigitsCNN
 
 Size: TypeAlias = Literal["full", "small"]
-BUILTIN_MODELS: tuple[str, ...] = ("code-llama-tiny", "minilm", "digits-cnn")
+BUILTIN_MODELS: tuple[str, ...] = ("code-llama-tiny", "minilm", "digits-cnn", "llama-1b-random")
 SIZES: tuple[Size, ...] = ("full", "small")
 
 __all__ = [
@@ -40,8 +40,9 @@ def is_builtin(name: str) -> bool:
 def load_builtin(name: str, *, size: Size = "full") -> Builtin:
     """Load a built-in model (building it into the cache first if needed).
 
-    ``size="small"`` is a much smaller variant for tests where one exists (``code-llama-tiny``;
-    ``minilm`` keeps its model and samples fewer sentences; ``digits-cnn`` has one size).
+    ``size="small"`` is a much smaller variant for tests where one exists (``code-llama-tiny``,
+    ``llama-1b-random``; ``minilm`` keeps its model and samples fewer sentences; ``digits-cnn``
+    has one size).
     Raises ``ValueError`` for an unknown name or size.
     """
     if not is_builtin(name):
@@ -71,9 +72,16 @@ def _load_digits_cnn(size: Size) -> Builtin:
     return load_digits_cnn()
 
 
+def _load_llama_random(size: Size) -> Builtin:
+    from slimline.models.llama_random import load_llama_random
+
+    return load_llama_random(size)
+
+
 # Heavy imports (transformers, tokenizers, scikit-learn) happen inside the loaders.
 _LOADERS: dict[str, Callable[[Size], Builtin]] = {
     "code-llama-tiny": _load_code_llama,
     "minilm": _load_minilm,
     "digits-cnn": _load_digits_cnn,
+    "llama-1b-random": _load_llama_random,
 }

@@ -2,7 +2,8 @@
 
 Measured with 2 threads on a 2-core AMD EPYC (Zen 5: AVX-512 VNNI and BF16, no AMX), torch
 2.13; the choices below follow these numbers. The kernel is chosen per call by
-``QuantLinear.kernel_path``:
+``QuantLinear.kernel_path``; decode-sized calls go first to slimline's own kernel
+(:mod:`slimline.quantize.kernels_gemv`), these are what runs where it cannot:
 
 * :func:`dequant_linear` — dequantize to the activation dtype, then ``F.linear``: works for
   every width, group and shape; the fastest beyond a few rows, and in float16;

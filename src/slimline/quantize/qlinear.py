@@ -7,8 +7,11 @@ The W8A8 layers (:mod:`slimline.quantize.w8a8`) share the buffer and kernel-cach
 defined here.
 
 Every tensor needed for inference is a persistent buffer, stored as it is kept in memory, so
-``state_dict()`` is the checkpoint and its bytes are the layer's size. Kernel-specific
-layouts (torch's int4 tile layout, oneDNN's prepacked weight) are *derived* from the buffers
+``state_dict()`` is the checkpoint and its bytes are the layer's size. Decode-sized calls
+(up to :data:`GEMV_MAX_ROWS` rows) run slimline's gemv kernel
+(:mod:`slimline.quantize.kernels_gemv`), which reads those buffers as they are: no second
+layout, no memory beyond them. Kernel-specific layouts of the fallbacks (torch's int4 tile
+layout, oneDNN's prepacked weight) are *derived* from the buffers
 — lazily for the weight-only kernels, which only some calls use, and eagerly (after
 construction, ``load_state_dict`` and ``.to()``) for oneDNN, whose weight every call uses —
 and never saved: they are not portable across machines or torch versions.
@@ -16,6 +19,7 @@ and never saved: they are not portable across machines or torch versions.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -24,6 +28,8 @@ from torch import nn
 
 from slimline.core.modules import register_module
 from slimline.core.targets import linear_weight
+from slimline.models.cpu import cpu_bf16_supported
+from slimline.quantize import kernels_gemv as gemv
 from slimline.quantize import kernels_weight_only as kernels
 from slimline.quantize.packing import (
     centre,
@@ -39,14 +45,25 @@ from slimline.quantize.packing import (
 
 META_VERSION = 1
 _DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float16, torch.bfloat16, torch.float32)}
-# Up to how many rows (tokens) torch's weight-only CPU kernels beat dequantize + F.linear, by
-# activation dtype. Measured with 2 threads on a 2-core AMD EPYC (Zen 5, AVX-512 VNNI/BF16,
-# no AMX), torch 2.13, layers 1536×384 to 4096×1024: in bfloat16, int4 wins to 64 rows and
-# int8 to 32 (e.g. 2048×2048 at 32 rows: int4 kernel 1.3 ms, dequantize 3.3 ms); in float32
-# they win at one row for large layers (4096×1024: 4.1 vs 11.3 ms) and lose from 2 rows on,
-# their float32 (and float16) inner loops not being vectorised (float16 never wins).
+# Up to how many rows (tokens) slimline's gemv kernel (kernels_gemv) runs a call instead of
+# dequantize + F.linear: decode, speculative verification and short prompts. Measured with 1
+# thread on a 2-core AMD EPYC (Zen 3: AVX2, no AVX-512), torch 2.13, a 2048×5632 layer: the
+# kernel costs about 2 ms a row (int4 g128 and int8 alike, weights decoded once per 4 rows),
+# dequantize + F.linear 150-210 ms plus 0.8 ms a row, so it wins up to 128 rows (255 vs
+# 362 ms int4, 208 vs 231 ms int8) and loses beyond about 200.
+GEMV_MAX_ROWS = 128
+# Up to how many rows torch's weight-only CPU kernels beat dequantize + F.linear, by
+# activation dtype, where slimline's gemv kernel is not used. Measured with 2 threads on a
+# 2-core AMD EPYC (Zen 5, AVX-512 VNNI/BF16, no AMX), torch 2.13, layers 1536×384 to
+# 4096×1024: in bfloat16, int4 wins to 64 rows and int8 to 32 (e.g. 2048×2048 at 32 rows:
+# int4 kernel 1.3 ms, dequantize 3.3 ms); in float32 they win at one row for large layers
+# (4096×1024: 4.1 vs 11.3 ms) and lose from 2 rows on, their float32 (and float16) inner loops
+# not being vectorised (float16 never wins). On AVX2 without AVX-512 their float32 path is
+# 4-8× slower than float32 F.linear (kernels_gemv), so they are a last resort there.
 _INT4PACK_MAX_ROWS = {torch.bfloat16: 64, torch.float32: 1}
 _INT8PACK_MAX_ROWS = {torch.bfloat16: 32, torch.float32: 1}
+_WARNED: set[str] = set()  # fallback reasons already reported (once per process)
+_NATIVE_BF16: dict[str, bool] = {}  # whether the CPU runs bf16 natively, asked once
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -241,20 +258,45 @@ class QuantLinear(LogicalWeightCounts, _KernelCacheMixin):
         return dequantize(self.centred_codes(), self.scales, None, self.group_size, dtype=dtype)
 
     def kernel_path(self, x: torch.Tensor) -> str:
-        """Which matmul ``forward`` uses for ``x``: "int4pack", "int8pack" or "dequant"."""
+        """Which matmul ``forward`` uses for ``x``: "gemv", "int4pack", "int8pack" or "dequant".
+
+        Few rows (decode) run slimline's gemv kernel, which reads the packed codes as stored;
+        where it cannot run, a warning (once per reason) names the fix.
+        """
         if x.device.type != "cpu":
             return "dequant"
         rows = x.numel() // max(self.in_features, 1)
+        needs_grad = x.requires_grad and torch.is_grad_enabled()  # gemv has no backward
+        if rows <= GEMV_MAX_ROWS and not needs_grad and self._gemv_problem(x.dtype) == "":
+            return "gemv"
+        path = self._torch_kernel_path(x.dtype, rows)
+        if rows <= GEMV_MAX_ROWS:
+            _warn_once(self._gemv_problem(x.dtype), path)
+        return path
+
+    def _torch_kernel_path(self, dtype: torch.dtype, rows: int) -> str:
         int4 = self.bits == 4 and self._int4_group() is not None
-        if int4 and rows <= _INT4PACK_MAX_ROWS.get(x.dtype, 0):
+        if int4 and rows <= _INT4PACK_MAX_ROWS.get(dtype, 0):
             return "int4pack"
         int8 = self.bits == 8 and self.symmetric and self.scales.shape[1] == 1
         if int8 and kernels.int8pack_fits(self.in_features):
-            return "int8pack" if rows <= _INT8PACK_MAX_ROWS.get(x.dtype, 0) else "dequant"
+            return "int8pack" if rows <= _INT8PACK_MAX_ROWS.get(dtype, 0) else "dequant"
         return "dequant"
+
+    def _gemv_problem(self, dtype: torch.dtype) -> str:
+        """Why the gemv kernel does not run this layer for ``dtype`` inputs ("" if it does)."""
+        if dtype == torch.bfloat16 and _native_bf16():
+            return "native"  # torch's bfloat16 kernels, measured on such a CPU, keep the call
+        problem = gemv.gemv_unsupported(self.bits, self.in_features, self.group, self.scales.dtype)
+        return problem or gemv.library_problem()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         path = self.kernel_path(x)
+        if path == "gemv":
+            return gemv.gemv_linear(
+                x, self.qweight, self.scales, self.zeros, self.bias, bits=self.bits,
+                group=self.group,
+            )  # fmt: skip
         if path == "int4pack":
             group = self._int4_group()
             table = self._derive(f"int4_table_{x.dtype}", lambda: self._int4_table(x.dtype))
@@ -314,6 +356,27 @@ class QuantLinear(LogicalWeightCounts, _KernelCacheMixin):
             bias=bool(meta["bias"]), scale_dtype=_dtype(meta["scale_dtype"]),
             bias_dtype=_dtype(meta["bias_dtype"]),
         )  # fmt: skip
+
+
+@torch.compiler.assume_constant_result  # a fact of the machine: a constant when compiling
+def _native_bf16() -> bool:
+    if "cpu" not in _NATIVE_BF16:
+        _NATIVE_BF16["cpu"] = cpu_bf16_supported()
+    return _NATIVE_BF16["cpu"]
+
+
+def _warn_once(problem: str, path: str) -> None:
+    """Warn, once per reason, that few-row (decode) calls miss the gemv kernel, and the fix."""
+    if problem in ("", "native") or problem in _WARNED:
+        return
+    _WARNED.add(problem)
+    warnings.warn(
+        f"QuantLinear: {problem}; decode-sized calls run the {path!r} path instead, which on "
+        "CPUs without AVX-512 is slower than float32 at batch 1. Fix: quantize with bits 4 "
+        "(even group_size) or 8, on an x86 CPU with AVX2 and a C compiler (gcc, or $CC).",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 def _check_version(meta: dict[str, Any]) -> None:

@@ -1,0 +1,305 @@
+"""Batch-1 greedy decode: transformers fp32 / bf16 against slimline's packed int8 / int4 layers.
+
+Model: ``llama-1b-random`` (TinyLlama-1.1B's shapes, random weights: a table for speed and
+memory only, never quality; ``--layers`` keeps fewer blocks) or ``code-llama-tiny``. Rows (one
+process, each row a fresh copy of the model, runs interleaved A B C … after a warm-up):
+
+- ``fp32``: transformers as loaded; ``bf16``: ``model.to(torch.bfloat16)``;
+- ``int8``: slimline ``rtn`` 8-bit per-channel; ``int4``: ``rtn`` 4-bit groups of 128 (float32
+  activations: what a recipe of just ``rtn`` gives); ``int4-half``: ``rtn`` int4 g128 then
+  ``half`` (bfloat16 activations). Quantizers take slimline's default targets (every Linear
+  but the output head; ``--quantize-head`` takes the head too).
+
+Columns:
+
+- tokens/s: decode tokens per second, ``(new - 1)`` over the time from the first new token to
+  the last (timestamps taken by a stopping criterion at every step of ``generate``), median
+  over runs; prefill: prompt forward + first token, median;
+- bytes/token: weights one decode step reads (``slimline.evaluate.bandwidth``: every stored
+  parameter and buffer, one row of the embedding); bound: best measured streaming-read
+  bandwidth (a 512 MiB ``sum`` at the same thread count) over those bytes; fraction: tokens/s
+  over the bound;
+- path: the matmul slimline's quantized layers run at one row (``gemv``: its own kernel);
+- peak RSS (``--memory``): each row in a child process of its own, the resident-set
+  high-water mark over one ``generate`` (model resident, interpreter included), after the
+  heap freed while making the row is handed back (``malloc_trim``).
+
+``--modes`` adds rows with transformers' static KV cache (``static``) and that plus
+``torch.compile`` of the decode step (``static+compile``, transformers' ``compile_config``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import slimline as sl
+from benchmarks.harness import conditions_line, markdown_table, print_table, write_section
+from benchmarks.peers import settle_memory
+from slimline.evaluate.bandwidth import (
+    bandwidth_bound,
+    decode_bytes_per_token,
+    streaming_read_bandwidth,
+)
+from slimline.evaluate.bench import peak_rss_during
+from slimline.quantize.qlinear import QuantLinear
+
+MiB = 2**20
+MODES = ("dynamic", "static", "static+compile")
+RTN8 = {"method": "rtn", "bits": 8, "group_size": None}
+RTN4 = {"method": "rtn", "bits": 4, "group_size": 128}
+HALF = {"method": "half", "dtype": "bfloat16"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One row: its label and how it turns the float32 model into the measured one."""
+
+    label: str
+    steps: tuple[dict[str, Any], ...] = ()
+    cast: torch.dtype | None = None
+
+
+VARIANTS: dict[str, Variant] = {
+    "fp32": Variant("transformers fp32"),
+    "bf16": Variant("transformers bf16", cast=torch.bfloat16),
+    "int8": Variant("slimline rtn int8 per-channel (fp32 activations)", (RTN8,)),
+    "int4": Variant("slimline rtn int4 g128 (fp32 activations)", (RTN4,)),
+    "int4-half": Variant("slimline rtn int4 g128 + half bf16", (RTN4, HALF)),
+}
+
+
+class StepClock:
+    """A stopping criterion that never stops, and notes when each new token was chosen."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **_: Any) -> torch.Tensor:
+        self.times.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+def base_model(args: argparse.Namespace) -> tuple[nn.Module, torch.Tensor]:
+    """A fresh float32 model and the (1, prompt) token ids."""
+    if args.model == "llama-1b-random":
+        from slimline.models.llama_random import SHAPES, build_llama_random, random_tokens
+
+        shape = SHAPES["full"]
+        if args.layers is not None:
+            shape = dataclasses.replace(shape, num_layers=args.layers)
+        prompt = random_tokens(shape.vocab_size, sequences=1, length=args.prompt)["input_ids"]
+        return build_llama_random(shape), prompt
+    from slimline.models import load_builtin
+
+    built = load_builtin(args.model)
+    ids = built.batches("test", batch_size=1, limit=1)[0]["input_ids"]
+    if ids.shape[1] < args.prompt:
+        raise SystemExit(f"{args.model}: test windows have {ids.shape[1]} tokens < --prompt")
+    return built.model, ids[:, : args.prompt]
+
+
+def prepare(variant: Variant, model: nn.Module, quantize_head: bool) -> nn.Module:
+    """The row's model, made in place from the fresh float32 one."""
+    if variant.cast is not None:
+        return model.to(variant.cast)
+    if not variant.steps:
+        return model
+    steps = [dict(s) for s in variant.steps]
+    if quantize_head:
+        for step in steps:
+            if step["method"] == "rtn":
+                step["targets"] = {"include": ["*"]}
+    return sl.compress(model, {"steps": steps}, inplace=True).model
+
+
+def generate_kwargs(model: nn.Module, args: argparse.Namespace, mode: str) -> dict[str, Any]:
+    eos = model.generation_config.eos_token_id
+    kwargs: dict[str, Any] = {
+        "max_new_tokens": args.new_tokens, "min_new_tokens": args.new_tokens,
+        "do_sample": False, "pad_token_id": eos if isinstance(eos, int) else 0,
+    }  # fmt: skip
+    if mode != "dynamic":
+        kwargs["cache_implementation"] = "static"
+    if mode == "static+compile":
+        from transformers import CompileConfig
+
+        config = CompileConfig(mode="default", fullgraph=False)
+        config._compile_all_devices = True  # transformers compiles on GPUs only unless asked
+        kwargs["compile_config"] = config
+    return kwargs
+
+
+def decode_once(model: nn.Module, prompt: torch.Tensor, kwargs: dict[str, Any]) -> tuple[float, float]:
+    """(prefill seconds, decode tokens/s) of one greedy ``generate``."""
+    clock = StepClock()
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
+                             stopping_criteria=[clock], **kwargs)
+    new = out.shape[1] - prompt.shape[1]
+    if new != kwargs["max_new_tokens"] or len(clock.times) != new:
+        raise RuntimeError(f"generate made {new} tokens with {len(clock.times)} steps timed")
+    decode_s = clock.times[-1] - clock.times[0]
+    return clock.times[0] - start, (new - 1) / decode_s if new > 1 else float("nan")
+
+
+def decode_paths(model: nn.Module, prompt: torch.Tensor, kwargs: dict[str, Any]) -> str:
+    """The matmuls slimline's packed layers ran for one-token inputs during a short generate."""
+    paths: set[str] = set()
+
+    def note(module: nn.Module, inputs: tuple[Any, ...]) -> None:
+        x = inputs[0]
+        if x.numel() == module.in_features:  # one token: a decode step
+            paths.add(module.kernel_path(x))
+
+    hooks = [m.register_forward_pre_hook(note) for m in model.modules() if isinstance(m, QuantLinear)]
+    try:
+        decode_once(model, prompt, {**kwargs, "max_new_tokens": 2, "min_new_tokens": 2})
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return ", ".join(sorted(paths)) or "-"
+
+
+def row_names(args: argparse.Namespace) -> list[tuple[str, str]]:
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = [r for r in rows if r not in VARIANTS] + [m for m in modes if m not in MODES]
+    if unknown:
+        raise SystemExit(f"unknown rows/modes {unknown}; rows: {list(VARIANTS)}, modes: {list(MODES)}")
+    return [(r, m) for m in modes for r in rows]
+
+
+def measure_rows(args: argparse.Namespace) -> dict[tuple[str, str], dict[str, Any]]:
+    """Build every row's model, then time them interleaved."""
+    models: dict[tuple[str, str], tuple[nn.Module, dict[str, Any]]] = {}
+    results: dict[tuple[str, str], dict[str, Any]] = {}
+    prompt = torch.empty(0)
+    for row, mode in row_names(args):
+        start = time.perf_counter()
+        model, prompt = base_model(args)
+        model = prepare(VARIANTS[row], model, args.quantize_head).eval()
+        kwargs = generate_kwargs(model, args, mode)
+        models[(row, mode)] = (model, kwargs)
+        eager = generate_kwargs(model, args, "dynamic")  # hooks see eager calls only
+        results[(row, mode)] = {"bytes": decode_bytes_per_token(model),
+                                "path": decode_paths(model, prompt, eager),
+                                "build_s": time.perf_counter() - start, "prefill": [], "tps": []}
+        print(f"built {row} ({mode}) in {results[(row, mode)]['build_s']:.1f} s", flush=True)
+    for round_index in range(args.warmup + args.runs):
+        for key, (model, kwargs) in models.items():
+            prefill, tps = decode_once(model, prompt, kwargs)
+            if round_index >= args.warmup:
+                results[key]["prefill"].append(prefill)
+                results[key]["tps"].append(tps)
+        print(f"round {round_index + 1}/{args.warmup + args.runs} done", flush=True)
+    return results
+
+
+def child_peak(args: argparse.Namespace, row: str, mode: str) -> int | str:
+    """Peak RSS of one row's generate, in a process of its own (MEASURING.md, memory)."""
+    command = [sys.executable, "-m", "benchmarks.decode", "--child", f"{row}:{mode}",
+               "--model", args.model, "--prompt", str(args.prompt), "--new-tokens",
+               str(args.new_tokens), "--threads", str(args.threads)]  # fmt: skip
+    if args.layers is not None:
+        command += ["--layers", str(args.layers)]
+    if args.quantize_head:
+        command.append("--quantize-head")
+    done = subprocess.run(command, capture_output=True, text=True, check=False,
+                          cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    if done.returncode != 0:
+        return f"failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}"
+    peak: int = json.loads(done.stdout.strip().splitlines()[-1])["peak_rss"]
+    return peak
+
+
+def run_child(args: argparse.Namespace) -> None:
+    row, mode = args.child.split(":")
+    model, prompt = base_model(args)
+    model = prepare(VARIANTS[row], model, args.quantize_head).eval()
+    kwargs = generate_kwargs(model, args, mode)
+    decode_once(model, prompt, {**kwargs, "max_new_tokens": 2, "min_new_tokens": 2})  # warm-up
+    settle_memory()  # the float32 model this row was made from is gone: hand its heap back
+    peak = peak_rss_during(lambda: decode_once(model, prompt, kwargs))
+    print(json.dumps({"peak_rss": peak.bytes, "method": peak.method}))
+
+
+def table(args: argparse.Namespace, results: dict[tuple[str, str], dict[str, Any]],
+          bandwidth: float, peaks: dict[tuple[str, str], int | str]) -> tuple[list[str], list[list[Any]]]:
+    header = ["row", "cache", "tokens/s", "× fp32", "prefill ms", "weights MiB/token",
+              "bound tokens/s", "fraction of bound", "path"]  # fmt: skip
+    if peaks:
+        header.append("peak RSS MiB")
+    base = {m: statistics.median(r["tps"]) for (row, m), r in results.items() if row == "fp32"}
+    rows: list[list[Any]] = []
+    for (row, mode), r in results.items():
+        tps = statistics.median(r["tps"])
+        bound = bandwidth_bound(r["bytes"], bandwidth)
+        ratio = f"{tps / base[mode]:.2f}" if mode in base else "-"
+        line = [VARIANTS[row].label, mode, f"{tps:.2f}", ratio,
+                f"{1e3 * statistics.median(r['prefill']):.0f}", f"{r['bytes'] / MiB:.0f}",
+                f"{bound:.1f}", f"{tps / bound:.0%}", r["path"]]  # fmt: skip
+        if peaks:
+            peak = peaks[(row, mode)]
+            line.append(f"{peak / MiB:.0f}" if isinstance(peak, int) else peak)
+        rows.append(line)
+    return header, rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="llama-1b-random", choices=("llama-1b-random", "code-llama-tiny"))
+    parser.add_argument("--layers", type=int, default=None, help="llama-1b-random: keep this many blocks")
+    parser.add_argument("--prompt", type=int, default=128, help="prompt tokens")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--rows", default=",".join(VARIANTS), help=f"comma list of {list(VARIANTS)}")
+    parser.add_argument("--modes", default="dynamic", help=f"comma list of {list(MODES)}")
+    parser.add_argument("--quantize-head", action="store_true", help="rtn quantizes the output head too")
+    parser.add_argument("--memory", action="store_true", help="peak RSS of each row in a child process")
+    parser.add_argument("--bandwidth-mib", type=int, default=512)
+    parser.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.new_tokens < 2:
+        raise SystemExit("--new-tokens must be at least 2 (decode speed is timed between tokens)")
+    if "compile" in args.modes and args.warmup < 1:
+        raise SystemExit("static+compile needs --warmup >= 1: the first generate compiles")
+    torch.set_num_threads(args.threads)
+    if args.child:
+        run_child(args)
+        return
+    reads = streaming_read_bandwidth(args.bandwidth_mib * MiB)
+    results = measure_rows(args)
+    again = streaming_read_bandwidth(args.bandwidth_mib * MiB)  # the machine may have changed
+    bandwidth = max(reads.best_bytes_per_s, again.best_bytes_per_s)
+    peaks = {key: child_peak(args, *key) for key in results} if args.memory else {}
+    header, rows = table(args, results, bandwidth, peaks)
+    title = f"Batch-1 greedy decode, {args.model}"
+    print_table(title, header, rows)
+    medians = ", ".join(f"{r.median_bytes_per_s / 1e9:.1f}" for r in (reads, again))
+    shape = "" if args.layers is None else f" ({args.layers} layers)"
+    notes = (f"{conditions_line(args.threads, batch_size=1, prompt=args.prompt, new_tokens=args.new_tokens, runs=args.runs)}.\n\n"
+             f"Model: {args.model}{shape}" + (" — random weights: speed and memory only, never quality" if args.model == "llama-1b-random" else "")
+             + f". Streaming read (sum of {args.bandwidth_mib} MiB, {args.threads} threads): best {bandwidth / 1e9:.1f} GB/s"
+             f" (medians {medians} GB/s, before and after the rows); the bound divides it by each row's weight bytes per token.\n")
+    print(notes)
+    if not args.no_write:
+        write_section("decode", title, notes + "\n" + markdown_table(header, rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,169 @@
+"""slimline's gemv kernel: equal to the dequantized weight's product within float32's
+rounding bound, on odd shapes and groups; chosen by QuantLinear for decode-sized calls;
+opaque but counted under torch.compile and FlopCounterMode; warns once where it cannot run."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import slimline as sl
+from slimline.quantize import kernels_gemv as gemv
+from slimline.quantize import qlinear
+from slimline.quantize.packing import quantize_groups
+from slimline.quantize.qlinear import GEMV_MAX_ROWS, QuantLinear
+
+pytestmark = pytest.mark.skipif(
+    gemv.library_problem() != "", reason=f"no gemv kernel here: {gemv.library_problem()}"
+)
+U32 = 2.0**-24  # unit roundoff of float32
+
+
+class Textbook:
+    """A layer's weight rebuilt by hand from quantize_groups' codes (not from the packing)."""
+
+    def __init__(self, weight: torch.Tensor, bits: int, group_size: int | None,
+                 symmetric: bool, scale_dtype: torch.dtype | None = None) -> None:
+        q, scales, zeros = quantize_groups(weight, bits, group_size, symmetric,
+                                           scale_dtype=scale_dtype)
+        k = weight.shape[1]
+        group = k if group_size is None else min(group_size, k)
+        self.groups = scales.shape[1]
+        s = scales.double().repeat_interleave(group, dim=1)[:, :k]  # (N, K)
+        centre = 2 ** (bits - 1)
+        if zeros is None:  # signed codes; stored as q + centre with zero point centre
+            self.weight = q.double() * s
+            self.magnitude = self.weight.abs()
+        else:
+            z = zeros.double().repeat_interleave(group, dim=1)[:, :k]
+            self.weight = (q.double() - z) * s
+            # what the kernel sums: (u - centre) · x per column and (centre - z) · Σx per group
+            self.magnitude = ((q.double() - centre).abs() + (centre - z).abs()) * s
+
+    def bound(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """Worst-case float32 error of the kernel's sums: γ_n · Σ|terms|, n = K + G + 3."""
+        n_ops = x.shape[-1] + self.groups + 3
+        gamma = n_ops * U32 / (1 - n_ops * U32)
+        return gamma * (x.abs().double() @ self.magnitude.t() + bias.abs().double())
+
+
+def _layer(n: int, k: int, bits: int, group_size: int | None, symmetric: bool,
+           scale_dtype: torch.dtype | None = None) -> tuple[QuantLinear, Textbook]:
+    linear = nn.Linear(k, n)
+    q, scales, zeros = quantize_groups(linear.weight, bits, group_size, symmetric,
+                                       scale_dtype=scale_dtype)
+    layer = QuantLinear.from_codes(q, scales, zeros, bias=linear.bias, bits=bits,
+                                   group_size=group_size, symmetric=symmetric)
+    return layer, Textbook(linear.weight, bits, group_size, symmetric, scale_dtype)
+
+
+@pytest.mark.parametrize(
+    ("n", "k", "bits", "group_size", "symmetric"),
+    [(37, 200, 4, 128, False), (64, 256, 4, 128, True), (5, 98, 4, 34, True),
+     (33, 100, 8, None, True), (17, 130, 8, 64, False), (40, 66, 4, None, False),
+     (48, 320, 4, 32, True), (9, 72, 8, 24, True)],
+)  # fmt: skip
+@pytest.mark.parametrize("rows", [1, 3, 6])
+def test_equals_textbook_dequantized_product(n, k, bits, group_size, symmetric, rows) -> None:
+    layer, book = _layer(n, k, bits, group_size, symmetric)
+    x = torch.randn(rows, k)
+    assert layer.kernel_path(x) == "gemv"
+    out = layer(x)
+    ref = x.double() @ book.weight.t() + layer.bias.double()
+    assert out.dtype == torch.float32 and out.shape == (rows, n)
+    assert bool(((out.double() - ref).abs() <= book.bound(x, layer.bias)).all())
+    wrong = x.double() @ book.weight.roll(1, dims=1).t() + layer.bias.double()  # columns off by one
+    assert not bool(((wrong - ref).abs() <= book.bound(x, layer.bias)).all())
+
+
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_reads_each_scale_dtype(scale_dtype: torch.dtype) -> None:
+    layer, book = _layer(24, 160, 4, 64, False, scale_dtype)
+    assert layer.scales.dtype == scale_dtype
+    x = torch.randn(2, 160)
+    ref = x.double() @ book.weight.t() + layer.bias.double()
+    assert bool(((layer(x).double() - ref).abs() <= book.bound(x, layer.bias)).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_activations_round_once_at_the_end(dtype: torch.dtype) -> None:
+    layer, book = _layer(32, 256, 4, 128, True)
+    x = torch.randn(1, 1, 256).to(dtype)  # exact in float64 too
+    ref = x.double() @ book.weight.t() + layer.bias.double()
+    out = layer(x)
+    assert out.dtype == dtype and out.shape == (1, 1, 32)
+    half_ulp = torch.finfo(dtype).eps / 2  # rounding the float32 sum to dtype
+    tol = half_ulp * ref.abs() + (1 + half_ulp) * book.bound(x.float(), layer.bias)
+    assert bool(((out.double() - ref).abs() <= tol).all())
+
+
+def test_kernel_path_by_rows_and_extra_dims() -> None:
+    layer, _ = _layer(16, 64, 8, None, True)
+    assert layer.kernel_path(torch.zeros(2, GEMV_MAX_ROWS // 2, 64)) == "gemv"
+    assert layer.kernel_path(torch.zeros(GEMV_MAX_ROWS + 1, 64)) == "dequant"
+    many = torch.randn(GEMV_MAX_ROWS + 1, 64)
+    torch.testing.assert_close(layer(many)[:3], layer(many[:3]), rtol=1e-5, atol=1e-5)
+
+
+def test_inputs_that_need_gradients_keep_the_differentiable_path() -> None:
+    layer, _ = _layer(16, 64, 4, 32, True)  # e.g. LoRA training on a quantized base
+    x = torch.randn(2, 64, requires_grad=True)
+    assert layer.kernel_path(x) == "dequant"
+    layer(x).sum().backward()
+    torch.testing.assert_close(x.grad, layer.dequantized_weight().sum(0).expand(2, 64))
+    with torch.no_grad():
+        assert layer.kernel_path(x) == "gemv"
+
+
+def test_grids_without_a_kernel_warn_once_naming_the_fix(monkeypatch) -> None:
+    monkeypatch.setattr(qlinear, "_WARNED", set())
+    three = QuantLinear.from_float(nn.Linear(64, 16), bits=3, group_size=32, symmetric=True)
+    x = torch.randn(1, 64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = three(x)
+        three(x)
+    assert three.kernel_path(x) == "dequant"
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1 and "3-bit" in messages[0] and "Fix" in messages[0]
+    torch.testing.assert_close(out, F.linear(x, three.dequantized_weight(), three.bias))
+    assert gemv.gemv_unsupported(4, 65, 65, torch.float16)  # odd width: rows not byte-aligned
+    assert gemv.gemv_unsupported(4, 64, 16, torch.float16) == ""
+
+
+def test_save_load_keeps_bytes_and_output(tmp_path) -> None:
+    model = nn.Sequential(nn.Linear(96, 64), nn.ReLU(), nn.Linear(64, 8))
+    result = sl.compress(model, {"steps": [{"method": "rtn", "bits": 4, "group_size": 32}]})
+    x = torch.randn(1, 96)
+    out = result.model(x)
+    assert result.model[0].kernel_path(x) == "gemv"
+    sl.save(result.model, tmp_path / "ck")
+    loaded = sl.load(tmp_path / "ck", model=nn.Sequential(nn.Linear(96, 64), nn.ReLU(),
+                                                          nn.Linear(64, 8)))
+    for key, tensor in result.model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], tensor)
+    assert torch.equal(loaded(x), out)
+
+
+def test_flop_counter_sees_the_kernel() -> None:
+    layer, _ = _layer(64, 128, 4, 64, True)
+    with FlopCounterMode(display=False) as counter:
+        layer(torch.randn(3, 128))
+    assert counter.get_total_flops() == 2 * 3 * 128 * 64
+
+
+def test_compiled_model_matches_eager() -> None:
+    torch._dynamo.reset()
+    model = nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 32)).eval()
+    model[0] = QuantLinear.from_float(model[0], bits=4, group_size=64, symmetric=False)
+    model[2] = QuantLinear.from_float(model[2], bits=8, group_size=None, symmetric=True)
+    x = torch.randn(1, 128)
+    # fullgraph: no break around the op; aot_eager traces it as inductor would, without codegen
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-6, atol=1e-6)
