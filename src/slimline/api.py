@@ -213,16 +213,22 @@ def evaluate(
 def export(
     model: nn.Module,
     path: str | Path,
-    format: Literal["onnx"] = "onnx",
+    format: Literal["onnx", "openvino"] = "onnx",
     example: object = None,
     **options: Any,
 ) -> ExportReport:
     """Write ``model`` to the directory ``path`` in a deployment ``format``, checked for parity
-    with the torch model on ``example`` (one batch): see ``slimline.export.onnx``."""
-    if format != "onnx":
-        raise ValueError(f"export: format {format!r} is not supported yet (supported: onnx)")
+    with the torch model on ``example`` (one batch): see ``slimline.export.onnx`` and
+    ``slimline.export.openvino``."""
+    if format not in ("onnx", "openvino"):
+        raise ValueError(f"export: format {format!r} is not supported yet "
+                         "(supported: onnx, openvino)")
     if example is None:
         raise ValueError("export: pass example=batch (one batch of the model's inputs)")
+    if format == "openvino":
+        from slimline.export.openvino import export_openvino
+
+        return export_openvino(model, path, example, **options)
     from slimline.export.onnx import export_onnx
 
     return export_onnx(model, path, example, **options)

@@ -112,7 +112,8 @@ def _parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", parents=[debug],
                         help="measure a model, side by side with a baseline")
-    ev.add_argument("--model", required=True, help="built-in name or model directory")
+    ev.add_argument("--model", required=True,
+                    help="built-in name, model directory, or a directory sl.export wrote")
     ev.add_argument("--baseline", help="built-in name or model directory to compare against")
     ev.add_argument("--data", help="text file (one sample a line); default: built-in test data")
     ev.add_argument("--metrics", help="comma-separated metric names (default: all that apply)")
@@ -126,16 +127,23 @@ def _parser() -> argparse.ArgumentParser:
     ev.set_defaults(run=_eval)
 
     ex = sub.add_parser("export", parents=[debug],
-                        help="export a model (ONNX), checked for parity with torch")
+                        help="export a model (ONNX, OpenVINO IR), checked for parity with torch")
     ex.add_argument("--model", required=True, help="built-in name or model directory")
-    ex.add_argument("--format", required=True, choices=["onnx"])
+    ex.add_argument("--format", required=True, choices=["onnx", "openvino"])
     ex.add_argument("--out", required=True, help="output directory")
     ex.add_argument("--data", help="text file (one sample a line) for the example batch; "
                     "default: built-in test data")
     ex.add_argument("--batch-size", type=int, default=2)
-    ex.add_argument("--exporter", choices=["auto", "torchscript", "dynamo"], default="auto")
+    ex.add_argument("--exporter", choices=["auto", "torchscript", "dynamo"], default="auto",
+                    help="dynamo: through torch.export; auto: the first within parity")
     ex.add_argument("--external-data", action="store_true",
-                    help="weights in model.onnx.data (default: only past 2 GiB)")
+                    help="onnx: weights in model.onnx.data (default: only past 2 GiB)")
+    ex.add_argument("--min-cosine", type=float, default=None,
+                    help="parity: least cosine to the torch model (default 0.9999; a W8A8 "
+                    "model needs a looser one, see slimline.export.parity)")
+    ex.add_argument("--atol", type=float, default=None,
+                    help="parity: max abs difference as a fraction of the output's scale "
+                    "(default 1e-4)")
     ex.set_defaults(run=_export)
 
     se = sub.add_parser("search", parents=[debug],
@@ -299,10 +307,13 @@ def _export(args: argparse.Namespace) -> int:
     source = resolve_model(args.model)
     example = source.data(args.data, split="test", batch_size=args.batch_size, limit=1)[0]
     tokenizer = None if source.directory is not None else source.tokenizer  # files copied
+    options: dict[str, Any] = {"external_data": args.external_data or None} \
+        if args.format == "onnx" else {}
+    options.update({k: v for k, v in (("min_cosine", args.min_cosine), ("atol", args.atol))
+                    if v is not None})
     with _console().status(f"exporting {args.model} to {args.format}"):
         report = export(source.model, args.out, format=args.format, example=example,
-                        exporter=args.exporter, external_data=args.external_data or None,
-                        tokenizer=tokenizer)
+                        exporter=args.exporter, tokenizer=tokenizer, **options)
     print(report.summary())
     print(f"exported to {report.path} ({report.exporter} exporter); report in "
           f"{report.path / REPORT_FILE}")

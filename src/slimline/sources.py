@@ -1,8 +1,9 @@
 """Where the command line's models and data come from: built-in names or local directories.
 
 ``M`` is a built-in model name (``code-llama-tiny``, ``minilm``, ``digits-cnn``; ``NAME@small``
-for the quick test variant), a directory written by ``sl.save``, or a local Hugging Face
-model directory (``config.json`` + weights). Nothing is downloaded.
+for the quick test variant), a directory written by ``sl.save``, a directory written by
+``sl.export`` (ONNX or OpenVINO IR, run by its runtime), or a local Hugging Face model
+directory (``config.json`` + weights). Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -67,6 +68,11 @@ def resolve_model(spec: str) -> LoadedModel:
             f"model {spec!r} is neither a built-in model ({', '.join(BUILTIN_MODELS)}) "
             "nor an existing directory"
         )
+    from slimline.export.runtime import ExportedModel, is_exported
+
+    if is_exported(path):  # sl.export's directory: run by onnxruntime or OpenVINO
+        exported = ExportedModel(path)
+        return LoadedModel(exported, _tokenizer(path), exported.source, path)
     if (path / RECIPE_FILE).is_file():
         from slimline.core.checkpoint import load
 

@@ -81,7 +81,8 @@ def test_onnxruntime_matches_torch_on_other_batch_and_sequence_lengths(tmp_path,
         assert _onnx_vs_torch(model, out, _tokens(batch, length, seed=7)) < 1e-4
     stored = json.loads((out / "export.json").read_text())
     assert stored == report.to_dict()
-    assert [p["shape"] for p in stored["parity"]] == [[2, 12], [3, 11]]
+    # the example, another batch and length, one token, left-padded
+    assert [p["shape"] for p in stored["parity"]] == [[2, 12], [3, 11], [2, 1], [2, 12]]
     assert all(p["passed"] and p["max_abs_diff"] < 1e-4 for p in stored["parity"])
     assert stored["dynamic_axes"]["input_ids"] == {"0": "batch", "1": "sequence"}
     assert json.loads((out / "config.json").read_text())["vocab_size"] == VOCAB

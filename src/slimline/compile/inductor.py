@@ -1,4 +1,9 @@
-"""``compile``: ``torch.compile`` with the inductor backend, as the last step of a recipe."""
+"""``compile``: the last step of a recipe — TorchInductor, or a deployment runtime.
+
+``backend: inductor`` (default) compiles the forward with ``torch.compile``; ``openvino`` and
+``onnxruntime`` run it as a graph exported for that runtime, checked against the eager model
+on the first batch (``compile/runtime.py``).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ from typing import ClassVar, Literal
 
 from torch import nn
 
+from slimline.compile.runtime import install
 from slimline.core.config import MethodConfig
 from slimline.core.families import Family
 from slimline.core.registry import StepContext, StepOutcome, register
@@ -14,19 +20,24 @@ from slimline.core.registry import StepContext, StepOutcome, register
 
 @dataclass(frozen=True, kw_only=True)
 class CompileConfig(MethodConfig):
-    """Compile the model's forward with TorchInductor (kernel fusion, no Python overhead).
+    """Compile the model's forward with TorchInductor, OpenVINO or onnxruntime.
 
-    The module is compiled in place (``nn.Module.compile``), so its class, parameters and
-    ``state_dict`` keys stay those of the eager model and it saves like any other; the
-    compilation itself cannot be stored and is redone by ``sl.load``.
+    The module is compiled in place (its call replaced, as ``nn.Module.compile`` does), so its
+    class, parameters and ``state_dict`` keys stay those of the eager model and it saves like
+    any other; the compilation itself cannot be stored and is redone by ``sl.load``.
     """
 
     method: ClassVar[str] = "compile"
     family: ClassVar[Family] = Family.COMPILE
-    summary: ClassVar[str] = "torch.compile (inductor): fused kernels, last step of a recipe"
+    summary: ClassVar[str] = (
+        "torch.compile (inductor), or the forward run by OpenVINO / onnxruntime; last step"
+    )
     paper: ClassVar[str] = "PyTorch 2, ASPLOS 2024 (doi:10.1145/3620665.3640366)"
     reapply_on_load: ClassVar[bool] = True
 
+    # inductor: kernel fusion in torch; openvino / onnxruntime: the model exported (parity
+    # checked on its first batch) and run by that runtime, on the CPU.
+    backend: Literal["inductor", "openvino", "onnxruntime"] = "inductor"
     # "max-autotune" benchmarks kernels at compile time: minutes on CPU, so not the default.
     mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = (
         "default"
@@ -38,6 +49,14 @@ class CompileConfig(MethodConfig):
     def check(self) -> None:
         if self.targets.include or self.targets.exclude:
             self.fail("targets", "compile applies to the whole model; remove targets")
+        if self.backend == "inductor":
+            return
+        # An exported graph is one whole graph with dynamic batch and sequence axes.
+        if self.mode != "default":
+            self.fail("mode", f"only applies to backend inductor, not {self.backend}")
+        if self.dynamic is False:
+            self.fail("dynamic", f"backend {self.backend} always exports dynamic batch and "
+                      "sequence axes")
 
     def select_modules(self, model: nn.Module, *, step: str = "") -> list[tuple[str, nn.Module]]:
         return []
@@ -45,5 +64,10 @@ class CompileConfig(MethodConfig):
 
 @register(CompileConfig)
 def apply_compile(model: nn.Module, cfg: CompileConfig, ctx: StepContext) -> StepOutcome:
+    if cfg.backend != "inductor":
+        install(model, cfg.backend)  # refuses layers the runtime cannot run, before any change
+        return StepOutcome(modules=[""], notes=[
+            f"run by {cfg.backend}: exported on the first batch of each input signature, "
+            "checked against the eager model"])
     model.compile(backend="inductor", mode=cfg.mode, dynamic=cfg.dynamic, fullgraph=cfg.fullgraph)
     return StepOutcome(modules=[""], notes=["compiled lazily: the first forward pays for it"])

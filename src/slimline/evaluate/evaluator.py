@@ -17,7 +17,7 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import torch
 from torch import nn
@@ -34,6 +34,9 @@ from slimline.core.batches import (
 from slimline.evaluate import bench, energy, footprint, quality
 from slimline.evaluate.conditions import machine_conditions
 from slimline.evaluate.report import Report
+
+if TYPE_CHECKING:
+    from slimline.export.runtime import ExportedModel
 
 METRICS: tuple[str, ...] = (
     "latency", "throughput", "memory", "size", "flops", "energy",
@@ -167,6 +170,10 @@ class _Run:
     def measure_size(self) -> None:
         self.step("counting bytes and parameters")
         for name, model in self.models.items():
+            if _is_exported(model):  # the weights live in the runtime's files
+                self.figures[name].update(size_bytes_memory=model.weight_bytes(),
+                                          params=model.params)
+                continue
             self.figures[name].update(
                 size_bytes_memory=footprint.size_in_memory(model),
                 params=footprint.count_params(model),
@@ -175,6 +182,9 @@ class _Run:
 
     def checkpoint(self, name: str) -> Path:
         """The directory ``slimline.save`` wrote for model ``name`` (saved once), or its error."""
+        model = self.models[name]
+        if name not in self.saved and _is_exported(model):
+            self.saved[name] = model.directory  # already on disk, as it runs
         if name not in self.saved:
             from slimline.core.checkpoint import save  # the method registry: only when saving
 
@@ -201,6 +211,10 @@ class _Run:
     def measure_flops(self) -> None:
         self.step("counting FLOPs")
         for name, model in self.models.items():
+            if _is_exported(model):
+                self.notes.append(f"flops of {name!r} not counted: it runs in "
+                                  f"{model.format}, outside torch's FLOP counter")
+                continue
             try:
                 self.figures[name]["flops"] = footprint.count_flops(model, self.first[name])
             except Exception as error:  # e.g. a tensor subclass FlopCounterMode cannot trace
@@ -310,6 +324,17 @@ class _Run:
             conditions["energy_kwh"] = f"kWh per {energy.ITEMS_PER_FIGURE} items"
             conditions["co2_g"] = f"g CO2e per {energy.ITEMS_PER_FIGURE} items"
         return Report(conditions=conditions, models=self.figures)
+
+
+def _is_exported(model: nn.Module) -> TypeGuard[ExportedModel]:
+    """Whether ``model`` is an exported directory run by its runtime (``slimline.export``
+    is imported only then: importing it here would rebind ``slimline.export``, see
+    ``slimline/__init__``)."""
+    if type(model).__name__ != "ExportedModel":
+        return False
+    from slimline.export.runtime import ExportedModel as Exported
+
+    return isinstance(model, Exported)
 
 
 def _energy_available() -> bool:

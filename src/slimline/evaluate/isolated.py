@@ -137,7 +137,10 @@ def start(
 def _modules_to_import(checkpoint: Path, model: nn.Module) -> list[str]:
     """The module defining a registered user architecture; NotIsolated if none can rebuild it."""
     from slimline.core.checkpoint import read_manifest
+    from slimline.export.runtime import is_exported
 
+    if is_exported(checkpoint):  # an exported model: the child opens it with its runtime
+        return []
     arch = read_manifest(checkpoint)["architecture"]
     module = type(model).__module__
     if arch["kind"] == "user":
@@ -193,11 +196,12 @@ def measure_here(
     from slimline.core.batches import forward, to_device
     from slimline.core.checkpoint import load
     from slimline.evaluate import bench
+    from slimline.export.runtime import ExportedModel, is_exported
 
     batch = to_device(batch, device)
     gc.collect()
     before = _memory_now(device)
-    model = load(checkpoint).to(device)
+    model = ExportedModel(checkpoint) if is_exported(checkpoint) else load(checkpoint).to(device)
     with torch.inference_mode():
         forward(model, batch)  # first-call work: derived kernel layouts, lazy allocations
 
@@ -225,7 +229,11 @@ def _import_what_loading_needs(checkpoint: Path, extra: Sequence[str]) -> None:
 
     from slimline.core.checkpoint import read_manifest
     from slimline.core.modules import module_type
+    from slimline.export.runtime import import_runtime, is_exported
 
+    if is_exported(checkpoint):
+        import_runtime(checkpoint)
+        return
     manifest = read_manifest(checkpoint)
     for entry in manifest["modules"].values():
         module_type(entry["type"])

@@ -1,6 +1,8 @@
 """Writing models for other tools: ``sl.save``'s companion files, and ``sl.export``.
 
-``onnx`` writes an ONNX graph checked against the torch model (``parity``, ``report``).
+``onnx`` and ``openvino`` write an ONNX graph / OpenVINO IR checked against the torch model
+(``parity``, ``report``; shared steps in ``graph``, slimline's W8A8 layers in standard
+operators in ``lowering``); ``runtime`` runs such a directory as a module, for ``slimline eval``.
 What ``sl.save`` writes besides the tensors so that other tools read the directory right:
 
 ``hf_config`` marks compressed Hugging Face checkpoints so that transformers without slimline

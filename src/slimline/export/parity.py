@@ -2,24 +2,52 @@
 
 An exporter can write a graph that runs and answers wrongly (``torch.onnx.export(dynamo=True)``
 has known wrong-output bugs; a traced graph can freeze a shape it saw once), so every export is
-run on the example and on a second batch of another batch size and sequence length, and
-compared with the torch model on the same inputs.
+run on the example, on a second batch of another batch size and sequence length, and for
+token batches on one of a single token (a decoder's decode step; a traced graph can freeze a
+mask built for longer sequences) and on a left-padded one (``position_ids`` counted over the
+real tokens), and compared with the torch model on the same inputs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
-from slimline.core.batches import Batch
+from slimline.core.batches import Batch, positions_from_mask, token_mask
 
 # fp32 graphs differ from eager torch by reassociated sums only: ~1e-6 relative here; 1e-4
 # of the output's scale leaves two orders of margin and still catches a wrong op.
 ATOL = 1e-4
 MIN_COSINE = 0.9999
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """What an export must meet: max abs difference within ``atol`` of the output's scale,
+    cosine at least ``min_cosine``. The defaults are for float models. A W8A8 model is
+    rounding-sensitive: its activations are rounded to a grid, a runtime that reassociates
+    float32 sums rounds some near-tie values the other way, and the flips add up over layers —
+    all-MiniLM-L6-v2 under ``int8_dynamic`` moves to cosine 0.9986 (max abs 0.17) of itself
+    when its embeddings change by 1e-6 relative, and its OpenVINO export lands at 0.998. Such
+    an export needs a tolerance chosen, and stated, by its user."""
+
+    atol: float = ATOL
+    min_cosine: float = MIN_COSINE
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.atol, (int, float)) and self.atol >= 0):
+            raise ValueError(f"export: atol must be a number >= 0, got {self.atol!r}")
+        if not (isinstance(self.min_cosine, (int, float)) and -1 <= self.min_cosine <= 1):
+            raise ValueError(f"export: min_cosine must be in [-1, 1], got {self.min_cosine!r}")
+
+    def to_dict(self) -> dict[str, float]:
+        return {"atol_of_scale": self.atol, "min_cosine": self.min_cosine}
+
+
+STRICT = Tolerance()
 
 
 @dataclass(frozen=True)
@@ -35,10 +63,12 @@ class ParityCheck:
         return asdict(self)
 
 
-def compare(reference: torch.Tensor, exported: torch.Tensor, shape: list[int]) -> ParityCheck:
+def compare(
+    reference: torch.Tensor, exported: torch.Tensor, shape: list[int], tol: Tolerance = STRICT
+) -> ParityCheck:
     """Compare ``exported`` with ``reference`` (same shape): passes when the max abs difference
-    is within ``ATOL`` of the reference's scale (max |ref|, at least 1) and the cosine of the
-    flattened outputs is at least ``MIN_COSINE``."""
+    is within ``tol.atol`` of the reference's scale (max |ref|, at least 1) and the cosine of
+    the flattened outputs is at least ``tol.min_cosine``."""
     if tuple(reference.shape) != tuple(exported.shape):
         return ParityCheck(shape, float("inf"), 0.0, False)
     ref, out = reference.double().flatten(), exported.double().flatten()
@@ -52,18 +82,81 @@ def compare(reference: torch.Tensor, exported: torch.Tensor, shape: list[int]) -
     if not ref.abs().any() and not out.abs().any():
         cos = 1.0  # two zero outputs are the same output
     scale = max(1.0, float(ref.abs().max())) if ref.numel() else 1.0
-    return ParityCheck(shape, diff, cos, diff <= ATOL * scale and cos >= MIN_COSINE)
+    return ParityCheck(shape, diff, cos, diff <= tol.atol * scale and cos >= tol.min_cosine)
+
+
+def compare_batch(
+    reference: torch.Tensor, exported: torch.Tensor, batch: Batch, tol: Tolerance = STRICT
+) -> ParityCheck:
+    """:func:`compare` on ``batch``'s outputs, over its real tokens only when the outputs are
+    per token (B, T, ...) and the batch has an ``attention_mask``: at a padded position the
+    torch model's answer is arbitrary (a fully masked attention row is NaN in one runtime,
+    zero in another) and no caller reads it."""
+    shape = list(batch_tensors(batch)[0].shape)
+    mask = token_mask(batch)
+    if mask is not None and tuple(reference.shape[:2]) == tuple(mask.shape) \
+            and tuple(exported.shape) == tuple(reference.shape):
+        reference, exported = reference[mask], exported[mask]
+    return compare(reference, exported, shape, tol)
+
+
+def parity_examples(batch: Batch) -> list[Batch]:
+    """The batches an export is checked on: ``batch``, :func:`second_example`, and for token
+    batches :func:`one_token` and, with an ``attention_mask``, :func:`left_padded`."""
+    examples = [batch, second_example(batch)]
+    if any(is_sequence(t) for t in batch_tensors(batch)):
+        examples.append(one_token(batch))
+    padded = left_padded(batch)
+    if padded is not None:
+        examples.append(padded)
+    return examples
+
+
+def one_token(batch: Batch) -> Batch:
+    """``batch`` with every (B, T) token input cut to its first column: (B, 1)."""
+    return _map(batch, lambda t: t[:, :1] if is_sequence(t) else t)
+
+
+def left_padded(batch: Batch) -> Batch | None:
+    """``batch`` with its last row's first quarter (at least one token) turned to padding in
+    ``attention_mask``, and ``position_ids``, if given, counted over the real tokens; None
+    when the batch has no 2-D mask or its rows are a single token."""
+    if not isinstance(batch, Mapping):
+        return None
+    mask = batch.get("attention_mask")
+    if not isinstance(mask, torch.Tensor) or not is_sequence(mask) or mask.shape[1] < 2:
+        return None
+    padded = mask.clone()
+    width = padded.shape[1]
+    padded[-1] = 1
+    padded[-1, : max(1, width // 4)] = 0
+    out = dict(batch)
+    out["attention_mask"] = padded
+    if "position_ids" in out:
+        out["position_ids"] = positions_from_mask(padded)
+    return out
+
+
+def _map(batch: Batch, fn: Callable[[torch.Tensor], torch.Tensor]) -> Batch:
+    if isinstance(batch, torch.Tensor):
+        return fn(batch)
+    if isinstance(batch, Mapping):
+        return {k: fn(v) for k, v in batch.items()}
+    return tuple(fn(t) for t in batch)
+
+
+def batch_tensors(batch: Batch) -> tuple[torch.Tensor, ...]:
+    """A batch's tensors in order (a dict's values, a tuple's items, or the one tensor)."""
+    if isinstance(batch, torch.Tensor):
+        return (batch,)
+    return tuple(batch.values()) if isinstance(batch, Mapping) else tuple(batch)
 
 
 def second_example(batch: Batch) -> Batch:
     """A batch of another batch size and sequence length, made from ``batch``'s own rows:
     one row more (the first repeated), and for 2-D integer inputs (token ids, masks) one
     column less (a prefix stays a valid, equally padded sequence), or one more when only one."""
-    if isinstance(batch, torch.Tensor):
-        return _resize(batch)
-    if isinstance(batch, Mapping):
-        return {k: _resize(v) for k, v in batch.items()}
-    return tuple(_resize(t) for t in batch)
+    return _map(batch, _resize)
 
 
 def _resize(t: torch.Tensor) -> torch.Tensor:

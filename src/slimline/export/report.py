@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from slimline.export.parity import ATOL, MIN_COSINE, ParityCheck
+from slimline.export.parity import STRICT, ParityCheck, Tolerance
 
 REPORT_FILE = "export.json"
 
@@ -22,7 +22,7 @@ class ExportReport:
 
     path: Path
     format: str
-    exporter: str  # "torchscript" (torch.onnx.export dynamo=False) or "dynamo"
+    exporter: str  # "torchscript" (tracing) or "dynamo" (torch.export)
     inputs: list[str]
     outputs: list[str]
     dynamic_axes: dict[str, dict[int, str]]
@@ -30,6 +30,11 @@ class ExportReport:
     external_data: bool
     files: list[str] = field(default_factory=list)
     attempts: dict[str, str] = field(default_factory=dict)  # exporter -> why it was not kept
+    # W8A8 layers written in standard operators (export/lowering.py), int8 weights kept.
+    lowered: list[str] = field(default_factory=list)
+    source: str | None = None  # the built-in model it came from (its data, its baseline)
+    params: int | None = None  # the torch model's logical parameter count
+    tolerance: Tolerance = STRICT  # what the parity checks had to meet
 
     @property
     def passed(self) -> bool:
@@ -44,10 +49,13 @@ class ExportReport:
             "dynamic_axes": {k: {str(a): n for a, n in v.items()}
                              for k, v in self.dynamic_axes.items()},
             "parity": [p.to_dict() for p in self.parity],
-            "tolerance": {"atol_of_scale": ATOL, "min_cosine": MIN_COSINE},
+            "tolerance": self.tolerance.to_dict(),
             "external_data": self.external_data,
             "files": self.files,
             "attempts": self.attempts,
+            "lowered": self.lowered,
+            "source": self.source,
+            "params": self.params,
         }
 
     def write(self, directory: Path) -> Path:
