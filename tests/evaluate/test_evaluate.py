@@ -237,8 +237,11 @@ def test_bad_settings_are_errors() -> None:
 
 
 def test_metric_names_match_the_contract() -> None:
-    assert set(METRICS) == {"latency", "throughput", "memory", "size", "flops", "energy",
-                            "perplexity", "accuracy", "cosine", "kl", "agreement"}
+    contract = {"latency", "throughput", "memory", "size", "flops", "energy",
+                "perplexity", "accuracy", "cosine", "kl", "agreement"}
+    # beyond the contract: "generation" (decode tokens/s and speculation's acceptance, which
+    # the generation-speed issue asks slimline eval to report)
+    assert set(METRICS) == contract | {"generation"}
 
 
 def test_sl_evaluate_stays_the_function_after_use() -> None:

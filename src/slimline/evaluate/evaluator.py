@@ -31,7 +31,7 @@ from slimline.core.batches import (
     split_labels,
     to_device,
 )
-from slimline.evaluate import bench, energy, footprint, quality
+from slimline.evaluate import bench, energy, footprint, generation, quality
 from slimline.evaluate.conditions import machine_conditions
 from slimline.evaluate.report import Report
 
@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from slimline.export.runtime import ExportedModel
 
 METRICS: tuple[str, ...] = (
-    "latency", "throughput", "memory", "size", "flops", "energy",
+    "latency", "throughput", "generation", "memory", "size", "flops", "energy",
     "perplexity", "accuracy", "cosine", "kl", "agreement",
 )  # fmt: skip
 _ALWAYS = ("latency", "throughput", "memory", "size", "flops")
@@ -148,10 +148,18 @@ class _Run:
         usable = quality.applicable_metrics(kind, has_baseline="baseline" in self.models)
         if asked is None:
             extra = ["energy"] if _energy_available() else []
+            # decode speed by default where speculation is what the model changed
+            if any(hasattr(m, generation.STATS_ATTR) for m in self.models.values()):
+                extra.append("generation")
             return [m for m in METRICS if m in (*_ALWAYS, *extra, *usable)]
         for metric in asked:
             if metric in quality.QUALITY_METRICS and metric not in usable:
                 raise ValueError(quality.why_not_applicable(metric, kind))
+        if "generation" in asked:
+            cannot = [n for n, m in self.models.items() if not generation.can_generate(m)]
+            if cannot:
+                raise ValueError(f"metrics: generation needs causal LMs that generate; "
+                                 f"{', '.join(cannot)} cannot")
         return asked
 
     def measure(self, chosen: list[str], intensity: float | None, country: str) -> None:
@@ -161,6 +169,8 @@ class _Run:
             self.measure_flops()
         if "latency" in chosen or "throughput" in chosen:
             self.measure_latency(chosen)
+        if "generation" in chosen:
+            self.measure_generation()
         asked_quality = [m for m in chosen if m in quality.QUALITY_METRICS]
         if asked_quality:
             self.measure_quality(asked_quality)
@@ -239,6 +249,19 @@ class _Run:
         self.methods["latency"] = (f"one forward of the first batch, perf_counter_ns; median "
                                    f"and p95 of {self.runs} runs after {self.warmup} warm-up "
                                    f"rounds, interleaved ({order} per round)")
+
+    def measure_generation(self) -> None:
+        self.step("timing greedy generate")
+        prompt = generation.prompt_of(self.batches[0])
+        figures = generation.measure_generation(self.models, prompt, runs=self.runs,
+                                                warmup=self.warmup,
+                                                sync=_sync_for(self.devices.values()))
+        for name, values in figures.items():
+            self.figures[name].update(values)
+        self.methods["generation"] = (
+            f"greedy generate of {generation.NEW_TOKENS} new tokens (min = max) from the first "
+            f"row of the first batch ({prompt.shape[1]} prompt tokens, padding removed); "
+            f"median of {self.runs} interleaved runs; acceptance from speculative_stats")
 
     def measure_memory(self) -> None:
         """Each model's peak in a process of its own; all in this one if any cannot be."""
