@@ -213,22 +213,26 @@ def evaluate(
 def export(
     model: nn.Module,
     path: str | Path,
-    format: Literal["onnx", "openvino"] = "onnx",
+    format: Literal["onnx", "openvino", "gguf"] = "onnx",
     example: object = None,
     **options: Any,
 ) -> ExportReport:
     """Write ``model`` to the directory ``path`` in a deployment ``format``, checked for parity
-    with the torch model on ``example`` (one batch): see ``slimline.export.onnx`` and
-    ``slimline.export.openvino``."""
-    if format not in ("onnx", "openvino"):
+    with the torch model on ``example`` (one batch): see ``slimline.export.onnx``,
+    ``slimline.export.openvino`` and ``slimline.export.gguf``."""
+    if format not in ("onnx", "openvino", "gguf"):
         raise ValueError(f"export: format {format!r} is not supported yet "
-                         "(supported: onnx, openvino)")
+                         "(supported: onnx, openvino, gguf)")
     if example is None:
         raise ValueError("export: pass example=batch (one batch of the model's inputs)")
     if format == "openvino":
         from slimline.export.openvino import export_openvino
 
         return export_openvino(model, path, example, **options)
+    if format == "gguf":
+        from slimline.export.gguf import export_gguf
+
+        return export_gguf(model, path, example, **options)
     from slimline.export.onnx import export_onnx
 
     return export_onnx(model, path, example, **options)

@@ -127,9 +127,12 @@ def _parser() -> argparse.ArgumentParser:
     ev.set_defaults(run=_eval)
 
     ex = sub.add_parser("export", parents=[debug],
-                        help="export a model (ONNX, OpenVINO IR), checked for parity with torch")
+                        help="export a model (ONNX, OpenVINO IR, GGUF), checked for parity "
+                        "with torch")
     ex.add_argument("--model", required=True, help="built-in name or model directory")
-    ex.add_argument("--format", required=True, choices=["onnx", "openvino"])
+    ex.add_argument("--format", required=True, choices=["onnx", "openvino", "gguf"])
+    ex.add_argument("--dtype", choices=["f32", "f16", "q8_0", "q4_0"], default="f16",
+                    help="gguf: tensor type (q8_0/q4_0: llama.cpp's blocks of 32)")
     ex.add_argument("--out", required=True, help="output directory")
     ex.add_argument("--data", help="text file (one sample a line) for the example batch; "
                     "default: built-in test data")
@@ -311,9 +314,10 @@ def _export(args: argparse.Namespace) -> int:
         if args.format == "onnx" else {}
     options.update({k: v for k, v in (("min_cosine", args.min_cosine), ("atol", args.atol))
                     if v is not None})
+    options |= {"dtype": args.dtype} if args.format == "gguf" else {"exporter": args.exporter}
     with _console().status(f"exporting {args.model} to {args.format}"):
         report = export(source.model, args.out, format=args.format, example=example,
-                        exporter=args.exporter, tokenizer=tokenizer, **options)
+                        tokenizer=tokenizer, **options)
     print(report.summary())
     print(f"exported to {report.path} ({report.exporter} exporter); report in "
           f"{report.path / REPORT_FILE}")

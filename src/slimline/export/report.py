@@ -35,6 +35,7 @@ class ExportReport:
     source: str | None = None  # the built-in model it came from (its data, its baseline)
     params: int | None = None  # the torch model's logical parameter count
     tolerance: Tolerance = STRICT  # what the parity checks had to meet
+    details: dict[str, Any] = field(default_factory=dict)  # format-specific (gguf: dtype, ...)
 
     @property
     def passed(self) -> bool:
@@ -56,6 +57,7 @@ class ExportReport:
             "lowered": self.lowered,
             "source": self.source,
             "params": self.params,
+            "details": self.details,
         }
 
     def write(self, directory: Path) -> Path:
