@@ -154,8 +154,10 @@ def test_plain_tensor_model_and_bad_arguments(tmp_path) -> None:
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
     report = sl.export(model, tmp_path / "out", example=torch.randn(5, 4))
     assert report.inputs == ["input"] and report.dynamic_axes["output"] == {0: "batch"}
-    with pytest.raises(ValueError, match="format 'gguf' is not supported"):
-        sl.export(model, tmp_path / "g", format="gguf", example=torch.randn(5, 4))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="format 'tflite' is not supported"):
+        sl.export(model, tmp_path / "g", format="tflite", example=torch.randn(5, 4))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="gguf writes Hugging Face Llama models only"):
+        sl.export(model, tmp_path / "g", format="gguf", example=torch.randn(5, 4))
     with pytest.raises(ValueError, match="example"):
         sl.export(model, tmp_path / "g")
     with pytest.raises(TypeError, match="example"):
