@@ -98,10 +98,7 @@ def export_gguf(
 
     vocab = build_vocab(tokenizer_json(tokenizer, getattr(model, SOURCE_DIR_ATTR, None)),
                         config.vocab_size, tokenizer)
-    report: ExportReport | None = None
-
-    def write(directory: Path) -> None:
-        nonlocal report
+    def write(directory: Path) -> ExportReport:
         details = _write_file(gguf, model, config, vocab, directory / MODEL_FILE, dtype)
         checks, graph = _parity(model, directory / MODEL_FILE, batch, tol)
         if not all(c.passed for c in checks):
@@ -113,11 +110,10 @@ def export_gguf(
                               [MODEL_FILE], tolerance=tol, details=details)
         describe_source(report, model)
         report.write(directory)
+        return report
 
     with eval_mode(model):
-        write_atomically(path, write)
-    assert report is not None
-    return report
+        return write_atomically(path, write)
 
 
 def check_llama(model: nn.Module) -> Any:
@@ -354,5 +350,6 @@ def _float_weight(module: nn.Module) -> torch.Tensor:
     if _is_quant_linear(module):
         return module.dequantized_weight(torch.float32)
     weight = module.weight
-    assert isinstance(weight, torch.Tensor)  # checked by check_llama
+    if not isinstance(weight, torch.Tensor):  # check_llama refuses such layers first
+        raise TypeError(f"export: {type(module).__name__} has no weight tensor")
     return weight

@@ -19,7 +19,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from torch import nn
@@ -59,6 +59,8 @@ class GraphForward(nn.Module):
         self.output_name = name
         return tensor
 
+
+T = TypeVar("T")
 
 def padded_positions(mask: torch.Tensor) -> torch.Tensor:
     """(B, T) ``position_ids``: counted over real tokens when some row of ``mask`` is
@@ -205,9 +207,9 @@ def weight_bytes(model: nn.Module) -> int:
     return sum(seen.values())
 
 
-def write_atomically(path: str | Path, write: Callable[[Path], None]) -> Path:
+def write_atomically(path: str | Path, write: Callable[[Path], T]) -> T:
     """Call ``write(tmp)`` on a temporary sibling of ``path``, then move it to ``path``;
-    nothing is left behind when ``write`` raises."""
+    nothing is left behind when ``write`` raises. Returns what ``write`` returned."""
     from slimline.core.checkpoint import _replace_dir
 
     target = Path(path)
@@ -216,12 +218,12 @@ def write_atomically(path: str | Path, write: Callable[[Path], None]) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
-        write(tmp)
+        result = write(tmp)
         _replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return target
+    return result
 
 
 def clear(directory: Path) -> None:

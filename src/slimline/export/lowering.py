@@ -77,7 +77,8 @@ class W8A8Graph(nn.Module):
         its operations in its order. Not a ``FakeQuantize``: OpenVINO's rounds ``x / s`` where
         the kernel rounds ``x · m + (z - 128)`` half to even, and the two disagree on ties,
         which real inputs hit (all-MiniLM-L6-v2: cosine 0.992 after six layers)."""
-        assert self.static is not None and self.multiplier is not None
+        if self.static is None or self.multiplier is None:
+            raise RuntimeError("lowering: static activation grid used without its scale")
         scale, zero = self.static
         top = 2**self.bits - 1 - U8_OFFSET
         signed = torch.round(xf * self.multiplier + float(zero - U8_OFFSET))

@@ -92,10 +92,7 @@ def export_onnx(
     tol = Tolerance(atol, min_cosine)
     check_exportable(model)
     external = external_data if external_data is not None else weight_bytes(model) > PROTOBUF_LIMIT
-    report: ExportReport | None = None
-
-    def write(directory: Path) -> None:
-        nonlocal report
+    def write(directory: Path) -> ExportReport:
         graph = GraphForward(model, batch).eval()
         check_eval(graph)
         examples, outputs = references(graph, parity_examples(batch))
@@ -105,11 +102,10 @@ def export_onnx(
         report.path = Path(path)
         describe_source(report, model)
         report.write(directory)
+        return report
 
     with eval_mode(model):
-        write_atomically(path, write)
-    assert report is not None
-    return report
+        return write_atomically(path, write)
 
 
 def check_exportable(model: nn.Module) -> None:

@@ -103,10 +103,7 @@ def export_openvino(
     tol = Tolerance(atol, min_cosine)
     check_convertible(model)
     _openvino()  # ImportError naming the extra, before any work
-    report: ExportReport | None = None
-
-    def write(directory: Path) -> None:
-        nonlocal report
+    def write(directory: Path) -> ExportReport:
         graph = GraphForward(model, batch).eval()
         check_eval(graph)
         # The references come from the model as it runs in torch (its own int8 kernels).
@@ -120,11 +117,10 @@ def export_openvino(
         report.path = Path(path)
         describe_source(report, model)
         report.write(directory)
+        return report
 
     with eval_mode(model):
-        write_atomically(path, write)
-    assert report is not None
-    return report
+        return write_atomically(path, write)
 
 
 @contextlib.contextmanager
