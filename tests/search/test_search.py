@@ -121,6 +121,31 @@ def test_no_feasible_trial_says_so_and_shows_the_closest(tiny_mlp: torch.nn.Modu
     assert "No trial meets the constraints" in (tmp_path / "pareto.md").read_text()
 
 
+def test_trials_pruned_on_the_slice_feed_nsga2s_generations(tiny_mlp: torch.nn.Module,
+                                                            tmp_path: Path) -> None:
+    # Optuna's genetic samplers build populations from COMPLETE trials only: were a pruned
+    # trial stored PRUNED, a search pruning everything would stay in random generation 0.
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    found = _search(tiny_mlp, objectives=["latency", "size", "cosine"],
+                    constraints=["cosine>=1.5"], trials=8, population=2, storage=url,
+                    study="all-pruned")
+    assert [t.state for t in found.trials] == ["pruned"] * 8
+    assert all(t.values is None and t.note and "before timing" in t.note
+               for t in found.trials)
+    stored = optuna.load_study(study_name="all-pruned", storage=url)
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in stored.trials)
+    slice_cosines = [t.figures()[0]["cosine"] for t in found.trials]
+    # the placeholders: the original's latency ratio (1) and size, the slice's cosine
+    size = stored.trials[0].values[1]
+    assert all(t.values[:2] == [1.0, size] for t in stored.trials)
+    assert [t.values[2] for t in stored.trials] == pytest.approx(slice_cosines)
+    assert size == pytest.approx(sum(p.numel() * p.element_size()
+                                     for p in tiny_mlp.parameters()), rel=0.05)
+    sampler = optuna.samplers.NSGAIISampler(population_size=2)
+    assert sampler.get_trial_generation(stored, stored.trials[-1]) >= 2
+    assert not found.pareto and found.closest
+
+
 @pytest.mark.parametrize(("url", "message"), [
     ("s.db", "not a database URL"),
     ("sqlite+nodriver:///x.db", "cannot open"),

@@ -6,6 +6,14 @@ before anything slow is timed) → ``evaluate`` on all the data, the original me
 it in the same call (latency interleaved). The trial's report, recipe and constraint
 violations are stored in the study as user attributes; a trial that raises is recorded as
 failed with its reason, and the study goes on.
+
+A pruned trial is told to Optuna as *complete*, with the violations the slice showed and
+placeholder objective values (the slice's figure for a quality objective, the original's for
+the rest), and slimline reads it back as pruned (``study.records``). Optuna's genetic samplers
+build their populations from complete trials only: a search whose early trials are all
+pruned would otherwise never leave NSGA-II's random first generation. Constrained domination
+(Deb et al. 2002) ranks an infeasible trial against any other by violation alone, so the
+placeholders never make it look better than a measured trial.
 """
 
 from __future__ import annotations
@@ -204,6 +212,7 @@ class _Trial:
                  threads: int | None) -> None:
         self.model, self.plan = model, plan
         self.runs, self.warmup, self.threads = runs, warmup, threads
+        self._original: dict[str, float] = {}
 
     def __call__(self, trial: Any) -> tuple[float, ...]:
         optuna = import_optuna()
@@ -212,7 +221,9 @@ class _Trial:
         trial.set_user_attr("recipe", recipe.to_dict())
         try:
             compressed = self._compress(recipe)
-            slice_report = self._quality_on_slice(trial, compressed)
+            slice_report = self._quality_on_slice(compressed)
+            if isinstance(slice_report, _Broken):
+                return self._pruned(trial, slice_report)
             report = self._measure(compressed, slice_report)
         except optuna.TrialPruned:
             raise
@@ -231,8 +242,9 @@ class _Trial:
         return compress(self.model, recipe, calibration=self.plan.calibration,
                         training=self.plan.training).model
 
-    def _quality_on_slice(self, trial: Any, compressed: nn.Module) -> dict[str, Any] | None:
-        """Quality on the first batches; prune the trial when a quality constraint is broken."""
+    def _quality_on_slice(self, compressed: nn.Module) -> dict[str, Any] | _Broken | None:
+        """Quality on the first batches: the report, or what broke when a quality constraint
+        is already broken there."""
         quality = [m.evaluator_metric for m in self.plan.measured if m.quality]
         if not quality:
             return None
@@ -243,17 +255,34 @@ class _Trial:
             baseline=self.model, runs=1, warmup=0, threads=self.threads)
         figures, baseline = report["models"]["model"], report["models"]["baseline"]
         broken = {c: c.violation(figures, baseline) for c in self.plan.quality_constraints}
-        if any(v > 0 for v in broken.values()):
-            optuna = import_optuna()
-            why = ", ".join(f"{c} (got {c.measured(figures, baseline):.4g})"
-                            for c, v in broken.items() if v > 0)
-            trial.set_user_attr("report", report)
-            trial.set_user_attr("pruned", f"breaks {why} on {self.plan.quality_batches} "
-                                          "batch(es), before timing")
-            trial.set_user_attr("violations", [broken.get(c, 0.0)
-                                               for c in self.plan.constraints])
-            raise optuna.TrialPruned(why)
-        return report
+        if not any(v > 0 for v in broken.values()):
+            return report
+        why = ", ".join(f"{c} (got {c.measured(figures, baseline):.4g})"
+                        for c, v in broken.items() if v > 0)
+        return _Broken(report, why, [broken.get(c, 0.0) for c in self.plan.constraints])
+
+    def _pruned(self, trial: Any, broken: _Broken) -> tuple[float, ...]:
+        """Record a trial pruned on the slice; its placeholder values for the sampler."""
+        trial.set_user_attr("report", broken.report)
+        trial.set_user_attr("pruned", f"breaks {broken.why} on {self.plan.quality_batches} "
+                                      "batch(es), before timing")
+        trial.set_user_attr("violations", broken.violations)
+        figures, baseline = broken.report["models"]["model"], broken.report["models"]["baseline"]
+        return tuple(m.value(figures, baseline) if m.quality else self._original_value(m)
+                     for m in self.plan.objectives)
+
+    def _original_value(self, metric: Metric) -> float:
+        """The original model's value of a non-quality objective (a timing ratio is 1)."""
+        if metric.timing:
+            return 1.0
+        if metric.name not in self._original:
+            from slimline.evaluate import evaluate
+
+            report = evaluate(self.model, self.plan.data[:1], metrics=[metric.evaluator_metric],
+                              runs=1, warmup=0, threads=self.threads)
+            figures = report["models"]["model"]
+            self._original[metric.name] = metric.value(figures, figures)
+        return self._original[metric.name]
 
     def _measure(self, compressed: nn.Module, slice_report: dict[str, Any] | None
                  ) -> dict[str, Any]:
@@ -269,6 +298,15 @@ class _Trial:
             for name in ("model", "baseline"):
                 report["models"][name].update(slice_report["models"][name])
         return dict(report)
+
+
+@dataclass(frozen=True)
+class _Broken:
+    """A trial's slice report that breaks a quality constraint: why, and the violations."""
+
+    report: dict[str, Any]
+    why: str
+    violations: list[float]
 
 
 @contextmanager

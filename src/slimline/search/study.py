@@ -199,6 +199,8 @@ def records(study: optuna.Study) -> list[TrialRecord]:
     for t in study.get_trials(deepcopy=False):
         state = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed"}.get(
             t.state.name, "running")
+        if state == "complete" and "pruned" in t.user_attrs:
+            state = "pruned"  # told complete so that the sampler learns from it (runner.py)
         note = t.user_attrs.get("error") or t.user_attrs.get("pruned")
         if state == "failed" and note is None:
             note = t.system_attrs.get("fail_reason") or (
@@ -206,7 +208,7 @@ def records(study: optuna.Study) -> list[TrialRecord]:
                 "trial was marked failed once its heartbeat went stale")
         out.append(TrialRecord(
             number=t.number, state=state, recipe=t.user_attrs.get("recipe"),
-            values=tuple(t.values) if t.values is not None else None,
+            values=tuple(t.values) if t.values is not None and state == "complete" else None,
             violations=tuple(t.user_attrs.get("violations", ())),
             report=t.user_attrs.get("report"), note=note,
             worker=t.user_attrs.get("worker"), retry_of=t.system_attrs.get("failed_trial"),
