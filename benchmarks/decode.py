@@ -8,15 +8,24 @@ process, each row a fresh copy of the model, runs interleaved A B C … after a 
 - ``int8``: slimline ``rtn`` 8-bit per-channel; ``int4``: ``rtn`` 4-bit groups of 128 (float32
   activations: what a recipe of just ``rtn`` gives); ``int4-half``: ``rtn`` int4 g128 then
   ``half`` (bfloat16 activations). Quantizers take slimline's default targets (every Linear
-  but the output head; ``--quantize-head`` takes the head too).
+  but the output head; ``--quantize-head`` takes the head too);
+- ``llama.cpp-f16`` / ``-q8_0`` / ``-q4_0``: the anchor, llama.cpp through llama-cpp-python on
+  the same float32 weights, written by ``sl.export(format="gguf")`` (cached under
+  ``$SLIMLINE_CACHE/gguf``; ``llama-1b-random`` takes code-llama-tiny's tokenizer, which
+  decode never uses), greedy (top_k 1), the same prompt ids, thread count and token count;
+- ``--speculative MODE``: each slimline row again with a ``speculative`` step appended
+  (greedy output unchanged; ``self`` mode picks its skipped blocks on train batches).
 
 Columns:
 
-- tokens/s: decode tokens per second, ``(new - 1)`` over the time from the first new token to
-  the last (timestamps taken by a stopping criterion at every step of ``generate``), median
-  over runs; prefill: prompt forward + first token, median;
+- tokens/s: decode tokens per second: the tokens added between the first and the last call of
+  a stopping criterion over the time between them (``generate`` calls it once per step, a
+  speculative one once per verified chunk; llama.cpp: a timestamp per yielded token), median
+  over runs; prefill: from the call to that first timestamp (prompt forward and first token;
+  for a speculative row, its first verified chunk), median;
 - bytes/token: weights one decode step reads (``slimline.evaluate.bandwidth``: every stored
-  parameter and buffer, one row of the embedding); bound: best measured streaming-read
+  parameter and buffer, one row of the embedding; llama.cpp: the GGUF's tensor bytes, one
+  row of ``token_embd``); bound: best measured streaming-read
   bandwidth (a 512 MiB ``sum`` at the same thread count) over those bytes; fraction: tokens/s
   over the bound;
 - path: the matmul slimline's quantized layers run at one row (``gemv``: its own kernel);
@@ -37,6 +46,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +78,7 @@ class Variant:
     label: str
     steps: tuple[dict[str, Any], ...] = ()
     cast: torch.dtype | None = None
+    gguf: str | None = None  # a llama.cpp row: the GGUF dtype it runs
 
 
 VARIANTS: dict[str, Variant] = {
@@ -76,17 +87,32 @@ VARIANTS: dict[str, Variant] = {
     "int8": Variant("slimline rtn int8 per-channel (fp32 activations)", (RTN8,)),
     "int4": Variant("slimline rtn int4 g128 (fp32 activations)", (RTN4,)),
     "int4-half": Variant("slimline rtn int4 g128 + half bf16", (RTN4, HALF)),
+    "llama.cpp-f16": Variant("llama.cpp f16", gguf="f16"),
+    "llama.cpp-q8_0": Variant("llama.cpp Q8_0", gguf="q8_0"),
+    "llama.cpp-q4_0": Variant("llama.cpp Q4_0", gguf="q4_0"),
 }
+SPECULATIVE_SUFFIX = "+speculative"
+
+
+@dataclasses.dataclass
+class Row:
+    """A built row: a timed decode of n tokens (prefill seconds, tokens/s), bytes, path."""
+
+    decode: Callable[[int], tuple[float, float]]
+    bytes: int
+    path: str
 
 
 class StepClock:
-    """A stopping criterion that never stops, and notes when each new token was chosen."""
+    """A stopping criterion that never stops, and notes when it was called and at what length."""
 
     def __init__(self) -> None:
         self.times: list[float] = []
+        self.lengths: list[int] = []
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **_: Any) -> torch.Tensor:
         self.times.append(time.perf_counter())
+        self.lengths.append(input_ids.shape[1])
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
@@ -109,18 +135,88 @@ def base_model(args: argparse.Namespace) -> tuple[nn.Module, torch.Tensor]:
     return built.model, ids[:, : args.prompt]
 
 
-def prepare(variant: Variant, model: nn.Module, quantize_head: bool) -> nn.Module:
+def variant_of(row: str) -> tuple[Variant, bool]:
+    """The row's variant, and whether it speculates."""
+    name = row.removesuffix(SPECULATIVE_SUFFIX)
+    return VARIANTS[name], name != row
+
+
+def prepare(row: str, model: nn.Module, args: argparse.Namespace) -> nn.Module:
     """The row's model, made in place from the fresh float32 one."""
+    variant, speculates = variant_of(row)
     if variant.cast is not None:
-        return model.to(variant.cast)
-    if not variant.steps:
-        return model
+        model = model.to(variant.cast)
     steps = [dict(s) for s in variant.steps]
-    if quantize_head:
+    if args.quantize_head:
         for step in steps:
             if step["method"] == "rtn":
                 step["targets"] = {"include": ["*"]}
-    return sl.compress(model, {"steps": steps}, inplace=True).model
+    if speculates:
+        steps.append({"method": "speculative", "mode": args.speculative, "gamma": args.gamma})
+    if not steps:
+        return model
+    return sl.compress(model, {"steps": steps}, calibration=calibration(args),
+                       inplace=True).model
+
+
+def calibration(args: argparse.Namespace) -> list[Any] | None:
+    """Train batches for a speculative ``self`` row (its skipped blocks), else None."""
+    if args.speculative != "self" or args.model == "llama-1b-random":
+        return None
+    from slimline.models import load_builtin
+
+    return load_builtin(args.model).batches("train", batch_size=8, limit=4)
+
+
+def gguf_file(args: argparse.Namespace, dtype: str) -> Path:
+    """The float32 model written as GGUF ``dtype`` by slimline's exporter, cached."""
+    from slimline.models import load_builtin
+    from slimline.models.cache import cache_root
+
+    layers = "" if args.layers is None else f"-{args.layers}layers"
+    directory = cache_root() / "gguf" / f"{args.model}{layers}-{dtype}"
+    if not (directory / "model.gguf").is_file():
+        model, prompt = base_model(args)
+        tokenizer = load_builtin("code-llama-tiny", size="small").tokenizer
+        start = time.perf_counter()
+        sl.export(model, directory, format="gguf", example={"input_ids": prompt[:, :32]},
+                  dtype=dtype, tokenizer=tokenizer)
+        print(f"wrote {directory} in {time.perf_counter() - start:.0f} s", flush=True)
+    return directory / "model.gguf"
+
+
+def gguf_bytes_per_token(file: Path) -> int:
+    """The GGUF's tensor bytes, ``token_embd`` counted one row (as decode_bytes_per_token)."""
+    from gguf import GGUFReader
+
+    total = 0
+    for tensor in GGUFReader(file).tensors:
+        rows = int(tensor.shape[1]) if len(tensor.shape) > 1 else 1
+        total += int(tensor.n_bytes) // rows if tensor.name == "token_embd.weight" else int(tensor.n_bytes)
+    return total
+
+
+def llama_cpp_row(args: argparse.Namespace, dtype: str, prompt: torch.Tensor) -> Row:
+    """A llama.cpp row: the GGUF loaded by llama-cpp-python, greedy from the same prompt ids."""
+    from llama_cpp import Llama
+
+    file = gguf_file(args, dtype)
+    llm = Llama(model_path=str(file), n_ctx=args.prompt + args.new_tokens + 16,
+                n_threads=args.threads, n_threads_batch=args.threads, n_batch=args.prompt,
+                verbose=False)
+    tokens = prompt[0].tolist()
+
+    def decode(n: int) -> tuple[float, float]:
+        llm.reset()  # no prefix reuse: every run evaluates the whole prompt
+        times: list[float] = []
+        start = time.perf_counter()
+        for _ in llm.generate(tokens, top_k=1, temp=0.0, reset=True):
+            times.append(time.perf_counter())
+            if len(times) == n:
+                break
+        return times[0] - start, (len(times) - 1) / (times[-1] - times[0])
+
+    return Row(decode, gguf_bytes_per_token(file), "llama.cpp")
 
 
 def generate_kwargs(model: nn.Module, args: argparse.Namespace, mode: str) -> dict[str, Any]:
@@ -148,10 +244,11 @@ def decode_once(model: nn.Module, prompt: torch.Tensor, kwargs: dict[str, Any]) 
         out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
                              stopping_criteria=[clock], **kwargs)
     new = out.shape[1] - prompt.shape[1]
-    if new != kwargs["max_new_tokens"] or len(clock.times) != new:
-        raise RuntimeError(f"generate made {new} tokens with {len(clock.times)} steps timed")
+    if new != kwargs["max_new_tokens"] or not clock.times or clock.lengths[-1] != out.shape[1]:
+        raise RuntimeError(f"generate made {new} tokens, the clock saw {clock.lengths[-1:]}")
     decode_s = clock.times[-1] - clock.times[0]
-    return clock.times[0] - start, (new - 1) / decode_s if new > 1 else float("nan")
+    made = clock.lengths[-1] - clock.lengths[0]
+    return clock.times[0] - start, made / decode_s if made else float("nan")
 
 
 def decode_paths(model: nn.Module, prompt: torch.Tensor, kwargs: dict[str, Any]) -> str:
@@ -178,28 +275,40 @@ def row_names(args: argparse.Namespace) -> list[tuple[str, str]]:
     unknown = [r for r in rows if r not in VARIANTS] + [m for m in modes if m not in MODES]
     if unknown:
         raise SystemExit(f"unknown rows/modes {unknown}; rows: {list(VARIANTS)}, modes: {list(MODES)}")
-    return [(r, m) for m in modes for r in rows]
+    if args.speculative:
+        rows += [r + SPECULATIVE_SUFFIX for r in rows if VARIANTS[r].gguf is None]
+    out = [(r, m) for m in modes for r in rows if VARIANTS[r].gguf is None]
+    return out + [(r, "llama.cpp") for r in rows if VARIANTS[r].gguf is not None]
+
+
+def build_row(args: argparse.Namespace, row: str, mode: str) -> Row:
+    model, prompt = base_model(args)
+    variant, _ = variant_of(row)
+    if variant.gguf is not None:
+        del model
+        return llama_cpp_row(args, variant.gguf, prompt)
+    model = prepare(row, model, args).eval()
+    kwargs = generate_kwargs(model, args, mode)
+    eager = generate_kwargs(model, args, "dynamic")  # hooks see eager calls only
+    def decode(n: int) -> tuple[float, float]:
+        return decode_once(model, prompt, {**kwargs, "max_new_tokens": n, "min_new_tokens": n})
+
+    return Row(decode, decode_bytes_per_token(model), decode_paths(model, prompt, eager))
 
 
 def measure_rows(args: argparse.Namespace) -> dict[tuple[str, str], dict[str, Any]]:
     """Build every row's model, then time them interleaved."""
-    models: dict[tuple[str, str], tuple[nn.Module, dict[str, Any]]] = {}
+    built: dict[tuple[str, str], Row] = {}
     results: dict[tuple[str, str], dict[str, Any]] = {}
-    prompt = torch.empty(0)
-    for row, mode in row_names(args):
+    for key in row_names(args):
         start = time.perf_counter()
-        model, prompt = base_model(args)
-        model = prepare(VARIANTS[row], model, args.quantize_head).eval()
-        kwargs = generate_kwargs(model, args, mode)
-        models[(row, mode)] = (model, kwargs)
-        eager = generate_kwargs(model, args, "dynamic")  # hooks see eager calls only
-        results[(row, mode)] = {"bytes": decode_bytes_per_token(model),
-                                "path": decode_paths(model, prompt, eager),
-                                "build_s": time.perf_counter() - start, "prefill": [], "tps": []}
-        print(f"built {row} ({mode}) in {results[(row, mode)]['build_s']:.1f} s", flush=True)
+        built[key] = build_row(args, *key)
+        results[key] = {"bytes": built[key].bytes, "path": built[key].path,
+                        "build_s": time.perf_counter() - start, "prefill": [], "tps": []}
+        print(f"built {key[0]} ({key[1]}) in {results[key]['build_s']:.1f} s", flush=True)
     for round_index in range(args.warmup + args.runs):
-        for key, (model, kwargs) in models.items():
-            prefill, tps = decode_once(model, prompt, kwargs)
+        for key, row in built.items():
+            prefill, tps = row.decode(args.new_tokens)
             if round_index >= args.warmup:
                 results[key]["prefill"].append(prefill)
                 results[key]["tps"].append(tps)
@@ -211,7 +320,10 @@ def child_peak(args: argparse.Namespace, row: str, mode: str) -> int | str:
     """Peak RSS of one row's generate, in a process of its own (MEASURING.md, memory)."""
     command = [sys.executable, "-m", "benchmarks.decode", "--child", f"{row}:{mode}",
                "--model", args.model, "--prompt", str(args.prompt), "--new-tokens",
-               str(args.new_tokens), "--threads", str(args.threads)]  # fmt: skip
+               str(args.new_tokens), "--threads", str(args.threads),
+               "--gamma", str(args.gamma)]  # fmt: skip
+    if args.speculative:
+        command += ["--speculative", args.speculative]
     if args.layers is not None:
         command += ["--layers", str(args.layers)]
     if args.quantize_head:
@@ -226,12 +338,10 @@ def child_peak(args: argparse.Namespace, row: str, mode: str) -> int | str:
 
 def run_child(args: argparse.Namespace) -> None:
     row, mode = args.child.split(":")
-    model, prompt = base_model(args)
-    model = prepare(VARIANTS[row], model, args.quantize_head).eval()
-    kwargs = generate_kwargs(model, args, mode)
-    decode_once(model, prompt, {**kwargs, "max_new_tokens": 2, "min_new_tokens": 2})  # warm-up
+    built = build_row(args, row, mode)
+    built.decode(2)  # warm-up
     settle_memory()  # the float32 model this row was made from is gone: hand its heap back
-    peak = peak_rss_during(lambda: decode_once(model, prompt, kwargs))
+    peak = peak_rss_during(lambda: built.decode(args.new_tokens))
     print(json.dumps({"peak_rss": peak.bytes, "method": peak.method}))
 
 
@@ -242,12 +352,15 @@ def table(args: argparse.Namespace, results: dict[tuple[str, str], dict[str, Any
     if peaks:
         header.append("peak RSS MiB")
     base = {m: statistics.median(r["tps"]) for (row, m), r in results.items() if row == "fp32"}
+    base["llama.cpp"] = base.get("dynamic", float("nan"))  # against transformers' own cache
     rows: list[list[Any]] = []
     for (row, mode), r in results.items():
         tps = statistics.median(r["tps"])
         bound = bandwidth_bound(r["bytes"], bandwidth)
         ratio = f"{tps / base[mode]:.2f}" if mode in base else "-"
-        line = [VARIANTS[row].label, mode, f"{tps:.2f}", ratio,
+        variant, speculates = variant_of(row)
+        label = variant.label + (f" + speculative {args.speculative}" if speculates else "")
+        line = [label, mode, f"{tps:.2f}", ratio,
                 f"{1e3 * statistics.median(r['prefill']):.0f}", f"{r['bytes'] / MiB:.0f}",
                 f"{bound:.1f}", f"{tps / bound:.0%}", r["path"]]  # fmt: skip
         if peaks:
@@ -270,6 +383,9 @@ def main() -> None:
     parser.add_argument("--modes", default="dynamic", help=f"comma list of {list(MODES)}")
     parser.add_argument("--quantize-head", action="store_true", help="rtn quantizes the output head too")
     parser.add_argument("--memory", action="store_true", help="peak RSS of each row in a child process")
+    parser.add_argument("--speculative", choices=("prompt_lookup", "self", "draft"), default=None,
+                        help="each slimline row again with this speculative mode")
+    parser.add_argument("--gamma", type=int, default=5, help="speculative draft length")
     parser.add_argument("--bandwidth-mib", type=int, default=512)
     parser.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)

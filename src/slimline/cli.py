@@ -173,6 +173,8 @@ def _parser() -> argparse.ArgumentParser:
     se.add_argument("--runs", type=int, default=5)
     se.add_argument("--worker", type=int, default=0,
                     help="this worker's number among those sharing --study (each its own)")
+    se.add_argument("--no-warm-start", action="store_true",
+                    help="do not start with each method alone at its defaults")
     se.add_argument("--energy-rating", action="store_true",
                     help="measure energy per 1,000 items of the front and rate it 1-5 stars")
     se.set_defaults(run=_search)
@@ -340,6 +342,7 @@ def _search(args: argparse.Namespace) -> int:
                    objectives=args.objectives, constraints=args.constraint, trials=args.trials,
                    storage=args.storage, study=args.study, space=args.space, seed=args.seed,
                    runs=args.runs, worker=args.worker, energy_rating=args.energy_rating,
+                   warm_start=not args.no_warm_start,
                    progress=True)
     written = found.write(args.out)
     _console().print(rich_table(found))

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import slimline.api
+import slimline.core.registry
 from slimline.core.recipe import Recipe
 from slimline.search import SearchResult, TrialRecord, load_search, search
 from slimline.search.result import dominates
@@ -83,6 +84,26 @@ def test_resume_continues_the_same_study(tiny_mlp: torch.nn.Module, tmp_path: Pa
         load_search(url, "nope")
     with pytest.raises(ValueError, match="created with objectives"):
         _search(tiny_mlp, objectives=["size"], trials=1, storage=url, study="r")
+
+
+def test_the_first_trials_are_each_method_alone_once_per_study(tiny_mlp: torch.nn.Module,
+                                                               tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'warm.db'}"
+    found = _search(tiny_mlp, trials=4, storage=url, study="w")
+    methods = [[s["method"] for s in (t.recipe or {})["steps"]] for t in found.trials]
+    assert methods[:2] == [["magnitude"], ["rtn"]]  # prune before quantize: slot order
+    defaults = slimline.core.registry.config_type("magnitude")()
+    assert found.trials[0].recipe["steps"][0]["sparsity"] == defaults.sparsity
+    again = _search(tiny_mlp, trials=2, storage=url, study="w")  # resumed: nothing queued
+    stored = optuna.load_study(study_name="w", storage=url)
+    assert len(again.trials) == 6 and not [
+        t for t in stored.trials if t.state == optuna.trial.TrialState.WAITING]
+    other = _search(tiny_mlp, trials=2, storage=f"sqlite:///{tmp_path / 'w1.db'}", study="w",
+                    worker=1)  # a second worker leaves the queue to worker 0
+    cold = _search(tiny_mlp, trials=2, storage=f"sqlite:///{tmp_path / 'w0.db'}", study="w",
+                   warm_start=False)
+    assert [t.recipe for t in other.trials] != [t.recipe for t in found.trials[:2]]
+    assert [t.recipe for t in cold.trials] != [t.recipe for t in found.trials[:2]]
 
 
 def test_a_crashing_trial_is_recorded_failed_and_the_study_goes_on(

@@ -125,3 +125,24 @@ def test_bad_space_files_are_clear_errors(spec: dict[str, object], message: str)
 def test_a_model_nothing_applies_to_is_an_empty_space_error() -> None:
     with pytest.raises(ValueError, match="search space is empty"):
         build_space(torch.nn.Sequential(torch.nn.ReLU()), calibration=True, training=True)
+
+
+def test_single_methods_are_each_method_alone_at_its_defaults() -> None:
+    space = build_space(_Net(), calibration=True, training=False)
+    singles = space.single_methods()
+    assert len(singles) == len(space.methods)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for params in singles:
+        study.enqueue_trial(params)
+        trial = study.ask()
+        recipe = list(space.sample(trial))
+        study.tell(trial, 0.0)
+        assert len(recipe) == 1, params
+        step = recipe[0]
+        defaults = config_type(step.method)()
+        for field, searchable in (declared_space(type(step)) or {}).items():
+            if searchable.contains(getattr(defaults, field)):  # a default outside is sampled
+                assert getattr(step, field) == getattr(defaults, field), (step.method, field)
+    assert [p[s.config.family.label] for p, s in zip(singles, [
+        m for _, ms in space.slots() for m in ms], strict=True)] == [
+        m.method for _, ms in space.slots() for m in ms]

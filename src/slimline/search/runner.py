@@ -66,6 +66,7 @@ def search(
     worker: int = 0,
     sampler: SamplerName = "nsga2",
     energy_rating: bool = False,
+    warm_start: bool = True,
     progress: bool = False,
 ) -> SearchResult:
     """Search recipes for ``model``: the Pareto front of ``objectives`` under ``constraints``.
@@ -83,7 +84,10 @@ def search(
     "nsga2" (default), or "random" — uniform sampling, to compare a search against.
     ``energy_rating``: afterwards, measure energy per 1,000 items of the original and each
     Pareto recipe together and rate them 1–5 stars (``result.energy``; relative to this
-    front, see ``energy_rating.py``). Everything is checked before the first trial.
+    front, see ``energy_rating.py``). ``warm_start``: the first trials (at most half of
+    ``trials``) try each method alone at its defaults (``Space.single_methods``), queued by
+    worker 0 once per study; NSGA-II's first generation is built from them. Everything is
+    checked before the first trial.
     """
     plan = _plan(model, data, calibration, training, objectives, constraints, trials, space,
                  quality_batches, energy_rating=energy_rating)
@@ -97,6 +101,8 @@ def search(
     found = create_study(db, name, plan.objectives, plan.constraints, seed=seed,
                          population=population or _population(trials), worker=worker,
                          sampler=sampler)
+    if warm_start and worker == 0 and sampler == "nsga2":
+        _enqueue_single_methods(found, plan.space, limit=max(1, trials // 2))
     trial_fn = _Trial(model, plan, runs=runs, warmup=warmup, threads=threads)
     with quiet(optuna), _progress(progress, trials, plan) as callback:
         found.optimize(trial_fn, n_trials=trials, catch=(Exception,), callbacks=[callback],
@@ -198,6 +204,15 @@ def _check_metrics_apply(model: nn.Module, plan: _Plan) -> None:
     quality = [m.evaluator_metric for m in plan.measured if m.quality]
     if quality:
         evaluate(model, plan.data[:1], metrics=quality, baseline=model, runs=1, warmup=0)
+
+
+def _enqueue_single_methods(study: Any, space: Space, *, limit: int) -> None:
+    """Queue each method alone (``Space.single_methods``), at most ``limit``, once per study:
+    a resumed study, or one that already ran trials, queues nothing more."""
+    if study.get_trials(deepcopy=False):
+        return
+    for params in space.single_methods()[:limit]:
+        study.enqueue_trial(params, skip_if_exists=True)
 
 
 def _population(trials: int) -> int:

@@ -86,6 +86,24 @@ class Space:
                 steps.append(next(m for m in candidates if m.method == chosen).sample(trial))
         return Recipe(tuple(steps))
 
+    def single_methods(self) -> list[dict[str, Any]]:
+        """Every candidate alone, at its config's defaults where its ranges hold them, as
+        Optuna parameters (for ``enqueue_trial``): the search's warm start. A method's
+        defaults are its recommended setting; a sampled recipe stacks one method per family,
+        and most such stacks break a tight quality bound (see ``runner.py``)."""
+        out = []
+        for family, candidates in self.slots():
+            for method in candidates:
+                params: dict[str, Any] = {f.label: NONE for f, _ in self.slots()}
+                params[family.label] = method.method
+                defaults = method.config(**method.fixed)
+                for name, searchable in method.ranges.items():
+                    value = getattr(defaults, name)
+                    if searchable.contains(value):
+                        params[f"{method.method}.{name}"] = value
+                out.append(params)
+        return out
+
     def describe(self) -> list[str]:
         lines = [f"{f.label}: " + " | ".join(m.describe() for m in ms) for f, ms in self.slots()]
         lines += [f"left out {name}: {why}" for name, why in sorted(self.excluded.items())]
