@@ -1,0 +1,256 @@
+"""CPU deployment of a sentence encoder: slimline's torch path and runtime backends against
+OpenVINO (+NNCF) and ONNX Runtime, in one process.
+
+Model: the built-in ``minilm`` (all-MiniLM-L6-v2's shapes). Rows, timed interleaved on one
+test batch (``--batch-size`` sentences, padded to the batch's longest):
+
+* torch fp32 eager, and + ``torch.compile`` (inductor);
+* the peers as a user runs them: the fp32 model converted to OpenVINO IR (by ``sl.export``;
+  the same graph a user's ``ov.convert_model`` of a ``torch.export`` program gives), compiled
+  by OpenVINO with the f32 and the bf16 precision hint, and quantized by NNCF's
+  ``nncf.quantize`` (``ModelType.TRANSFORMER``, ``--calib-batches`` train batches); the model
+  exported to ONNX and run by ONNX Runtime, as it is and after ``quantize_dynamic`` (int8
+  weights);
+* slimline recipes: ``compile`` with each backend, ``int8_dynamic`` and ``smoothquant``
+  (dynamic and static activations) + ``compile backend: openvino``, and the named recipes in
+  ``recipes/`` (``--recipes``).
+
+Quality: mean cosine of the mean-pooled embeddings to torch fp32 on ``--batches`` test
+batches. Each runtime gets ``--threads`` threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+import slimline as sl
+from benchmarks.harness import (
+    ROOT,
+    conditions_line,
+    interleaved,
+    markdown_table,
+    print_table,
+    write_section,
+)
+from slimline.core.batches import forward, output_tensor
+from slimline.models import load_builtin
+
+Embed = Callable[[dict[str, torch.Tensor]], torch.Tensor]
+SQ_STATIC = {"method": "smoothquant", "activations": "static", "alpha": None}
+OPENVINO = {"method": "compile", "backend": "openvino"}
+SLIMLINE_ROWS: dict[str, list[dict[str, Any]]] = {
+    "slimline compile (inductor)": [{"method": "compile"}],
+    "slimline compile backend openvino": [OPENVINO],
+    "slimline compile backend onnxruntime": [{"method": "compile", "backend": "onnxruntime"}],
+    "slimline int8_dynamic + compile openvino": [{"method": "int8_dynamic"}, OPENVINO],
+    "slimline smoothquant + compile openvino": [{"method": "smoothquant"}, OPENVINO],
+    "slimline smoothquant static + compile openvino": [SQ_STATIC, OPENVINO],
+}
+
+
+def pooled(hidden: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
+def torch_embed(model: nn.Module) -> Embed:
+    def embed(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        with torch.inference_mode():
+            return output_tensor(forward(model, batch), batch).float()
+
+    return embed
+
+
+def openvino_embed(xml: Path, threads: int, precision: str | None = None,
+                   model: Any | None = None) -> Embed:
+    import openvino as ov
+
+    config: dict[str, Any] = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
+    if precision is not None:
+        config["INFERENCE_PRECISION_HINT"] = precision
+    compiled = ov.Core().compile_model(model if model is not None else str(xml), "CPU", config)
+    request = compiled.create_infer_request()
+    names = [p.get_any_name() for p in compiled.inputs]
+
+    def embed(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        out = request.infer({n: batch[n].numpy() for n in names})
+        return pooled(torch.from_numpy(np.array(out[compiled.outputs[0]])), batch)
+
+    return embed
+
+
+def nncf_int8(xml: Path, calibration: list[dict[str, torch.Tensor]]) -> Any:
+    import nncf
+    import openvino as ov
+
+    model = ov.Core().read_model(str(xml))
+    names = [p.get_any_name() for p in model.inputs]
+    dataset = nncf.Dataset(calibration, lambda b: {n: b[n].numpy() for n in names})
+    return nncf.quantize(model, dataset, model_type=nncf.ModelType.TRANSFORMER,
+                         subset_size=sum(len(b["input_ids"]) for b in calibration))
+
+
+def onnx_embed(file: Path, threads: int) -> Embed:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    session = ort.InferenceSession(str(file), options, providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+
+    def embed(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        out = session.run(None, {n: batch[n].numpy() for n in names})[0]
+        return pooled(torch.from_numpy(out), batch)
+
+    return embed
+
+
+def peers(model: nn.Module, example: dict[str, torch.Tensor], calibration: list[Any],
+          tmp: Path, threads: int) -> dict[str, Embed | str]:
+    """Each peer's embed function, or why it failed (reported in the table)."""
+    out: dict[str, Embed | str] = {}
+    ir = tmp / "ir"
+    sl.export(model, ir, format="openvino", example=example)
+    makers: dict[str, Callable[[], Embed]] = {
+        "OpenVINO fp32": lambda: openvino_embed(ir / "model.xml", threads, "f32"),
+        "OpenVINO bf16 hint": lambda: openvino_embed(ir / "model.xml", threads, "bf16"),
+        "OpenVINO int8 (NNCF PTQ)": lambda: openvino_embed(
+            ir / "model.xml", threads, "f32", model=nncf_int8(ir / "model.xml", calibration)),
+        "ONNX Runtime fp32": lambda: onnx_embed(onnx_file(model, example, tmp), threads),
+        "ONNX Runtime dynamic int8": lambda: onnx_embed(
+            ort_dynamic_int8(onnx_file(model, example, tmp)), threads),
+    }
+    for name, make in makers.items():
+        try:
+            out[name] = make()
+        except Exception as exc:  # a peer's failure is a row that says so
+            out[name] = f"failed: {type(exc).__name__}: {' '.join(str(exc).split())}"[:160]
+    return out
+
+
+def onnx_file(model: nn.Module, example: dict[str, torch.Tensor], tmp: Path) -> Path:
+    directory = tmp / "onnx"
+    if not (directory / "model.onnx").exists():
+        sl.export(model, directory, format="onnx", example=example)
+    return directory / "model.onnx"
+
+
+def ort_dynamic_int8(file: Path) -> Path:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    out = file.with_name("model-int8.onnx")
+    if not out.exists():
+        quantize_dynamic(str(file), str(out), weight_type=QuantType.QInt8)
+    return out
+
+
+def slimline_rows(model: nn.Module, calibration: list[Any], recipes: list[Path]
+                  ) -> dict[str, Embed | str]:
+    out: dict[str, Embed | str] = {}
+    named = {f"recipes/{p.name}": p for p in recipes}
+    for name, steps in {**SLIMLINE_ROWS, **named}.items():
+        try:
+            recipe = steps if isinstance(steps, Path) else {"steps": steps}
+            out[name] = torch_embed(sl.compress(model, recipe, calibration=calibration).model)
+        except Exception as exc:
+            out[name] = f"failed: {type(exc).__name__}: {' '.join(str(exc).split())}"[:160]
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", default="1,2", help="comma list: one table per count")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batches", type=int, default=4, help="held-out batches for cosine")
+    parser.add_argument("--calib-batches", type=int, default=4)
+    parser.add_argument("--runs", type=int, default=11)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--recipes", default="encoder-cpu-lossless,encoder-cpu-fast",
+                        help="named recipes from recipes/ (comma list, '' for none)")
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+    built = load_builtin("minilm")
+    model = built.model
+    data = built.batches("test", batch_size=args.batch_size, limit=args.batches)
+    calibration = built.batches("train", batch_size=args.batch_size, limit=args.calib_batches)
+    recipes = [ROOT / "recipes" / f"{n}.yaml" for n in args.recipes.split(",") if n]
+    parts = []
+    for threads in [int(t) for t in args.threads.split(",")]:
+        torch.set_num_threads(threads)
+        with tempfile.TemporaryDirectory() as tmp:
+            rows: dict[str, Embed | str] = {"torch fp32 eager": torch_embed(model)}
+            rows.update(peers(model, data[0], calibration, Path(tmp), threads))
+            rows.update(slimline_rows(model, calibration, recipes))
+            parts.append(measure(rows, data, threads, args))
+    body = (conditions_line(int(args.threads.split(",")[-1]), batch_size=args.batch_size,
+                            timing_seq_len=data[0]["input_ids"].shape[1], runs=args.runs,
+                            warmup=args.warmup,
+                            cosine_sentences=sum(len(b["input_ids"]) for b in data))
+            + f". {versions()}.\n\n" + "\n\n".join(parts))
+    print(body)
+    if not args.no_write:
+        write_section("cpu-deploy", "CPU deployment: minilm against OpenVINO (+NNCF) and ONNX "
+                      "Runtime", body)
+
+
+def measure(rows: dict[str, Embed | str], data: list[Any], threads: int,
+            args: argparse.Namespace) -> str:
+    reference = [torch_embed_reference(rows["torch fp32 eager"], b) for b in data]
+    cosines: dict[str, float] = {}
+    live: dict[str, Embed] = {}
+    for name, embed in rows.items():
+        if isinstance(embed, str):
+            continue
+        try:
+            outs = [embed(b) for b in data]  # warms up (exports, compiles) on every shape
+        except Exception as exc:
+            rows[name] = f"failed: {type(exc).__name__}: {' '.join(str(exc).split())}"[:160]
+            continue
+        cos = [torch.nn.functional.cosine_similarity(o, r, dim=-1)
+               for o, r in zip(outs, reference, strict=True)]
+        cosines[name], live[name] = float(torch.cat(cos).mean()), embed
+    batch = data[0]
+    timings = interleaved({n: (lambda e=e: e(batch)) for n, e in live.items()},
+                          runs=args.runs, warmup=args.warmup)
+    base = timings["torch fp32 eager"].median_ms
+    header = ["variant", "latency ms (median)", "p95 ms", "× torch fp32 speed", "cosine"]
+    table = []
+    for name, embed in rows.items():
+        if name not in timings:
+            table.append([name, "-", "-", "-", str(embed)])
+            continue
+        t = timings[name]
+        table.append([name, f"{t.median_ms:.1f}", f"{t.p95_ms:.1f}",
+                      f"{base / t.median_ms:.2f}", f"{cosines[name]:.5f}"])
+    print_table(f"minilm, {threads} thread(s)", header, table)
+    return f"**{threads} thread(s)**\n\n" + markdown_table(header, table)
+
+
+def torch_embed_reference(embed: Embed | str, batch: Any) -> torch.Tensor:
+    if isinstance(embed, str):
+        raise RuntimeError(f"torch fp32 eager {embed}")
+    return embed(batch)
+
+
+def versions() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = []
+    for package in ("openvino", "nncf", "onnxruntime", "transformers"):
+        try:
+            found.append(f"{package} {version(package)}")
+        except PackageNotFoundError:
+            found.append(f"{package} not installed")
+    return ", ".join(found)
+
+
+if __name__ == "__main__":
+    main()
