@@ -414,7 +414,8 @@ def main() -> None:
              f" (medians {medians} GB/s, before and after the rows); the bound divides it by each row's weight bytes per token.\n")
     print(notes)
     if not args.no_write:
-        write_section("decode", title, notes + "\n" + markdown_table(header, rows))
+        write_section(f"decode-{args.model}-{args.threads}t", f"{title}, {args.threads} thread(s)",
+                      notes + "\n" + markdown_table(header, rows))
 
 
 if __name__ == "__main__":

@@ -86,7 +86,8 @@ def search(
     Pareto recipe together and rate them 1–5 stars (``result.energy``; relative to this
     front, see ``energy_rating.py``). ``warm_start``: the first trials (at most half of
     ``trials``) try each method alone at its defaults (``Space.single_methods``), queued by
-    worker 0 once per study; NSGA-II's first generation is built from them. Everything is
+    worker 0 once per study; NSGA-II's first generation is built from them (``False``: the
+    sampler's own first trials, e.g. plain random search). Everything is
     checked before the first trial.
     """
     plan = _plan(model, data, calibration, training, objectives, constraints, trials, space,
@@ -101,7 +102,7 @@ def search(
     found = create_study(db, name, plan.objectives, plan.constraints, seed=seed,
                          population=population or _population(trials), worker=worker,
                          sampler=sampler)
-    if warm_start and worker == 0 and sampler == "nsga2":
+    if warm_start and worker == 0:
         _enqueue_single_methods(found, plan.space, limit=max(1, trials // 2))
     trial_fn = _Trial(model, plan, runs=runs, warmup=warmup, threads=threads)
     with quiet(optuna), _progress(progress, trials, plan) as callback:
