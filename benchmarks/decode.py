@@ -277,8 +277,8 @@ def row_names(args: argparse.Namespace) -> list[tuple[str, str]]:
         raise SystemExit(f"unknown rows/modes {unknown}; rows: {list(VARIANTS)}, modes: {list(MODES)}")
     if args.speculative:
         rows += [r + SPECULATIVE_SUFFIX for r in rows if VARIANTS[r].gguf is None]
-    out = [(r, m) for m in modes for r in rows if VARIANTS[r].gguf is None]
-    return out + [(r, "llama.cpp") for r in rows if VARIANTS[r].gguf is not None]
+    out = [(r, m) for m in modes for r in rows if variant_of(r)[0].gguf is None]
+    return out + [(r, "llama.cpp") for r in rows if variant_of(r)[0].gguf is not None]
 
 
 def build_row(args: argparse.Namespace, row: str, mode: str) -> Row:
