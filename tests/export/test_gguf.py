@@ -127,7 +127,7 @@ def test_tokenizer_and_metadata_read_back(tmp_path, code_llama):
     vocab = built.tokenizer.get_vocab()
     assert field("tokenizer.ggml.tokens") == sorted(vocab, key=vocab.__getitem__)
     assert field("tokenizer.ggml.merges") == [" ".join(m) for m in spec["model"]["merges"]]
-    assert (field("tokenizer.ggml.model"), field("tokenizer.ggml.pre")) == ("gpt2", "gpt2")
+    assert (field("tokenizer.ggml.model"), field("tokenizer.ggml.pre")) == ("gpt2", "gpt-2")
     assert field("tokenizer.ggml.eos_token_id") == built.tokenizer.eos_token_id
     assert field("tokenizer.ggml.padding_token_id") == built.tokenizer.pad_token_id
     types = field("tokenizer.ggml.token_type")

@@ -55,3 +55,15 @@ def test_llama_cpp_runs_the_file_to_the_models_logits(tmp_path, tiny_llama, toke
     assert theirs.shape == ours.shape
     assert np.abs(theirs - ours).max() <= atol
     assert (theirs.argmax(-1) == ours.argmax(-1)).mean() >= 0.9
+
+
+def test_llama_cpp_tokenizes_as_the_hugging_face_tokenizer(tmp_path, tiny_llama, token_batches):
+    tokenizer = _tokenizer()
+    sl.export(tiny_llama, tmp_path / "out", format="gguf", example=token_batches[0],
+              dtype="f16", tokenizer=tokenizer)
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "out" / MODEL_FILE), n_ctx=64,
+                          vocab_only=True, verbose=False)
+    for text in ["def add_7(x, y):\n    return x * 259 + y\n", "return  x\t* 3", "y = x + 1"]:
+        ours = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == ours, text
+        assert llm.detokenize(ours).decode() == tokenizer.decode(ours)

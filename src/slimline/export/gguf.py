@@ -58,6 +58,9 @@ if TYPE_CHECKING:
 
 GgufDtype = Literal["f32", "f16", "q8_0", "q4_0"]
 MODEL_FILE = "model.gguf"
+# llama.cpp's name for GPT-2's byte-level split (llama-vocab.cpp matches "gpt-2"; "gpt2" is
+# its tokenizer *model* name, and as a pre-tokenizer it fails to load: "unknown pre-tokenizer").
+PRE_TOKENIZER = "gpt-2"
 # Default parity per dtype, against the float model. Measured on code-llama-tiny (small, logits
 # up to 7.3), as max abs diff of the logits' scale / 1 - cosine: f32 0 / 0 (the same floats);
 # f16 3e-4 / 6e-9; q8_0 8e-3 / 1.6e-6; q4_0 3.5e-2 / 3.3e-5. The defaults leave ~4x margin;
@@ -157,7 +160,7 @@ def _write_file(gguf: Any, model: nn.Module, config: Any, vocab: Vocab, file: Pa
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return {"dtype": dtype, "architecture": "llama", "tokenizer_pre": "gpt2",
+    return {"dtype": dtype, "architecture": "llama", "tokenizer_pre": PRE_TOKENIZER,
             "vocab": len(vocab.tokens), "merges": len(vocab.merges), **written}
 
 
@@ -180,7 +183,7 @@ def _write_metadata(gguf: Any, writer: Any, config: Any, vocab: Vocab, dtype: st
     writer.add_file_type(int(getattr(gguf.LlamaFileType, file_types[dtype])))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt2")
+    writer.add_tokenizer_pre(PRE_TOKENIZER)
     writer.add_token_list(vocab.tokens)
     writer.add_token_types(vocab.types)
     writer.add_token_merges(vocab.merges)

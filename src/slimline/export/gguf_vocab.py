@@ -4,7 +4,7 @@ llama.cpp's own converter recognises a BPE pre-tokenizer by hashing what it make
 text and refuses one it has not seen ("BPE pre-tokenizer was not recognized"), which a locally
 trained tokenizer never is. slimline reads the pre-tokenizer from ``tokenizer.json`` instead: a
 ``ByteLevel`` pre-tokenizer with its regex on is GPT-2's split, which llama.cpp knows as
-``tokenizer.ggml.pre = "gpt2"``. Anything else is refused by name rather than guessed.
+``tokenizer.ggml.pre = "gpt-2"``. Anything else is refused by name rather than guessed.
 """
 
 from __future__ import annotations
