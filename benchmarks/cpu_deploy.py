@@ -158,7 +158,7 @@ def slimline_rows(model: nn.Module, calibration: list[Any], recipes: list[Path]
     named = {f"recipes/{p.name}": p for p in recipes}
     for name, steps in {**SLIMLINE_ROWS, **named}.items():
         try:
-            recipe = steps if isinstance(steps, Path) else {"steps": steps}
+            recipe = sl.Recipe.from_file(steps) if isinstance(steps, Path) else {"steps": steps}
             out[name] = torch_embed(sl.compress(model, recipe, calibration=calibration).model)
         except Exception as exc:
             out[name] = f"failed: {type(exc).__name__}: {' '.join(str(exc).split())}"[:160]
