@@ -173,7 +173,7 @@ def main() -> None:
     parser.add_argument("--calib-batches", type=int, default=4)
     parser.add_argument("--runs", type=int, default=11)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--recipes", default="encoder-cpu-lossless,encoder-cpu-fast",
+    parser.add_argument("--recipes", default="encoder-cpu-lossless",
                         help="named recipes from recipes/ (comma list, '' for none)")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
