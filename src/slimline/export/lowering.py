@@ -22,11 +22,12 @@ Layers are swapped only for the time of the export (:func:`lowered`), and given 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
 
+from slimline.export.parity import ATOL
 from slimline.quantize.kernels_int8 import U8_OFFSET
 from slimline.quantize.w8a8 import Int8DynamicLinear, SmoothQuantLinear
 
@@ -94,6 +95,39 @@ def _per_token_grid(xf: torch.Tensor, bits: int) -> torch.Tensor:
     zero = torch.round(-lo / scale) + 1.0
     signed = torch.round(xf * scale.reciprocal() + (zero - U8_OFFSET))  # u - 128
     return (signed + (U8_OFFSET - zero)) * scale
+
+
+def check_lowering(model: nn.Module, run: Callable[[], object]) -> None:
+    """Each W8A8 layer of ``model`` against its :class:`W8A8Graph` on the input it receives
+    in ``run()`` (teacher-forced: the same input to both, so that no rounding flip upstream
+    can reach it): ValueError when one differs by more than float32 rounding (a relative
+    ``atol`` of :data:`~slimline.export.parity.ATOL`). This is what holds a W8A8 export to
+    exactness layer by layer, whose end-to-end parity is loosened to the model's own
+    rounding sensitivity (:func:`slimline.export.parity.within_rounding`)."""
+    inputs: dict[str, torch.Tensor] = {}
+
+    def keep(name: str) -> Callable[..., None]:
+        def hook(_: nn.Module, args: tuple[torch.Tensor, ...], __: object) -> None:
+            inputs.setdefault(name, args[0].detach())
+        return hook
+
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, Int8DynamicLinear)}
+    handles = [m.register_forward_hook(keep(n)) for n, m in layers.items()]
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    for name, x in inputs.items():
+        with torch.no_grad():
+            want, got = layers[name](x).float(), W8A8Graph(layers[name])(x).float()
+        scale = max(1.0, float(want.abs().max()))
+        diff = float((want - got).abs().max())
+        if diff > ATOL * scale:
+            raise ValueError(f"export: W8A8 layer {name!r} written in standard operators differs "
+                             f"from its kernel by {diff:.3g} (scale {scale:.3g}) on the same "
+                             "input: a lowering fault, please report it")
 
 
 @contextlib.contextmanager

@@ -32,7 +32,8 @@ class Tolerance:
     float32 sums rounds some near-tie values the other way, and the flips add up over layers —
     all-MiniLM-L6-v2 under ``int8_dynamic`` moves to cosine 0.9986 (max abs 0.17) of itself
     when its embeddings change by 1e-6 relative, and its OpenVINO export lands at 0.998. Such
-    an export needs a tolerance chosen, and stated, by its user."""
+    an export is held to a tolerance measured on the model itself (:func:`within_rounding`),
+    or to a looser one its user chooses."""
 
     atol: float = ATOL
     min_cosine: float = MIN_COSINE
@@ -48,6 +49,11 @@ class Tolerance:
 
 
 STRICT = Tolerance()
+
+
+def loosest(tols: list[Tolerance]) -> Tolerance:
+    """The widest of ``tols``: largest ``atol``, smallest ``min_cosine``."""
+    return Tolerance(max(t.atol for t in tols), min(t.min_cosine for t in tols))
 
 
 @dataclass(frozen=True)
@@ -93,11 +99,51 @@ def compare_batch(
     torch model's answer is arbitrary (a fully masked attention row is NaN in one runtime,
     zero in another) and no caller reads it."""
     shape = list(batch_tensors(batch)[0].shape)
+    return compare(*_real_tokens(reference, exported, batch), shape, tol)
+
+
+def _real_tokens(
+    reference: torch.Tensor, exported: torch.Tensor, batch: Batch
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both outputs at ``batch``'s real tokens, when they are per token; else as they are."""
     mask = token_mask(batch)
     if mask is not None and tuple(reference.shape[:2]) == tuple(mask.shape) \
             and tuple(exported.shape) == tuple(reference.shape):
-        reference, exported = reference[mask], exported[mask]
-    return compare(reference, exported, shape, tol)
+        return reference[mask], exported[mask]
+    return reference, exported
+
+
+# How far past a W8A8 model's own rounding sensitivity an export may land (see
+# :func:`within_rounding`): two float orders of the same arithmetic diverge by a cascade of
+# near-tie flips whose size varies between orders. all-MiniLM-L6-v2 under int8_dynamic,
+# OpenVINO 2026.4 against torch 2.13's kernels: 1 - cos of 1.14-1.34x that of the torch
+# lowering on the four parity batches (1.57e-3 against 1.34e-3 on the example).
+ROUNDING_SPREAD = 2.0
+
+
+def within_rounding(
+    reference: torch.Tensor, reordered: torch.Tensor, batch: Batch, base: Tolerance = STRICT
+) -> tuple[Tolerance, ParityCheck]:
+    """The tolerance an export of a W8A8 model is held to on ``batch``, and the measurement it
+    is derived from.
+
+    A W8A8 layer rounds its activations to a grid, so a change of float32 association (a
+    runtime fusing or reordering sums) flips the rounding of the rare near-tie value; through
+    attention every later token and layer sees the flip, and the divergence grows with depth
+    to the size of the quantization noise itself (all-MiniLM-L6-v2 under ``int8_dynamic``:
+    cosine 0.9992 between its torch kernels and the same layers written in standard
+    operators, at 3e-7 per layer). ``reordered`` is the torch model computed in another float
+    order (``export/lowering.py``'s layers): the export must stay within
+    :data:`ROUNDING_SPREAD` times that divergence, and never stricter than ``base``. Where
+    the rounding cannot cascade (a single token: no attention across positions) the two
+    agree to float32 rounding and the tolerance stays ``base``: every operator is still
+    checked to float precision there."""
+    seen = compare_batch(reference, reordered, batch, base)
+    ref = _real_tokens(reference, reordered, batch)[0]
+    scale = max(1.0, float(ref.abs().max())) if ref.numel() else 1.0
+    atol = max(base.atol, ROUNDING_SPREAD * seen.max_abs_diff / scale)
+    min_cosine = min(base.min_cosine, 1.0 - ROUNDING_SPREAD * (1.0 - seen.cosine))
+    return Tolerance(atol, max(-1.0, min_cosine)), seen
 
 
 def parity_examples(batch: Batch) -> list[Batch]:
