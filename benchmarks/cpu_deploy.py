@@ -11,9 +11,11 @@ test batch (``--batch-size`` sentences, padded to the batch's longest):
   ``nncf.quantize`` (``ModelType.TRANSFORMER``, ``--calib-batches`` train batches); the model
   exported to ONNX and run by ONNX Runtime, as it is and after ``quantize_dynamic`` (int8
   weights);
-* slimline recipes: ``compile`` with each backend, ``int8_dynamic`` and ``smoothquant``
-  (dynamic and static activations) + ``compile backend: openvino``, and the named recipes in
-  ``recipes/`` (``--recipes``).
+* torchao's int8 dynamic-activation, int8-weight quantization + ``torch.compile``;
+* slimline recipes: ``compile`` with each backend (inductor also with ``freezing``),
+  ``int8_dynamic`` and static ``smoothquant`` in torch (eager and + inductor), ``int8_dynamic``
+  and ``smoothquant`` (dynamic and static activations) + ``compile backend: openvino``, and the
+  named recipes in ``recipes/`` (``--recipes``).
 
 Quality: mean cosine of the mean-pooled embeddings to torch fp32 on ``--batches`` test
 batches. Each runtime gets ``--threads`` threads.
@@ -22,6 +24,7 @@ batches. Each runtime gets ``--threads`` threads.
 from __future__ import annotations
 
 import argparse
+import copy
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -46,8 +49,15 @@ from slimline.models import load_builtin
 Embed = Callable[[dict[str, torch.Tensor]], torch.Tensor]
 SQ_STATIC = {"method": "smoothquant", "activations": "static", "alpha": None}
 OPENVINO = {"method": "compile", "backend": "openvino"}
+INDUCTOR = {"method": "compile"}
 SLIMLINE_ROWS: dict[str, list[dict[str, Any]]] = {
-    "slimline compile (inductor)": [{"method": "compile"}],
+    "slimline compile (inductor)": [INDUCTOR],
+    "slimline compile (inductor, freezing)": [{"method": "compile", "freezing": True}],
+    "slimline int8_dynamic + compile": [{"method": "int8_dynamic"}, INDUCTOR],
+    "slimline int8_dynamic + compile freezing": [{"method": "int8_dynamic"},
+                                                 {"method": "compile", "freezing": True}],
+    "slimline smoothquant static (eager)": [SQ_STATIC],
+    "slimline smoothquant static + compile": [SQ_STATIC, INDUCTOR],
     "slimline compile backend openvino": [OPENVINO],
     "slimline compile backend onnxruntime": [{"method": "compile", "backend": "onnxruntime"}],
     "slimline int8_dynamic + compile openvino": [{"method": "int8_dynamic"}, OPENVINO],
@@ -127,6 +137,7 @@ def peers(model: nn.Module, example: dict[str, torch.Tensor], calibration: list[
         "ONNX Runtime fp32": lambda: onnx_embed(onnx_file(model, example, tmp), threads),
         "ONNX Runtime dynamic int8": lambda: onnx_embed(
             ort_dynamic_int8(onnx_file(model, example, tmp)), threads),
+        "torchao int8 dynamic + compile": lambda: torch_embed(torchao_int8_dynamic(model)),
     }
     for name, make in makers.items():
         try:
@@ -134,6 +145,15 @@ def peers(model: nn.Module, example: dict[str, torch.Tensor], calibration: list[
         except Exception as exc:  # a peer's failure is a row that says so
             out[name] = f"failed: {type(exc).__name__}: {' '.join(str(exc).split())}"[:160]
     return out
+
+
+def torchao_int8_dynamic(model: nn.Module) -> nn.Module:
+    """torchao's W8A8 (int8 weights per channel, activations per token) + torch.compile."""
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+    peer = copy.deepcopy(model)
+    quantize_(peer, Int8DynamicActivationInt8WeightConfig())
+    return torch.compile(peer)
 
 
 def onnx_file(model: nn.Module, example: dict[str, torch.Tensor], tmp: Path) -> Path:
@@ -173,10 +193,13 @@ def main() -> None:
     parser.add_argument("--calib-batches", type=int, default=4)
     parser.add_argument("--runs", type=int, default=11)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--recipes", default="encoder-cpu-lossless",
+    parser.add_argument("--recipes", default="encoder-cpu-lossless,encoder-cpu-fast",
                         help="named recipes from recipes/ (comma list, '' for none)")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
+    # Every compiled row is the same transformers forward under another backend callable:
+    # dynamo's default limit of 8 recompilations would run the later rows eager, silently.
+    torch._dynamo.config.recompile_limit = 256
     built = load_builtin("minilm")
     model = built.model
     data = built.batches("test", batch_size=args.batch_size, limit=args.batches)
@@ -189,7 +212,7 @@ def main() -> None:
             rows: dict[str, Embed | str] = {"torch fp32 eager": torch_embed(model)}
             rows.update(peers(model, data[0], calibration, Path(tmp), threads))
             rows.update(slimline_rows(model, calibration, recipes))
-            parts.append(measure(rows, data, threads, args))
+            parts.append(measure(model, rows, data, threads, args))
     body = (conditions_line(int(args.threads.split(",")[-1]), batch_size=args.batch_size,
                             timing_seq_len=data[0]["input_ids"].shape[1], runs=args.runs,
                             warmup=args.warmup,
@@ -201,9 +224,9 @@ def main() -> None:
                       "Runtime", body)
 
 
-def measure(rows: dict[str, Embed | str], data: list[Any], threads: int,
+def measure(model: nn.Module, rows: dict[str, Embed | str], data: list[Any], threads: int,
             args: argparse.Namespace) -> str:
-    reference = [torch_embed_reference(rows["torch fp32 eager"], b) for b in data]
+    reference = [torch_embed(model)(b) for b in data]
     cosines: dict[str, float] = {}
     live: dict[str, Embed] = {}
     for name, embed in rows.items():
@@ -234,17 +257,11 @@ def measure(rows: dict[str, Embed | str], data: list[Any], threads: int,
     return f"**{threads} thread(s)**\n\n" + markdown_table(header, table)
 
 
-def torch_embed_reference(embed: Embed | str, batch: Any) -> torch.Tensor:
-    if isinstance(embed, str):
-        raise RuntimeError(f"torch fp32 eager {embed}")
-    return embed(batch)
-
-
 def versions() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     found = []
-    for package in ("openvino", "nncf", "onnxruntime", "transformers"):
+    for package in ("openvino", "nncf", "onnxruntime", "torchao", "transformers"):
         try:
             found.append(f"{package} {version(package)}")
         except PackageNotFoundError:
