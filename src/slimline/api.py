@@ -51,7 +51,7 @@ class CompressResult:
 
 def compress(
     model: nn.Module,
-    recipe: Recipe | dict[str, Any] | Sequence[MethodConfig],
+    recipe: Recipe | dict[str, Any] | Sequence[MethodConfig] | Sequence[dict[str, Any]],
     *,
     calibration: Iterable[object] | None = None,
     training: Iterable[object] | None = None,
@@ -59,6 +59,7 @@ def compress(
     progress: bool = False,
 ) -> CompressResult:
     """Apply ``recipe`` to ``model``; the input model is copied unless ``inplace=True``.
+    ``recipe``: a :class:`Recipe`, a recipe file's dict, its list of steps (dicts), or configs.
 
     Everything that can be checked is checked before the model is touched: the recipe
     (fields, order), calibration data when a step needs it (and NaN/inf in it), NaN/inf in
@@ -104,12 +105,16 @@ def _original(model: nn.Module, recipe: Recipe, inplace: bool) -> nn.Module | No
     return original
 
 
-def _as_recipe(recipe: Recipe | dict[str, Any] | Sequence[MethodConfig]) -> Recipe:
+def _as_recipe(
+    recipe: Recipe | dict[str, Any] | Sequence[MethodConfig] | Sequence[dict[str, Any]],
+) -> Recipe:
     if isinstance(recipe, Recipe):
         return recipe
     if isinstance(recipe, dict):
         return Recipe.from_dict(recipe)
     if isinstance(recipe, (list, tuple)):
+        if recipe and all(isinstance(step, dict) for step in recipe):
+            return Recipe.from_dict({"steps": list(recipe)})  # the steps of a recipe file
         return Recipe(tuple(recipe))
     kind = type(recipe).__name__
     raise TypeError(f"recipe must be a Recipe, a dict or a list of configs, got {kind}")

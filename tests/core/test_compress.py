@@ -99,3 +99,13 @@ def test_missing_calibration_named(tiny_mlp) -> None:
     finally:
         registry._HANDLERS.pop(NeedsDataConfig)
         registry._BY_NAME.pop("needs_data_test")
+
+
+def test_a_list_of_step_dicts_is_a_recipe(tiny_mlp) -> None:
+    steps = [{"method": "magnitude", "sparsity": 0.5}]
+    from_list = sl.compress(tiny_mlp, steps).model
+    from_dict = sl.compress(tiny_mlp, {"steps": steps}).model
+    for a, b in zip(from_list.state_dict().values(), from_dict.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="sparsity"):
+        sl.compress(tiny_mlp, [{"method": "magnitude", "sparsity": 2.0}])
