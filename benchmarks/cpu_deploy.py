@@ -1,8 +1,9 @@
-"""CPU deployment of a sentence encoder: slimline's torch path and runtime backends against
-OpenVINO (+NNCF) and ONNX Runtime, in one process.
+"""CPU deployment: slimline's torch path and runtime backends against OpenVINO (+NNCF), ONNX
+Runtime and torchao, in one process.
 
-Model: the built-in ``minilm`` (all-MiniLM-L6-v2's shapes). Rows, timed interleaved on one
-test batch (``--batch-size`` sentences, padded to the batch's longest):
+Models (``--model``): the built-in ``minilm`` (all-MiniLM-L6-v2's shapes; 32 sentences a batch,
+padded to the batch's longest), ``digits-cnn`` (64 images) and ``code-llama-tiny`` (prefill:
+batch 1 × 256 tokens). Rows, timed interleaved on one test batch:
 
 * torch fp32 eager, and + ``torch.compile`` (inductor);
 * the peers as a user runs them: the fp32 model converted to OpenVINO IR (by ``sl.export``;
@@ -17,8 +18,8 @@ test batch (``--batch-size`` sentences, padded to the batch's longest):
   and ``smoothquant`` (dynamic and static activations) + ``compile backend: openvino``, and the
   named recipes in ``recipes/`` (``--recipes``).
 
-Quality: mean cosine of the mean-pooled embeddings to torch fp32 on ``--batches`` test
-batches. Each runtime gets ``--threads`` threads.
+Quality: mean cosine to torch fp32 on ``--batches`` test batches (an encoder's mean-pooled
+embeddings, a classifier's or a causal LM's logits). Each runtime gets ``--threads`` threads.
 """
 
 from __future__ import annotations
@@ -46,6 +47,14 @@ from benchmarks.harness import (
 from slimline.core.batches import forward, output_tensor
 from slimline.models import load_builtin
 
+# Batch sizes: a sentence encoder's batch, an image classifier's, a causal LM's prefill.
+BATCH_SIZE = {"minilm": 32, "digits-cnn": 64, "code-llama-tiny": 1}
+RECIPES = {"minilm": "encoder-cpu-lossless,encoder-cpu-fast"}
+QUALITY = {
+    "minilm": "mean cosine of the mean-pooled embeddings to torch fp32",
+    "digits-cnn": "mean cosine of the logits to torch fp32",
+    "code-llama-tiny": "mean cosine of each position's logits to torch fp32",
+}
 Embed = Callable[[dict[str, torch.Tensor]], torch.Tensor]
 SQ_STATIC = {"method": "smoothquant", "activations": "static", "alpha": None}
 OPENVINO = {"method": "compile", "backend": "openvino"}
@@ -66,9 +75,13 @@ SLIMLINE_ROWS: dict[str, list[dict[str, Any]]] = {
 }
 
 
-def pooled(hidden: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+def answer(out: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A runtime's first output as the torch rows give it (``output_tensor``): an encoder's
+    hidden states (B, T, C) mean-pooled over the real tokens, logits as they are."""
+    if out.dim() == 3 and "token_type_ids" in batch:  # BERT-like: last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).to(out.dtype)
+        return (out * mask).sum(1) / mask.sum(1).clamp(min=1)
+    return out
 
 
 def torch_embed(model: nn.Module) -> Embed:
@@ -92,20 +105,21 @@ def openvino_embed(xml: Path, threads: int, precision: str | None = None,
 
     def embed(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         out = request.infer({n: batch[n].numpy() for n in names})
-        return pooled(torch.from_numpy(np.array(out[compiled.outputs[0]])), batch)
+        return answer(torch.from_numpy(np.array(out[compiled.outputs[0]])), batch)
 
     return embed
 
 
-def nncf_int8(xml: Path, calibration: list[dict[str, torch.Tensor]]) -> Any:
+def nncf_int8(xml: Path, calibration: list[dict[str, torch.Tensor]], transformer: bool) -> Any:
     import nncf
     import openvino as ov
 
     model = ov.Core().read_model(str(xml))
     names = [p.get_any_name() for p in model.inputs]
     dataset = nncf.Dataset(calibration, lambda b: {n: b[n].numpy() for n in names})
-    return nncf.quantize(model, dataset, model_type=nncf.ModelType.TRANSFORMER,
-                         subset_size=sum(len(b["input_ids"]) for b in calibration))
+    kind = nncf.ModelType.TRANSFORMER if transformer else None
+    return nncf.quantize(model, dataset, model_type=kind,
+                         subset_size=sum(len(next(iter(b.values()))) for b in calibration))
 
 
 def onnx_embed(file: Path, threads: int) -> Embed:
@@ -118,7 +132,7 @@ def onnx_embed(file: Path, threads: int) -> Embed:
 
     def embed(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         out = session.run(None, {n: batch[n].numpy() for n in names})[0]
-        return pooled(torch.from_numpy(out), batch)
+        return answer(torch.from_numpy(out), batch)
 
     return embed
 
@@ -133,7 +147,8 @@ def peers(model: nn.Module, example: dict[str, torch.Tensor], calibration: list[
         "OpenVINO fp32": lambda: openvino_embed(ir / "model.xml", threads, "f32"),
         "OpenVINO bf16 hint": lambda: openvino_embed(ir / "model.xml", threads, "bf16"),
         "OpenVINO int8 (NNCF PTQ)": lambda: openvino_embed(
-            ir / "model.xml", threads, "f32", model=nncf_int8(ir / "model.xml", calibration)),
+            ir / "model.xml", threads, "f32",
+            model=nncf_int8(ir / "model.xml", calibration, "input_ids" in example)),
         "ONNX Runtime fp32": lambda: onnx_embed(onnx_file(model, example, tmp), threads),
         "ONNX Runtime dynamic int8": lambda: onnx_embed(
             ort_dynamic_int8(onnx_file(model, example, tmp)), threads),
@@ -188,23 +203,29 @@ def slimline_rows(model: nn.Module, calibration: list[Any], recipes: list[Path]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", default="1,2", help="comma list: one table per count")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--model", default="minilm", choices=sorted(BATCH_SIZE))
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="default: 32 sentences (minilm), 64 images, 1 × 256 tokens")
     parser.add_argument("--batches", type=int, default=4, help="held-out batches for cosine")
     parser.add_argument("--calib-batches", type=int, default=4)
     parser.add_argument("--runs", type=int, default=11)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--recipes", default="encoder-cpu-lossless,encoder-cpu-fast",
-                        help="named recipes from recipes/ (comma list, '' for none)")
+    parser.add_argument("--recipes", default=None,
+                        help="named recipes from recipes/ (comma list, '' for none; default: "
+                             "the encoder recipes for minilm)")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     # Every compiled row is the same transformers forward under another backend callable:
     # dynamo's default limit of 8 recompilations would run the later rows eager, silently.
     torch._dynamo.config.recompile_limit = 256
-    built = load_builtin("minilm")
+    built = load_builtin(args.model)
     model = built.model
-    data = built.batches("test", batch_size=args.batch_size, limit=args.batches)
-    calibration = built.batches("train", batch_size=args.batch_size, limit=args.calib_batches)
-    recipes = [ROOT / "recipes" / f"{n}.yaml" for n in args.recipes.split(",") if n]
+    size = args.batch_size or BATCH_SIZE[args.model]
+    data = [inputs(b) for b in built.batches("test", batch_size=size, limit=args.batches)]
+    calibration = [inputs(b) for b in
+                   built.batches("train", batch_size=size, limit=args.calib_batches)]
+    names = args.recipes if args.recipes is not None else RECIPES.get(args.model, "")
+    recipes = [ROOT / "recipes" / f"{n}.yaml" for n in names.split(",") if n]
     parts = []
     for threads in [int(t) for t in args.threads.split(",")]:
         torch.set_num_threads(threads)
@@ -213,15 +234,21 @@ def main() -> None:
             rows.update(peers(model, data[0], calibration, Path(tmp), threads))
             rows.update(slimline_rows(model, calibration, recipes))
             parts.append(measure(model, rows, data, threads, args))
-    body = (conditions_line(int(args.threads.split(",")[-1]), batch_size=args.batch_size,
-                            timing_seq_len=data[0]["input_ids"].shape[1], runs=args.runs,
-                            warmup=args.warmup,
-                            cosine_sentences=sum(len(b["input_ids"]) for b in data))
-            + f". {versions()}.\n\n" + "\n\n".join(parts))
+    first = next(iter(data[0].values()))
+    body = (conditions_line(int(args.threads.split(",")[-1]), batch_size=size,
+                            input_shape="×".join(map(str, first.shape)), runs=args.runs,
+                            warmup=args.warmup, cosine_samples=sum(len(next(iter(b.values()))) for b in data))
+            + f". {versions()}. Quality: {QUALITY[args.model]}.\n\n" + "\n\n".join(parts))
     print(body)
     if not args.no_write:
-        write_section("cpu-deploy", "CPU deployment: minilm against OpenVINO (+NNCF) and ONNX "
-                      "Runtime", body)
+        section = "cpu-deploy" if args.model == "minilm" else f"cpu-deploy-{args.model}"
+        write_section(section, f"CPU deployment: {args.model} against OpenVINO (+NNCF), ONNX "
+                      "Runtime and torchao", body)
+
+
+def inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A test batch as a deployed model gets it: its inputs, without labels."""
+    return {k: v for k, v in batch.items() if k != "labels"}
 
 
 def measure(model: nn.Module, rows: dict[str, Embed | str], data: list[Any], threads: int,
@@ -253,7 +280,7 @@ def measure(model: nn.Module, rows: dict[str, Embed | str], data: list[Any], thr
         t = timings[name]
         table.append([name, f"{t.median_ms:.1f}", f"{t.p95_ms:.1f}",
                       f"{base / t.median_ms:.2f}", f"{cosines[name]:.5f}"])
-    print_table(f"minilm, {threads} thread(s)", header, table)
+    print_table(f"{args.model}, {threads} thread(s)", header, table)
     return f"**{threads} thread(s)**\n\n" + markdown_table(header, table)
 
 

@@ -86,3 +86,23 @@ def test_w8a8_export_records_its_rounding_tolerance_and_stays_strict_on_one_toke
         assert r["min_cosine"] == pytest.approx(
             min(STRICT.min_cosine, 1 - ROUNDING_SPREAD * (1 - r["torch_lowered_cosine"])))
     assert report.passed
+
+
+def test_jittered_moves_the_rounded_inputs_reproducibly_and_only_inside_the_block() -> None:
+    from slimline.export.lowering import jittered, lowered
+
+    calibration = [_tokens(2, 16, seed=s) for s in range(2)]
+    model = sl.compress(_bert(), {"steps": [{"method": "int8_dynamic"}]},
+                        calibration=calibration).model.eval()
+    batch = _tokens(4, 14, seed=3)
+    with torch.no_grad(), lowered(model):
+        plain = model(**batch).last_hidden_state
+        with jittered(model, 1e-2):  # large enough to flip roundings on a tiny model
+            first = model(**batch).last_hidden_state
+        with jittered(model, 1e-2):
+            again = model(**batch).last_hidden_state
+        after = model(**batch).last_hidden_state
+        graphs = [m for m in model.modules() if isinstance(m, W8A8Graph)]
+    assert torch.equal(first, again) and torch.equal(plain, after)
+    assert not torch.equal(first, plain)
+    assert len(graphs) == 12 and all(m.noise is None and m.jitter == 0 for m in graphs)

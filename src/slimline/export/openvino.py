@@ -48,7 +48,7 @@ from slimline.export.graph import (
     tensors,
     write_atomically,
 )
-from slimline.export.lowering import check_lowering, lowered
+from slimline.export.lowering import check_lowering, jittered, lowered
 from slimline.export.parity import (
     ATOL,
     MIN_COSINE,
@@ -138,10 +138,12 @@ def _tolerances(
 ) -> tuple[list[Tolerance], list[dict[str, Any]]]:
     """Each example's tolerance: ``tol``, or for a model with lowered W8A8 layers (called
     inside :func:`lowered`) the one :func:`within_rounding` derives from the torch model run
-    through the lowered layers, with that measurement for the report."""
+    through the lowered layers with their inputs :func:`jittered` (a runtime's float rounding,
+    modelled), with that measurement for the report."""
     if not lowered:
         return [tol] * len(examples), []
-    _, reordered = references(graph, examples)
+    with jittered(graph):
+        _, reordered = references(graph, examples)
     tols, rounding = [], []
     for batch, reference, other in zip(examples, outputs, reordered, strict=True):
         limit, seen = within_rounding(reference, other, batch, tol)
