@@ -44,7 +44,7 @@ from benchmarks.harness import (
     print_table,
     write_section,
 )
-from slimline.core.batches import forward, output_tensor
+from slimline.core.batches import forward, mean_pool, output_tensor
 from slimline.models import load_builtin
 
 # Batch sizes: a sentence encoder's batch, an image classifier's, a causal LM's prefill.
@@ -79,8 +79,7 @@ def answer(out: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """A runtime's first output as the torch rows give it (``output_tensor``): an encoder's
     hidden states (B, T, C) mean-pooled over the real tokens, logits as they are."""
     if out.dim() == 3 and "token_type_ids" in batch:  # BERT-like: last_hidden_state
-        mask = batch["attention_mask"].unsqueeze(-1).to(out.dtype)
-        return (out * mask).sum(1) / mask.sum(1).clamp(min=1)
+        return mean_pool(out, batch["attention_mask"])
     return out
 
 
@@ -119,7 +118,7 @@ def nncf_int8(xml: Path, calibration: list[dict[str, torch.Tensor]], transformer
     dataset = nncf.Dataset(calibration, lambda b: {n: b[n].numpy() for n in names})
     kind = nncf.ModelType.TRANSFORMER if transformer else None
     return nncf.quantize(model, dataset, model_type=kind,
-                         subset_size=sum(len(next(iter(b.values()))) for b in calibration))
+                         subset_size=sum(len(rows_of(b)) for b in calibration))
 
 
 def onnx_embed(file: Path, threads: int) -> Embed:
@@ -234,16 +233,21 @@ def main() -> None:
             rows.update(peers(model, data[0], calibration, Path(tmp), threads))
             rows.update(slimline_rows(model, calibration, recipes))
             parts.append(measure(model, rows, data, threads, args))
-    first = next(iter(data[0].values()))
     body = (conditions_line(int(args.threads.split(",")[-1]), batch_size=size,
-                            input_shape="×".join(map(str, first.shape)), runs=args.runs,
-                            warmup=args.warmup, cosine_samples=sum(len(next(iter(b.values()))) for b in data))
+                            input_shape="×".join(map(str, rows_of(data[0]).shape)),
+                            runs=args.runs, warmup=args.warmup,
+                            cosine_samples=sum(len(rows_of(b)) for b in data))
             + f". {versions()}. Quality: {QUALITY[args.model]}.\n\n" + "\n\n".join(parts))
     print(body)
     if not args.no_write:
         section = "cpu-deploy" if args.model == "minilm" else f"cpu-deploy-{args.model}"
         write_section(section, f"CPU deployment: {args.model} against OpenVINO (+NNCF), ONNX "
                       "Runtime and torchao", body)
+
+
+def rows_of(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The batch's first input (its rows are the samples)."""
+    return next(iter(batch.values()))
 
 
 def inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

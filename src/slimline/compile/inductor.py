@@ -79,10 +79,8 @@ def apply_compile(model: nn.Module, cfg: CompileConfig, ctx: StepContext) -> Ste
         return StepOutcome(modules=[""], notes=[
             f"run by {cfg.backend}: exported on the first batch of each input signature, "
             "checked against the eager model"])
-    if cfg.freezing:
-        model.compile(backend="inductor", options={"freezing": True}, dynamic=cfg.dynamic,
-                      fullgraph=cfg.fullgraph)
-    else:
-        model.compile(backend="inductor", mode=cfg.mode, dynamic=cfg.dynamic,
-                      fullgraph=cfg.fullgraph)
+    # torch.compile takes a mode or inductor options (check() refuses both).
+    mode, options = (None, {"freezing": True}) if cfg.freezing else (cfg.mode, None)
+    model.compile(backend="inductor", mode=mode, options=options, dynamic=cfg.dynamic,
+                  fullgraph=cfg.fullgraph)
     return StepOutcome(modules=[""], notes=["compiled lazily: the first forward pays for it"])

@@ -110,11 +110,11 @@ def check_lowering(model: nn.Module, run: Callable[[], object]) -> None:
     ``atol`` of :data:`~slimline.export.parity.ATOL`). This is what holds a W8A8 export to
     exactness layer by layer, whose end-to-end parity is loosened to the model's own
     rounding sensitivity (:func:`slimline.export.parity.within_rounding`)."""
-    inputs: dict[str, torch.Tensor] = {}
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # name -> (input, kernel output)
 
     def keep(name: str) -> Callable[..., None]:
-        def hook(_: nn.Module, args: tuple[torch.Tensor, ...], __: object) -> None:
-            inputs.setdefault(name, args[0].detach())
+        def hook(_: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+            seen.setdefault(name, (args[0].detach(), out.detach()))
         return hook
 
     layers = {n: m for n, m in model.named_modules() if isinstance(m, Int8DynamicLinear)}
@@ -125,9 +125,9 @@ def check_lowering(model: nn.Module, run: Callable[[], object]) -> None:
     finally:
         for handle in handles:
             handle.remove()
-    for name, x in inputs.items():
+    for name, (x, kernel) in seen.items():
         with torch.no_grad():
-            want, got = layers[name](x).float(), W8A8Graph(layers[name])(x).float()
+            want, got = kernel.float(), W8A8Graph(layers[name])(x).float()
         scale = max(1.0, float(want.abs().max()))
         diff = float((want - got).abs().max())
         if diff > ATOL * scale:

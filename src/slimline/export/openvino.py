@@ -71,9 +71,9 @@ BIN_FILE = "model.bin"
 _ROUNDING_HINT = (
     ". The model has W8A8 layers, whose activation rounding flips at near-ties when a runtime "
     f"reorders float sums; each check above was already loosened to {ROUNDING_SPREAD:g}x the "
-    "divergence of the "
-    "torch model computed in another float order (report details: w8a8_rounding). To accept "
-    "more, pass min_cosine (--min-cosine) and atol with the agreement you accept"
+    "divergence of the torch model run as another runtime would round (report details: "
+    "w8a8_rounding). To accept more, pass min_cosine (--min-cosine) and atol with the "
+    "agreement you accept"
 )
 
 UNCONVERTIBLE: dict[str, str] = {
