@@ -243,6 +243,7 @@ def apply_distill(model: nn.Module, cfg: DistillConfig, ctx: StepContext) -> Ste
         f"{len(held)} held out",
         f"{len(losses)} steps, total loss ({kind} output term + weighted hidden/task terms) "
         f"{losses[0]:.4g} → {losses[-1]:.4g}",
+        *cfg.ranks_note(),
     ]
     return StepOutcome(modules=modules, notes=notes)
 
@@ -334,7 +335,6 @@ def _train(
             p.requires_grad_(False)
         for p in params.values():
             p.requires_grad_(True)
-        masks.mask_gradients()
         model.eval()  # no dropout: the student learns a deterministic teacher
         recompute = gradient_checkpointing(model, cfg.checkpointing, field="distill.checkpointing")
         with torch.enable_grad(), recompute:
@@ -342,6 +342,7 @@ def _train(
                 groups, step_loss, len(train), steps=cfg.steps, seed=cfg.seed, name="distill",
                 progress=ctx.progress, options=cfg.loop_options(),
                 evaluate=evaluate if held else None, after_step=masks.reapply,
+                before_update=masks.mask_gradients, model=model,
                 tokens=lambda i: count_tokens(train[i]),
             )  # fmt: skip
     except BaseException:
@@ -350,7 +351,6 @@ def _train(
                 p.copy_(saved[n])
         raise
     finally:
-        masks.remove()
         for p, flag in flags.items():
             p.requires_grad_(flag)
         model.train(was_training)

@@ -17,9 +17,9 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
 from slimline.core.targets import is_linear_like
+from slimline.train.sharding import local, shard_like
 
 
 def is_quantized_layer(module: nn.Module) -> bool:
@@ -59,34 +59,43 @@ def trainable_parameters(
 
 
 class SparsityMasks:
-    """The zero patterns of the trained Linear-like weights, kept exact through training."""
+    """The zero patterns of the trained Linear-like weights, kept exact through training.
+
+    The weights are looked up on their modules at each use, so that the masks follow them
+    when the loop shards the model (FSDP2: the weight is then a DTensor and each rank masks
+    its own shard)."""
 
     def __init__(self, model: nn.Module, trained: dict[str, nn.Parameter]) -> None:
         ids = {id(p) for p in trained.values()}
-        self.masks: list[tuple[nn.Parameter, torch.Tensor]] = []
+        self.masks: list[tuple[nn.Module, torch.Tensor]] = []
         for module in model.modules():
             weight = getattr(module, "weight", None)
             if is_linear_like(module) and isinstance(weight, nn.Parameter) and id(weight) in ids:
                 zeros = weight.detach() == 0
                 if bool(zeros.any()):
-                    self.masks.append((weight, zeros))
-        self.handles: list[RemovableHandle] = []
+                    self.masks.append((module, zeros))
 
     def __len__(self) -> int:
         return len(self.masks)
 
+    @torch.no_grad()
     def mask_gradients(self) -> None:
-        """Zero the gradient of pruned weights (before DDP reduces it)."""
-        for p, zeros in self.masks:
-            self.handles.append(p.register_hook(lambda g, z=zeros: g.masked_fill(z, 0)))
+        """Zero the gradients of the pruned weights (the loop's ``before_update``: after the
+        gradients are averaged over the ranks, before clipping and the optimizer step)."""
+        for module, zeros in self.masks:
+            grad = _weight(module).grad
+            if grad is not None:
+                local(grad).masked_fill_(local(shard_like(zeros, grad)), 0)
 
     @torch.no_grad()
     def reapply(self, _step: int = 0) -> None:
         """Write the zeros again (after each optimizer step)."""
-        for p, zeros in self.masks:
-            p.masked_fill_(zeros, 0)
+        for module, zeros in self.masks:
+            weight = _weight(module)
+            local(weight).masked_fill_(local(shard_like(zeros, weight)), 0)
 
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles.clear()
+
+def _weight(module: nn.Module) -> torch.Tensor:
+    weight = module.weight
+    assert isinstance(weight, torch.Tensor)
+    return weight

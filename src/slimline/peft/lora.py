@@ -331,7 +331,7 @@ def train_adapters(
         return train_loop(groups, lambda i: lora_loss(model, batches[i]), len(batches),
                           steps=cfg.steps, seed=cfg.seed, name="lora", progress=progress,
                           options=cfg.loop_options(), evaluate=evaluate if held else None,
-                          tokens=lambda i: count_tokens(batches[i]))  # fmt: skip
+                          tokens=lambda i: count_tokens(batches[i]), model=model)  # fmt: skip
 
 
 @register(LoraConfig)
@@ -367,7 +367,7 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, ctx: StepContext) -> StepOutco
              f"{', rslora' if cfg.rslora else ''}: "
              f"{sum(p.numel() for p in adapter_parameters(model))} adapter parameters",
              f"{len(losses)} steps on {len(train)} batches, {len(held)} held out, task loss "
-             f"{losses[0]:.4g} → {losses[-1]:.4g}"]  # fmt: skip
+             f"{losses[0]:.4g} → {losses[-1]:.4g}", *cfg.ranks_note()]  # fmt: skip
     if cfg.merge:
         # A plain model again: its layers train as before. Merging goes layer by layer, each
         # merged layer computing what its adapter did, so a failure midway (out of memory)

@@ -312,7 +312,8 @@ def train_qat(
         return output_loss("mse", answer, target.answer, mask)
 
     return train_loop(groups, step_loss, len(batches), steps=cfg.steps, seed=cfg.seed,
-                      name="qat", lr_fields="lr / scale_lr", progress=progress)  # fmt: skip
+                      name="qat", lr_fields="lr / scale_lr", progress=progress,
+                      model=model)  # fmt: skip
 
 
 @contextmanager

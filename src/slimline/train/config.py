@@ -13,7 +13,7 @@ from typing import ClassVar
 
 from slimline.core.config import MethodConfig
 from slimline.core.families import Family
-from slimline.train.options import LoopOptions, OptimizerName
+from slimline.train.options import LoopOptions, OptimizerName, ShardingName
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -50,6 +50,9 @@ class TrainingConfig(MethodConfig):
     # Resumable checkpoint directory, written every ``checkpoint_every`` steps.
     checkpoint_dir: str | None = None
     checkpoint_every: int = 0
+    # Under torchrun: "ddp" (a whole copy per rank) or "fsdp" (parameters, gradients and
+    # optimizer state sharded over the ranks with torch's fully_shard).
+    sharding: ShardingName = "ddp"
 
     def check(self) -> None:
         super().check()
@@ -70,6 +73,19 @@ class TrainingConfig(MethodConfig):
         except ValueError as exc:
             field_name, _, message = str(exc).partition(": ")
             self.fail(field_name, message)
+
+    def ranks_note(self) -> list[str]:
+        """The note of a run under torchrun (the ranks and how the model was held); none in
+        one process."""
+        from slimline.train.loop import world
+
+        size = world()[1]
+        if size == 1:
+            return []
+        held = ("sharded over the ranks (FSDP2)" if self.sharding == "fsdp"
+                else "whole on each rank (DDP)")  # fmt: skip
+        return [f"{size} processes, the model {held}, global batch {size * self.accumulation} "
+                "micro-batches a step"]
 
     def loop_options(self) -> LoopOptions:
         """The loop's options from these fields (checkpoints every step when only a

@@ -18,8 +18,11 @@ any random state in the checkpoint; the caller's random state (CPU and CUDA) is 
 The loss reported, and the held-out loss that decides early stopping, are averaged over the
 ranks, so every rank takes the same decisions.
 
-Not done: FSDP2 (``fully_shard``) sharding; DDP keeps a full copy of the trained parameters
-on every rank, which suits the recovery steps' model sizes.
+With ``sharding="fsdp"`` the model is sharded over the ranks instead (FSDP2, torch's
+``fully_shard``; :mod:`slimline.train.sharding`) for the run and handed back whole: the same
+batches, the same averaged gradients, a memory share of 1/W per rank. Checkpoints then gather
+every shard (all ranks) and rank 0 writes the whole tensors, so a run resumes under either
+sharding and any number of ranks with the same global batch.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from tqdm.auto import tqdm
 from slimline.train.options import LoopOptions
 from slimline.train.precision import MasterWeights, autocast
 from slimline.train.resume import LoopState, load_state, save_state
+from slimline.train.sharding import Sharded, clip_gradients, full, shard_like
 
 
 def world() -> tuple[int, int]:
@@ -153,6 +157,8 @@ def train_loop(
     evaluate: Callable[[], float] | None = None,
     after_step: Callable[[int], None] | None = None,
     tokens: Callable[[int], int] | None = None,
+    model: nn.Module | None = None,
+    before_update: Callable[[], None] | None = None,
 ) -> list[float]:
     """Run ``steps`` optimizer steps on ``param_groups``; returns the loss of each step.
 
@@ -163,17 +169,55 @@ def train_loop(
     is the held-out loss (every ``options.eval_every`` steps, and before the first: the
     best evaluated parameters are kept); ``after_step(t)`` runs after each optimizer step;
     ``tokens(i)`` counts batch ``i``'s tokens for the progress bar's tokens/s.
+    ``model`` is the module ``step_loss`` runs (needed by ``sharding="fsdp"``, which shards
+    it for the run); ``before_update()`` runs after the gradients are complete and averaged,
+    before clipping and the optimizer step (e.g. to zero the gradients of pruned weights).
     """
     opts = options or LoopOptions()
-    rank, size = world()
+    size = world()[1]
     groups = [dict(g) for g in param_groups]
-    params = [p for g in groups for p in g["params"]]
-    if not params:
+    if not any(True for g in groups for _ in g["params"]):
         raise ValueError(f"{name}: nothing to train (no parameter requires gradients)")
+    if opts.sharding == "fsdp" and size > 1:
+        if model is None:
+            raise ValueError(f"{name}: sharding 'fsdp' needs the model the loss runs")
+        sharded = Sharded(model, groups)
+        try:
+            return _train(sharded.groups, step_loss, n_batches, steps=steps, seed=seed, name=name,
+                          lr_fields=lr_fields, progress=progress, opts=opts, evaluate=evaluate,
+                          after_step=after_step, tokens=tokens, before_update=before_update,
+                          sharded=sharded)  # fmt: skip
+        finally:
+            sharded.close()
+    return _train(groups, step_loss, n_batches, steps=steps, seed=seed, name=name,
+                  lr_fields=lr_fields, progress=progress, opts=opts, evaluate=evaluate,
+                  after_step=after_step, tokens=tokens, before_update=before_update)  # fmt: skip
+
+
+def _train(
+    groups: list[dict[str, Any]],
+    step_loss: Callable[[int], torch.Tensor],
+    n_batches: int,
+    *,
+    steps: int,
+    seed: int,
+    name: str,
+    lr_fields: str,
+    progress: bool,
+    opts: LoopOptions,
+    evaluate: Callable[[], float] | None,
+    after_step: Callable[[int], None] | None,
+    tokens: Callable[[int], int] | None,
+    before_update: Callable[[], None] | None,
+    sharded: Sharded | None = None,
+) -> list[float]:
+    """:func:`train_loop` on ``groups`` (sharded ones when ``sharded``)."""
+    rank, size = world()
+    params = [p for g in groups for p in g["params"]]
     module = _Trained(params, step_loss)
     # DDP broadcasts rank 0's parameters on construction and all-reduces the gradients.
     engine: nn.Module = module
-    if size > 1:
+    if size > 1 and sharded is None:
         engine = nn.parallel.DistributedDataParallel(module, find_unused_parameters=True)
     masters = MasterWeights(groups) if opts.master_weights else None
     trained = [p for g in (masters.groups if masters else groups) for p in g["params"]]
@@ -185,9 +229,10 @@ def train_loop(
            "global_micro_batches": opts.accumulation * size,
            "shapes": [list(p.shape) for p in params]}  # fmt: skip
     with seeded_steps(params) as reseed:
-        state = _start(opts, run, trained, optimizer, schedule, masters)
+        state = _start(opts, run, trained, optimizer, schedule, masters, sharded is not None)
         runner = _Runner(engine, params, trained, optimizer, schedule, masters, opts, name,
-                         lr_fields, reseed=lambda t: reseed(step_seed(seed, rank, t)))  # fmt: skip
+                         lr_fields, reseed=lambda t: reseed(step_seed(seed, rank, t)),
+                         sharded=sharded, before_update=before_update)  # fmt: skip
         if evaluate is not None and state.step == 0 and state.best_params is None:
             runner.reseed(-1)
             runner.evaluate(evaluate, state)
@@ -206,11 +251,13 @@ def _start(
     optimizer: torch.optim.Optimizer,
     schedule: torch.optim.lr_scheduler.LRScheduler,
     masters: MasterWeights | None,
+    sharded: bool,
 ) -> LoopState:
     """A fresh state, or the one in ``opts.checkpoint_dir`` with parameters restored."""
     if not opts.checkpoint_dir:
         return LoopState()
-    resumed = load_state(opts.checkpoint_dir, run, trained, optimizer)
+    resumed = load_state(opts.checkpoint_dir, run, trained, optimizer,
+                         place=shard_like if sharded else lambda v, _: v)  # fmt: skip
     _check_ranks_agree(opts.checkpoint_dir, -1 if resumed is None else resumed.step)
     if resumed is None:
         return LoopState()
@@ -269,7 +316,10 @@ def _run(
             due = opts.checkpoint_every and (state.step % opts.checkpoint_every == 0
                                              or state.step == steps or state.stopped)  # fmt: skip
             if opts.checkpoint_dir and due:
-                if rank == 0:
+                if runner.sharded is not None:  # every rank gathers, rank 0 writes
+                    save_state(opts.checkpoint_dir, run, runner.trained, runner.optimizer, state,
+                               whole=full, write=rank == 0)  # fmt: skip
+                elif rank == 0:
                     save_state(opts.checkpoint_dir, run, runner.trained, runner.optimizer, state)
                 if size > 1:  # no rank runs ahead of a checkpoint that may yet fail to write
                     dist.barrier()
@@ -304,8 +354,11 @@ class _Runner:
         lr_fields: str,
         *,
         reseed: Callable[[int], None],
+        sharded: Sharded | None = None,
+        before_update: Callable[[], None] | None = None,
     ) -> None:
         self.engine, self.params, self.trained = engine, params, trained
+        self.sharded, self.before_update = sharded, before_update
         self.optimizer, self.schedule, self.masters = optimizer, schedule, masters
         self.opts, self.name, self.lr_fields = opts, name, lr_fields
         self.reseed = reseed  # the random state of step t (-1: before the first)
@@ -326,9 +379,15 @@ class _Runner:
         if not math.isfinite(value):  # every rank sees it, nothing was updated yet
             raise ValueError(f"{self.name}: the loss became {value} at step {t}; "
                              f"lower {self.lr_fields}")  # fmt: skip
+        if self.sharded is not None:
+            self.sharded.average_extras()
+        if self.before_update is not None:
+            self.before_update()
         if self.masters is not None:
             self.masters.gradients_to_masters()
-        if self.opts.max_grad_norm is not None:
+        if self.opts.max_grad_norm is not None and self.sharded is not None:
+            clip_gradients(self.trained, self.opts.max_grad_norm)
+        elif self.opts.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.trained, self.opts.max_grad_norm)
         self.optimizer.step()
         self.schedule.step()

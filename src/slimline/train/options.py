@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 OptimizerName = Literal["adamw", "adam", "sgd"]
+ShardingName = Literal["ddp", "fsdp"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -42,6 +43,9 @@ class LoopOptions:
     # every ``checkpoint_every`` steps by rank 0; a run started on it resumes from it.
     checkpoint_dir: str | None = None
     checkpoint_every: int = 0
+    # Under torchrun: "ddp" keeps the whole model on every rank and averages gradients;
+    # "fsdp" shards parameters, gradients and optimizer state over the ranks (FSDP2).
+    sharding: ShardingName = "ddp"
 
     def __post_init__(self) -> None:
         for name in ("warmup", "eval_every", "patience", "checkpoint_every"):
@@ -53,5 +57,7 @@ class LoopOptions:
             raise ValueError(f"weight_decay: must be a finite number ≥ 0, got {self.weight_decay}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0.0:
             raise ValueError(f"max_grad_norm: must be > 0, got {self.max_grad_norm}")
+        if self.sharding not in ("ddp", "fsdp"):
+            raise ValueError(f"sharding: must be 'ddp' or 'fsdp', got {self.sharding!r}")
         if self.patience and not self.eval_every:
             raise ValueError("patience: early stopping needs eval_every > 0")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 STATE_FILE = "train_state.safetensors"
+
+
+def _same(value: torch.Tensor, *_: torch.Tensor) -> torch.Tensor:
+    return value
 
 
 @dataclass
@@ -42,20 +47,29 @@ def save_state(
     params: list[torch.Tensor],
     optimizer: torch.optim.Optimizer,
     state: LoopState,
+    *,
+    whole: Callable[[torch.Tensor], torch.Tensor] = _same,
+    write: bool = True,
 ) -> Path:
-    """Write the checkpoint of ``state`` atomically into ``directory``; returns its path."""
+    """Write the checkpoint of ``state`` atomically into ``directory``; returns its path.
+
+    ``whole(t)`` is the whole value of a sharded tensor (a collective under FSDP: every rank
+    calls this, and only the one with ``write`` writes)."""
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
     for i, p in enumerate(params):
-        tensors[f"param.{i}"] = p.detach().contiguous().cpu()
+        tensors[f"param.{i}"] = whole(p.detach()).contiguous().cpu()
     for i, per_param in optimizer.state_dict()["state"].items():
         for key, value in per_param.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"opt.{i}.{key}"] = value.detach().contiguous().cpu()
+                tensors[f"opt.{i}.{key}"] = whole(value.detach()).contiguous().cpu()
             else:
                 scalars.setdefault(str(i), {})[key] = value
     for i, p in enumerate(state.best_params or []):
-        tensors[f"best.{i}"] = p.contiguous().cpu()
+        tensors[f"best.{i}"] = whole(p).contiguous().cpu()
+    path = Path(directory)
+    if not write:
+        return path / STATE_FILE
     meta = {
         "run": run,
         "step": state.step,
@@ -66,7 +80,6 @@ def save_state(
         "lrs": [g["lr"] for g in optimizer.param_groups],
         "optimizer_scalars": scalars,
     }
-    path = Path(directory)
     path.mkdir(parents=True, exist_ok=True)
     tmp = path / f".{STATE_FILE}.tmp"
     save_file(tensors, str(tmp), metadata={"state": json.dumps(meta)})
@@ -79,9 +92,12 @@ def load_state(
     run: dict[str, Any],
     params: list[torch.Tensor],
     optimizer: torch.optim.Optimizer,
+    *,
+    place: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = _same,
 ) -> LoopState | None:
     """Restore ``params`` and ``optimizer`` from ``directory``'s checkpoint; the loop state,
-    or None when there is none. ValueError when it belongs to another run."""
+    or None when there is none. ValueError when it belongs to another run. ``place(value,
+    p)`` lays a whole saved value out as parameter ``p`` is (its shard under FSDP)."""
     file = Path(directory) / STATE_FILE
     if not file.is_file():
         return None
@@ -94,11 +110,11 @@ def load_state(
     tensors = load_file(str(file))
     with torch.no_grad():
         for i, p in enumerate(params):
-            p.copy_(tensors[f"param.{i}"])
-    _load_optimizer(optimizer, tensors, meta)
+            p.copy_(place(tensors[f"param.{i}"], p))
+    _load_optimizer(optimizer, tensors, meta, place)
     best = None
     if "best.0" in tensors:
-        best = [tensors[f"best.{i}"].to(p.device) for i, p in enumerate(params)]
+        best = [place(tensors[f"best.{i}"].to(p.device), p) for i, p in enumerate(params)]
     return LoopState(
         step=int(meta["step"]),
         losses=[float(x) for x in meta["losses"]],
@@ -121,7 +137,10 @@ def _metadata(file: Path) -> dict[str, Any]:
 
 
 def _load_optimizer(
-    optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]
+    optimizer: torch.optim.Optimizer,
+    tensors: dict[str, torch.Tensor],
+    meta: dict[str, Any],
+    place: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
 ) -> None:
     state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
@@ -134,3 +153,9 @@ def _load_optimizer(
     for group, lr in zip(current["param_groups"], meta["lrs"], strict=True):
         group["lr"] = lr
     optimizer.load_state_dict({"state": state, "param_groups": current["param_groups"]})
+    for group in optimizer.param_groups:  # per-element states (moments) laid out as their params
+        for p in group["params"]:
+            per_param = optimizer.state.get(p, {})
+            for key, value in per_param.items():
+                if isinstance(value, torch.Tensor) and value.dim() and value.shape == p.shape:
+                    per_param[key] = place(value, p)
