@@ -218,6 +218,7 @@ def _yes(flag: bool) -> str:
 
 def _compress(args: argparse.Namespace) -> int:
     from slimline.api import compress, save
+    from slimline.train.launch import process_group
 
     recipe = _read_recipe(args.recipe)  # validated before any model is loaded
     source = resolve_model(args.model)
@@ -232,10 +233,14 @@ def _compress(args: argparse.Namespace) -> int:
         training = source.data(
             args.train_data, split="train", batch_size=args.batch_size, limit=args.train_batches,
         )
-    console = _console()
-    with console.status(f"compressing {args.model} ({len(recipe)} steps)"):
-        result = compress(source.model, recipe, calibration=calibration, training=training,
-                          progress=True)
+    with process_group() as rank:  # under torchrun: train together, rank 0 saves and prints
+        if rank != 0:
+            compress(source.model, recipe, calibration=calibration, training=training)
+            return 0
+        console = _console()
+        with console.status(f"compressing {args.model} ({len(recipe)} steps)"):
+            result = compress(source.model, recipe, calibration=calibration, training=training,
+                              progress=True)
     # A directory's tokenizer files are copied as they are (save's source_dir), not re-saved.
     tokenizer = None if source.directory is not None else source.tokenizer
     out = save(result.model, args.out, tokenizer=tokenizer, source=source.builtin,
