@@ -67,7 +67,7 @@ def test_torchrun_compress_trains_on_two_ranks_and_rank0_saves(tmp_path: Path) -
     assert any(n.startswith("2 processes, the model sharded over the ranks (FSDP2)") for n in notes)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import slimline  # noqa: F401  (a pruned checkpoint stores sparse tensors)
+    import slimline  # a pruned checkpoint stores sparse tensors: slimline reads them
 
     model = AutoModelForCausalLM.from_pretrained(out).eval()
     batch = AutoTokenizer.from_pretrained(out)(LINES[:3], return_tensors="pt", padding=True)

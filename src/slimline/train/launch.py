@@ -19,10 +19,11 @@ import torch.distributed as dist
 
 def launched_size() -> int:
     """The number of processes ``torchrun`` started (1 without it)."""
+    value = os.environ.get("WORLD_SIZE", "1")
     try:
-        return int(os.environ.get("WORLD_SIZE", "1"))
+        return int(value)
     except ValueError as exc:
-        raise ValueError(f"WORLD_SIZE: must be an integer, got {os.environ['WORLD_SIZE']!r}") from exc
+        raise ValueError(f"WORLD_SIZE: must be an integer, got {value!r}") from exc
 
 
 @contextmanager
