@@ -9,14 +9,16 @@ batch 1 × 256 tokens). Rows, timed interleaved on one test batch:
 * the peers as a user runs them: the fp32 model converted to OpenVINO IR (by ``sl.export``;
   the same graph a user's ``ov.convert_model`` of a ``torch.export`` program gives), compiled
   by OpenVINO with the f32 and the bf16 precision hint, and quantized by NNCF's
-  ``nncf.quantize`` (``ModelType.TRANSFORMER``, ``--calib-batches`` train batches); the model
+  ``nncf.quantize`` (``ModelType.TRANSFORMER``, ``--calib-batches`` train batches; run with
+  either hint); the model
   exported to ONNX and run by ONNX Runtime, as it is and after ``quantize_dynamic`` (int8
   weights);
 * torchao's int8 dynamic-activation, int8-weight quantization + ``torch.compile``;
 * slimline recipes: ``compile`` with each backend (inductor also with ``freezing``),
   ``int8_dynamic`` and static ``smoothquant`` in torch (eager and + inductor), ``int8_dynamic``
-  and ``smoothquant`` (dynamic and static activations) + ``compile backend: openvino``, and the
-  named recipes in ``recipes/`` (``--recipes``).
+  and ``smoothquant`` (dynamic and static activations) + ``compile backend: openvino`` in
+  float32 and with ``precision: bf16``, ``half`` (bf16) + inductor, and the named recipes in
+  ``recipes/`` (``--recipes``).
 
 Quality: mean cosine to torch fp32 on ``--batches`` test batches (an encoder's mean-pooled
 embeddings, a classifier's or a causal LM's logits). Each runtime gets ``--threads`` threads.
@@ -40,6 +42,7 @@ from benchmarks.harness import (
     ROOT,
     conditions_line,
     interleaved,
+    isa_suffix,
     markdown_table,
     print_table,
     write_section,
@@ -58,6 +61,7 @@ QUALITY = {
 Embed = Callable[[dict[str, torch.Tensor]], torch.Tensor]
 SQ_STATIC = {"method": "smoothquant", "activations": "static", "alpha": None}
 OPENVINO = {"method": "compile", "backend": "openvino"}
+OPENVINO_BF16 = {**OPENVINO, "precision": "bf16"}
 INDUCTOR = {"method": "compile"}
 SLIMLINE_ROWS: dict[str, list[dict[str, Any]]] = {
     "slimline compile (inductor)": [INDUCTOR],
@@ -72,6 +76,11 @@ SLIMLINE_ROWS: dict[str, list[dict[str, Any]]] = {
     "slimline int8_dynamic + compile openvino": [{"method": "int8_dynamic"}, OPENVINO],
     "slimline smoothquant + compile openvino": [{"method": "smoothquant"}, OPENVINO],
     "slimline smoothquant static + compile openvino": [SQ_STATIC, OPENVINO],
+    "slimline half (bf16) + compile": [{"method": "half"}, INDUCTOR],
+    "slimline compile backend openvino bf16": [OPENVINO_BF16],
+    "slimline int8_dynamic + compile openvino bf16": [{"method": "int8_dynamic"}, OPENVINO_BF16],
+    "slimline smoothquant + compile openvino bf16": [{"method": "smoothquant"}, OPENVINO_BF16],
+    "slimline smoothquant static + compile openvino bf16": [SQ_STATIC, OPENVINO_BF16],
 }
 
 
@@ -147,6 +156,9 @@ def peers(model: nn.Module, example: dict[str, torch.Tensor], calibration: list[
         "OpenVINO bf16 hint": lambda: openvino_embed(ir / "model.xml", threads, "bf16"),
         "OpenVINO int8 (NNCF PTQ)": lambda: openvino_embed(
             ir / "model.xml", threads, "f32",
+            model=nncf_int8(ir / "model.xml", calibration, "input_ids" in example)),
+        "OpenVINO int8 + bf16 (NNCF PTQ)": lambda: openvino_embed(
+            ir / "model.xml", threads, "bf16",
             model=nncf_int8(ir / "model.xml", calibration, "input_ids" in example)),
         "ONNX Runtime fp32": lambda: onnx_embed(onnx_file(model, example, tmp), threads),
         "ONNX Runtime dynamic int8": lambda: onnx_embed(
@@ -241,8 +253,10 @@ def main() -> None:
     print(body)
     if not args.no_write:
         section = "cpu-deploy" if args.model == "minilm" else f"cpu-deploy-{args.model}"
-        write_section(section, f"CPU deployment: {args.model} against OpenVINO (+NNCF), ONNX "
-                      "Runtime and torchao", body)
+        kind = isa_suffix()
+        write_section(section + kind, f"CPU deployment: {args.model} against OpenVINO (+NNCF), "
+                      f"ONNX Runtime and torchao{' (' + kind[1:].upper() + ' CPU)' if kind else ''}",
+                      body)
 
 
 def rows_of(batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -33,6 +33,17 @@ def conditions_line(threads: int, **extra: Any) -> str:
     return "; ".join(parts)
 
 
+def isa_suffix() -> str:
+    """A section-name suffix for the CPU's widest matrix units ("-amx", "-avx512", or "" for
+    AVX2 and below), so that a run on another kind of CPU adds a section, not overwrites one."""
+    from slimline.evaluate.conditions import cpu_features
+
+    features = set(cpu_features())
+    if "amx_tile" in features or "amx_int8" in features:
+        return "-amx"
+    return "-avx512" if "avx512f" in features else ""
+
+
 def interleaved(calls: Mapping[str, Callable[[], object]], *, runs: int, warmup: int) -> dict[str, Latency]:
     """Median-ready samples of every call, alternating A B C A B C ... (bench.time_interleaved)."""
     return time_interleaved(calls, runs=runs, warmup=warmup)

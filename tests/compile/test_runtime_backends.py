@@ -89,3 +89,36 @@ def test_runtime_backend_fields_checked() -> None:
                                         "mode": "max-autotune"}]})
     with pytest.raises(ValueError, match="compile.backend"):
         sl.Recipe.from_dict({"steps": [{"method": "compile", "backend": "tvm"}]})
+
+
+def test_openvino_bf16_precision_is_checked_against_eager(tiny_llama, monkeypatch) -> None:
+    ov = pytest.importorskip("openvino")
+    recipe = {"steps": [{"method": "compile", "backend": "openvino", "precision": "bf16"}]}
+    result = sl.compress(tiny_llama, recipe)
+    assert "in bf16 where the CPU has bf16 units" in result.steps[0].notes[0]
+    batch = _batch(2, 9, 6)
+    with torch.no_grad():
+        out, ref = result.model(**batch), tiny_llama(**batch)
+    call = result.model._compiled_call_impl
+    (cosine,) = call.bf16_cosines.values()
+    real = batch["attention_mask"].bool()
+    measured = torch.nn.functional.cosine_similarity(
+        out.logits[real].double().flatten(), ref.logits[real].double().flatten(), dim=0)
+    assert cosine >= 0.999 and abs(float(measured) - cosine) < 1e-6
+    if "BF16" not in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        return  # this CPU computes float32 whatever the hint
+    (runner, _), = call.graphs.values()
+    assert "bfloat16" in str(runner._runner[1].get_property("INFERENCE_PRECISION_HINT"))
+    assert _real_diff(out.logits, ref.logits, batch) > 1e-4  # it did compute in bf16
+    monkeypatch.setattr("slimline.compile.runtime.BF16_MIN_COSINE", 1.0)
+    strict = sl.compress(tiny_llama, recipe).model
+    with pytest.raises(ValueError, match="compile.precision: bf16 answers at cosine"):
+        strict(**batch)
+
+
+@pytest.mark.parametrize("backend", ["inductor", "onnxruntime"])
+def test_precision_is_openvinos_alone(backend: str) -> None:
+    with pytest.raises(ValueError, match=f"compile.precision: only applies to backend openvino, "
+                                         f"not {backend}"):  # fmt: skip
+        sl.Recipe.from_dict({"steps": [{"method": "compile", "backend": backend,
+                                        "precision": "bf16"}]})  # fmt: skip

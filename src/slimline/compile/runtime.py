@@ -9,6 +9,10 @@ raises if it is not faithful — and the batch, and every later one of that sign
 by onnxruntime or OpenVINO. The answer comes in the eager output's own type: a transformers
 output holding its first field (``logits``, ``last_hidden_state``), a tuple, or the tensor.
 
+With ``precision="bf16"`` (OpenVINO) the graph checked in float32 is then compiled for bf16
+compute, and its answer on that first batch must keep a cosine of at least
+:data:`BF16_MIN_COSINE` to the eager model's, or the call is refused.
+
 Calls the graph cannot answer run the eager forward: in training mode (the graph is the eval
 model's), or with arguments other than tensors and ``use_cache``/``return_dict`` (the cache
 steps of ``generate``).
@@ -34,6 +38,10 @@ from slimline.core.batches import Batch
 from slimline.export.graph import first_output
 
 RuntimeBackend = Literal["openvino", "onnxruntime"]
+Precision = Literal["f32", "bf16"]
+# The least cosine to the eager model of a graph run in bf16 (over the real tokens): bf16
+# keeps 8 bits of mantissa; all-MiniLM-L6-v2 in OpenVINO bf16 lands at 0.99999.
+BF16_MIN_COSINE = 0.999
 # Keyword arguments that change nothing the graph computes (its output is the first tensor).
 _IGNORED = {"use_cache": (False, None), "return_dict": (True, None)}
 Signature = tuple[tuple[str, str, int], ...]
@@ -65,9 +73,12 @@ def check_runnable(model: nn.Module, backend: RuntimeBackend) -> None:
 class RuntimeCall:
     """The call of ``model`` run by ``backend``, one exported graph per input signature."""
 
-    def __init__(self, model: nn.Module, backend: RuntimeBackend) -> None:
+    def __init__(self, model: nn.Module, backend: RuntimeBackend, precision: Precision = "f32"
+                 ) -> None:  # fmt: skip
         self.model = model
         self.backend = backend
+        self.precision = precision
+        self.bf16_cosines: dict[Signature, float] = {}  # bf16 against eager, per signature
         self.graphs: dict[Signature, tuple[nn.Module, Callable[[torch.Tensor], Any]]] = {}
         self._dirs: list[tempfile.TemporaryDirectory[str]] = []  # removed with this object
 
@@ -95,7 +106,26 @@ class RuntimeCall:
         with _eager(self.model), torch.no_grad():
             eager = self.model(*args, **kwargs)
             export(self.model, target, format=fmt, example=batch)
-        return ExportedModel(target), _wrapper(eager)
+        runner = ExportedModel(target, precision=self.precision)
+        if self.precision != "f32":
+            self.bf16_cosines[signature(batch)] = _check_bf16(runner, batch, eager)
+        return runner, _wrapper(eager)
+
+
+def _check_bf16(runner: nn.Module, batch: Batch, eager: Any) -> float:
+    """The cosine of ``runner``'s bf16 answer on ``batch`` to the eager one; ValueError below
+    :data:`BF16_MIN_COSINE`."""
+    from slimline.export.parity import Tolerance, compare_batch
+
+    with torch.no_grad():
+        out = runner(**batch) if isinstance(batch, Mapping) else runner(*_positional(batch))
+    check = compare_batch(first_output(eager)[1].float(), first_output(out)[1].float(), batch,
+                          Tolerance(atol=float("inf"), min_cosine=BF16_MIN_COSINE))  # fmt: skip
+    if not check.passed:
+        raise ValueError(f"compile.precision: bf16 answers at cosine {check.cosine:.5f} of the "
+                         f"eager model on the first batch (< {BF16_MIN_COSINE}); use precision "
+                         "f32")  # fmt: skip
+    return check.cosine
 
 
 def graph_batch(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Batch | None:
@@ -145,8 +175,8 @@ def _eager(model: nn.Module) -> Iterator[None]:
         model._compiled_call_impl = compiled
 
 
-def install(model: nn.Module, backend: RuntimeBackend) -> None:
+def install(model: nn.Module, backend: RuntimeBackend, precision: Precision = "f32") -> None:
     """Route ``model``'s calls through a :class:`RuntimeCall` (checked first, see
     :func:`check_runnable`)."""
     check_runnable(model, backend)
-    model._compiled_call_impl = RuntimeCall(model, backend)
+    model._compiled_call_impl = RuntimeCall(model, backend, precision)
