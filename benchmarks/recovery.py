@@ -37,6 +37,7 @@ import slimline as sl
 from benchmarks.harness import (
     conditions_line,
     interleaved,
+    isa_suffix,
     markdown_table,
     print_table,
     write_section,
@@ -163,7 +164,9 @@ class MinilmRun:
                                cosine_sentences=f"{sentences} ({a.eval_split} split)")
         load = (f"Run started {self.started}; machine shared with other engineers' jobs ({os.cpu_count()} cores): "
                 f"1-min load average {self.load_start:.1f} at the start, {os.getloadavg()[0]:.1f} now.")
-        train = (f"Distillation: `{describe([distill_step(a)])}`, AdamW, warm-up then cosine to 0, one pass "
+        passes = a.steps / len(self.train)
+        visits = "one pass" if passes == 1 else f"{passes:.1f} passes (reshuffled each)"
+        train = (f"Distillation: `{describe([distill_step(a)])}`, AdamW, warm-up then cosine to 0, {visits} "
                  f"over {len(self.train)} train batches of {a.batch_size} sentences, teacher = the fp32 model "
                  "before the recipe, loss = 1 − cosine of the mean-pooled embeddings"
                  + (f" + {a.hidden_weight} × TinyBERT hidden-state loss (every layer, relative squared error)"
@@ -174,7 +177,9 @@ class MinilmRun:
         header, rows = self.table()
         print_table("recovery: minilm", header, rows)
         if not self.args.no_write and self.args.eval_split == "test":
-            write_section(f"{SECTION}-minilm", f"{TITLE}: minilm", self.body())
+            kind = isa_suffix()  # a section per kind of CPU
+            write_section(f"{SECTION}-minilm{kind}", f"{TITLE}: minilm"
+                          + (f" ({kind[1:].upper()} CPU)" if kind else ""), self.body())
 
 
 def minilm(args: argparse.Namespace) -> None:
