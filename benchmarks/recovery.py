@@ -80,6 +80,8 @@ def distill_step(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
     """The distill step of every minilm row: one pass over ``args.steps`` train batches."""
     step = {"method": "distill", "steps": args.steps, "lr": args.lr, "warmup": max(args.steps // 10, 1),
             "hidden_weight": args.hidden_weight}
+    if args.autocast:
+        step["autocast"] = True
     return {**step, **extra}
 
 
@@ -276,6 +278,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--hidden-weight", type=float, default=1.0)
     parser.add_argument("--skip-quant", action="store_true", help="no gptq rows")
+    parser.add_argument("--autocast", action="store_true", help="minilm distill in bf16 autocast")
     parser.add_argument("--qat", action="store_true", help="add the rtn / qat 3-bit rows")
     parser.add_argument("--lm-size", choices=["full", "small"], default="full")
     parser.add_argument("--lm-steps", type=int, default=100)
