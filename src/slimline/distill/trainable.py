@@ -14,6 +14,7 @@ there) and the pattern is written again after each optimizer step.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import cast
 
 import torch
 from torch import nn
@@ -96,6 +97,5 @@ class SparsityMasks:
 
 
 def _weight(module: nn.Module) -> torch.Tensor:
-    weight = module.weight
-    assert isinstance(weight, torch.Tensor)
-    return weight
+    """The module's weight, read where it is now (a DTensor while the loop shards it)."""
+    return cast(torch.Tensor, module.weight)

@@ -174,74 +174,57 @@ def train_loop(
     before clipping and the optimizer step (e.g. to zero the gradients of pruned weights).
     """
     opts = options or LoopOptions()
-    size = world()[1]
-    groups = [dict(g) for g in param_groups]
-    if not any(True for g in groups for _ in g["params"]):
+    if not any(True for g in param_groups for _ in g["params"]):
         raise ValueError(f"{name}: nothing to train (no parameter requires gradients)")
-    if opts.sharding == "fsdp" and size > 1:
-        if model is None:
-            raise ValueError(f"{name}: sharding 'fsdp' needs the model the loss runs")
-        sharded = Sharded(model, groups)
-        try:
-            return _train(sharded.groups, step_loss, n_batches, steps=steps, seed=seed, name=name,
-                          lr_fields=lr_fields, progress=progress, opts=opts, evaluate=evaluate,
-                          after_step=after_step, tokens=tokens, before_update=before_update,
-                          sharded=sharded)  # fmt: skip
-        finally:
-            sharded.close()
-    return _train(groups, step_loss, n_batches, steps=steps, seed=seed, name=name,
-                  lr_fields=lr_fields, progress=progress, opts=opts, evaluate=evaluate,
-                  after_step=after_step, tokens=tokens, before_update=before_update)  # fmt: skip
+    with _held(model, [dict(g) for g in param_groups], opts, name) as (groups, sharded):
+        rank, size = world()
+        params = [p for g in groups for p in g["params"]]
+        module = _Trained(params, step_loss)
+        # DDP broadcasts rank 0's parameters on construction and all-reduces the gradients.
+        engine: nn.Module = module
+        if size > 1 and sharded is None:
+            engine = nn.parallel.DistributedDataParallel(module, find_unused_parameters=True)
+        masters = MasterWeights(groups) if opts.master_weights else None
+        trained = [p for g in (masters.groups if masters else groups) for p in g["params"]]
+        optimizer = make_optimizer(masters.groups if masters else groups, opts)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda t: warmup_cosine(t, steps, opts.warmup)
+        )
+        run = {"name": name, "steps": steps, "seed": seed, "n_batches": n_batches,
+               "global_micro_batches": opts.accumulation * size,
+               "shapes": [list(p.shape) for p in params]}  # fmt: skip
+        with seeded_steps(params) as reseed:
+            state = _start(opts, run, trained, optimizer, schedule, masters, sharded is not None)
+            runner = _Runner(engine, params, trained, optimizer, schedule, masters, opts, name,
+                             lr_fields, reseed=lambda t: reseed(step_seed(seed, rank, t)),
+                             sharded=sharded, before_update=before_update)  # fmt: skip
+            if evaluate is not None and state.step == 0 and state.best_params is None:
+                runner.reseed(-1)
+                runner.evaluate(evaluate, state)
+            order = batch_order(n_batches, steps * opts.accumulation * size, seed)
+            _run(runner, state, run, steps, order=order, progress=progress, evaluate=evaluate,
+                 after_step=after_step, tokens=tokens)  # fmt: skip
+            if state.best_params is not None:
+                runner.restore(state.best_params)
+        return state.losses
 
 
-def _train(
-    groups: list[dict[str, Any]],
-    step_loss: Callable[[int], torch.Tensor],
-    n_batches: int,
-    *,
-    steps: int,
-    seed: int,
-    name: str,
-    lr_fields: str,
-    progress: bool,
-    opts: LoopOptions,
-    evaluate: Callable[[], float] | None,
-    after_step: Callable[[int], None] | None,
-    tokens: Callable[[int], int] | None,
-    before_update: Callable[[], None] | None,
-    sharded: Sharded | None = None,
-) -> list[float]:
-    """:func:`train_loop` on ``groups`` (sharded ones when ``sharded``)."""
-    rank, size = world()
-    params = [p for g in groups for p in g["params"]]
-    module = _Trained(params, step_loss)
-    # DDP broadcasts rank 0's parameters on construction and all-reduces the gradients.
-    engine: nn.Module = module
-    if size > 1 and sharded is None:
-        engine = nn.parallel.DistributedDataParallel(module, find_unused_parameters=True)
-    masters = MasterWeights(groups) if opts.master_weights else None
-    trained = [p for g in (masters.groups if masters else groups) for p in g["params"]]
-    optimizer = make_optimizer(masters.groups if masters else groups, opts)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda t: warmup_cosine(t, steps, opts.warmup)
-    )
-    run = {"name": name, "steps": steps, "seed": seed, "n_batches": n_batches,
-           "global_micro_batches": opts.accumulation * size,
-           "shapes": [list(p.shape) for p in params]}  # fmt: skip
-    with seeded_steps(params) as reseed:
-        state = _start(opts, run, trained, optimizer, schedule, masters, sharded is not None)
-        runner = _Runner(engine, params, trained, optimizer, schedule, masters, opts, name,
-                         lr_fields, reseed=lambda t: reseed(step_seed(seed, rank, t)),
-                         sharded=sharded, before_update=before_update)  # fmt: skip
-        if evaluate is not None and state.step == 0 and state.best_params is None:
-            runner.reseed(-1)
-            runner.evaluate(evaluate, state)
-        order = batch_order(n_batches, steps * opts.accumulation * size, seed)
-        _run(runner, state, run, steps, order=order, progress=progress, evaluate=evaluate,
-             after_step=after_step, tokens=tokens)  # fmt: skip
-        if state.best_params is not None:
-            runner.restore(state.best_params)
-    return state.losses
+@contextmanager
+def _held(
+    model: nn.Module | None, groups: list[dict[str, Any]], opts: LoopOptions, name: str
+) -> Iterator[tuple[list[dict[str, Any]], Sharded | None]]:
+    """The groups to train and, under ``sharding="fsdp"`` on several ranks, the model
+    sharded for the run (whole again on leaving)."""
+    if opts.sharding != "fsdp" or world()[1] == 1:
+        yield groups, None
+        return
+    if model is None:
+        raise ValueError(f"{name}: sharding 'fsdp' needs the model the loss runs")
+    sharded = Sharded(model, groups)
+    try:
+        yield sharded.groups, sharded
+    finally:
+        sharded.close()
 
 
 def _start(

@@ -148,7 +148,6 @@ class Sharded:
                     params.append(p)
                     self.extras.append(p)
             self.groups.append({**group, "params": params})
-        self.units = len(units) + 1
         for _, _, p in self._owners:  # the shards hold the values now; free the originals
             p.data = torch.empty(0, dtype=p.dtype, device=p.device)
 
