@@ -7,7 +7,9 @@ process, each row a fresh copy of the model, runs interleaved A B C … after a 
 - ``fp32``: transformers as loaded; ``bf16``: ``model.to(torch.bfloat16)``;
 - ``int8``: slimline ``rtn`` 8-bit per-channel; ``int4``: ``rtn`` 4-bit groups of 128 (float32
   activations: what a recipe of just ``rtn`` gives); ``int4-half``: ``rtn`` int4 g128 then
-  ``half`` (bfloat16 activations). Quantizers take slimline's default targets (every Linear
+  ``half`` (bfloat16 activations); ``int8-a8`` / ``int4-a8`` / ``int4-g32-a8``: the same
+  grids (g32: Q4_0's) with ``decode_activations: int8`` (x rounded to int8 in blocks of 32,
+  integer dot products: llama.cpp's arithmetic). Quantizers take slimline's default targets (every Linear
   but the output head; ``--quantize-head`` takes the head too);
 - ``llama.cpp-f16`` / ``-q8_0`` / ``-q4_0``: the anchor, llama.cpp through llama-cpp-python on
   the same float32 weights, written by ``sl.export(format="gguf")`` (cached under
@@ -68,6 +70,7 @@ MiB = 2**20
 MODES = ("dynamic", "static", "static+compile")
 RTN8 = {"method": "rtn", "bits": 8, "group_size": None}
 RTN4 = {"method": "rtn", "bits": 4, "group_size": 128}
+A8 = {"decode_activations": "int8"}
 HALF = {"method": "half", "dtype": "bfloat16"}
 
 
@@ -87,6 +90,10 @@ VARIANTS: dict[str, Variant] = {
     "int8": Variant("slimline rtn int8 per-channel (fp32 activations)", (RTN8,)),
     "int4": Variant("slimline rtn int4 g128 (fp32 activations)", (RTN4,)),
     "int4-half": Variant("slimline rtn int4 g128 + half bf16", (RTN4, HALF)),
+    "int8-a8": Variant("slimline rtn int8 per-channel, int8 activations", ({**RTN8, **A8},)),
+    "int4-a8": Variant("slimline rtn int4 g128, int8 activations", ({**RTN4, **A8},)),
+    "int4-g32-a8": Variant("slimline rtn int4 g32, int8 activations",
+                           ({**RTN4, "group_size": 32, **A8},)),
     "llama.cpp-f16": Variant("llama.cpp f16", gguf="f16"),
     "llama.cpp-q8_0": Variant("llama.cpp Q8_0", gguf="q8_0"),
     "llama.cpp-q4_0": Variant("llama.cpp Q4_0", gguf="q4_0"),

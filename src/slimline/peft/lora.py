@@ -247,7 +247,8 @@ def requantized_layer(adapter: LoraLinear) -> tuple[QuantLinear, float]:
     q, scales, zeros = quantize_groups(exact, base.bits, base.group_size, base.symmetric,
                                        scale_dtype=base.scales.dtype)  # fmt: skip
     layer = QuantLinear.from_codes(q, scales, zeros, bias=base.bias, bits=base.bits,
-                                   group_size=base.group_size, symmetric=base.symmetric)
+                                   group_size=base.group_size, symmetric=base.symmetric,
+                                   decode_activations=base.decode_activations)
     error = (layer.dequantized_weight() - exact).norm() / exact.norm().clamp_min(1e-12)
     return layer, float(error)
 

@@ -308,6 +308,7 @@ def _quantize_layer(module: nn.Module, x: torch.Tensor, cfg: AwqConfig) -> Quant
     return QuantLinear.from_codes(
         q, scales, zeros, bias=getattr(module, "bias", None), bits=cfg.bits,
         group_size=cfg.group_size, symmetric=cfg.symmetric,
+        decode_activations=cfg.decode_activations,
     ).to(weight.device)  # fmt: skip
 
 

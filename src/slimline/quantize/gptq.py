@@ -197,6 +197,7 @@ def apply_gptq(model: nn.Module, cfg: GptqConfig, ctx: StepContext) -> StepOutco
             layer = QuantLinear.from_codes(
                 qw.q, qw.scales, qw.zeros, bias=getattr(module, "bias", None), bits=own.bits,
                 group_size=cfg.group_size, symmetric=cfg.symmetric,
+                decode_activations=cfg.decode_activations,
             )
             model.set_submodule(name, layer)
 

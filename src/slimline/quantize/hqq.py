@@ -193,7 +193,7 @@ def quantize_module(module: nn.Module, cfg: HqqConfig) -> QuantLinear:
     q, scales, zeros = hqq_quantize_weight(weight, cfg)
     layer = QuantLinear.from_codes(
         q, scales, zeros, bias=getattr(module, "bias", None), bits=cfg.bits,
-        group_size=cfg.group_size, symmetric=False,
+        group_size=cfg.group_size, symmetric=False, decode_activations=cfg.decode_activations,
     )  # fmt: skip
     return layer.to(weight.device)
 

@@ -46,6 +46,11 @@ from torch.utils.flop_counter import register_flop_formula
 from slimline.models.cache import cache_root
 
 SOURCE = Path(__file__).with_name("csrc") / "gemv_weight_only.c"
+# The int8-activation kernel (llama.cpp's way: x rounded to int8 in blocks of 32, integer
+# dot products; AVX-512 VNNI or AVX2, chosen at run time), built into the same library.
+SOURCE_A8 = Path(__file__).with_name("csrc") / "gemv_int8_activations.c"
+A8_BLOCK = 32  # columns of x sharing one int8 scale
+A8_ISAS = {1: "avx2", 2: "avx512_vnni"}  # the int8-activation kernel's instruction sets
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 GEMV_BITS = (4, 8)
 _SCALE_KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -59,6 +64,8 @@ class Library:
 
     function: ctypes._CFuncPtr | None  # type: ignore[name-defined]
     reason: str = ""
+    int8_activations: ctypes._CFuncPtr | None = None  # type: ignore[name-defined]
+    isa: str = ""  # the int8-activation kernel's instruction set here
 
 
 def gemv_unsupported(bits: int, in_features: int, group: int, scale_dtype: torch.dtype) -> str:
@@ -70,6 +77,17 @@ def gemv_unsupported(bits: int, in_features: int, group: int, scale_dtype: torch
                 "a byte (the kernel needs an even width and an even group_size)")
     if scale_dtype not in _SCALE_KINDS:
         return f"scales stored as {scale_dtype} (the kernel reads float32/float16/bfloat16)"
+    return ""
+
+
+def a8_unsupported(bits: int, in_features: int, group: int) -> str:
+    """Why this layer's grid has no int8-activation kernel ("" when it has one)."""
+    if bits not in GEMV_BITS:
+        return f"{bits}-bit codes have no int8-activation kernel (it has 4 and 8 bits)"
+    if in_features % A8_BLOCK:
+        return f"rows of {in_features} columns are not whole blocks of {A8_BLOCK}"
+    if group < in_features and group % A8_BLOCK:
+        return f"groups of {group} columns are not whole blocks of {A8_BLOCK}"
     return ""
 
 
@@ -103,7 +121,13 @@ def _library() -> Library:
     function.restype = ctypes.c_int
     function.argtypes = [pointer, size, size, pointer, size, ctypes.c_int, size, pointer,
                          ctypes.c_int, pointer, pointer, pointer]  # fmt: skip
-    return Library(function)
+    a8 = lib.slimline_gemv_a8
+    a8.restype = ctypes.c_int
+    a8.argtypes = [pointer, size, size, pointer, size, ctypes.c_int, size, pointer,
+                   ctypes.c_int, pointer, pointer, ctypes.c_int]  # fmt: skip
+    lib.slimline_gemv_a8_isa.restype = ctypes.c_int
+    isa = A8_ISAS.get(lib.slimline_gemv_a8_isa(), "")
+    return Library(function, int8_activations=a8, isa=isa)
 
 
 def _build(compiler: str) -> Path:
@@ -112,7 +136,7 @@ def _build(compiler: str) -> Path:
         [compiler, "--version"], capture_output=True, text=True, check=True, timeout=60
     ).stdout
     digest = hashlib.sha256(
-        SOURCE.read_bytes() + " ".join(FLAGS).encode() + version.encode()
+        SOURCE.read_bytes() + SOURCE_A8.read_bytes() + " ".join(FLAGS).encode() + version.encode()
         + platform.machine().encode()
     ).hexdigest()[:16]  # fmt: skip
     directory = cache_root() / "kernels"
@@ -124,7 +148,8 @@ def _build(compiler: str) -> Path:
     os.close(fd)
     try:
         subprocess.run(
-            [compiler, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True,
+            [compiler, *FLAGS, "-o", tmp, str(SOURCE), str(SOURCE_A8)], capture_output=True,
+            text=True,
             check=True, timeout=300,
         )  # fmt: skip
         os.replace(tmp, target)
@@ -143,19 +168,23 @@ def gemv_linear(
     *,
     bits: int,
     group: int,
+    int8_activations: bool = False,
 ) -> torch.Tensor:
     """``x @ dequant(W).T + bias`` for packed codes (``QuantLinear``'s buffers), any float x.
 
     ``scales`` / ``zeros`` are (N, G); ``group`` the columns per group (the last group may be
     shorter). The caller checks :func:`gemv_unsupported` and :func:`library_problem` (which
-    also defines the custom op) first.
+    also defines the custom op) first. ``int8_activations``: x is first rounded to int8 in
+    blocks of 32 columns (:func:`round_activations`; the caller checks
+    :func:`a8_unsupported`), as llama.cpp's Q4_0/Q8_0 dot products round it, and the products
+    are summed in integers; rows holding NaN or inf take the float32 kernel, which carries them.
     """
     if torch.compiler.is_compiling() or _dispatch_mode_active():
         out: torch.Tensor = torch.ops.slimline_kernels.gemv(
-            x, qweight, scales, zeros, bias, bits, group
+            x, qweight, scales, zeros, bias, bits, group, int8_activations
         )
         return out
-    return _gemv(x, qweight, scales, zeros, bias, bits, group)  # ~30 us less than the op
+    return _gemv(x, qweight, scales, zeros, bias, bits, group, int8_activations)
 
 
 def _dispatch_mode_active() -> bool:
@@ -173,13 +202,30 @@ def _gemv(
     bias: torch.Tensor | None,
     bits: int,
     group: int,
+    int8_activations: bool = False,
+    isa: str = "",
 ) -> torch.Tensor:
-    function = _library().function
-    if function is None:
-        raise RuntimeError(_library().reason)
+    """The kernel call; ``isa`` ("avx2", "avx512_vnni") picks the int8-activation kernel's
+    instruction set instead of the best the CPU has (for tests)."""
+    library = _library()
+    if library.function is None:
+        raise RuntimeError(library.reason)
     n, k = scales.shape[0], x.shape[-1]
     rows = x.reshape(-1, k).to(torch.float32).contiguous()  # (M, K)
     out = torch.empty(rows.shape[0], n, dtype=torch.float32)
+    if int8_activations and library.int8_activations is not None:
+        scales = scales.contiguous()
+        status = library.int8_activations(
+            rows.data_ptr(), rows.shape[0], k, qweight.data_ptr(), n, bits, group,
+            scales.data_ptr(), _SCALE_KINDS[scales.dtype],
+            None if zeros is None else zeros.contiguous().data_ptr(), out.data_ptr(),
+            {name: code for code, name in A8_ISAS.items()}.get(isa, 0),
+        )  # fmt: skip
+        if status == 0:
+            return _finish(out, bias, x, n)
+        if status != 1:  # 1: NaN or inf in x, which the float32 kernel below carries
+            raise ValueError(f"int8-activation gemv refused bits={bits}, K={k}, group={group}")
+    function = library.function
     zeros = None if zeros is None else zeros.contiguous()
     xsum = None if zeros is None else torch.empty(rows.shape[0], scales.shape[1])
     scales = scales.contiguous()
@@ -191,9 +237,24 @@ def _gemv(
     )  # fmt: skip
     if status != 0:
         raise ValueError(f"gemv kernel refused bits={bits}, K={k}, group={group}")
+    return _finish(out, bias, x, n)
+
+
+def _finish(out: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor, n: int) -> torch.Tensor:
     if bias is not None:
         out += bias
     return out.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
+def round_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (..., K) rounded as the int8-activation kernel rounds it, in blocks of 32 columns:
+    ``(q, s)`` with ``s = max|x_block| / 127`` (float32, (..., K/32)) and
+    ``q = round_half_even(x / s)`` (int8, (..., K)); all-zero blocks give ``s = 0, q = 0``.
+    The reference the kernel's tests and accuracy figures use (llama.cpp's Q8_0 of x)."""
+    blocks = x.to(torch.float32).unflatten(-1, (-1, A8_BLOCK))
+    s = blocks.abs().amax(dim=-1, keepdim=True) / 127
+    q = torch.where(s > 0, torch.round(blocks / torch.where(s > 0, s, 1)), 0).clamp(-127, 127)
+    return q.to(torch.int8).flatten(-2), s.squeeze(-1)
 
 
 @functools.cache
@@ -213,6 +274,7 @@ def register_gemv_op() -> None:
         bias: torch.Tensor | None,
         bits: int,
         group: int,
+        int8_activations: bool,
     ) -> torch.Tensor:
         return x.new_empty(*x.shape[:-1], scales.shape[0])
 
@@ -232,5 +294,6 @@ def _gemv_op(
     bias: torch.Tensor | None,
     bits: int,
     group: int,
+    int8_activations: bool,
 ) -> torch.Tensor:
-    return _gemv(x, qweight, scales, zeros, bias, bits, group)
+    return _gemv(x, qweight, scales, zeros, bias, bits, group, int8_activations)

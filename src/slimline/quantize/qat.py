@@ -218,6 +218,7 @@ class FakeQuantLinear(nn.Module):
         bias = getattr(module, "bias", None)
         self.out_features, self.in_features = weight.shape
         self.bits, self.group_size, self.symmetric = cfg.bits, cfg.group_size, cfg.symmetric
+        self.decode_activations = cfg.decode_activations
         self.group = effective_group(self.in_features, cfg.group_size)
         _, scales, zeros = quantize_groups(weight, cfg.bits, cfg.group_size, cfg.symmetric)
         self.scale_dtype = scales.dtype  # rtn's storage choice: the forward rounds to it
@@ -278,6 +279,7 @@ class FakeQuantLinear(nn.Module):
         return QuantLinear.from_codes(
             q, s.to(self.scale_dtype), self.zeros, bias=bias, bits=self.bits,
             group_size=self.group_size, symmetric=self.symmetric,
+            decode_activations=self.decode_activations,
         )  # fmt: skip
 
 

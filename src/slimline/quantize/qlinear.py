@@ -62,6 +62,10 @@ GEMV_MAX_ROWS = 128
 # 4-8× slower than float32 F.linear (kernels_gemv), so they are a last resort there.
 _INT4PACK_MAX_ROWS = {torch.bfloat16: 64, torch.float32: 1}
 _INT8PACK_MAX_ROWS = {torch.bfloat16: 32, torch.float32: 1}
+# How the gemv kernel takes x: "float" (float32, the dequantized reference's products in
+# another order) or "int8" (rounded to int8 in blocks of 32 columns, integer dot products:
+# llama.cpp's arithmetic for Q4_0/Q8_0; kernels_gemv.round_activations is its reference).
+DECODE_ACTIVATIONS = ("float", "int8")
 _WARNED: set[str] = set()  # fallback reasons already reported (once per process)
 _NATIVE_BF16: dict[str, bool] = {}  # whether the CPU runs bf16 natively, asked once
 
@@ -143,6 +147,7 @@ class QuantLinear(LogicalWeightCounts, _KernelCacheMixin):
 
     Buffers: ``qweight`` (packed codes, ``ceil(N·K·bits/8)`` bytes), ``scales`` (N, G),
     ``zeros`` (N, G) uint8 when asymmetric, ``bias`` (N,) when the original had one.
+    ``decode_activations``: how decode-sized calls treat x (:data:`DECODE_ACTIVATIONS`).
     """
 
     def __init__(
@@ -156,9 +161,18 @@ class QuantLinear(LogicalWeightCounts, _KernelCacheMixin):
         bias: bool = True,
         scale_dtype: torch.dtype = torch.float16,
         bias_dtype: torch.dtype = torch.float32,
+        decode_activations: str = "float",
     ) -> None:
         super().__init__()
         check_bits(bits)
+        if decode_activations not in DECODE_ACTIVATIONS:
+            raise ValueError(
+                f"decode_activations must be one of {list(DECODE_ACTIVATIONS)}, "
+                f"got {decode_activations!r}"
+            )
+        # "int8": decode-sized calls round x to int8 in blocks of 32 and sum in integers
+        # (kernels_gemv, as llama.cpp's Q4_0/Q8_0 do); "float": float32 activations, exact.
+        self.decode_activations = decode_activations
         self.in_features = in_features
         self.out_features = out_features
         self.bits = bits
@@ -180,14 +194,20 @@ class QuantLinear(LogicalWeightCounts, _KernelCacheMixin):
 
     @classmethod
     def from_float(
-        cls, module: nn.Module, *, bits: int, group_size: int | None, symmetric: bool
+        cls,
+        module: nn.Module,
+        *,
+        bits: int,
+        group_size: int | None,
+        symmetric: bool,
+        decode_activations: str = "float",
     ) -> QuantLinear:
         """Quantize an ``nn.Linear`` or ``Conv1D`` (RTN) into a new layer."""
         weight = linear_weight(module).detach()  # (N, K)
         q, scales, zeros = quantize_groups(weight, bits, group_size, symmetric)
         layer = cls.from_codes(
             q, scales, zeros, bias=getattr(module, "bias", None), bits=bits,
-            group_size=group_size, symmetric=symmetric,
+            group_size=group_size, symmetric=symmetric, decode_activations=decode_activations,
         )  # fmt: skip
         return layer.to(weight.device)
 
@@ -202,6 +222,7 @@ class QuantLinear(LogicalWeightCounts, _KernelCacheMixin):
         bits: int,
         group_size: int | None,
         symmetric: bool,
+        decode_activations: str = "float",
     ) -> QuantLinear:
         """A layer holding codes as :func:`~slimline.quantize.packing.quantize_groups` gives
         them (signed when symmetric), for quantizers that choose codes their own way (GPTQ)."""
@@ -217,6 +238,7 @@ class QuantLinear(LogicalWeightCounts, _KernelCacheMixin):
             in_features, out_features, bits=bits, group_size=group_size, symmetric=symmetric,
             bias=bias is not None, scale_dtype=scales.dtype,
             bias_dtype=bias.dtype if bias is not None else torch.float32,
+            decode_activations=decode_activations,
         )  # fmt: skip
         stored = q.to(torch.int16) + 2 ** (bits - 1) if symmetric else q  # offset binary
         layer.qweight = pack(stored.to(torch.uint8), bits).to(scales.device)
@@ -258,15 +280,19 @@ class QuantLinear(LogicalWeightCounts, _KernelCacheMixin):
         return dequantize(self.centred_codes(), self.scales, None, self.group_size, dtype=dtype)
 
     def kernel_path(self, x: torch.Tensor) -> str:
-        """Which matmul ``forward`` uses for ``x``: "gemv", "int4pack", "int8pack" or "dequant".
+        """Which matmul ``forward`` uses for ``x``: "gemv", "gemv_a8", "int4pack", "int8pack"
+        or "dequant".
 
-        Few rows (decode) run slimline's gemv kernel, which reads the packed codes as stored;
-        where it cannot run, a warning (once per reason) names the fix.
+        Few rows (decode) run slimline's gemv kernel, which reads the packed codes as stored
+        ("gemv_a8": with int8 activations, where ``decode_activations`` asks for them); where
+        it cannot run, a warning (once per reason) names the fix.
         """
         if x.device.type != "cpu":
             return "dequant"
         rows = x.numel() // max(self.in_features, 1)
         needs_grad = x.requires_grad and torch.is_grad_enabled()  # gemv has no backward
+        if rows <= GEMV_MAX_ROWS and not needs_grad and self._a8_runs():
+            return "gemv_a8"
         if rows <= GEMV_MAX_ROWS and not needs_grad and self._gemv_problem(x.dtype) == "":
             return "gemv"
         path = self._torch_kernel_path(x.dtype, rows)
@@ -283,6 +309,25 @@ class QuantLinear(LogicalWeightCounts, _KernelCacheMixin):
             return "int8pack" if rows <= _INT8PACK_MAX_ROWS.get(dtype, 0) else "dequant"
         return "dequant"
 
+    def _a8_runs(self) -> bool:
+        """Whether decode-sized calls take the int8-activation kernel (any float x dtype)."""
+        if self.decode_activations != "int8":
+            return False
+        problem = gemv.a8_unsupported(self.bits, self.in_features, self.group) or (
+            gemv.library_problem()
+        )
+        if problem == "":
+            return True
+        if problem not in _WARNED:
+            _WARNED.add(problem)
+            warnings.warn(
+                f"QuantLinear: decode_activations 'int8' cannot run here ({problem}); "
+                "decode-sized calls keep float activations.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        return False
+
     def _gemv_problem(self, dtype: torch.dtype) -> str:
         """Why the gemv kernel does not run this layer for ``dtype`` inputs ("" if it does)."""
         if dtype == torch.bfloat16 and _native_bf16():
@@ -292,10 +337,10 @@ class QuantLinear(LogicalWeightCounts, _KernelCacheMixin):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         path = self.kernel_path(x)
-        if path == "gemv":
+        if path in ("gemv", "gemv_a8"):
             return gemv.gemv_linear(
                 x, self.qweight, self.scales, self.zeros, self.bias, bits=self.bits,
-                group=self.group,
+                group=self.group, int8_activations=path == "gemv_a8",
             )  # fmt: skip
         if path == "int4pack":
             group = self._int4_group()
@@ -345,6 +390,7 @@ class QuantLinear(LogicalWeightCounts, _KernelCacheMixin):
             "bias": self.bias is not None,
             "scale_dtype": _dtype_name(self.scales.dtype),
             "bias_dtype": _dtype_name(self.bias.dtype) if self.bias is not None else "float32",
+            "decode_activations": self.decode_activations,
         }
 
     @classmethod
@@ -355,6 +401,8 @@ class QuantLinear(LogicalWeightCounts, _KernelCacheMixin):
             group_size=meta["group_size"], symmetric=bool(meta["symmetric"]),
             bias=bool(meta["bias"]), scale_dtype=_dtype(meta["scale_dtype"]),
             bias_dtype=_dtype(meta["bias_dtype"]),
+            # absent from checkpoints written before it existed: they decoded in float32
+            decode_activations=str(meta.get("decode_activations", "float")),
         )  # fmt: skip
 
 

@@ -48,8 +48,9 @@ class RtnConfig(MixedWidthConfig):
 def quantize_module(module: nn.Module, cfg: WeightGridConfig) -> QuantLinear:
     """The RTN-quantized replacement of one Linear-like layer."""
     return QuantLinear.from_float(
-        module, bits=cfg.bits, group_size=cfg.group_size, symmetric=cfg.symmetric
-    )
+        module, bits=cfg.bits, group_size=cfg.group_size, symmetric=cfg.symmetric,
+        decode_activations=cfg.decode_activations,
+    )  # fmt: skip
 
 
 def rtn_quantizer(cfg: WeightGridConfig) -> Quantizer:

@@ -17,6 +17,7 @@ from typing import Any, ClassVar, TypeVar
 from slimline.core.config import MethodConfig
 from slimline.core.families import Family
 from slimline.quantize.packing import MAX_BITS, MIN_BITS
+from slimline.quantize.qlinear import DECODE_ACTIVATIONS
 
 G = TypeVar("G", bound="WeightGridConfig")
 M = TypeVar("M", bound="MixedWidthConfig")
@@ -36,12 +37,23 @@ class WeightGridConfig(MethodConfig):
     group_size: int | None = 128
     # A grid centred on zero needs no zero points; asymmetric fits skewed groups better.
     symmetric: bool = True
+    # How decode-sized calls (batch-1 generation) take the activations: "float" keeps them in
+    # float32 (the exact product with the quantized weight); "int8" rounds them to int8 in
+    # blocks of 32, as llama.cpp does for its Q4_0/Q8_0 layers, and sums in integers (AVX-512
+    # VNNI or AVX2) — faster decode for a rounding of x (BENCHMARKS.md "Batch-1 greedy decode").
+    # Needs rows and groups in whole blocks of 32; elsewhere float is kept, with a warning.
+    decode_activations: str = "float"
 
     def check(self) -> None:
         if not MIN_BITS <= self.bits <= MAX_BITS:
             self.fail("bits", f"must be between {MIN_BITS} and {MAX_BITS}, got {self.bits}")
         if self.group_size is not None and self.group_size < 1:
             self.fail("group_size", f"must be a positive integer or null, got {self.group_size}")
+        if self.decode_activations not in DECODE_ACTIVATIONS:
+            self.fail(
+                "decode_activations",
+                f"must be one of {list(DECODE_ACTIVATIONS)}, got {self.decode_activations!r}",
+            )
 
     @classmethod
     def from_dict(cls: type[G], data: dict[str, Any]) -> G:

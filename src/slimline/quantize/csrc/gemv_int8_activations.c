@@ -1,0 +1,362 @@
+/* Weight-only int4/int8 matrix-vector products with int8 activations, in integers.
+ *
+ * y[m, n] = sum_g s[n, g] * sum_{b in g} xs[m, b] * sum_{k in b} (u[n, k] - z[n, g]) * xq[m, k]
+ *
+ * x is rounded to int8 in blocks of 32 columns, each with its own scale, as llama.cpp rounds
+ * the activations its Q4_0 / Q8_0 dot products take (ggml's Q8_0 of x):
+ *   xs[m, b] = max_{k in b} |x[m, k]| / 127,   xq[m, k] = round_half_even(x[m, k] / xs[m, b]).
+ * The weights are slimline's packing, as gemv_weight_only.c reads it (u: the stored codes, a
+ * dense little-endian bit stream, row-major (N, K); s: (N, G) float32/float16/bfloat16 scales;
+ * z: (N, G) uint8 zero points, or NULL for the symmetric grid, z = 2^(bits-1)). Groups of
+ * `group` columns, a multiple of 32 (or one group a row), K a multiple of 32.
+ *
+ * Why: float32 maths needs a conversion and a fused multiply-add per weight; integer dot
+ * products take 4 (AVX-512 VNNI: vpdpbusd) or 2 (AVX2: vpmaddubsw) weight-activation
+ * products per 32-bit lane and instruction, so the decode of a 4-bit layer stops being bound
+ * by arithmetic and becomes bound by the bytes it reads.
+ *
+ * Exactness: the products of a block are summed in int32 lanes, 4 columns a lane, and centred
+ * there (c = 2^(bits-1) times the lane's sum of xq is subtracted, or the codes are centred in
+ * registers), so each lane holds an exact integer of at most 2^20; lanes are converted to
+ * float32 and scaled by xs (and, per group, s). Asymmetric groups add (c - z) * sum_b xs*sum(xq)
+ * per group. The result equals the float64 sum of the same integers and scales to float32's
+ * rounding of the sums.
+ *
+ * Two instruction sets, chosen at run time: AVX-512 VNNI (+BW, VL) when the CPU has it,
+ * otherwise AVX2. Compiled with gemv_weight_only.c (slimline/quantize/kernels_gemv.py).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <immintrin.h>
+
+#define QBLOCK 32  /* columns sharing one activation scale */
+#define A8_MAX_ROWS 4
+#define A8_PARALLEL_MIN_WORK (1 << 18)
+
+enum { A8_SCALE_F32 = 0, A8_SCALE_F16 = 1, A8_SCALE_BF16 = 2 };
+
+static float a8_scale_at(const void *scales, int kind, int64_t i) {
+    if (kind == A8_SCALE_F16) return _cvtsh_ss(((const uint16_t *)scales)[i]);
+    if (kind == A8_SCALE_BF16) {
+        uint32_t bits = (uint32_t)((const uint16_t *)scales)[i] << 16;
+        float f;
+        memcpy(&f, &bits, 4);
+        return f;
+    }
+    return ((const float *)scales)[i];
+}
+
+/* x prepared for one layer call: per row m, xq in the kernel's column order, and per 4-byte
+ * lane of that order the scale of its block and the centring term c * sum(xq of the lane). */
+struct prepared {
+    int8_t *xq;        /* (M, K), permuted within each chunk of `width` columns (int4) */
+    float *lane_scale; /* (M, K / 4) */
+    int32_t *lane_corr;/* (M, K / 4) */
+    float *group_corr; /* (M, G): sum over the group's blocks of xs * sum(xq) */
+};
+
+/* Column of position i of a chunk of `width` columns in the kernel's order: int4 codes are
+ * split into low nibbles (even columns) then high nibbles (odd columns); int8 keep order. */
+static inline int64_t column_of(int bits, int64_t width, int64_t i) {
+    if (bits == 8) return i;
+    const int64_t half = width / 2;
+    return i < half ? 2 * i : 2 * (i - half) + 1;
+}
+
+/* Rounds x (M, K) to int8 blocks and lays it out; corr: the centring constant c (0: none).
+ * Returns 0, -1 when out of memory, 1 when x holds NaN or inf (which rounding would hide). */
+static int prepare_x(const float *x, int64_t M, int64_t K, int64_t group, int bits,
+                     int64_t width, int32_t corr, struct prepared *P) {
+    const int64_t B = K / QBLOCK, G = (K + group - 1) / group;
+    int8_t *q = malloc((size_t)K);
+    float *xs = malloc((size_t)B * sizeof(float));
+    int32_t *qsum = malloc((size_t)B * sizeof(int32_t));
+    int status = (q && xs && qsum) ? 0 : -1;
+    for (int64_t m = 0; m < M && status == 0; m++) {
+        const float *xm = x + m * K;
+        for (int64_t b = 0; b < B; b++) {
+            float amax = 0.0f;
+            for (int64_t k = b * QBLOCK; k < (b + 1) * QBLOCK; k++) {
+                const float a = fabsf(xm[k]);
+                if (!(a <= 3.4028235e38f)) status = 1; /* NaN or inf: not rounded */
+                amax = a > amax ? a : amax;
+            }
+            if (status) break;
+            const float s = amax / 127.0f;
+            int32_t total = 0;
+            for (int64_t k = b * QBLOCK; k < (b + 1) * QBLOCK; k++) {
+                const float v = s > 0.0f ? nearbyintf(xm[k] / s) : 0.0f;
+                q[k] = (int8_t)(v > 127.0f ? 127 : (v < -127.0f ? -127 : (int)v));
+                total += q[k];
+            }
+            xs[b] = s;
+            qsum[b] = total;
+        }
+        int8_t *qm = P->xq + m * K;
+        for (int64_t c0 = 0; c0 < K; c0 += width)
+            for (int64_t i = 0; i < width; i++) qm[c0 + i] = q[c0 + column_of(bits, width, i)];
+        for (int64_t lane = 0; lane < K / 4; lane++) {
+            const int64_t c0 = (4 * lane / width) * width, i = 4 * lane - c0;
+            int32_t sum = 0;
+            for (int t = 0; t < 4; t++) sum += qm[4 * lane + t];
+            P->lane_scale[m * (K / 4) + lane] = xs[(c0 + column_of(bits, width, i)) / QBLOCK];
+            P->lane_corr[m * (K / 4) + lane] = corr * sum;
+        }
+        for (int64_t g = 0; g < G; g++) {
+            const int64_t b1 = ((g + 1) * group < K ? (g + 1) * group : K) / QBLOCK;
+            float sum = 0.0f;
+            for (int64_t b = g * group / QBLOCK; b < b1; b++) sum += xs[b] * (float)qsum[b];
+            P->group_corr[m * G + g] = sum;
+        }
+    }
+    free(q);
+    free(xs);
+    free(qsum);
+    return status;
+}
+
+struct a8_layer {
+    const uint8_t *qweight;
+    const void *scales;
+    const uint8_t *zeros;
+    int64_t N, K, group;
+    int bits, scale_kind;
+};
+
+/* What the kernels share once a row of outputs is summed: the scale, and the zero-point term. */
+static inline void add_group(const struct a8_layer *L, const struct prepared *P, int64_t rows,
+                             int64_t n, int64_t g, float *scale, float *rest) {
+    const int64_t G = (L->K + L->group - 1) / L->group;
+    *scale = a8_scale_at(L->scales, L->scale_kind, n * G + g);
+    if (!L->zeros) return;
+    const float shift = (float)((1 << (L->bits - 1)) - (int)L->zeros[n * G + g]);
+    for (int64_t m = 0; m < rows; m++) rest[m] += *scale * shift * P->group_corr[m * G + g];
+}
+
+#define A8_INLINE static inline __attribute__((always_inline))
+/* Calls FN with the row count and the code width as constants (one copy of FN each). */
+#define A8_CASE(FN, R)                                          \
+    case R:                                                     \
+        if (L->bits == 4) FN(L, P, R, 4, n, out);               \
+        else FN(L, P, R, 8, n, out);                            \
+        break;
+#define A8_DISPATCH(FN) \
+    switch (rows) { A8_CASE(FN, 1) A8_CASE(FN, 2) A8_CASE(FN, 3) A8_CASE(FN, 4) default: break; }
+
+/* ---- AVX-512 VNNI: vpdpbusd, u8 (codes) x s8 (xq) -> int32, 4 products a lane ---- */
+#define VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512dq,fma")))
+
+VNNI A8_INLINE __m512i codes64(const uint8_t *p, int bits) {
+    if (bits == 8) return _mm512_loadu_si512((const void *)p);
+    const __m256i raw = _mm256_loadu_si256((const __m256i *)p); /* 64 columns */
+    const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(raw),
+                                            _mm256_srli_epi16(raw, 4), 1);
+    return _mm512_and_si512(both, _mm512_set1_epi8(0x0F));
+}
+
+VNNI A8_INLINE __m256i codes32(const uint8_t *p, int bits) {
+    if (bits == 8) return _mm256_loadu_si256((const __m256i *)p);
+    const __m128i raw = _mm_loadu_si128((const __m128i *)p); /* 32 columns */
+    const __m256i both = _mm256_inserti128_si256(_mm256_castsi128_si256(raw),
+                                                 _mm_srli_epi16(raw, 4), 1);
+    return _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
+}
+
+/* One output for ROWS rows of x, chunks of 64 columns. ROWS and BITS are constants in each
+ * copy (see row_vnni64), so the row loops unroll and the accumulators stay in registers; two
+ * accumulators a row alternate between chunks to hide the multiply-add's latency. */
+VNNI A8_INLINE void rows_vnni64(const struct a8_layer *L, const struct prepared *P,
+                                const int64_t ROWS, const int BITS, int64_t n, float *out) {
+    const int64_t K = L->K, G = (K + L->group - 1) / L->group, group = L->group, quarter = K / 4;
+    const uint8_t *row = L->qweight + n * K * BITS / 8;
+    const int8_t *xq = P->xq;
+    const int32_t *corr = P->lane_corr;
+    const float *lscale = P->lane_scale;
+    __m512 total[A8_MAX_ROWS];
+    float rest[A8_MAX_ROWS];
+    for (int64_t m = 0; m < ROWS; m++) { total[m] = _mm512_setzero_ps(); rest[m] = 0.0f; }
+    for (int64_t g = 0, k0 = 0; g < G; g++, k0 += group) {
+        const int64_t k1 = k0 + group < K ? k0 + group : K;
+        __m512 acc[2][A8_MAX_ROWS];
+        for (int64_t m = 0; m < ROWS; m++) acc[0][m] = acc[1][m] = _mm512_setzero_ps();
+        int64_t k = k0;
+        for (int parity = 0; k < k1; k += 64, parity ^= 1) {
+            const __m512i w = codes64(row + k * BITS / 8, BITS);
+            for (int64_t m = 0; m < ROWS; m++) {
+                const int64_t lane = m * quarter + k / 4;
+                __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w,
+                                                _mm512_loadu_si512((const void *)(xq + m * K + k)));
+                d = _mm512_sub_epi32(d, _mm512_loadu_si512((const void *)(corr + lane)));
+                acc[parity][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d),
+                                                 _mm512_loadu_ps(lscale + lane), acc[parity][m]);
+            }
+        }
+        float scale;
+        add_group(L, P, ROWS, n, g, &scale, rest);
+        const __m512 s = _mm512_set1_ps(scale);
+        for (int64_t m = 0; m < ROWS; m++)
+            total[m] = _mm512_fmadd_ps(_mm512_add_ps(acc[0][m], acc[1][m]), s, total[m]);
+    }
+    for (int64_t m = 0; m < ROWS; m++) out[m * L->N] = _mm512_reduce_add_ps(total[m]) + rest[m];
+}
+
+VNNI static void row_vnni64(const struct a8_layer *L, const struct prepared *P, int64_t rows,
+                            int64_t n, float *out) {
+    A8_DISPATCH(rows_vnni64)
+}
+
+/* 32 columns of centred products, one int32 lane per 4 columns: vpdpbusd on 256 bits. */
+VNNI A8_INLINE __m256i dot32_vnni(const uint8_t *p, int bits, const int8_t *xq) {
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), codes32(p, bits),
+                               _mm256_loadu_si256((const __m256i *)xq));
+}
+
+/* ---- AVX2: vpmaddubsw + vpmaddwd, 2 products a 16-bit lane, then 4 a 32-bit lane ---- */
+#define AVX2 __attribute__((target("avx2,fma,f16c")))
+
+/* Sum of products of 32 centred int8 codes (or uncentred int4 codes) with 32 xq, per lane. */
+AVX2 A8_INLINE __m256i dot32_avx2(const uint8_t *p, int bits, const int8_t *xq) {
+    const __m256i x = _mm256_loadu_si256((const __m256i *)xq);
+    __m256i pairs;
+    if (bits == 8) { /* u - 128 as int8; |w| unsigned times x with w's sign: no saturation */
+        const __m256i w = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)p),
+                                           _mm256_set1_epi8((char)0x80));
+        pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(x, w));
+    } else {
+        const __m128i raw = _mm_loadu_si128((const __m128i *)p);
+        const __m256i both = _mm256_inserti128_si256(_mm256_castsi128_si256(raw),
+                                                     _mm_srli_epi16(raw, 4), 1);
+        pairs = _mm256_maddubs_epi16(_mm256_and_si256(both, _mm256_set1_epi8(0x0F)), x);
+    }
+    return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+}
+
+VNNI static float hsum_vnni(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+AVX2 static float hsum_avx2(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* One output for ROWS rows of x in chunks of 32 columns; DOT gives a chunk's int32 lanes.
+ * As rows_vnni64: ROWS and BITS constant in each copy, two accumulators a row. */
+#define ROW32(NAME, TARGET, DOT, HSUM)                                                         \
+    TARGET A8_INLINE void NAME##_rows(const struct a8_layer *L, const struct prepared *P,     \
+                                      const int64_t ROWS, const int BITS, int64_t n,          \
+                                      float *out) {                                           \
+        const int64_t K = L->K, G = (K + L->group - 1) / L->group, group = L->group;           \
+        const int64_t quarter = K / 4;                                                         \
+        const uint8_t *row = L->qweight + n * K * BITS / 8;                                    \
+        const int8_t *xq = P->xq;                                                              \
+        const int32_t *corr = P->lane_corr;                                                    \
+        const float *lscale = P->lane_scale;                                                   \
+        __m256 total[A8_MAX_ROWS];                                                             \
+        float rest[A8_MAX_ROWS];                                                               \
+        for (int64_t m = 0; m < ROWS; m++) { total[m] = _mm256_setzero_ps(); rest[m] = 0.0f; } \
+        for (int64_t g = 0, k0 = 0; g < G; g++, k0 += group) {                                 \
+            const int64_t k1 = k0 + group < K ? k0 + group : K;                                \
+            __m256 acc[2][A8_MAX_ROWS];                                                        \
+            for (int64_t m = 0; m < ROWS; m++) acc[0][m] = acc[1][m] = _mm256_setzero_ps();    \
+            int64_t k = k0;                                                                    \
+            for (int parity = 0; k < k1; k += 32, parity ^= 1) {                               \
+                for (int64_t m = 0; m < ROWS; m++) {                                           \
+                    const int64_t lane = m * quarter + k / 4;                                  \
+                    __m256i d = DOT(row + k * BITS / 8, BITS, xq + m * K + k);                 \
+                    d = _mm256_sub_epi32(d, _mm256_loadu_si256((const __m256i *)(corr + lane))); \
+                    acc[parity][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d),                    \
+                                                     _mm256_loadu_ps(lscale + lane),           \
+                                                     acc[parity][m]);                          \
+                }                                                                              \
+            }                                                                                  \
+            float scale;                                                                       \
+            add_group(L, P, ROWS, n, g, &scale, rest);                                         \
+            const __m256 s = _mm256_set1_ps(scale);                                            \
+            for (int64_t m = 0; m < ROWS; m++)                                                 \
+                total[m] = _mm256_fmadd_ps(_mm256_add_ps(acc[0][m], acc[1][m]), s, total[m]);  \
+        }                                                                                      \
+        for (int64_t m = 0; m < ROWS; m++) out[m * L->N] = HSUM(total[m]) + rest[m];          \
+    }                                                                                          \
+    TARGET static void NAME(const struct a8_layer *L, const struct prepared *P, int64_t rows,  \
+                            int64_t n, float *out) {                                           \
+        A8_DISPATCH(NAME##_rows)                                                               \
+    }
+
+ROW32(row_avx2, AVX2, dot32_avx2, hsum_avx2)
+ROW32(row_vnni32, VNNI, dot32_vnni, hsum_vnni)
+
+/* Which kernel this CPU runs: 2 = AVX-512 VNNI, 1 = AVX2, 0 = none. */
+int slimline_gemv_a8_isa(void) {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw")
+        && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+        return 2;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 1;
+    return 0;
+}
+
+/* out (M, N) = (x rounded to int8 blocks) (M, K) @ dequant(W)^T, for bits 4 or 8, K a
+ * multiple of 32, group a multiple of 32 or >= K. isa: 0 for the best this CPU has, or 1
+ * (AVX2) / 2 (AVX-512 VNNI) to ask for one (tests run both on one machine). Returns 0; 1 when
+ * x holds NaN or inf (nothing written: the caller takes the float32 kernel, which carries
+ * them); -1 for arguments it does not handle (the caller checks them first), an instruction
+ * set the CPU lacks, or a failed allocation. */
+int slimline_gemv_a8(const float *x, int64_t M, int64_t K, const uint8_t *qweight, int64_t N,
+                     int bits, int64_t group, const void *scales, int scale_kind,
+                     const uint8_t *zeros, float *out, int isa) {
+    const int best = slimline_gemv_a8_isa();
+    if (isa == 0) isa = best;
+    if ((bits != 4 && bits != 8) || M < 1 || N < 1 || K < QBLOCK || K % QBLOCK || isa < 1
+        || isa > best)
+        return -1;
+    if (group > K) group = K;
+    if (group < QBLOCK || group % QBLOCK) return -1;
+    const int64_t G = (K + group - 1) / group;
+    /* Chunks of 64 columns (one zmm of codes) where groups hold whole chunks; else 32. */
+    const int64_t width = (isa == 2 && group % 64 == 0) ? 64 : 32;
+    /* Centring per lane: the codes' offset c, except where AVX2 centres int8 in registers. */
+    const int32_t corr = (isa == 1 && bits == 8) ? 0 : (1 << (bits - 1));
+    struct prepared P;
+    P.xq = malloc((size_t)(M * K));
+    P.lane_scale = malloc((size_t)(M * K / 4) * sizeof(float));
+    P.lane_corr = malloc((size_t)(M * K / 4) * sizeof(int32_t));
+    P.group_corr = malloc((size_t)(M * G) * sizeof(float));
+    int status = 0;
+    if (!P.xq || !P.lane_scale || !P.lane_corr || !P.group_corr) {
+        status = -1;
+        goto done;
+    }
+    status = prepare_x(x, M, K, group, bits, width, corr, &P);
+    if (status != 0) goto done;
+    const struct a8_layer L = {qweight, scales, zeros, N, K, group, bits, scale_kind};
+    for (int64_t m0 = 0; m0 < M; m0 += A8_MAX_ROWS) {
+        const int64_t rows = M - m0 < A8_MAX_ROWS ? M - m0 : A8_MAX_ROWS;
+        struct prepared Pm = {P.xq + m0 * K, P.lane_scale + m0 * (K / 4),
+                              P.lane_corr + m0 * (K / 4), P.group_corr + m0 * G};
+        const int64_t block = 16; /* outputs per task */
+#pragma omp parallel for schedule(static) if (N * K * rows >= A8_PARALLEL_MIN_WORK)
+        for (int64_t n0 = 0; n0 < N; n0 += block) {
+            const int64_t n1 = n0 + block < N ? n0 + block : N;
+            for (int64_t n = n0; n < n1; n++) {
+                float *o = out + m0 * N + n;
+                if (isa == 1) row_avx2(&L, &Pm, rows, n, o);
+                else if (width == 64) row_vnni64(&L, &Pm, rows, n, o);
+                else row_vnni32(&L, &Pm, rows, n, o);
+            }
+        }
+    }
+done:
+    free(P.xq);
+    free(P.lane_scale);
+    free(P.lane_corr);
+    free(P.group_corr);
+    return status;
+}
