@@ -25,19 +25,20 @@ ISAS = ["avx2"] + (["avx512_vnni"] if gemv._library().isa == "avx512_vnni" else 
 
 
 def textbook_rounding(x: torch.Tensor) -> torch.Tensor:
-    """x (M, K) rounded block by block, in float64: d = max|x|/127 (as float32 computes it),
-    q = nearest integer to x/d, ties to even; returned as q·d."""
+    """x (M, K) rounded block by block, in float64: d = max|x|/127, q = nearest integer to
+    x·(127/max|x|), ties to even (both factors as float32 computes them); returned as q·d."""
     out = torch.zeros(x.shape, dtype=torch.float64)
     for m in range(x.shape[0]):
         for b in range(0, x.shape[1], 32):
             block = x[m, b : b + 32]
-            d = (block.abs().max() / 127).item()  # float32 division, as the kernel does
-            if d == 0:
+            top = block.abs().max()
+            if top == 0:
                 continue
+            d, inv = float(top / 127), torch.tensor(127, dtype=torch.float32) / top  # float32
             for j, v in enumerate(block.tolist()):
-                ratio = torch.tensor(v, dtype=torch.float32) / torch.tensor(d, dtype=torch.float32)
+                ratio = torch.tensor(v, dtype=torch.float32) * inv  # a float32 product
                 q = round(float(ratio))  # Python's round: ties to even
-                out[m, b + j] = max(-127, min(127, q)) * float(torch.tensor(d, dtype=torch.float32))
+                out[m, b + j] = max(-127, min(127, q)) * d
     return out
 
 
@@ -45,7 +46,7 @@ def test_round_activations_is_the_textbook_rounding() -> None:
     torch.manual_seed(0)
     x = torch.randn(3, 96) * torch.tensor([0.01, 1.0, 300.0]).repeat_interleave(32)
     x[1, 32:64] = 0.0  # an all-zero block: scale 0, codes 0
-    x[2, 5] = 2.5 * (x[2, :32].abs().max() / 127)  # a tie, up to float32's rounding of it
+    x[2, 5] = 2.5 * x[2, :32].abs().max() / 127  # near a tie
     q, s = gemv.round_activations(x)
     assert q.dtype == torch.int8 and s.shape == (3, 3)
     rebuilt = (q.double().unflatten(-1, (-1, 32)) * s.double().unsqueeze(-1)).flatten(-2)
@@ -70,7 +71,8 @@ def _layer(n: int, k: int, bits: int, group_size: int | None, symmetric: bool,
     [(37, 256, 4, 128, False, None), (64, 256, 4, 128, True, None),
      (21, 192, 4, 32, True, torch.bfloat16), (33, 96, 8, None, True, None),
      (17, 320, 8, 64, False, torch.float32), (40, 160, 4, None, False, None),
-     (48, 384, 4, 96, True, None), (9, 64, 8, 32, True, torch.bfloat16)],
+     (48, 384, 4, 96, True, None), (9, 64, 8, 32, True, torch.bfloat16),
+     (19, 384, 4, None, True, torch.float16), (11, 512, 4, 256, False, None)],
 )  # fmt: skip
 @pytest.mark.parametrize("rows", [1, 4, 7])
 def test_equals_rounded_activations_times_textbook_weight(

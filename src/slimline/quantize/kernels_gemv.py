@@ -249,12 +249,14 @@ def _finish(out: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor, n: in
 def round_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x (..., K) rounded as the int8-activation kernel rounds it, in blocks of 32 columns:
     ``(q, s)`` with ``s = max|x_block| / 127`` (float32, (..., K/32)) and
-    ``q = round_half_even(x / s)`` (int8, (..., K)); all-zero blocks give ``s = 0, q = 0``.
+    ``q = round_half_even(x · (127 / max|x_block|))`` (int8, (..., K)), the multiplier a
+    float32 division (so the kernel vectorises it); all-zero blocks give ``s = 0, q = 0``.
     The reference the kernel's tests and accuracy figures use (llama.cpp's Q8_0 of x)."""
     blocks = x.to(torch.float32).unflatten(-1, (-1, A8_BLOCK))
-    s = blocks.abs().amax(dim=-1, keepdim=True) / 127
-    q = torch.where(s > 0, torch.round(blocks / torch.where(s > 0, s, 1)), 0).clamp(-127, 127)
-    return q.to(torch.int8).flatten(-2), s.squeeze(-1)
+    top = blocks.abs().amax(dim=-1, keepdim=True)
+    inv = torch.where(top > 0, 127 / torch.where(top > 0, top, 1), 0)
+    q = torch.round(blocks * inv).clamp(-127, 127)
+    return q.to(torch.int8).flatten(-2), (top / 127).squeeze(-1)
 
 
 @functools.cache
