@@ -53,12 +53,14 @@ class Textbook:
 
 
 def _layer(n: int, k: int, bits: int, group_size: int | None, symmetric: bool,
-           scale_dtype: torch.dtype | None = None) -> tuple[QuantLinear, Textbook]:
+           scale_dtype: torch.dtype | None = None,
+           decode_activations: str = "float") -> tuple[QuantLinear, Textbook]:
     linear = nn.Linear(k, n)
     q, scales, zeros = quantize_groups(linear.weight, bits, group_size, symmetric,
                                        scale_dtype=scale_dtype)
     layer = QuantLinear.from_codes(q, scales, zeros, bias=linear.bias, bits=bits,
-                                   group_size=group_size, symmetric=symmetric)
+                                   group_size=group_size, symmetric=symmetric,
+                                   decode_activations=decode_activations)  # fmt: skip
     return layer, Textbook(linear.weight, bits, group_size, symmetric, scale_dtype)
 
 

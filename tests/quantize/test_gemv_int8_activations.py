@@ -17,6 +17,7 @@ from slimline.quantize import kernels_gemv as gemv
 from slimline.quantize.packing import quantize_groups
 from slimline.quantize.qlinear import GEMV_MAX_ROWS, QuantLinear
 from tests.quantize.test_gemv import Textbook
+from tests.quantize.test_gemv import _layer as gemv_layer
 
 pytestmark = pytest.mark.skipif(
     gemv.library_problem() != "", reason=f"no gemv kernel here: {gemv.library_problem()}"
@@ -56,13 +57,7 @@ def test_round_activations_is_the_textbook_rounding() -> None:
 
 def _layer(n: int, k: int, bits: int, group_size: int | None, symmetric: bool,
            scale_dtype: torch.dtype | None = None) -> tuple[QuantLinear, Textbook]:
-    linear = nn.Linear(k, n)
-    q, scales, zeros = quantize_groups(linear.weight, bits, group_size, symmetric,
-                                       scale_dtype=scale_dtype)
-    layer = QuantLinear.from_codes(q, scales, zeros, bias=linear.bias, bits=bits,
-                                   group_size=group_size, symmetric=symmetric,
-                                   decode_activations="int8")  # fmt: skip
-    return layer, Textbook(linear.weight, bits, group_size, symmetric, scale_dtype)
+    return gemv_layer(n, k, bits, group_size, symmetric, scale_dtype, decode_activations="int8")
 
 
 @pytest.mark.parametrize("isa", ISAS)

@@ -51,6 +51,7 @@ SOURCE = Path(__file__).with_name("csrc") / "gemv_weight_only.c"
 SOURCE_A8 = Path(__file__).with_name("csrc") / "gemv_int8_activations.c"
 A8_BLOCK = 32  # columns of x sharing one int8 scale
 A8_ISAS = {1: "avx2", 2: "avx512_vnni"}  # the int8-activation kernel's instruction sets
+_A8_ISA_CODES = {name: code for code, name in A8_ISAS.items()}
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 GEMV_BITS = (4, 8)
 _SCALE_KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -219,7 +220,7 @@ def _gemv(
             rows.data_ptr(), rows.shape[0], k, qweight.data_ptr(), n, bits, group,
             scales.data_ptr(), _SCALE_KINDS[scales.dtype],
             None if zeros is None else zeros.contiguous().data_ptr(), out.data_ptr(),
-            {name: code for code, name in A8_ISAS.items()}.get(isa, 0),
+            _A8_ISA_CODES.get(isa, 0),
         )  # fmt: skip
         if status == 0:
             return _finish(out, bias, x, n)

@@ -298,14 +298,8 @@ AVX2 A8_INLINE __m256i dot32_avx2(const uint8_t *p, int bits, const int8_t *xq) 
     return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
 }
 
-VNNI static float hsum_vnni(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
-AVX2 static float hsum_avx2(__m256 v) {
+/* Both kernels' horizontal sum (AVX2 code inlines into the AVX-512 one too). */
+AVX2 static inline float hsum8(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
@@ -362,8 +356,8 @@ AVX2 static float hsum_avx2(__m256 v) {
         A8_DISPATCH(NAME##_rows)                                                               \
     }
 
-ROW32(row_avx2, AVX2, dot32_avx2, hsum_avx2)
-ROW32(row_vnni32, VNNI, dot32_vnni, hsum_vnni)
+ROW32(row_avx2, AVX2, dot32_avx2, hsum8)
+ROW32(row_vnni32, VNNI, dot32_vnni, hsum8)
 
 /* Which kernel this CPU runs: 2 = AVX-512 VNNI, 1 = AVX2, 0 = none. */
 int slimline_gemv_a8_isa(void) {
