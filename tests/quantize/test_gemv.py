@@ -157,6 +157,27 @@ def test_save_load_keeps_bytes_and_output(tmp_path) -> None:
     assert torch.equal(loaded(x), out)
 
 
+def test_a_prepared_call_follows_the_buffers_it_reads() -> None:
+    """The decode call kept per layer sees new values loaded in place, a replaced buffer, a
+    move (``.to``) and survives deepcopy — never a stale pointer."""
+    import copy
+
+    layer, _ = _layer(24, 64, 4, 32, True)
+    other, _ = _layer(24, 64, 4, 32, True)
+    x = torch.randn(1, 64)
+    layer(x)
+    assert layer._decode_call(x) is not None
+    layer.load_state_dict(other.state_dict())
+    torch.testing.assert_close(layer(x), F.linear(x, other.dequantized_weight(), other.bias))
+    third, _ = _layer(24, 64, 4, 32, True)
+    layer.qweight, layer.scales = third.qweight.clone(), third.scales.clone()
+    layer.bias = third.bias.clone()
+    torch.testing.assert_close(layer(x), F.linear(x, third.dequantized_weight(), third.bias))
+    twin = copy.deepcopy(layer)
+    layer.to(torch.float64).to(torch.float32)  # _apply: buffers may move
+    torch.testing.assert_close(twin(x), layer(x))
+
+
 def test_flop_counter_sees_the_kernel() -> None:
     layer, _ = _layer(64, 128, 4, 64, True)
     with FlopCounterMode(display=False) as counter:

@@ -149,6 +149,36 @@ def test_sampling_uses_the_processors_generate_builds(tiny_llama) -> None:
     assert torch.equal(sampled, greedy(tiny_llama, ids, 16))
 
 
+def test_greedy_processors_are_applied_at_every_verified_position(tiny_llama) -> None:
+    """A repetition penalty and min_new_tokens change greedy picks by prefix: the loop applies
+    them (called member by member) position by position, as generate does step by step."""
+    fast = speculative(tiny_llama, gamma=4)
+    kwargs = {"repetition_penalty": 3.0, "min_new_tokens": 16}
+    for ids in prompts(128):
+        assert torch.equal(greedy(fast, ids, 16, **kwargs), greedy(tiny_llama, ids, 16, **kwargs))
+
+
+def test_processors_needing_more_than_the_scores_keep_the_lists_own_call() -> None:
+    from transformers import LogitsProcessorList
+
+    from slimline.speculative.generate import _applied_in_order
+
+    class Scaled:
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+            return scores * input_ids.shape[1]
+
+    class NeedsMore:
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, extra: int) -> torch.Tensor:
+            return scores + extra
+
+    ids, scores = torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 5)
+    plain = LogitsProcessorList([Scaled(), Scaled()])
+    assert torch.equal(_applied_in_order(plain)(ids, scores), plain(ids, scores))
+    assert _applied_in_order(plain) is not plain
+    needs = LogitsProcessorList([Scaled(), NeedsMore()])
+    assert _applied_in_order(needs) is needs
+
+
 # ---------------------------------------------------------------- what is measured
 
 

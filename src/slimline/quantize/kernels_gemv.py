@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torch.utils.flop_counter import register_flop_formula
 
 from slimline.models.cache import cache_root
@@ -180,7 +181,7 @@ def gemv_linear(
     :func:`a8_unsupported`), as llama.cpp's Q4_0/Q8_0 dot products round it, and the products
     are summed in integers; rows holding NaN or inf take the float32 kernel, which carries them.
     """
-    if torch.compiler.is_compiling() or _dispatch_mode_active():
+    if torch.compiler.is_compiling() or dispatch_mode_active():
         out: torch.Tensor = torch.ops.slimline_kernels.gemv(
             x, qweight, scales, zeros, bias, bits, group, int8_activations
         )
@@ -188,10 +189,8 @@ def gemv_linear(
     return _gemv(x, qweight, scales, zeros, bias, bits, group, int8_activations)
 
 
-def _dispatch_mode_active() -> bool:
+def dispatch_mode_active() -> bool:
     """Whether a TorchDispatchMode (e.g. FlopCounterMode) watches: it must see an op."""
-    from torch.utils._python_dispatch import _get_current_dispatch_mode
-
     return _get_current_dispatch_mode() is not None
 
 
@@ -208,43 +207,95 @@ def _gemv(
 ) -> torch.Tensor:
     """The kernel call; ``isa`` ("avx2", "avx512_vnni") picks the int8-activation kernel's
     instruction set instead of the best the CPU has (for tests)."""
-    library = _library()
-    if library.function is None:
-        raise RuntimeError(library.reason)
-    n, k = scales.shape[0], x.shape[-1]
-    rows = x.reshape(-1, k).to(torch.float32).contiguous()  # (M, K)
-    out = torch.empty(rows.shape[0], n, dtype=torch.float32)
-    if int8_activations and library.int8_activations is not None:
-        scales = scales.contiguous()
-        status = library.int8_activations(
-            rows.data_ptr(), rows.shape[0], k, qweight.data_ptr(), n, bits, group,
-            scales.data_ptr(), _SCALE_KINDS[scales.dtype],
-            None if zeros is None else zeros.contiguous().data_ptr(), out.data_ptr(),
-            _A8_ISA_CODES.get(isa, 0),
-        )  # fmt: skip
-        if status == 0:
-            return _finish(out, bias, x, n)
-        if status != 1:  # 1: NaN or inf in x, which the float32 kernel below carries
-            raise ValueError(f"int8-activation gemv refused bits={bits}, K={k}, group={group}")
-    function = library.function
-    zeros = None if zeros is None else zeros.contiguous()
-    xsum = None if zeros is None else torch.empty(rows.shape[0], scales.shape[1])
-    scales = scales.contiguous()
-    status = function(
-        rows.data_ptr(), rows.shape[0], k, qweight.data_ptr(), n, bits, group,
-        scales.data_ptr(), _SCALE_KINDS[scales.dtype],
-        None if zeros is None else zeros.data_ptr(), None if xsum is None else xsum.data_ptr(),
-        out.data_ptr(),
+    call = GemvCall(
+        qweight, scales, zeros, bias, in_features=x.shape[-1], bits=bits, group=group,
+        int8_activations=int8_activations, isa=isa,
     )  # fmt: skip
-    if status != 0:
-        raise ValueError(f"gemv kernel refused bits={bits}, K={k}, group={group}")
-    return _finish(out, bias, x, n)
+    return call(x)
 
 
-def _finish(out: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor, n: int) -> torch.Tensor:
-    if bias is not None:
-        out += bias
-    return out.to(x.dtype).reshape(*x.shape[:-1], n)
+class GemvCall:
+    """One layer's kernel call with its constant arguments resolved once.
+
+    At batch 1 a decode step calls the kernel once per linear layer for a few microseconds of
+    work each, so the checks, ``.contiguous()`` copies and argument conversions around the
+    call are a measurable share of a token; ``QuantLinear`` keeps one of these per x dtype
+    and pays them once. It holds the tensors whose pointers it passes, so they stay alive.
+    """
+
+    def __init__(
+        self,
+        qweight: torch.Tensor,
+        scales: torch.Tensor,
+        zeros: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        *,
+        in_features: int,
+        bits: int,
+        group: int,
+        int8_activations: bool = False,
+        isa: str = "",
+    ) -> None:
+        library = _library()
+        if library.function is None:
+            raise RuntimeError(library.reason)
+        self._sources = (qweight, scales, bias)
+        self.qweight, self.bias = qweight, bias
+        self.scales = scales.contiguous()
+        self.zeros = None if zeros is None else zeros.contiguous()
+        self.k, self.n, self.groups = in_features, scales.shape[0], scales.shape[1]
+        self.bits, self.group = bits, group
+        zeros_ptr = None if self.zeros is None else self.zeros.data_ptr()
+        # The arguments between M and the output pointer(s), in the C functions' order.
+        kind = _SCALE_KINDS[self.scales.dtype]
+        self._args = (in_features, qweight.data_ptr(), self.n, bits, group,
+                      self.scales.data_ptr(), kind, zeros_ptr)  # fmt: skip
+        self._float = library.function
+        self._a8 = library.int8_activations if int8_activations else None
+        self._isa = _A8_ISA_CODES.get(isa, 0)
+
+    def reads(
+        self, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
+    ) -> bool:
+        """Whether this call was prepared from these very tensors (not replaced since)."""
+        return (
+            self._sources[0] is qweight and self._sources[1] is scales
+            and self._sources[2] is bias
+        )  # fmt: skip
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.k)
+        if rows.dtype != torch.float32:
+            rows = rows.to(torch.float32)
+        rows = rows.contiguous()  # (M, K)
+        m = rows.shape[0]
+        out = torch.empty(m, self.n, dtype=torch.float32)
+        if self._a8 is not None:
+            status = self._a8(rows.data_ptr(), m, *self._args, out.data_ptr(), self._isa)
+            if status == 0:
+                return self._finish(out, x)
+            if status != 1:  # 1: NaN or inf in x, which the float32 kernel below carries
+                raise ValueError(
+                    f"int8-activation gemv refused bits={self.bits}, K={self.k}, "
+                    f"group={self.group}"
+                )
+        xsum = None if self.zeros is None else torch.empty(m, self.groups)
+        status = self._float(
+            rows.data_ptr(), m, *self._args, None if xsum is None else xsum.data_ptr(),
+            out.data_ptr(),
+        )  # fmt: skip
+        if status != 0:
+            raise ValueError(
+                f"gemv kernel refused bits={self.bits}, K={self.k}, group={self.group}"
+            )
+        return self._finish(out, x)
+
+    def _finish(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if self.bias is not None:
+            out += self.bias
+        if x.dtype != torch.float32:
+            out = out.to(x.dtype)
+        return out.view(*x.shape[:-1], self.n)
 
 
 def round_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -120,11 +120,13 @@ class _KernelCacheMixin(nn.Module):
 
     def _init_cache(self) -> None:
         self._derived: dict[str, torch.Tensor] = {}
+        self._calls: dict[tuple[torch.dtype, str], gemv.GemvCall | None] = {}
         self.register_load_state_dict_post_hook(_refresh_after_load)
 
     def refresh_kernels(self) -> None:
-        """Forget derived layouts; called after the buffers change."""
+        """Forget derived layouts and prepared kernel calls; called after the buffers change."""
         self._derived = {}
+        self._calls = {}
 
     def _apply(self, fn: Any, recurse: bool = True) -> nn.Module:
         out = super()._apply(fn, recurse)
@@ -134,6 +136,7 @@ class _KernelCacheMixin(nn.Module):
     def __getstate__(self) -> dict[str, Any]:
         state: dict[str, Any] = super().__getstate__()
         state["_derived"] = {}
+        state["_calls"] = {}
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -336,6 +339,9 @@ class QuantLinear(LogicalWeightCounts, _KernelCacheMixin):
         return problem or gemv.library_problem()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        call = self._decode_call(x)
+        if call is not None:
+            return call(x)
         path = self.kernel_path(x)
         if path in ("gemv", "gemv_a8"):
             return gemv.gemv_linear(
@@ -353,6 +359,36 @@ class QuantLinear(LogicalWeightCounts, _KernelCacheMixin):
             weight = self._derive("int8_weight", self._int8_weight)
             return kernels.int8pack_linear(x, weight, self.scales[:, 0], self.bias)
         return kernels.dequant_linear(x, self.dequantized_weight(x.dtype), self.bias)
+
+    def _decode_call(self, x: torch.Tensor) -> gemv.GemvCall | None:
+        """The prepared gemv call for an eager decode-sized call (None: ``kernel_path`` decides).
+
+        The path for an x dtype is fixed by the layer and the machine, so it is chosen once
+        (with ``kernel_path``'s warnings) and kept with its arguments until the buffers change.
+        """
+        if (
+            not x.is_cpu
+            or x.numel() > GEMV_MAX_ROWS * self.in_features
+            or (x.requires_grad and torch.is_grad_enabled())
+            or torch.compiler.is_compiling()
+            or gemv.dispatch_mode_active()
+        ):
+            return None
+        key = (x.dtype, self.decode_activations)
+        if key not in self._calls:
+            path = self.kernel_path(x)
+            self._calls[key] = None
+            if path in ("gemv", "gemv_a8"):
+                self._calls[key] = gemv.GemvCall(
+                    self.qweight, self.scales, self.zeros, self.bias,
+                    in_features=self.in_features, bits=self.bits, group=self.group,
+                    int8_activations=path == "gemv_a8",
+                )  # fmt: skip
+        call = self._calls[key]
+        if call is not None and not call.reads(self.qweight, self.scales, self.bias):
+            self.refresh_kernels()  # a buffer was replaced by assignment
+            return self._decode_call(x)
+        return call
 
     def _derive(self, key: str, make: Callable[[], torch.Tensor]) -> torch.Tensor:
         tensor = self._derived.get(key)
