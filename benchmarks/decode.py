@@ -9,8 +9,10 @@ process, each row a fresh copy of the model, runs interleaved A B C … after a 
   activations: what a recipe of just ``rtn`` gives); ``int4-half``: ``rtn`` int4 g128 then
   ``half`` (bfloat16 activations); ``int8-a8`` / ``int4-a8`` / ``int4-g32-a8``: the same
   grids (g32: Q4_0's) with ``decode_activations: int8`` (x rounded to int8 in blocks of 32,
-  integer dot products: llama.cpp's arithmetic). Quantizers take slimline's default targets (every Linear
-  but the output head; ``--quantize-head`` takes the head too);
+  integer dot products: llama.cpp's arithmetic); ``gptq8-a8`` / ``gptq4-a8``: ``gptq`` weights
+  on those grids (calibration: code-llama-tiny's train split, or 8 x 128 random tokens for
+  llama-1b-random), int8 activations. Quantizers take slimline's default targets (every
+  Linear but the output head; ``--quantize-head`` takes the head too);
 - ``llama.cpp-f16`` / ``-q8_0`` / ``-q4_0``: the anchor, llama.cpp through llama-cpp-python on
   the same float32 weights, written by ``sl.export(format="gguf")`` (cached under
   ``$SLIMLINE_CACHE/gguf``; ``llama-1b-random`` takes code-llama-tiny's tokenizer, which
@@ -56,7 +58,13 @@ import torch
 from torch import nn
 
 import slimline as sl
-from benchmarks.harness import conditions_line, markdown_table, print_table, write_section
+from benchmarks.harness import (
+    conditions_line,
+    isa_suffix,
+    markdown_table,
+    print_table,
+    write_section,
+)
 from benchmarks.peers import settle_memory
 from slimline.evaluate.bandwidth import (
     bandwidth_bound,
@@ -72,6 +80,8 @@ RTN8 = {"method": "rtn", "bits": 8, "group_size": None}
 RTN4 = {"method": "rtn", "bits": 4, "group_size": 128}
 A8 = {"decode_activations": "int8"}
 HALF = {"method": "half", "dtype": "bfloat16"}
+GPTQ8 = {"method": "gptq", "bits": 8, "group_size": None}
+GPTQ4 = {"method": "gptq", "bits": 4, "group_size": 128}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +104,8 @@ VARIANTS: dict[str, Variant] = {
     "int4-a8": Variant("slimline rtn int4 g128, int8 activations", ({**RTN4, **A8},)),
     "int4-g32-a8": Variant("slimline rtn int4 g32, int8 activations",
                            ({**RTN4, "group_size": 32, **A8},)),
+    "gptq8-a8": Variant("slimline gptq int8 per-channel, int8 activations", ({**GPTQ8, **A8},)),
+    "gptq4-a8": Variant("slimline gptq int4 g128, int8 activations", ({**GPTQ4, **A8},)),
     "llama.cpp-f16": Variant("llama.cpp f16", gguf="f16"),
     "llama.cpp-q8_0": Variant("llama.cpp Q8_0", gguf="q8_0"),
     "llama.cpp-q4_0": Variant("llama.cpp Q4_0", gguf="q4_0"),
@@ -156,19 +168,26 @@ def prepare(row: str, model: nn.Module, args: argparse.Namespace) -> nn.Module:
     steps = [dict(s) for s in variant.steps]
     if args.quantize_head:
         for step in steps:
-            if step["method"] == "rtn":
+            if step["method"] in ("rtn", "gptq"):
                 step["targets"] = {"include": ["*"]}
     if speculates:
         steps.append({"method": "speculative", "mode": args.speculative, "gamma": args.gamma})
     if not steps:
         return model
-    return sl.compress(model, {"steps": steps}, calibration=calibration(args),
+    calibrated = any(step["method"] == "gptq" for step in steps)
+    return sl.compress(model, {"steps": steps}, calibration=calibration(args, calibrated),
                        inplace=True).model
 
 
-def calibration(args: argparse.Namespace) -> list[Any] | None:
-    """Train batches for a speculative ``self`` row (its skipped blocks), else None."""
-    if args.speculative != "self" or args.model == "llama-1b-random":
+def calibration(args: argparse.Namespace, calibrated: bool = False) -> list[Any] | None:
+    """Train batches for a gptq row (``calibrated``: 8 x 128 random tokens for
+    llama-1b-random, whose weights are random anyway) or a speculative ``self`` row (its
+    skipped blocks), else None."""
+    if calibrated and args.model == "llama-1b-random":
+        from slimline.models.llama_random import SHAPES, random_tokens
+
+        return [random_tokens(SHAPES["full"].vocab_size, sequences=8, length=128, seed=1)]
+    if not calibrated and (args.speculative != "self" or args.model == "llama-1b-random"):
         return None
     from slimline.models import load_builtin
 
@@ -315,6 +334,7 @@ def measure_rows(args: argparse.Namespace) -> dict[tuple[str, str], dict[str, An
     for key in row_names(args):
         start = time.perf_counter()
         built[key] = build_row(args, *key)
+        settle_memory()  # hand back the heap the float32 copy used: every row stays resident
         results[key] = {"bytes": built[key].bytes, "path": built[key].path,
                         "build_s": time.perf_counter() - start, "prefill": [], "tps": []}
         print(f"built {key[0]} ({key[1]}) in {results[key]['build_s']:.1f} s", flush=True)
@@ -393,7 +413,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--rows", default=",".join(VARIANTS), help=f"comma list of {list(VARIANTS)}")
     parser.add_argument("--modes", default="dynamic", help=f"comma list of {list(MODES)}")
-    parser.add_argument("--quantize-head", action="store_true", help="rtn quantizes the output head too")
+    parser.add_argument("--quantize-head", action="store_true", help="rtn and gptq quantize the output head too")
     parser.add_argument("--memory", action="store_true", help="peak RSS of each row in a child process")
     parser.add_argument("--speculative", choices=("prompt_lookup", "self", "draft"), default=None,
                         help="each slimline row again with this speculative mode")
@@ -427,7 +447,7 @@ def main() -> None:
              f" (medians {medians} GB/s, before and after the rows); the bound divides it by each row's weight bytes per token.\n")
     print(notes)
     if not args.no_write:
-        write_section(f"decode-{args.model}-{args.threads}t", f"{title}, {args.threads} thread(s)",
+        write_section(f"decode-{args.model}-{args.threads}t{isa_suffix()}", f"{title}, {args.threads} thread(s)",
                       notes + "\n" + markdown_table(header, rows))
 
 

@@ -33,7 +33,13 @@ import torch
 from torch import nn
 
 import slimline as sl
-from benchmarks.harness import conditions_line, markdown_table, print_table, write_section
+from benchmarks.harness import (
+    conditions_line,
+    isa_suffix,
+    markdown_table,
+    print_table,
+    write_section,
+)
 from slimline.models import load_builtin
 from slimline.models.cache import cache_root
 
@@ -154,7 +160,7 @@ def main() -> None:
         f"batches). Fixed gamma {gamma}; transformers' assisted decoding adapts its own draft length.",
         markdown_table(header, rows),
     ])
-    write_section(SECTION, TITLE, body)
+    write_section(SECTION + isa_suffix(), TITLE, body)
 
 
 if __name__ == "__main__":

@@ -50,18 +50,22 @@ def obs_sweep(
     """
     if block_size < 1:
         raise ValueError(f"block_size must be ≥ 1, got {block_size}")
-    w = weight.clone()
-    k = w.shape[1]
+    # Worked on transposed, (K, N): a column of the weight is a contiguous row, so the
+    # column-at-a-time reads and rank-1 updates stream memory instead of striding across N
+    # rows (on CPU the strided form spent most of the sweep in cache misses).
+    wt = weight.t().contiguous()
+    w = wt.t()  # the (N, K) view ``decide`` reads
+    k = wt.shape[0]
     for start in range(0, k, block_size):
         end = min(start + block_size, k)
-        w_block, hinv_block = w[:, start:end], hinv[start:end, start:end]  # views
-        errors = torch.zeros_like(w_block)
+        block, hinv_block = wt[start:end], hinv[start:end, start:end]  # views
+        errors = torch.zeros_like(block)  # (b, N)
         for i in range(end - start):
-            col = w_block[:, i]
+            col = block[i]
             new = decide(start + i, w).clone()  # not a view of the column it replaces
             err = (col - new) / hinv_block[i, i]  # (N,)
-            w_block[:, i:] -= err.unsqueeze(1) * hinv_block[i, i:].unsqueeze(0)
-            w_block[:, i] = new
-            errors[:, i] = err
-        w[:, end:] -= errors @ hinv[start:end, end:]
-    return w
+            block[i:] -= hinv_block[i, i:].unsqueeze(1) * err.unsqueeze(0)
+            block[i] = new
+            errors[i] = err
+        wt[end:] -= hinv[start:end, end:].t() @ errors
+    return w.contiguous()

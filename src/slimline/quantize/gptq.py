@@ -112,7 +112,7 @@ def gptq_quantize_weight(
         perm = torch.arange(w.shape[1])
     w, h = w[:, perm], h[perm][:, perm]
     hinv = inverse_hessian_factor(h, cfg.dampening)
-    codes = torch.zeros_like(w)
+    codes = torch.zeros(w.shape[1], w.shape[0])  # (K, N): one contiguous row a column
 
     def decide(j: int, w_now: torch.Tensor) -> torch.Tensor:
         col = int(perm[j])  # the column's index in the original order
@@ -121,12 +121,12 @@ def gptq_quantize_weight(
             # block lack its lazy update, as in the reference).
             grids.fix(col // grids.group, w_now[:, col:col + grids.group])
         q, deq = quantize_column(w_now[:, j], *grids.of(col), cfg.bits)
-        codes[:, j] = q
+        codes[j] = q
         return deq
 
     obs_sweep(w, hinv, cfg.block_size, decide)
     code_dtype = torch.int8 if cfg.symmetric else torch.uint8
-    return grids.stored(codes[:, torch.argsort(perm)].to(code_dtype))
+    return grids.stored(codes.t()[:, torch.argsort(perm)].to(code_dtype))
 
 
 class _GroupGrids:
