@@ -239,8 +239,7 @@ class GemvCall:
         library = _library()
         if library.function is None:
             raise RuntimeError(library.reason)
-        self._sources = (qweight, scales, bias)
-        self.qweight, self.bias = qweight, bias
+        self.qweight, self.bias, self._given_scales = qweight, bias, scales
         self.scales = scales.contiguous()
         self.zeros = None if zeros is None else zeros.contiguous()
         self.k, self.n, self.groups = in_features, scales.shape[0], scales.shape[1]
@@ -258,10 +257,7 @@ class GemvCall:
         self, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
     ) -> bool:
         """Whether this call was prepared from these very tensors (not replaced since)."""
-        return (
-            self._sources[0] is qweight and self._sources[1] is scales
-            and self._sources[2] is bias
-        )  # fmt: skip
+        return self.qweight is qweight and self._given_scales is scales and self.bias is bias
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.k)
