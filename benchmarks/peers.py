@@ -14,13 +14,12 @@ their inner tensors (``__tensor_flatten__``, recursively) by
 from __future__ import annotations
 
 import copy
-import ctypes
-import ctypes.util
-import gc
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from torch import nn
+
+from slimline.core.memory import release_free_memory
 
 PeerBuilder = Callable[[nn.Module, Sequence[str]], tuple[nn.Module, str]]
 
@@ -119,11 +118,5 @@ def failure_note(exc: BaseException) -> str:
 
 def settle_memory() -> None:
     """Collect garbage and hand freed heap back to the OS, so that a peak-RSS reading taken
-    next starts from the memory actually in use (glibc ``malloc_trim``; a no-op elsewhere)."""
-    gc.collect()
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return
-    trim = getattr(ctypes.CDLL(name), "malloc_trim", None)
-    if trim is not None:
-        trim(0)
+    next starts from the memory actually in use."""
+    release_free_memory()

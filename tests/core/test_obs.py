@@ -56,3 +56,20 @@ def test_sweep_leaves_its_input_alone_and_masks_dead_inputs() -> None:
     assert torch.equal(w32, before)
     with pytest.raises(ValueError, match="block_size"):
         obs_sweep(w32, inverse_hessian_factor(h32, 0.01), 0, lambda j, cur: cur[:, j])
+
+
+def test_an_ordered_problem_is_the_masked_problem_permuted() -> None:
+    """``order`` permutes the weight's columns and H's rows and columns, masking included;
+    the inputs are untouched, and ``overwrite`` factors the caller's copy to the same U."""
+    w, h = _problem()
+    h[4, :] = 0.0
+    h[:, 4] = 0.0
+    w_in, h_in = w.clone(), h.clone()
+    order = torch.randperm(w.shape[1], generator=torch.Generator().manual_seed(3))
+    w32, h32 = masked_problem(w, h)
+    wo, ho = masked_problem(w, h, order)
+    torch.testing.assert_close(wo, w32[:, order], rtol=0, atol=0)
+    torch.testing.assert_close(ho, h32[order][:, order], rtol=0, atol=0)
+    assert torch.equal(w, w_in) and torch.equal(h, h_in)
+    expected = inverse_hessian_factor(ho, 0.01)
+    torch.testing.assert_close(inverse_hessian_factor(ho, 0.01, overwrite=True), expected)

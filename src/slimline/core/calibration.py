@@ -18,16 +18,17 @@ the statistics of the same sequences fed one at a time, unpadded.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from slimline.core.batches import Batch, forward, token_mask
+from slimline.core.memory import release_free_memory
 
 InputSink = Callable[[str, torch.Tensor], None]
 
@@ -36,13 +37,22 @@ class RealTokens:
     """The (B, T) mask of real tokens of the batch running now (None: every token is real)."""
 
     def __init__(self) -> None:
-        self.mask: torch.Tensor | None = None
+        self._mask: torch.Tensor | None = None
+
+    @property
+    def mask(self) -> torch.Tensor | None:
+        return self._mask
+
+    @mask.setter
+    def mask(self, mask: torch.Tensor | None) -> None:
+        # A batch without padding keeps every token: no copy of each layer input is made.
+        self._mask = None if mask is None or bool(mask.all()) else mask
 
     def keep(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` (B, T, ...) or flattened (B·T, ...) → (real tokens, ...); other shapes (a
         CNN's (B, C, H, W), a batch without a mask) pass unchanged. OPT flattens its tokens
         before the MLP, so both layouts occur inside one block."""
-        mask = self.mask
+        mask = self._mask
         if mask is None:
             return x
         if x.dim() >= 3 and tuple(x.shape[:2]) == tuple(mask.shape):
@@ -57,18 +67,27 @@ def hooked_inputs(
     modules: dict[str, nn.Module], sink: InputSink, tokens: RealTokens | None = None
 ) -> Iterator[None]:
     """While active, every forward of ``modules[name]`` calls ``sink(name, first_input)``,
-    with only the real tokens of the first input when ``tokens`` knows the batch's mask."""
+    with only the real tokens of the first input when ``tokens`` knows the batch's mask.
+
+    Layers that read one tensor (a transformer's q, k and v projections read the same hidden
+    state) are handed one and the same object: the sink can tell that they share an input.
+    """
     handles = []
+    last: list[torch.Tensor] = []  # [the input last seen, what the sink got for it]
     for name, module in modules.items():
 
         def hook(_mod: nn.Module, args: tuple[Any, ...], *, _name: str = name) -> None:
-            x = args[0].detach()
-            sink(_name, tokens.keep(x) if tokens is not None else x)
+            x = args[0]
+            if not last or last[0] is not x:
+                kept = tokens.keep(x.detach()) if tokens is not None else x.detach()
+                last[:] = [x, kept]
+            sink(_name, last[1])
 
         handles.append(module.register_forward_pre_hook(hook))
     try:
         yield
     finally:
+        last.clear()
         for h in handles:
             h.remove()
 
@@ -204,21 +223,34 @@ A = TypeVar("A", bound=Accumulator)
 
 def sequential_layers(
     model: nn.Module,
-    layers: dict[str, nn.Module],
+    layers: Iterable[str],
     calibration: Sequence[Batch],
     make: Callable[[str, nn.Module], A],
     update: Callable[[dict[str, nn.Module], dict[str, A]], None],
     *,
     progress: bool = False,
     desc: str = "calibration",
+    share_inputs: bool = False,
 ) -> None:
-    """Feed each layer's inputs to its accumulator, then let ``update`` change the layers.
+    """Feed the inputs of each named layer to its accumulator, then let ``update`` change
+    the layers (``update(group, stats)``: the group's modules and accumulators by name).
 
     Layers inside the model's blocks are handled block by block (:func:`walk_blocks`): a
     block's layers see inputs produced by the already-updated earlier blocks, as in the
     sequential GPTQ / SparseGPT procedures, and only one block's activations are alive.
     Layers outside any block (or all, for models without blocks) get one whole-model pass.
+    Modules are looked up by name when their block comes, and no reference to them is kept
+    afterwards: a layer that ``update`` replaces is freed then (the caller should hold names,
+    not modules), and after each block freed memory is handed back to the OS
+    (:func:`release_free_memory`) — with in-place quantization the float model shrinks as the
+    walk goes.
+
+    ``share_inputs``: the accumulator ``make`` builds depends on the layer's inputs alone, so
+    layers that read the same tensor get one accumulator, fed once (q/k/v and gate/up of a
+    Llama block: one X Xᵀ instead of three and two). ``update`` may drop entries of the
+    statistics it is given once it has used them, to free them early.
     """
+    names = list(layers)
     done: set[str] = set()
     try:
         n_blocks = len(find_blocks(model)[1])
@@ -228,20 +260,59 @@ def sequential_layers(
         walk = tqdm(walk_blocks(model, calibration), total=n_blocks, desc=desc, unit="block",
                     disable=not progress, leave=False)
         for _, block_name, block, inputs in walk:
-            group = {n: m for n, m in layers.items() if n.startswith(block_name + ".")}
-            stats = {n: make(n, m) for n, m in group.items()}
-            replay(block, inputs, group, _feed(stats))
-            _update(update, group, stats)
+            group = {
+                n: model.get_submodule(n) for n in names if n.startswith(block_name + ".")
+            }
+            feed = _Feed(group, make, share_inputs)
+            replay(block, inputs, group, feed)
+            _update(update, group, feed.finish())
             done |= set(group)
-    rest = {n: m for n, m in layers.items() if n not in done}
+            del feed, group
+            release_free_memory()
+    rest = {n: model.get_submodule(n) for n in names if n not in done}
     if rest:
-        stats = {n: make(n, m) for n, m in rest.items()}
-        capture_inputs(model, rest, calibration, _feed(stats))
-        _update(update, rest, stats)
+        feed = _Feed(rest, make, share_inputs)
+        capture_inputs(model, rest, calibration, feed)
+        _update(update, rest, feed.finish())
 
 
-def _feed(stats: dict[str, A]) -> InputSink:
-    return lambda name, x: stats[name].add_batch(x)
+class _Feed(Generic[A]):
+    """The sink of a calibration pass: each layer input goes to the layer's accumulator,
+    made on first use. With ``share``, a layer whose first input is the very tensor another
+    layer's fresh accumulator was just fed gets that accumulator, and it is fed once per
+    tensor (:func:`hooked_inputs` hands layers reading one tensor the same object)."""
+
+    def __init__(
+        self, modules: dict[str, nn.Module], make: Callable[[str, nn.Module], A], share: bool
+    ) -> None:
+        self.modules, self.make, self.share = modules, make, share
+        self.stats: dict[str, A] = {}
+        self._x: torch.Tensor | None = None  # the tensor being handed out now
+        self._run = 0  # counts changes of that tensor
+        self._fed: list[A] = []  # accumulators fed with it
+        self._born: dict[int, int] = {}  # id(accumulator) -> the run it was made in
+
+    def __call__(self, name: str, x: torch.Tensor) -> None:
+        if x is not self._x:
+            self._x, self._fed, self._run = x, [], self._run + 1
+        acc = self.stats.get(name)
+        if acc is None:
+            fresh = [a for a in self._fed if self._born[id(a)] == self._run]
+            acc = fresh[0] if self.share and fresh else self.make(name, self.modules[name])
+            self._born.setdefault(id(acc), self._run)
+            self.stats[name] = acc
+        if any(acc is a for a in self._fed):
+            return  # a shared accumulator already has this tensor
+        acc.add_batch(x)
+        self._fed.append(acc)
+
+    def finish(self) -> dict[str, A]:
+        """Every layer's accumulator, in the layers' order (made empty for a layer that saw
+        no input, which :func:`_update` then names). The feed lets go of them: whoever
+        drops an entry of the returned dict frees it."""
+        made, self.stats, self._born = self.stats, {}, {}
+        self._x, self._fed = None, []
+        return {n: made[n] if n in made else self.make(n, m) for n, m in self.modules.items()}
 
 
 def _update(
@@ -249,8 +320,8 @@ def _update(
     group: dict[str, nn.Module],
     stats: dict[str, A],
 ) -> None:
-    for name, acc in stats.items():
-        if acc.tokens == 0:
+    for name in stats:  # no loop variable left holding an accumulator (a Hessian) alive
+        if stats[name].tokens == 0:
             raise ValueError(f"layer {name!r} saw no calibration inputs")
     if group:
         update(group, stats)

@@ -11,6 +11,8 @@ from collections.abc import Callable
 
 import torch
 
+_SLICE_TOKENS = 1024
+
 
 class InputStats:
     """Accumulates Σ x² per feature and, optionally, X Xᵀ over all input tokens."""
@@ -27,9 +29,12 @@ class InputStats:
             self.sq_norm = self.sq_norm.to(flat.device)
             self.xxt = self.xxt.to(flat.device) if self.xxt is not None else None
         self.tokens += flat.shape[0]
-        self.sq_norm += flat.pow(2).sum(0).double()
+        # In slices of tokens, and the product accumulated in place: no temporary as large
+        # as the batch's activations or as H (5632² floats for a Llama MLP's down_proj).
+        for part in flat.split(_SLICE_TOKENS):
+            self.sq_norm += part.pow(2).sum(0).double()
         if self.xxt is not None:
-            self.xxt += flat.t() @ flat
+            self.xxt.addmm_(flat.t(), flat)
 
     @property
     def input_norm(self) -> torch.Tensor:
@@ -39,21 +44,40 @@ class InputStats:
     @property
     def hessian(self) -> torch.Tensor:
         """H = 2/n · X Xᵀ (in, in)."""
+        return self._accumulated() * (2.0 / self.tokens)
+
+    def take_hessian(self) -> torch.Tensor:
+        """H, made from the accumulated X Xᵀ in place — no (in, in) copy; the accumulator
+        has no Hessian afterwards."""
+        h = self._accumulated()
+        self.xxt = None
+        return h.mul_(2.0 / self.tokens)
+
+    def _accumulated(self) -> torch.Tensor:
         if self.xxt is None or self.tokens == 0:
             raise ValueError("no Hessian: accumulator built without it or fed no tokens")
-        return self.xxt * (2.0 / self.tokens)
+        return self.xxt
 
 
-def inverse_hessian_factor(hessian: torch.Tensor, dampening: float) -> torch.Tensor:
+def inverse_hessian_factor(
+    hessian: torch.Tensor, dampening: float, *, overwrite: bool = False
+) -> torch.Tensor:
     """Upper Cholesky factor of (H + λI)⁻¹, λ = ``dampening`` · mean(diag H).
 
     Its rows drive the column-by-column OBS updates of SparseGPT (arXiv 2301.00774) and GPTQ
     (arXiv 2210.17323, Algorithm 1), replacing repeated inverse downdates.
+    ``overwrite``: ``hessian`` (float32) is the caller's scratch copy, damped in place instead
+    of copied — one (K, K) matrix less at the peak.
     """
-    h = hessian.clone().float()
+    # At most two (K, K) matrices of its own alive at once (K = 5632 for a Llama MLP's
+    # down_proj: 127 MiB each): every intermediate is dropped as soon as the next exists.
+    h = hessian if overwrite and hessian.dtype == torch.float32 else hessian.float().clone()
     damp = dampening * torch.mean(torch.diag(h)).clamp_min(1e-8)
-    h += torch.eye(h.shape[0], device=h.device) * damp
-    inv = torch.cholesky_inverse(torch.linalg.cholesky(h))
+    h.diagonal().add_(damp)
+    factor = torch.linalg.cholesky(h)
+    del h
+    inv = torch.cholesky_inverse(factor)
+    del factor
     return torch.linalg.cholesky(inv, upper=True)
 
 

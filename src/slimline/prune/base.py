@@ -103,8 +103,8 @@ def prune_layerwise(
             weight = linear_weight(module).detach()
             set_linear_weight(module, prune(weight, stats[name], sparsities[name]))
 
-    sequential_layers(model, chosen, ctx.calibration, make, update, progress=ctx.progress,
-                      desc=cfg.method)
+    sequential_layers(model, list(chosen), ctx.calibration, make, update, progress=ctx.progress,
+                      desc=cfg.method, share_inputs=True)
     zeros = sum(int((linear_weight(m) == 0).sum()) for m in chosen.values())
     total = sum(linear_weight(m).numel() for m in chosen.values())
     return StepOutcome(

@@ -64,7 +64,8 @@ def sparsegpt_prune_weight(
     proportion to their width. N:M: N kept in every M consecutive inputs of a row.
     """
     w, h = masked_problem(weight, hessian)
-    hinv = inverse_hessian_factor(h, dampening)  # (in, in) upper
+    hinv = inverse_hessian_factor(h, dampening, overwrite=True)  # (in, in) upper; h: our copy
+    del h
     nm = parse_pattern(pattern) if pattern is not None else None
     if nm is not None and block_size % nm[1]:
         block_size = nm[1] * max(1, block_size // nm[1])  # N:M groups never straddle blocks

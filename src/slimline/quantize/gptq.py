@@ -103,15 +103,18 @@ def gptq_quantize_weight(
     weight: torch.Tensor, hessian: torch.Tensor, cfg: GptqConfig
 ) -> QuantizedWeight:
     """GPTQ-quantize ``weight`` (N, K) given H (K, K): codes, scales, zero points."""
-    w, h = masked_problem(weight, hessian)
+    if cfg.act_order:  # by decreasing diag H (1 where an input was never active)
+        diag = torch.diag(hessian).float()
+        perm = torch.argsort(torch.where(diag == 0, 1.0, diag), descending=True)
+    else:
+        perm = torch.arange(weight.shape[1])
+    w, h = masked_problem(weight, hessian, perm)
+    del hessian  # freed here when the caller handed its only reference over
     grids = _GroupGrids(w, cfg)
     if cfg.act_order:  # static groups: fixed from the unquantized weight, original order
-        grids.fix_all(w)
-        perm = torch.argsort(torch.diag(h), descending=True)
-    else:
-        perm = torch.arange(w.shape[1])
-    w, h = w[:, perm], h[perm][:, perm]
-    hinv = inverse_hessian_factor(h, cfg.dampening)
+        grids.fix_all(w[:, torch.argsort(perm)])
+    hinv = inverse_hessian_factor(h, cfg.dampening, overwrite=True)  # h is this call's copy
+    del h
     codes = torch.zeros(w.shape[1], w.shape[0])  # (K, N): one contiguous row a column
 
     def decide(j: int, w_now: torch.Tensor) -> torch.Tensor:
@@ -186,6 +189,8 @@ def apply_gptq(model: nn.Module, cfg: GptqConfig, ctx: StepContext) -> StepOutco
         raise ValueError("gptq needs calibration data")
     chosen = dict(cfg.select_modules(model))
     plan = choose_widths(model, chosen, cfg, gptq_quantizer(cfg), ctx.calibration, ctx.progress)
+    names = list(chosen)
+    del chosen  # names only from here: each float layer is freed once it is replaced
 
     def make(_name: str, module: nn.Module) -> InputStats:
         return InputStats(linear_weight(module).shape[1], hessian=True)
@@ -193,7 +198,16 @@ def apply_gptq(model: nn.Module, cfg: GptqConfig, ctx: StepContext) -> StepOutco
     def update(group: dict[str, nn.Module], stats: dict[str, InputStats]) -> None:
         for name, module in group.items():
             own = cfg.with_bits(cfg.bits if plan is None else plan.widths[name])
-            qw = gptq_quantize_weight(linear_weight(module), stats[name].hessian, own)
+            # A layer's statistics are freed once it is quantized; layers reading one input
+            # share them, and the last of those takes H over without a copy.
+            acc = stats.pop(name)
+            shared = any(acc is other for other in stats.values())
+            # H is handed straight in, with no name here: the call holds its only reference
+            # and drops it once it has its own permuted copy.
+            qw = gptq_quantize_weight(
+                linear_weight(module), acc.hessian if shared else acc.take_hessian(), own
+            )
+            del acc
             layer = QuantLinear.from_codes(
                 qw.q, qw.scales, qw.zeros, bias=getattr(module, "bias", None), bits=own.bits,
                 group_size=cfg.group_size, symmetric=cfg.symmetric,
@@ -201,8 +215,8 @@ def apply_gptq(model: nn.Module, cfg: GptqConfig, ctx: StepContext) -> StepOutco
             )
             model.set_submodule(name, layer)
 
-    sequential_layers(model, chosen, ctx.calibration, make, update, progress=ctx.progress,
-                      desc="gptq")
+    sequential_layers(model, names, ctx.calibration, make, update, progress=ctx.progress,
+                      desc="gptq", share_inputs=True)
     order = "act-order" if cfg.act_order else "in order"
-    note = width_note(model, list(chosen), cfg, plan, order)
-    return StepOutcome(modules=list(chosen), notes=[note])
+    note = width_note(model, names, cfg, plan, order)
+    return StepOutcome(modules=names, notes=[note])

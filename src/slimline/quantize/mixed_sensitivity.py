@@ -250,6 +250,6 @@ def measure_candidates(
         for name, module in group.items():
             measure(name, module, stats[name].hessian / 2.0, gains[name])  # A = X Xᵀ / n
 
-    sequential_layers(model, dict(layers), calibration, make, record, progress=progress,
-                      desc="sensitivity")  # fmt: skip
+    sequential_layers(model, list(layers), calibration, make, record, progress=progress,
+                      desc="sensitivity", share_inputs=True)  # fmt: skip
     return Candidates({n: errors[n] for n in layers}, {n: sizes[n] for n in layers}, True)

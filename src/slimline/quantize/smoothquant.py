@@ -229,7 +229,7 @@ def apply_smoothquant(model: nn.Module, cfg: SmoothQuantConfig, ctx: StepContext
     """Calibrate block by block and replace every selected layer by a SmoothQuantLinear."""
     if not ctx.calibration:
         raise ValueError("smoothquant needs calibration data")
-    chosen = dict(cfg.select_modules(model))
+    names = [name for name, _ in cfg.select_modules(model)]  # the float layers go as replaced
     keep = _SEARCH_ROWS if cfg.alpha is None or cfg.activations == "static" else 0
     alphas: list[float] = []
 
@@ -242,7 +242,7 @@ def apply_smoothquant(model: nn.Module, cfg: SmoothQuantConfig, ctx: StepContext
             model.set_submodule(name, layer)
             alphas.append(alpha)
 
-    sequential_layers(model, chosen, ctx.calibration, make, update, progress=ctx.progress,
+    sequential_layers(model, names, ctx.calibration, make, update, progress=ctx.progress,
                       desc="smoothquant")
     kernel = kernels.w8a8_kernel_note()
     if cfg.alpha is None and alphas:
@@ -250,7 +250,7 @@ def apply_smoothquant(model: nn.Module, cfg: SmoothQuantConfig, ctx: StepContext
     else:
         chosen_alpha = f"α={cfg.alpha}"
     return StepOutcome(
-        modules=list(chosen),
-        notes=[f"{len(chosen)} layers to W8A8, {cfg.activations} activations, {chosen_alpha},"
+        modules=names,
+        notes=[f"{len(names)} layers to W8A8, {cfg.activations} activations, {chosen_alpha},"
                f" on {kernel}"],
     )
