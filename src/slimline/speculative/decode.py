@@ -216,12 +216,14 @@ def judge(
         picks = logits.argmax(dim=-1)  # (k + 1,)
         n = accept_greedy(draft, picks)
         return n, int(picks[n])
-    prefixes = [torch.cat([prefix, draft[:i]]) for i in range(draft.numel() + 1)]
     if not scorer.sampling:
-        picks = torch.stack([scorer.scores(pre, row).argmax() for pre, row in
-                             zip(prefixes, logits, strict=True)])
-        n = accept_greedy(draft, picks)
-        return n, int(picks[n])
+        # Position by position, stopping at the first pick that differs from the draft: what
+        # ``accept_greedy`` keeps, without scoring the positions after a rejection.
+        for i in range(draft.numel() + 1):
+            pick = int(scorer.scores(torch.cat([prefix, draft[:i]]), logits[i]).argmax())
+            if i == draft.numel() or pick != int(draft[i]):
+                return i, pick
+    prefixes = [torch.cat([prefix, draft[:i]]) for i in range(draft.numel() + 1)]
     p = torch.stack([scorer.probs(pre, row) for pre, row in zip(prefixes, logits, strict=True)])
     q = proposal.probs if proposal.probs is not None else one_hot_rows(draft, vocab, p.dtype)
     return accept_sampled(draft, p, q)
@@ -259,8 +261,9 @@ def _commit(
     seq: torch.Tensor, emitted: torch.Tensor, head: torch.Tensor, limits: Limits
 ) -> tuple[torch.Tensor, bool]:
     """Append ``emitted`` one token at a time, stopping where ``generate`` would have."""
-    for token in emitted:
-        seq = torch.cat([seq, token.view(1)])
-        if bool(limits.stop(torch.cat([head, seq]).view(1, -1), None).any()):
-            return seq, True
-    return seq, False
+    full = torch.cat([head, seq, emitted])  # the criteria see growing views of it
+    start, end = head.numel(), head.numel() + seq.numel()
+    for i in range(1, emitted.numel() + 1):
+        if bool(limits.stop(full[: end + i].view(1, -1), None).any()):
+            return full[start : end + i], True
+    return full[start:], False
