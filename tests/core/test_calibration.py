@@ -131,3 +131,28 @@ def test_a_batch_without_padding_hands_over_its_inputs_uncopied() -> None:
     mask[0, 3:] = False
     tokens.mask = mask
     torch.testing.assert_close(tokens.keep(x), torch.cat([x[0, :3], x[1]]))
+
+
+def test_layers_replaced_by_update_are_freed_before_the_next_block(tiny_llama, token_batches) -> None:
+    """``sequential_layers`` keeps no reference to a layer once ``update`` has replaced it:
+    with in-place quantization the float model shrinks as the walk goes."""
+    import gc
+    import weakref
+
+    names = [n for n, _ in linear_layers(tiny_llama)]
+    replaced: list[weakref.ref[torch.nn.Module]] = []
+    alive_at_block: list[int] = []
+
+    def make(_name: str, module: torch.nn.Module) -> InputStats:
+        return InputStats(module.in_features, hessian=False)
+
+    def update(group, stats) -> None:
+        gc.collect()
+        alive_at_block.append(sum(ref() is not None for ref in replaced))
+        for name, module in group.items():
+            replaced.append(weakref.ref(module))
+            new = torch.nn.Linear(module.in_features, module.out_features, bias=False)
+            tiny_llama.set_submodule(name, new)
+
+    sequential_layers(tiny_llama, names, token_batches, make, update, share_inputs=True)
+    assert alive_at_block == [0, 0] and len(replaced) == 14

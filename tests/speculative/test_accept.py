@@ -112,3 +112,39 @@ def test_rejection_step_checks_shapes() -> None:
     p = torch.full((2, 4), 0.25)
     with pytest.raises(ValueError, match="k \\+ 1"):
         accept_sampled(torch.tensor([0, 1]), p, p)
+
+
+def test_greedy_judging_through_processors_keeps_what_full_scoring_keeps() -> None:
+    """With logits processors, greedy judging stops scoring at the first rejected draft; it
+    keeps the drafts and emits the token that scoring every position and ``accept_greedy``
+    give, and scores no position past the rejection."""
+    from slimline.speculative.decode import Proposal, Scorer, judge
+
+    scored: list[int] = []
+
+    def processors(prefix: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scored.append(prefix.shape[1])
+        out = scores.clone()
+        out[:, int(prefix[0, -1]) % scores.shape[1]] -= 0.5  # depends on the prefix
+        return out
+
+    scorer = Scorer(processors, sampling=False, plain=False)
+    g = torch.Generator().manual_seed(0)
+    prefix = torch.tensor([3, 1, 4])
+    for trial in range(50):
+        logits = torch.randn(5, 7, generator=g)
+        # A draft that agrees with the target for a random number of positions.
+        draft: list[int] = []
+        for i in range(4):
+            best = int(scorer.scores(torch.cat([prefix, torch.tensor(draft, dtype=torch.long)]),
+                                     logits[i]).argmax())  # fmt: skip
+            draft.append(best if torch.rand(1, generator=g) < 0.6 else (best + 1) % 7)
+        tokens = torch.tensor(draft)
+        full = torch.stack([
+            scorer.scores(torch.cat([prefix, tokens[:i]]), logits[i]).argmax() for i in range(5)
+        ])
+        n_ref = accept_greedy(tokens, full)
+        scored.clear()
+        n, token = judge(scorer, logits, Proposal(tokens), prefix, vocab=7)
+        assert (n, token) == (n_ref, int(full[n_ref])), trial
+        assert len(scored) == n_ref + 1
