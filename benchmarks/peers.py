@@ -14,6 +14,7 @@ their inner tensors (``__tensor_flatten__``, recursively) by
 from __future__ import annotations
 
 import copy
+import gc
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -119,4 +120,5 @@ def failure_note(exc: BaseException) -> str:
 def settle_memory() -> None:
     """Collect garbage and hand freed heap back to the OS, so that a peak-RSS reading taken
     next starts from the memory actually in use."""
+    gc.collect()
     release_free_memory()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
-import gc
 from collections.abc import Callable
 
 
@@ -25,9 +24,13 @@ def _malloc_trim() -> Callable[[int], int] | None:
 
 
 def release_free_memory() -> None:
-    """Collect garbage and return the heap's free pages to the OS (glibc ``malloc_trim``;
-    a garbage collection alone where the C library has no such call, e.g. macOS or musl)."""
-    gc.collect()
+    """Return the heap's free pages to the OS (glibc ``malloc_trim``; nothing where the C
+    library has no such call, e.g. macOS or musl).
+
+    No garbage collection here: a forced ``gc.collect()`` inside a forked worker (a torch
+    distributed rank started with ``fork``) ran finalizers of objects inherited from the parent
+    that wait on threads the child does not have, and the ranks hung.
+    """
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
