@@ -288,18 +288,19 @@ class _Feed(Generic[A]):
         self.modules, self.make, self.share = modules, make, share
         self.stats: dict[str, A] = {}
         self._x: torch.Tensor | None = None  # the tensor being handed out now
-        self._run = 0  # counts changes of that tensor
         self._fed: list[A] = []  # accumulators fed with it
-        self._born: dict[int, int] = {}  # id(accumulator) -> the run it was made in
+        self._made: list[A] = []  # accumulators made for it (fed it alone so far)
 
     def __call__(self, name: str, x: torch.Tensor) -> None:
         if x is not self._x:
-            self._x, self._fed, self._run = x, [], self._run + 1
+            self._x, self._fed, self._made = x, [], []
         acc = self.stats.get(name)
         if acc is None:
-            fresh = [a for a in self._fed if self._born[id(a)] == self._run]
-            acc = fresh[0] if self.share and fresh else self.make(name, self.modules[name])
-            self._born.setdefault(id(acc), self._run)
+            if self.share and self._made:
+                acc = self._made[0]
+            else:
+                acc = self.make(name, self.modules[name])
+                self._made.append(acc)
             self.stats[name] = acc
         if any(acc is a for a in self._fed):
             return  # a shared accumulator already has this tensor
@@ -310,8 +311,8 @@ class _Feed(Generic[A]):
         """Every layer's accumulator, in the layers' order (made empty for a layer that saw
         no input, which :func:`_update` then names). The feed lets go of them: whoever
         drops an entry of the returned dict frees it."""
-        made, self.stats, self._born = self.stats, {}, {}
-        self._x, self._fed = None, []
+        made, self.stats = self.stats, {}
+        self._x, self._fed, self._made = None, [], []
         return {n: made[n] if n in made else self.make(n, m) for n, m in self.modules.items()}
 
 
