@@ -186,6 +186,29 @@ class MinilmRun:
 
 def minilm(args: argparse.Namespace) -> None:
     run = MinilmRun(args)
+    if not args.skip_structured:
+        minilm_structured(run)
+    if not args.skip_quant:
+        gcalib = run.built.batches("train", batch_size=8, limit=16)  # as the weight-quant section
+        run.add("gptq int3 g128", [GPTQ3], calibration=gcalib)
+        if "frozen" in args.quant_rows:
+            run.add("gptq int3 g128 + distill", [GPTQ3, distill_step(args)], calibration=gcalib,
+                    note="packed layers frozen")
+        if "train" in args.quant_rows:
+            step = distill_step(args, quantized="train", scale_lr=args.scale_lr)
+            run.add("gptq int3 g128 + distill (quantized: train)", [GPTQ3, step], calibration=gcalib,
+                    note="packed layers trained through their grid (LSQ from GPTQ's codes)")
+    if args.qat:
+        run.add("rtn int3 g128", [RTN3], note="the grid qat starts from")
+        qat = {"method": "qat", "bits": 3, "group_size": 128, "steps": args.steps, "lr": args.lr,
+               "scale_lr": args.lr}
+        run.add("qat int3 g128", [qat], note="LSQ; distills from fp32 (relative squared error of the states)")
+    run.time_rows()
+
+
+def minilm_structured(run: MinilmRun) -> None:
+    """structured 50% heads + neurons, then distill, then int8_dynamic + compile on each."""
+    args = run.args
     calib = run.built.batches("train", batch_size=8, limit=8)  # as the structured section
     pruned = run.add("structured 50%", [STRUCTURED], calibration=calib, timed=True)
     recovered = run.add("structured 50% + distill", [STRUCTURED, distill_step(args)], calibration=calib,
@@ -196,17 +219,6 @@ def minilm(args: argparse.Namespace) -> None:
             note="int8_dynamic + compile applied to the structured 50% row")
     run.add("structured 50% + distill + int8_dynamic + compile", FAST, start=recovered, timed=True,
             note=fast_note)
-    if not args.skip_quant:
-        gcalib = run.built.batches("train", batch_size=8, limit=16)  # as the weight-quant section
-        run.add("gptq int3 g128", [GPTQ3], calibration=gcalib)
-        run.add("gptq int3 g128 + distill", [GPTQ3, distill_step(args)], calibration=gcalib,
-                note="packed layers frozen")
-    if args.qat:
-        run.add("rtn int3 g128", [RTN3], note="the grid qat starts from")
-        qat = {"method": "qat", "bits": 3, "group_size": 128, "steps": args.steps, "lr": args.lr,
-               "scale_lr": args.lr}
-        run.add("qat int3 g128", [qat], note="LSQ; distills from fp32 (relative squared error of the states)")
-    run.time_rows()
 
 
 # --- code-llama-tiny ---------------------------------------------------------------------------
@@ -278,6 +290,10 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--hidden-weight", type=float, default=1.0)
     parser.add_argument("--skip-quant", action="store_true", help="no gptq rows")
+    parser.add_argument("--skip-structured", action="store_true", help="no structured rows")
+    parser.add_argument("--quant-rows", default="frozen,train",
+                        help="gptq + distill rows: frozen (packed layers kept), train (LSQ through their grid)")
+    parser.add_argument("--scale-lr", type=float, default=1e-4, help="step-size lr of quantized: train")
     parser.add_argument("--autocast", action="store_true", help="minilm distill in bf16 autocast")
     parser.add_argument("--qat", action="store_true", help="add the rtn / qat 3-bit rows")
     parser.add_argument("--lm-size", choices=["full", "small"], default="full")

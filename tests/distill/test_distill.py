@@ -198,6 +198,46 @@ def test_quantized_layers_stay_frozen() -> None:
     assert not torch.equal(out.state_dict()[norm], quantized.state_dict()[norm])  # others train
 
 
+def test_quantized_train_trains_gptq_layers_through_their_grid() -> None:
+    model, train = _tiny_llama(), _text_batches(12, 1)
+    gptq = {"method": "gptq", "bits": 4, "group_size": 32}
+    only_packed = {"include": ["*.self_attn.*", "*.mlp.*"]}  # nothing else trains
+    step = {"method": "distill", "steps": 60, "lr": 3e-3, "quantized": "train", "targets": only_packed}
+    start = sl.compress(model, {"steps": [gptq]}, calibration=train).model
+    trained = sl.compress(model, {"steps": [gptq, step]}, calibration=train)
+    assert _kl(trained.model, model, train) < 0.8 * _kl(start, model, train)
+    assert any("packed layers trained" in n for n in trained.steps[-1].notes)
+    moved = 0
+    for name, packed in start.named_modules():
+        if isinstance(packed, QuantLinear):
+            after = trained.model.get_submodule(name)
+            assert isinstance(after, QuantLinear)  # packed again, on the same grid
+            assert (after.bits, after.group_size, after.symmetric) == (4, 32, packed.symmetric)
+            assert not torch.equal(after.scales, packed.scales), name  # its step sizes trained
+            moved += not torch.equal(after.qweight, packed.qweight)
+        else:
+            for key, value in packed.named_parameters(recurse=False):  # not targeted: untouched
+                assert torch.equal(getattr(trained.model.get_submodule(name), key), value), name
+    assert moved > 0  # and codes moved
+    with pytest.raises(ValueError, match="matches only QuantLinear"):  # frozen: nothing to train
+        sl.compress(model, {"steps": [gptq, {**step, "quantized": "frozen"}]}, calibration=train)
+def test_quantized_train_round_trips_an_untrained_packed_model_exactly() -> None:
+    model, train = _tiny_llama(), _text_batches(2, 1)
+    packed = sl.compress(model, {"steps": [{"method": "rtn", "bits": 3, "group_size": 32}]}).model
+    step = {"method": "distill", "steps": 1, "lr": 1e-12, "scale_lr": 0.0, "quantized": "train"}
+    out = sl.compress(packed, {"steps": [step]}, calibration=train).model
+    for name, layer in packed.named_modules():
+        if isinstance(layer, QuantLinear):
+            for key, value in layer.state_dict().items():
+                assert torch.equal(out.get_submodule(name).state_dict()[key], value), (name, key)
+
+
+def test_quantized_train_needs_trainable_all() -> None:
+    with pytest.raises(ValueError, match="quantized"):
+        sl.Recipe.from_dict({"steps": [{"method": "distill", "quantized": "train",
+                                        "trainable": "lora"}]})  # fmt: skip
+
+
 # --- order, errors -------------------------------------------------------------------------------
 
 

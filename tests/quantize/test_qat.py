@@ -61,6 +61,29 @@ def test_fake_quant_at_init_is_rtn_exactly(symmetric, bits, group_size, conv1d) 
     assert torch.equal(fake(x), rtn(x))
 
 
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize(("bits", "group_size"), [(3, 20), (4, None)])
+def test_fake_quant_from_a_packed_layer_starts_on_its_codes(symmetric, bits, group_size) -> None:
+    # A packed layer whose codes are not rtn's (as GPTQ's are not): shift every code by one
+    # step where the grid allows, so rounding the float weight afresh would not find them.
+    rtn = QuantLinear.from_float(nn.Linear(70, 24), bits=bits, group_size=group_size,
+                                 symmetric=symmetric)  # fmt: skip
+    low, high = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if symmetric else (0, 2**bits - 1)
+    codes = rtn.codes().to(torch.int16)
+    shifted = torch.where(codes < high, codes + 1, codes - 1).clamp(low, high)
+    packed = QuantLinear.from_codes(shifted.to(rtn.codes().dtype), rtn.scales, rtn.zeros,
+                                    bias=rtn.bias, bits=bits, group_size=group_size,
+                                    symmetric=symmetric)  # fmt: skip
+    fake = FakeQuantLinear.from_quant_linear(packed)
+    assert torch.equal(fake.fake_weight(), packed.dequantized_weight())
+    x = torch.randn(GEMV_MAX_ROWS + 1, 70)
+    torch.testing.assert_close(fake(x), packed(x), rtol=0, atol=1e-6)
+    back = fake.to_quant_linear()  # untrained: the very same buffers
+    for key, value in packed.state_dict().items():
+        assert torch.equal(back.state_dict()[key], value), key
+    assert fake.weight.requires_grad and fake.scales.requires_grad
+
+
 def test_lsq_gradients_match_the_paper_by_hand() -> None:
     # s = 0.25 and 3-bit signed codes [-4, 3]; w / s = 1.25, -3.75, 0.25, 7 (clipped), -6 (clipped)
     w = torch.tensor([[0.3125, -0.9375, 0.0625, 1.75, -1.5]], requires_grad=True)

@@ -19,16 +19,29 @@ The loss mixes, with the weights of the config:
 ``norms_and_biases`` only, or ``lora`` adapters (``slimline.peft.lora``, rank ``lora_r``,
 scale ``lora_alpha``) on the selected Linear-like layers, merged after training; over a
 pruned layer the adapter trains ``(W + ΔW) ⊙ M`` with M its non-zero pattern, so the merged
-model is the trained one and keeps every zero. Quantized layers
-(``QuantLinear``, W8A8, fp8: any :mod:`slimline.quantize` layer) stay **frozen**: they hold
-packed codes; train through the rounding with ``qat`` instead. Pruned weights stay exactly
-zero. Padding is masked out of every loss. Training is :mod:`slimline.train`'s loop: one or
-N processes under ``torchrun``, resumable, with evaluation on a held-out slice.
+model is the trained one and keeps every zero.
+
+Quantized layers hold packed codes. With ``quantized: frozen`` (the default) they stay as they
+are. With ``quantized: train`` the packed weight-only layers (``QuantLinear``: ``rtn``,
+``gptq``, ``awq``, ``hqq``, ``qat``) train through their own rounding: each becomes ``qat``'s
+LSQ fake-quantized layer (Esser et al., arXiv 1902.08153) started from its codes and step
+sizes — GPTQ's solution is where training begins, not a fresh rounding — its latent weights
+and step sizes (at ``scale_lr``) train with the rest, and it is packed again after, on the
+same grid. The teacher stays the model before the recipe, so this is QAT by distillation from
+the float model (LLM-QAT, arXiv 2305.17888). W8A8 and fp8 layers stay frozen either way.
+Pruned float weights stay exactly zero. A packed layer's pruned zeros cannot be told from
+weights that rounded to zero (at 2 bits most codes are zero in any layer), so ``quantized:
+train`` does not keep them: prune, distill, then quantize — or keep a pruned-then-quantized
+model's packed layers frozen. Its note counts the zero codes before and after.
+
+Padding is masked out of every loss. Training is :mod:`slimline.train`'s loop: one or N
+processes under ``torchrun``, resumable, with evaluation on a held-out slice.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -39,6 +52,8 @@ from slimline.core.batches import Batch, materialize, split_labels, to_device
 from slimline.core.registry import StepContext, StepOutcome, register
 from slimline.core.targets import is_linear_like, linear_weight, select, set_linear_weight
 from slimline.distill.trainable import SparsityMasks, holds_trainable, trainable_parameters
+from slimline.quantize.qat import FakeQuantLinear
+from slimline.quantize.qlinear import QuantLinear
 from slimline.train.config import TrainingConfig
 from slimline.train.data import count_tokens, hold_out, rebatch
 from slimline.train.loop import train_loop
@@ -76,6 +91,12 @@ class DistillConfig(TrainingConfig):
     # Built-in name, sl.save directory or Hugging Face directory; None: the model as it was
     # before the recipe.
     teacher: str | None = None
+    # Packed weight-only layers (QuantLinear): "frozen" keeps their codes; "train" trains them
+    # through their own grid (LSQ from their codes and step sizes) and packs them again.
+    quantized: Literal["frozen", "train"] = "frozen"
+    # Adam learning rate of those layers' step sizes (qat's default): a step size is ~100×
+    # smaller than the weights it scales, and Adam moves a parameter by about lr per step.
+    scale_lr: float = 1e-4
 
     def check(self) -> None:
         super().check()
@@ -91,6 +112,11 @@ class DistillConfig(TrainingConfig):
             self.fail("lora_r", f"must be ≥ 1, got {self.lora_r}")
         if not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0.0):
             self.fail("lora_alpha", f"must be a finite number > 0, got {self.lora_alpha}")
+        if not (math.isfinite(self.scale_lr) and self.scale_lr >= 0.0):
+            self.fail("scale_lr", f"must be a finite number ≥ 0, got {self.scale_lr}")
+        if self.quantized == "train" and self.trainable != "all":
+            self.fail("quantized", f"'train' trains packed layers with the rest: it needs "
+                                   f"trainable 'all', got {self.trainable!r}")  # fmt: skip
 
     def lora_config(self) -> LoraConfig:
         """The adapters of ``trainable: lora``: ``lora_r``, ``lora_alpha``, this step's
@@ -111,6 +137,9 @@ class DistillConfig(TrainingConfig):
 
             chosen = adapter_targets(model, self.lora_config(), step=step or self.method)
             return [(n, m) for n, m in chosen if is_linear_like(m)]
+        if self.quantized == "train":  # packed layers too, trained through their grid
+            return select(model, self.targets, accepts=trains_packed, step=step or self.method,
+                          what="parameter-holding or packed quantized")  # fmt: skip
         return select(model, self.targets, accepts=holds_trainable, what="parameter-holding",
                       step=step or self.method)  # fmt: skip
 
@@ -229,23 +258,70 @@ def apply_distill(model: nn.Module, cfg: DistillConfig, ctx: StepContext) -> Ste
     loss_fn = DistillLoss(cfg, kind, projections).to(device)
     chosen = cfg.select_modules(model)
     data = (train, teach)
+    packed: list[tuple[str, QuantLinear]] = []
     if cfg.trainable == "lora":
         losses, count, modules = _train_lora(model, cfg, ctx, chosen, loss_fn, data, held)
     else:
         params = trainable_parameters(chosen, cfg.trainable)
-        if not params:
+        packed = [(n, m) for n, m in chosen if isinstance(m, QuantLinear)]
+        if not params and not packed:
             cfg.fail("trainable", f"{cfg.trainable!r} selects no parameter of the targets")
-        losses = _train(model, cfg, ctx, params, loss_fn, data, held)
-        count = sum(p.numel() for p in params.values())
-        modules = sorted({n.rsplit(".", 1)[0] for n in params if "." in n})
+        losses, count = _train_with_packed(model, cfg, ctx, params, packed, loss_fn, data, held)
+        trained = [*params, *(f"{name}.weight" for name, _ in packed)]
+        modules = sorted({n.rsplit(".", 1)[0] for n in trained if "." in n})
     notes = [
         f"trained {count} parameters ({cfg.trainable}) on {len(train)} batches, "
         f"{len(held)} held out",
+        *([f"{len(packed)} packed layers trained through their grid (LSQ, step sizes at lr "
+           f"{cfg.scale_lr:g}) and packed again; zero codes {zero_codes(m for _, m in packed):,}"
+           f" → {zero_codes(model.get_submodule(n) for n, _ in packed):,}"] if packed else []),
         f"{len(losses)} steps, total loss ({kind} output term + weighted hidden/task terms) "
         f"{losses[0]:.4g} → {losses[-1]:.4g}",
         *cfg.ranks_note(),
     ]
     return StepOutcome(modules=modules, notes=notes)
+
+
+def trains_packed(module: nn.Module) -> bool:
+    """What ``quantized: train`` selects: parameter-holding float modules and packed layers."""
+    return holds_trainable(module) or isinstance(module, QuantLinear)
+
+
+def zero_codes(layers: Iterable[nn.Module]) -> int:
+    """How many weights of the packed ``layers`` are exactly zero (code at the zero point)."""
+    return sum(int((m.centred_codes() == 0).sum()) for m in layers if isinstance(m, QuantLinear))
+
+
+def _train_with_packed(
+    model: nn.Module,
+    cfg: DistillConfig,
+    ctx: StepContext,
+    params: dict[str, nn.Parameter],
+    packed: list[tuple[str, QuantLinear]],
+    loss_fn: DistillLoss,
+    data: tuple[list[Batch], TeacherOutputs],
+    held: list[Batch],
+) -> tuple[list[float], int]:
+    """Train ``params`` and the ``packed`` layers through fake quantization, then pack those
+    again; on failure every packed layer is put back as it was. The losses and the number of
+    trained parameters (latent weights, biases and step sizes of packed layers included)."""
+    fakes = {name: FakeQuantLinear.from_quant_linear(layer) for name, layer in packed}
+    every = dict(params)
+    scales: dict[str, nn.Parameter] = {}
+    for name, fake in fakes.items():
+        every.update({f"{name}.{p}": t for p, t in fake.named_parameters() if p != "scales"})
+        scales[f"{name}.scales"] = fake.scales
+    try:
+        for name, fake in fakes.items():
+            model.set_submodule(name, fake)
+        losses = _train(model, cfg, ctx, every, loss_fn, data, held, scales=scales)
+        for name, fake in fakes.items():
+            model.set_submodule(name, fake.to_quant_linear())
+    except BaseException:
+        for name, layer in packed:
+            model.set_submodule(name, layer)
+        raise
+    return losses, sum(p.numel() for p in (*every.values(), *scales.values()))
 
 
 def weight_masks(layers: list[tuple[str, nn.Module]]) -> dict[str, torch.Tensor]:
@@ -305,8 +381,11 @@ def _train(
     loss_fn: DistillLoss,
     data: tuple[list[Batch], TeacherOutputs],
     held: list[Batch],
+    *,
+    scales: dict[str, nn.Parameter] | None = None,
 ) -> list[float]:
-    """Run the loop on ``params`` (and the projections); restores the model on failure."""
+    """Run the loop on ``params`` (and the projections, and packed layers' step ``scales`` at
+    ``cfg.scale_lr``); restores the model on failure."""
     train, teach = data
     want_hidden = cfg.hidden_weight > 0
     held_teacher = teach.on(held)
@@ -328,12 +407,14 @@ def _train(
         return total / len(held)
 
     groups: list[dict[str, Any]] = [{"params": list(params.values()), "lr": cfg.lr}]
+    if scales:
+        groups.append({"params": list(scales.values()), "lr": cfg.scale_lr})
     if loss_fn.projections is not None and any(True for _ in loss_fn.projections.parameters()):
         groups.append({"params": list(loss_fn.projections.parameters()), "lr": cfg.lr})
     try:
         for p in flags:
             p.requires_grad_(False)
-        for p in params.values():
+        for p in (*params.values(), *(scales or {}).values()):
             p.requires_grad_(True)
         model.eval()  # no dropout: the student learns a deterministic teacher
         recompute = gradient_checkpointing(model, cfg.checkpointing, field="distill.checkpointing")

@@ -38,7 +38,7 @@ import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -205,41 +205,81 @@ def lsq_codes(
 # --- the train-time layer --------------------------------------------------------------------
 
 
+class GridLike(Protocol):
+    """What a fake-quantized layer reads of its grid: a ``QatConfig`` or a ``QuantLinear``."""
+
+    @property
+    def bits(self) -> int: ...
+    @property
+    def group_size(self) -> int | None: ...
+    @property
+    def symmetric(self) -> bool: ...
+    @property
+    def decode_activations(self) -> str: ...
+
+
 class FakeQuantLinear(nn.Module):
     """A Linear-like layer during QAT: LSQ fake-quantized weight, learned step sizes.
 
     Train-time only, never saved: :meth:`to_quant_linear` gives the packed layer. With
     ``quantize`` False it computes with the original weight and bias (the teacher).
+    Built from a float layer on ``rtn``'s grid (``FakeQuantLinear(module, cfg)``) or from a
+    packed layer on its own grid (:meth:`from_quant_linear`: GPTQ's codes and scales are
+    where training starts).
     """
 
     def __init__(self, module: nn.Module, cfg: QatConfig) -> None:
         super().__init__()
         weight = linear_weight(module).detach()  # (N, K), Conv1D transposed
-        bias = getattr(module, "bias", None)
-        self.out_features, self.in_features = weight.shape
-        self.bits, self.group_size, self.symmetric = cfg.bits, cfg.group_size, cfg.symmetric
-        self.decode_activations = cfg.decode_activations
-        self.group = effective_group(self.in_features, cfg.group_size)
         _, scales, zeros = quantize_groups(weight, cfg.bits, cfg.group_size, cfg.symmetric)
-        self.scale_dtype = scales.dtype  # rtn's storage choice: the forward rounds to it
+        self._start(weight, getattr(module, "bias", None), scales, zeros, cfg,
+                    train_weights=cfg.trains_weights)  # fmt: skip
+
+    @classmethod
+    def from_quant_linear(
+        cls, layer: QuantLinear, *, train_weights: bool = True
+    ) -> FakeQuantLinear:
+        """The packed ``layer`` as a train-time layer on its own grid and step sizes: its
+        forward equals the packed layer's (up to float32 summation order) until trained."""
+        fake = cls.__new__(cls)
+        nn.Module.__init__(fake)
+        weight = layer.dequantized_weight(torch.float32)  # (q - z) · s, a fresh tensor
+        fake._start(weight, layer.bias, layer.scales, layer.zeros, layer,
+                    train_weights=train_weights)  # fmt: skip
+        return fake
+
+    def _start(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        scales: torch.Tensor,
+        zeros: torch.Tensor | None,
+        grid: GridLike,
+        *,
+        train_weights: bool,
+    ) -> None:
+        self.out_features, self.in_features = weight.shape
+        self.bits, self.group_size, self.symmetric = grid.bits, grid.group_size, grid.symmetric
+        self.decode_activations = grid.decode_activations
+        self.group = effective_group(self.in_features, grid.group_size)
+        self.scale_dtype = scales.dtype  # the packed layer's storage: the forward rounds to it
         self.scale_floor = torch.finfo(scales.dtype).tiny  # step sizes stay positive, normal
-        q_p = 2 ** (cfg.bits - 1) - 1 if cfg.symmetric else 2**cfg.bits - 1
+        q_p = 2 ** (grid.bits - 1) - 1 if grid.symmetric else 2**grid.bits - 1
         self.grad_scale = lsq_grad_scale(self.group, q_p)
         # float32 master weights, contiguous (Conv1D's are transposed) so that F.linear runs
         # the kernel QuantLinear will; shared with the original when frozen and already so.
         master = weight.float().contiguous()
-        if cfg.trains_weights and master.data_ptr() == weight.data_ptr():
+        if train_weights and master.data_ptr() == weight.data_ptr():
             master = master.clone()
-        self.weight = nn.Parameter(master, requires_grad=cfg.trains_weights)
-        self.scales = nn.Parameter(scales.float())  # (N, G), exactly rtn's stored values
+        self.weight = nn.Parameter(master, requires_grad=train_weights)
+        self.scales = nn.Parameter(scales.detach().float().clone())  # (N, G), the stored values
         self.bias: nn.Parameter | None = None
         if isinstance(bias, torch.Tensor):
-            self.bias = nn.Parameter(bias.detach().float().clone(),
-                                     requires_grad=cfg.trains_weights)  # fmt: skip
+            self.bias = nn.Parameter(bias.detach().float().clone(), requires_grad=train_weights)
         self.zeros: torch.Tensor | None
         self.register_buffer("zeros", zeros, persistent=False)  # (N, G) uint8 or None
         # The teacher: the original tensors, not registered (not trained, not reduced).
-        self.original = (weight, bias.detach() if isinstance(bias, torch.Tensor) else None)
+        self.original = (weight.detach(), bias.detach() if isinstance(bias, torch.Tensor) else None)
         self.quantize = True
 
     def stored_scales(self) -> torch.Tensor:
