@@ -180,7 +180,10 @@ class MinilmRun:
         print_table("recovery: minilm", header, rows)
         if not self.args.no_write and self.args.eval_split == "test":
             kind = isa_suffix()  # a section per kind of CPU
-            write_section(f"{SECTION}-minilm{kind}", f"{TITLE}: minilm"
+            # Without the structured rows, a section of its own: the full one stays as it was.
+            part = "-gptq" if self.args.skip_structured else ""
+            write_section(f"{SECTION}-minilm{part}{kind}", f"{TITLE}: minilm"
+                          + (", gptq rows" if part else "")
                           + (f" ({kind[1:].upper()} CPU)" if kind else ""), self.body())
 
 
