@@ -212,3 +212,26 @@ def test_entry_point_unknown_model_prints_exactly_one_line(tmp_path) -> None:
     assert proc.returncode == 2
     assert len(proc.stderr.splitlines()) == 1, proc.stderr
     assert "nonexistent" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_training_on_a_users_directory_defaults_to_its_calibration_text(tmp_path, capsys) -> None:
+    from tests.train.test_launch import LINES, _llama_dir
+
+    _llama_dir(tmp_path / "llama")
+    (tmp_path / "user.txt").write_text("\n".join(LINES * 3) + "\n")  # lines of varied length
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("steps:\n  - {method: rtn, bits: 4, group_size: 32}\n"
+                      "  - {method: distill, steps: 2, quantized: train}\n")
+    out = tmp_path / "out"
+    code, _, err = _run(["compress", "--model", str(tmp_path / "llama"), "--recipe", str(recipe),
+                         "--calibration", str(tmp_path / "user.txt"), "--out", str(out)], capsys)
+    assert code == 0, err
+    steps = json.loads((out / "compress.json").read_text())["steps"]
+    assert any("packed layers trained" in n for n in steps[-1]["notes"])
+    # Without calibration text, the one-line error names the training flag.
+    recipe.write_text("steps:\n  - {method: distill, steps: 2}\n")
+    code, _, err = _run(["compress", "--model", str(tmp_path / "llama"), "--recipe", str(recipe),
+                         "--out", str(tmp_path / "o2")], capsys)
+    last = err.strip().splitlines()[-1]  # (transformers' loading bar comes before it)
+    assert code == 2 and last.startswith("slimline: error:") and "--train-data" in last, err
+    assert "Traceback" not in err

@@ -226,13 +226,18 @@ def _compress(args: argparse.Namespace) -> int:
     if recipe.needs_calibration:
         calibration = source.data(
             args.calibration, split="train", batch_size=args.batch_size,
-            limit=args.calibration_batches,
-        )
+            limit=args.calibration_batches, flag="--calibration",
+        )  # fmt: skip
     training = None
     if any(step.needs_training for step in recipe.steps):
+        # --train-data, else the built-in's train split, else the calibration text.
+        text = args.train_data
+        if text is None and source.builtin is None:
+            text = args.calibration
         training = source.data(
-            args.train_data, split="train", batch_size=args.batch_size, limit=args.train_batches,
-        )
+            text, split="train", batch_size=args.batch_size, limit=args.train_batches,
+            flag="--train-data",
+        )  # fmt: skip
     with process_group() as rank:  # under torchrun: train together, rank 0 saves and prints
         if rank != 0:
             compress(source.model, recipe, calibration=calibration, training=training)

@@ -31,13 +31,20 @@ class LoadedModel:
     directory: Path | None = None  # the local directory it was read from (its files are kept)
 
     def data(
-        self, text_file: str | None, *, split: Split, batch_size: int, limit: int | None
+        self,
+        text_file: str | None,
+        *,
+        split: Split,
+        batch_size: int,
+        limit: int | None,
+        flag: str = "--data",
     ) -> list[Batch]:
-        """Batches from a text file (one sample a line) or from the built-in's own data."""
+        """Batches from a text file (one sample a line) or from the built-in's own data;
+        ``flag`` is the command-line option that names the file, for the error without one."""
         if text_file is not None:
             return text_batches(Path(text_file), self.tokenizer, batch_size, limit)
         if self.builtin is None:
-            raise ValueError("this model has no built-in data: pass a text file (--data)")
+            raise ValueError(f"this model has no built-in data: pass a text file ({flag})")
         from slimline.models import load_builtin
 
         name, size = _split_size(self.builtin)
