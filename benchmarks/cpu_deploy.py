@@ -48,6 +48,7 @@ from benchmarks.harness import (
     write_section,
 )
 from slimline.core.batches import forward, mean_pool, output_tensor
+from slimline.export.openvino import check_compiles
 from slimline.models import load_builtin
 
 # Batch sizes: a sentence encoder's batch, an image classifier's, a causal LM's prefill.
@@ -107,6 +108,8 @@ def openvino_embed(xml: Path, threads: int, precision: str | None = None,
     config: dict[str, Any] = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
     if precision is not None:
         config["INFERENCE_PRECISION_HINT"] = precision
+    if model is None:  # a known OpenVINO crash becomes a failed row, not a dead run
+        check_compiles(xml, config)
     compiled = ov.Core().compile_model(model if model is not None else str(xml), "CPU", config)
     request = compiled.create_infer_request()
     names = [p.get_any_name() for p in compiled.inputs]

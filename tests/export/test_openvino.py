@@ -122,3 +122,39 @@ def test_tolerance_is_checked_first_and_recorded(tmp_path) -> None:
     stored = json.loads((tmp_path / "out" / "export.json").read_text())
     assert stored["tolerance"] == {"atol_of_scale": 1e-3, "min_cosine": 0.999}
     assert report.passed and stored["lowered"] == []
+
+
+# --- a known OpenVINO crash becomes an error --------------------------------------------------
+
+
+def _tiny_ir(tmp_path: Path) -> Path:
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    path = tmp_path / "mlp.xml"
+    ov.save_model(ov.convert_model(model, example_input=torch.randn(2, 8)), str(path))
+    return path
+
+
+BF16_ONE_THREAD = {"INFERENCE_PRECISION_HINT": "bf16", "INFERENCE_NUM_THREADS": 1}
+
+
+def test_a_compile_that_kills_its_process_is_an_error_naming_the_signal(tmp_path, monkeypatch) -> None:
+    from slimline.export import openvino as exporter
+
+    monkeypatch.setattr(exporter, "_PROBE", "import os, signal; os.kill(os.getpid(), signal.SIGFPE)")
+    with pytest.raises(ValueError, match=r"crashed \(SIGFPE\).*precision f32"):
+        exporter.check_compiles(_tiny_ir(tmp_path), dict(BF16_ONE_THREAD))
+
+
+def test_the_probe_compiles_a_healthy_ir_and_runs_only_for_bf16_on_one_thread(tmp_path, monkeypatch) -> None:
+    from slimline.export import openvino as exporter
+
+    ir = _tiny_ir(tmp_path)
+    exporter.check_compiles(ir, dict(BF16_ONE_THREAD))  # the real child: compiles, no error
+    assert exporter.compile_ir(ir, "bf16", threads=1) is not None
+
+    def no_child(*args, **kwargs):
+        raise AssertionError("no probe expected")
+
+    monkeypatch.setattr(exporter.subprocess, "run", no_child)
+    exporter.check_compiles(ir, {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": 1})
+    exporter.check_compiles(ir, {"INFERENCE_PRECISION_HINT": "bf16", "INFERENCE_NUM_THREADS": 2})

@@ -24,6 +24,11 @@ the directory written atomically (see ``export/graph.py``).
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -281,8 +286,43 @@ def compile_ir(file: Path, precision: str = "f32", threads: int | None = None) -
                               "DYNAMIC_QUANTIZATION_GROUP_SIZE": 0}  # also in the IR  # fmt: skip
     if threads is not None:
         config["INFERENCE_NUM_THREADS"] = threads
+    check_compiles(file, config)
     core = ov.Core()
     return core.compile_model(core.read_model(str(file)), "CPU", config)
+
+
+# Compiles the IR argv[1] with the JSON config argv[2], in a child process (check_compiles).
+_PROBE = (
+    "import json, sys, openvino as ov; core = ov.Core(); "
+    "core.compile_model(core.read_model(sys.argv[1]), 'CPU', json.loads(sys.argv[2]))"
+)
+
+
+def check_compiles(file: Path, config: dict[str, Any]) -> None:
+    """ValueError, not a dead process, where OpenVINO's CPU plugin is known to crash.
+
+    OpenVINO 2026.4's CPU plugin dies with SIGFPE compiling a Llama-like graph in bf16 on one
+    thread (measured on an AMX Xeon: code-llama-tiny, ``INFERENCE_PRECISION_HINT`` bf16 and
+    ``INFERENCE_NUM_THREADS`` 1; float32, or two threads, compile; openvinotoolkit/openvino
+    issue 33300 reports the same on one core). A signal cannot be caught in-process, so in
+    that configuration — bf16 on one thread, or on a process pinned to one core — the IR is
+    first compiled in a child process, and a child killed by a signal becomes this error,
+    naming the ways around it. Other configurations compile directly (no extra cost). Only
+    a kill by a signal is reported here: an ordinary failure raises again in-process."""
+    threads = config.get("INFERENCE_NUM_THREADS") or len(os.sched_getaffinity(0))
+    if str(config.get("INFERENCE_PRECISION_HINT", "")).lower() != "bf16" or threads != 1:
+        return
+    plain = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
+             for k, v in config.items()}  # fmt: skip
+    child = subprocess.run([sys.executable, "-c", _PROBE, str(file), json.dumps(plain)],
+                           capture_output=True, text=True, check=False)  # fmt: skip
+    if child.returncode < 0:
+        name = signal.Signals(-child.returncode).name
+        raise ValueError(
+            f"OpenVINO's CPU plugin crashed ({name}) compiling {file.name} in bf16 on one "
+            f"thread (a known OpenVINO fault, openvinotoolkit/openvino#33300); use precision "
+            f"f32, or give it two or more threads"
+        )
 
 
 def _openvino() -> Any:
