@@ -13,6 +13,7 @@ import slimline as sl
 from slimline.core.batches import mean_pool
 from slimline.quantize.qlinear import QuantLinear
 from slimline.train.losses import kl_with_temperature, layer_map, pooled_cosine_loss
+from slimline.train.recompute import checkpointing_on
 
 
 @pytest.fixture(autouse=True)
@@ -309,7 +310,7 @@ def test_gradient_checkpointing_computes_the_same_training() -> None:
     assert plain.steps[-1].notes == recomputed.steps[-1].notes  # same losses, 4 digits
     for k, v in plain.model.state_dict().items():
         torch.testing.assert_close(recomputed.model.state_dict()[k], v, rtol=1e-5, atol=1e-6)
-    assert not recomputed.model.is_gradient_checkpointing  # switched off after the step
+    assert not checkpointing_on(recomputed.model)  # switched off after the step
     with pytest.raises(ValueError, match="distill.checkpointing"):
         sl.compress(_plain_mlp(), {"steps": [{"method": "distill", "checkpointing": True}]},
                     calibration=[torch.randn(4, 8)])  # fmt: skip

@@ -33,10 +33,15 @@ def gradient_checkpointing(model: nn.Module, enabled: bool, *, field: str) -> It
     if not enabled:
         yield
         return
-    was_on = bool(getattr(model, "is_gradient_checkpointing", False))
+    was_on = checkpointing_on(model)
     # Non-reentrant checkpointing: gradients reach the parameters even when the inputs
-    # (token ids) need none.
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # type: ignore[operator]
+    # (token ids) need none. transformers ≥ 5.24 names it "activation checkpointing" (the
+    # gradient_* names warn, and go in v6); older releases have only the gradient_* names.
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)  # type: ignore[operator]
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)  # type: ignore[operator]
     layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False)]
     flags = [m.training for m in layers]
     for m in layers:
@@ -47,4 +52,11 @@ def gradient_checkpointing(model: nn.Module, enabled: bool, *, field: str) -> It
         for m, flag in zip(layers, flags, strict=True):
             m.training = flag
         if not was_on:
-            model.gradient_checkpointing_disable()  # type: ignore[operator]
+            disable = getattr(model, "activation_checkpointing_disable", None)
+            (disable or model.gradient_checkpointing_disable)()  # type: ignore[operator]
+
+
+def checkpointing_on(model: nn.Module) -> bool:
+    """Whether any of ``model``'s layers is checkpointed (transformers' per-layer
+    ``gradient_checkpointing`` flag, which both the old and the new API set)."""
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())

@@ -28,6 +28,7 @@ from torch import nn
 
 from slimline.cache.hf.quantized_cache import KVQuantSpec, QuantizedKVCache
 from slimline.cache.kv_cache import SPEC_ATTR
+from slimline.train.recompute import checkpointing_on
 
 # Newest first: ``cache`` since transformers 5.24, ``past_key_values`` from 4.x to 5.23.
 CACHE_ARGUMENTS = ("cache", "past_key_values")
@@ -57,7 +58,7 @@ def pass_quantized_cache(
     use_cache = _argument(args, kwargs, _param_index(type(module), "use_cache"), "use_cache")
     if use_cache is None:
         use_cache = getattr(cast(Any, module).config, "use_cache", False)
-    if not use_cache or (module.training and getattr(module, "is_gradient_checkpointing", False)):
+    if not use_cache or (module.training and checkpointing_on(module)):
         return None  # transformers turns the cache off for gradient checkpointing
     cache = quantized_cache(module, spec)
     if at is not None and at < len(args):
