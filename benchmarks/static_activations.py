@@ -27,19 +27,13 @@ from benchmarks.harness import (
     print_table,
     write_section,
 )
+from benchmarks.pruning import cosine_quality
 from slimline.core.batches import forward, output_tensor
 from slimline.models import load_builtin
 from slimline.quantize.w8a8 import SmoothQuantLinear
 
 SECTION = "static-activations"
 COUNTS = (0, 1, 2, 4, 8, 12, 18, 24, 30)
-
-
-def mean_cosine(model: nn.Module, batches: list, reference: list[torch.Tensor]) -> float:
-    with torch.inference_mode():
-        rows = [torch.nn.functional.cosine_similarity(output_tensor(forward(model, b), b).float(), r, dim=-1)
-                for b, r in zip(batches, reference, strict=True)]
-    return float(torch.cat(rows).mean())
 
 
 def main() -> None:
@@ -59,7 +53,7 @@ def main() -> None:
         refs = {s: [output_tensor(forward(model, b), b).float() for b in bs] for s, bs in splits.items()}
 
     def cos(m: nn.Module, split: str) -> float:
-        return mean_cosine(m, splits[split], refs[split])
+        return cosine_quality(m, refs[split], splits[split])
 
     dynamic = sl.compress(model, [{"method": "smoothquant", "activations": "dynamic", "alpha": None}],
                           calibration=calib).model

@@ -53,7 +53,7 @@ def _conv1d(module: nn.Linear) -> nn.Module:
 def test_fake_quant_at_init_is_rtn_exactly(symmetric, bits, group_size, conv1d) -> None:
     layer = nn.Linear(70, 24)  # 70 = 3·20 + 10: a ragged last group
     module = _conv1d(layer) if conv1d else layer
-    fake = FakeQuantLinear(module, QatConfig(bits=bits, group_size=group_size, symmetric=symmetric))
+    fake = FakeQuantLinear.from_float(module, QatConfig(bits=bits, group_size=group_size, symmetric=symmetric))
     rtn = QuantLinear.from_float(module, bits=bits, group_size=group_size, symmetric=symmetric)
     assert torch.equal(fake.fake_weight(), rtn.dequantized_weight())
     assert torch.equal(fake.to_quant_linear().dequantized_weight(), rtn.dequantized_weight())
@@ -166,7 +166,7 @@ def _mlp_batches(n: int, seed: int = 1) -> list[torch.Tensor]:
 
 
 def _fake_quantized(model: nn.Module, cfg: QatConfig) -> dict[str, FakeQuantLinear]:
-    fakes = {name: FakeQuantLinear(m, cfg) for name, m in cfg.select_modules(model)}
+    fakes = {name: FakeQuantLinear.from_float(m, cfg) for name, m in cfg.select_modules(model)}
     for name, layer in fakes.items():
         model.set_submodule(name, layer)
     return fakes

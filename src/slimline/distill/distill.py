@@ -267,8 +267,8 @@ def apply_distill(model: nn.Module, cfg: DistillConfig, ctx: StepContext) -> Ste
         if not params and not packed:
             cfg.fail("trainable", f"{cfg.trainable!r} selects no parameter of the targets")
         losses, count = _train_with_packed(model, cfg, ctx, params, packed, loss_fn, data, held)
-        trained = [*params, *(f"{name}.weight" for name, _ in packed)]
-        modules = sorted({n.rsplit(".", 1)[0] for n in trained if "." in n})
+        modules = sorted({n.rsplit(".", 1)[0] for n in params if "." in n}
+                         | {name for name, _ in packed})  # fmt: skip
     notes = [
         f"trained {count} parameters ({cfg.trainable}) on {len(train)} batches, "
         f"{len(held)} held out",

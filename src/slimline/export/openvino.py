@@ -312,9 +312,7 @@ def check_compiles(file: Path, config: dict[str, Any]) -> None:
     threads = config.get("INFERENCE_NUM_THREADS") or len(os.sched_getaffinity(0))
     if str(config.get("INFERENCE_PRECISION_HINT", "")).lower() != "bf16" or threads != 1:
         return
-    plain = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
-             for k, v in config.items()}  # fmt: skip
-    child = subprocess.run([sys.executable, "-c", _PROBE, str(file), json.dumps(plain)],
+    child = subprocess.run([sys.executable, "-c", _PROBE, str(file), json.dumps(config)],
                            capture_output=True, text=True, check=False)  # fmt: skip
     if child.returncode < 0:
         name = signal.Signals(-child.returncode).name

@@ -223,17 +223,18 @@ class FakeQuantLinear(nn.Module):
 
     Train-time only, never saved: :meth:`to_quant_linear` gives the packed layer. With
     ``quantize`` False it computes with the original weight and bias (the teacher).
-    Built from a float layer on ``rtn``'s grid (``FakeQuantLinear(module, cfg)``) or from a
-    packed layer on its own grid (:meth:`from_quant_linear`: GPTQ's codes and scales are
-    where training starts).
+    Built from a float layer on ``rtn``'s grid (:meth:`from_float`) or from a packed layer
+    on its own grid (:meth:`from_quant_linear`: GPTQ's codes and scales are where training
+    starts).
     """
 
-    def __init__(self, module: nn.Module, cfg: QatConfig) -> None:
-        super().__init__()
+    @classmethod
+    def from_float(cls, module: nn.Module, cfg: QatConfig) -> FakeQuantLinear:
+        """A float Linear-like layer on ``rtn``'s grid: its forward is ``rtn``'s until trained."""
         weight = linear_weight(module).detach()  # (N, K), Conv1D transposed
         _, scales, zeros = quantize_groups(weight, cfg.bits, cfg.group_size, cfg.symmetric)
-        self._start(weight, getattr(module, "bias", None), scales, zeros, cfg,
-                    train_weights=cfg.trains_weights)  # fmt: skip
+        return cls(weight, getattr(module, "bias", None), scales, zeros, cfg,
+                   train_weights=cfg.trains_weights)  # fmt: skip
 
     @classmethod
     def from_quant_linear(
@@ -241,14 +242,11 @@ class FakeQuantLinear(nn.Module):
     ) -> FakeQuantLinear:
         """The packed ``layer`` as a train-time layer on its own grid and step sizes: its
         forward equals the packed layer's (up to float32 summation order) until trained."""
-        fake = cls.__new__(cls)
-        nn.Module.__init__(fake)
         weight = layer.dequantized_weight(torch.float32)  # (q - z) · s, a fresh tensor
-        fake._start(weight, layer.bias, layer.scales, layer.zeros, layer,
-                    train_weights=train_weights)  # fmt: skip
-        return fake
+        return cls(weight, layer.bias, layer.scales, layer.zeros, layer,
+                   train_weights=train_weights)  # fmt: skip
 
-    def _start(
+    def __init__(
         self,
         weight: torch.Tensor,
         bias: torch.Tensor | None,
@@ -258,6 +256,9 @@ class FakeQuantLinear(nn.Module):
         *,
         train_weights: bool,
     ) -> None:
+        """The (N, K) ``weight`` on ``grid`` with step sizes ``scales`` (N, G) and zero points
+        ``zeros`` (N, G) or None; the forward rounds step sizes to ``scales``' dtype."""
+        super().__init__()
         self.out_features, self.in_features = weight.shape
         self.bits, self.group_size, self.symmetric = grid.bits, grid.group_size, grid.symmetric
         self.decode_activations = grid.decode_activations
@@ -383,7 +384,7 @@ def apply_qat(model: nn.Module, cfg: QatConfig, ctx: StepContext) -> StepOutcome
     chosen = cfg.select_modules(model)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     batches = [to_device(b, device) for b in ctx.training]
-    fake = {name: FakeQuantLinear(module, cfg) for name, module in chosen}
+    fake = {name: FakeQuantLinear.from_float(module, cfg) for name, module in chosen}
     flags = {p: p.requires_grad for p in model.parameters()}
     was_training = model.training
     try:

@@ -10,6 +10,7 @@ from its signature as well, never from a version string.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any, cast
 
@@ -54,15 +55,14 @@ def vocab_size(model: nn.Module) -> int:
 
 
 def supports_logits_to_keep(model: nn.Module) -> bool:
+    return _takes_logits_to_keep(type(model))  # type: ignore[arg-type]  # classes hash
+
+
+@functools.cache
+def _takes_logits_to_keep(cls: type) -> bool:
     # Read once per class: ``inspect.signature`` on every forward of a small model showed as
     # 5% of a speculative round in profiles.
-    cls = type(model)
-    if cls not in _TAKES_LOGITS_TO_KEEP:
-        _TAKES_LOGITS_TO_KEEP[cls] = "logits_to_keep" in inspect.signature(cls.forward).parameters
-    return _TAKES_LOGITS_TO_KEEP[cls]
-
-
-_TAKES_LOGITS_TO_KEEP: dict[type, bool] = {}
+    return "logits_to_keep" in inspect.signature(cls.forward).parameters  # type: ignore[attr-defined]
 
 
 @torch.no_grad()
