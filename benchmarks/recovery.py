@@ -82,6 +82,8 @@ def distill_step(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
             "hidden_weight": args.hidden_weight}
     if args.autocast:
         step["autocast"] = True
+    if args.group_by_length:
+        step["group_by_length"] = True
     return {**step, **extra}
 
 
@@ -212,9 +214,10 @@ def minilm(args: argparse.Namespace) -> None:
 def minilm_structured(run: MinilmRun) -> None:
     """structured 50% heads + neurons, then distill, then int8_dynamic + compile on each."""
     args = run.args
-    calib = run.built.batches("train", batch_size=8, limit=8)  # as the structured section
-    pruned = run.add("structured 50%", [STRUCTURED], calibration=calib, timed=True)
-    recovered = run.add("structured 50% + distill", [STRUCTURED, distill_step(args)], calibration=calib,
+    calib = run.built.batches("train", batch_size=8, limit=args.calib_batches)
+    structured = {**STRUCTURED, "importance": args.importance}
+    pruned = run.add("structured 50%", [structured], calibration=calib, timed=True)
+    recovered = run.add("structured 50% + distill", [structured, distill_step(args)], calibration=calib,
                         timed=True)
     fast_note = "int8_dynamic + compile applied to the row above"
     run.add("fp32 + int8_dynamic + compile", FAST, timed=True, note="the int8 gain alone")
@@ -292,12 +295,18 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--hidden-weight", type=float, default=1.0)
+    parser.add_argument("--calib-batches", type=int, default=128,
+                        help="structured: calibration batches of 8 train sentences")
+    parser.add_argument("--importance", choices=["activation", "obs", "magnitude"], default="obs",
+                        help="structured's unit ranking")
     parser.add_argument("--skip-quant", action="store_true", help="no gptq rows")
     parser.add_argument("--skip-structured", action="store_true", help="no structured rows")
     parser.add_argument("--quant-rows", default="frozen,train",
                         help="gptq + distill rows: frozen (packed layers kept), train (LSQ through their grid)")
     parser.add_argument("--scale-lr", type=float, default=1e-4, help="step-size lr of quantized: train")
     parser.add_argument("--autocast", action="store_true", help="minilm distill in bf16 autocast")
+    parser.add_argument("--no-group-by-length", dest="group_by_length", action="store_false",
+                        help="minilm distill on the built-in batches as padded (default: regrouped by length)")
     parser.add_argument("--qat", action="store_true", help="add the rtn / qat 3-bit rows")
     parser.add_argument("--lm-size", choices=["full", "small"], default="full")
     parser.add_argument("--lm-steps", type=int, default=100)

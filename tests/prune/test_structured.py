@@ -186,8 +186,10 @@ ZERO_CASES = [
 ]
 
 
-@pytest.mark.parametrize("importance", ["magnitude", "activation"])
-@pytest.mark.parametrize(("arch", "kind", "gqa", "sparsity", "units"), ZERO_CASES)
+@pytest.mark.parametrize(("arch", "kind", "gqa", "sparsity", "units", "importance"), [
+    (*case, importance) for case in ZERO_CASES for importance in ("magnitude", "activation", "obs")
+    if not (importance == "obs" and case[1] == "channels")  # obs ranks Linear consumers only
+])
 def test_removing_zero_contributing_units_keeps_outputs(
     arch: str, kind: str, gqa: str, sparsity: float, units: list[int], importance: str
 ) -> None:
@@ -198,7 +200,7 @@ def test_removing_zero_contributing_units_keeps_outputs(
     reference = _out(model, batches[0])
     before = _params(model)
     step = {"method": "structured", "sparsity": sparsity, "units": [kind], "gqa": gqa,
-            "importance": importance, "reconstruct": importance == "activation"}
+            "importance": importance, "reconstruct": importance != "magnitude"}
     result = sl.compress(model, {"steps": [step]}, calibration=batches)
     assert _params(result.model) < before
     torch.testing.assert_close(_out(result.model, batches[0]), reference, rtol=1e-5, atol=1e-5)

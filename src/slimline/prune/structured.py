@@ -13,6 +13,9 @@ is Wanda's |W_ij|·‖X_j‖ (arXiv 2306.11695) summed over the unit's input col
 that consumes it — a bound on what the unit adds to that layer's output on calibration data,
 zero for a unit that contributes nothing. Michel et al. (arXiv 1905.10650) showed many heads
 can go with little loss; this is a gradient-free, data-aware proxy for their head importance.
+``obs`` ranks units by the output error the least-squares repair leaves, removing them greedily
+with Optimal Brain Surgeon updates (ZipLM, arXiv 2302.04089; ``structured_obs.py``): it sees that
+correlated units stand in for each other, which per-unit scores cannot.
 
 Repair (``reconstruct``, on by default): the layer that consumed the removed units is refit by
 least squares on calibration inputs (kept columns and bias, Kwon et al. arXiv 2204.09656), so
@@ -60,6 +63,7 @@ from slimline.prune.groups import (
     sequential_groups,
     transformer_groups,
 )
+from slimline.prune.structured_obs import Consumer, obs_keep
 from slimline.prune.surgery import (
     layer_bias,
     layer_weight,
@@ -69,7 +73,7 @@ from slimline.prune.surgery import (
 )
 from slimline.search.ranges import FloatRange, SearchSpace
 
-Importance = Literal["magnitude", "activation"]
+Importance = Literal["magnitude", "activation", "obs"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -97,6 +101,9 @@ class StructuredConfig(MethodConfig):
     reconstruct: bool = True
 
     def check(self) -> None:
+        if self.importance == "obs" and "channels" in self.units:
+            self.fail("importance", "'obs' ranks the inputs of Linear consumers; conv channels "
+                      "take 'activation' or 'magnitude'")
         if not 0.0 <= self.sparsity < 1.0:
             self.fail("sparsity", f"{self.sparsity} is outside [0, 1)")
         if not self.units:
@@ -105,7 +112,7 @@ class StructuredConfig(MethodConfig):
             self.fail("units", f"{list(self.units)} names a unit kind twice")
 
     def requires_calibration(self) -> bool:
-        return self.importance == "activation" or self.reconstruct
+        return self.importance != "magnitude" or self.reconstruct
 
     def applies_to(self, model: nn.Module) -> bool:
         """Whether ``model`` has every unit kind in ``units``, in a layout this method knows."""
@@ -293,14 +300,35 @@ def collect_stats(
     return stats
 
 
+def obs_units(model: nn.Module, planned: PlannedGroup, stats: dict[str, ConsumerStats]
+              ) -> torch.Tensor:
+    """Units kept by greedy OBS over the group's Linear consumers (``structured_obs.obs_keep``)."""
+    consumers = []
+    for piece in planned.group.consumers():
+        layer = model.get_submodule(piece.module)
+        xxt = stats[piece.module].stats.xxt
+        if not isinstance(layer, nn.Linear) or xxt is None:
+            raise ValueError(f"structured: importance 'obs' needs Linear consumers with input "
+                             f"statistics; {piece.module!r} is a {type(layer).__name__}")
+        weight = layer.weight.detach()
+        if layer.bias is not None:
+            weight = torch.cat([weight, layer.bias.detach().unsqueeze(1)], dim=1)
+        else:
+            xxt = xxt[:-1, :-1]
+        consumers.append(Consumer(weight.cpu(), xxt.cpu(), piece.width))
+    group = planned.group
+    return obs_keep(consumers, group.n_units, planned.n_remove, partitions=group.partitions)
+
+
 def prune_groups(
     model: nn.Module, plan: list[PlannedGroup], cfg: StructuredConfig,
     stats: dict[str, ConsumerStats] | None = None,
 ) -> list[str]:
     """Score every group of ``plan`` first, then repair and cut; returns the layers changed."""
     norms = {n: s.input_norm for n, s in (stats or {}).items()}
-    keeps = [keep_units(unit_scores(model, p.group, cfg.importance, norms), p.n_remove,
-                        p.group.partitions) for p in plan]
+    keeps = [obs_units(model, p, stats) if cfg.importance == "obs" and stats is not None
+             else keep_units(unit_scores(model, p.group, cfg.importance, norms), p.n_remove,
+                             p.group.partitions) for p in plan]
     changed: list[str] = []
     for planned, keep in zip(plan, keeps, strict=True):
         if cfg.reconstruct and stats is not None:
@@ -313,6 +341,10 @@ def prune_groups(
         if planned.group.finish is not None:
             planned.group.finish(model, int(keep.numel()))
     return changed
+
+
+def _needs_hessian(cfg: StructuredConfig) -> bool:
+    return cfg.reconstruct or cfg.importance == "obs"
 
 
 def _prune_with_data(
@@ -335,7 +367,7 @@ def _prune_with_data(
                      inputs: list[BlockInputs] = inputs) -> None:
                 replay(block, inputs, modules, sink)
 
-            stats = collect_stats(model, mine, feed, cfg.reconstruct)
+            stats = collect_stats(model, mine, feed, _needs_hessian(cfg))
             changed += prune_groups(model, mine, cfg, stats)
             done |= {id(p) for p in mine}
     rest = [p for p in plan if id(p) not in done]
@@ -344,7 +376,7 @@ def _prune_with_data(
         def feed_all(modules: dict[str, nn.Module], sink: InputSink) -> None:
             capture_inputs(model, modules, batches, sink)
 
-        stats = collect_stats(model, rest, feed_all, cfg.reconstruct)
+        stats = collect_stats(model, rest, feed_all, _needs_hessian(cfg))
         changed += prune_groups(model, rest, cfg, stats)
     return changed
 

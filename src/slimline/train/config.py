@@ -30,6 +30,10 @@ class TrainingConfig(MethodConfig):
     # Samples per batch: the training batches are cut (or joined) to this many rows;
     # None trains on the batches as given.
     batch_size: int | None = None
+    # Batch samples of similar length together (re-padded; train/data.group_by_length), so
+    # padding costs no compute; the batch order is still shuffled every epoch. Text batches
+    # only (dict batches with an attention_mask).
+    group_by_length: bool = False
     # Seeds the batch order and any dropout; nothing else is random.
     seed: int = 0
     optimizer: OptimizerName = "adamw"
