@@ -50,6 +50,7 @@ STRUCTURED = {"method": "structured", "sparsity": 0.5, "units": ["heads", "neuro
 GPTQ3 = {"method": "gptq", "bits": 3, "group_size": 128}
 RTN3 = {"method": "rtn", "bits": 3, "group_size": 128}
 FAST = [{"method": "int8_dynamic"}, {"method": "compile"}]
+HALF = [{"method": "half"}, {"method": "compile"}]  # bf16: the fast path where the CPU has AMX
 SECTION = "recovery"
 TITLE = "Recovery: distill (and qat) after pruning and quantization"
 
@@ -84,6 +85,10 @@ def distill_step(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
         step["autocast"] = True
     if args.group_by_length:
         step["group_by_length"] = True
+    if args.teacher_cache_mb != 256:
+        step["teacher_cache_mb"] = args.teacher_cache_mb
+    if args.freeze_word_embeddings:  # 11.7M of minilm's 22.7M parameters, unchanged by pruning
+        step["targets"] = {"exclude": ["embeddings.word_embeddings"]}
     return {**step, **extra}
 
 
@@ -182,10 +187,10 @@ class MinilmRun:
         print_table("recovery: minilm", header, rows)
         if not self.args.no_write and self.args.eval_split == "test":
             kind = isa_suffix()  # a section per kind of CPU
-            # Without the structured rows, a section of its own: the full one stays as it was.
-            part = "-gptq" if self.args.skip_structured else ""
+            # Without the structured or the gptq rows, a section of its own: the full one stays.
+            part = "-gptq" if self.args.skip_structured else "-structured" if self.args.skip_quant else ""
             write_section(f"{SECTION}-minilm{part}{kind}", f"{TITLE}: minilm"
-                          + (", gptq rows" if part else "")
+                          + (f", {part[1:]} rows" if part else "")
                           + (f" ({kind[1:].upper()} CPU)" if kind else ""), self.body())
 
 
@@ -225,6 +230,8 @@ def minilm_structured(run: MinilmRun) -> None:
             note="int8_dynamic + compile applied to the structured 50% row")
     run.add("structured 50% + distill + int8_dynamic + compile", FAST, start=recovered, timed=True,
             note=fast_note)
+    run.add("structured 50% + distill + half + compile", HALF, start=recovered, timed=True,
+            note="half (bf16) + compile applied to the distilled row, beside the int8 one")
 
 
 # --- code-llama-tiny ---------------------------------------------------------------------------
@@ -305,6 +312,10 @@ def main() -> None:
                         help="gptq + distill rows: frozen (packed layers kept), train (LSQ through their grid)")
     parser.add_argument("--scale-lr", type=float, default=1e-4, help="step-size lr of quantized: train")
     parser.add_argument("--autocast", action="store_true", help="minilm distill in bf16 autocast")
+    parser.add_argument("--teacher-cache-mb", type=int, default=3072,
+                        help="minilm distill: teacher outputs kept for the next epochs (3 GiB holds them all)")
+    parser.add_argument("--freeze-word-embeddings", action="store_true",
+                        help="minilm distill: the word-embedding matrix stays as it is")
     parser.add_argument("--no-group-by-length", dest="group_by_length", action="store_false",
                         help="minilm distill on the built-in batches as padded (default: regrouped by length)")
     parser.add_argument("--qat", action="store_true", help="add the rtn / qat 3-bit rows")

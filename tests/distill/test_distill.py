@@ -298,6 +298,25 @@ def test_the_teacher_is_the_model_before_the_recipe_even_in_place() -> None:
     assert _kl(model, original, train) < _kl(pruned, original, train)
 
 
+def test_the_teacher_cache_runs_the_teacher_once_per_batch_and_trains_the_same() -> None:
+    from slimline.core.registry import StepContext
+    from slimline.distill.distill import DistillConfig, apply_distill
+
+    model, train = _tiny_bert(), _text_batches(3, 1)
+    students = []
+    for cache_mb in (0, 64):
+        student, calls = _noisy(model, 0.3), []
+        hook = model.register_forward_hook(lambda *_, seen=calls: seen.append(1))  # teacher runs
+        cfg = DistillConfig(steps=9, lr=1e-3, hidden_weight=1.0, teacher_cache_mb=cache_mb)
+        apply_distill(student, cfg, StepContext(training=train, original=model))
+        hook.remove()
+        students.append((len(calls), student))
+    (uncached, plain), (cached, reused) = students
+    assert (uncached, cached) == (2 + 9, 3)  # shape check, projections, every step; once a batch
+    for (name, a), b in zip(plain.named_parameters(), reused.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
 def test_gradient_checkpointing_computes_the_same_training() -> None:
     model, train = _tiny_llama(), _text_batches(3, 1)
     wanda = {"method": "wanda", "sparsity": 0.5}

@@ -91,6 +91,9 @@ class DistillConfig(TrainingConfig):
     # Built-in name, sl.save directory or Hugging Face directory; None: the model as it was
     # before the recipe.
     teacher: str | None = None
+    # MiB of teacher outputs (logits, hidden states) kept from the first epoch for the next
+    # ones instead of running the teacher again; past it the teacher runs every step.
+    teacher_cache_mb: int = 256
     # Packed weight-only layers (QuantLinear): "frozen" keeps their codes; "train" trains them
     # through their own grid (LSQ from their codes and step sizes) and packs them again.
     quantized: Literal["frozen", "train"] = "frozen"
@@ -110,6 +113,8 @@ class DistillConfig(TrainingConfig):
             self.fail("output_weight", "all loss weights are 0: nothing to learn")
         if self.lora_r < 1:
             self.fail("lora_r", f"must be ≥ 1, got {self.lora_r}")
+        if self.teacher_cache_mb < 0:
+            self.fail("teacher_cache_mb", f"must be ≥ 0, got {self.teacher_cache_mb}")
         if not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0.0):
             self.fail("lora_alpha", f"must be a finite number > 0, got {self.lora_alpha}")
         if not (math.isfinite(self.scale_lr) and self.scale_lr >= 0.0):
@@ -251,7 +256,8 @@ def apply_distill(model: nn.Module, cfg: DistillConfig, ctx: StepContext) -> Ste
         train = group_by_length(train, cfg.batch_size or batch_size(train[0]),
                                 field=f"{cfg.method}.group_by_length")
     want_hidden = cfg.hidden_weight > 0
-    teach = TeacherOutputs(teacher, train, hidden=want_hidden, owner="distill")
+    teach = TeacherOutputs(teacher, train, hidden=want_hidden, owner="distill",
+                           cache_bytes=cfg.teacher_cache_mb * 2**20)
     with torch.no_grad():
         first = run_model(model, train[0], hidden=want_hidden, owner="distill")
     check_teacher(first, teach(0), cfg)

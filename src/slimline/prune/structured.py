@@ -15,7 +15,10 @@ zero for a unit that contributes nothing. Michel et al. (arXiv 1905.10650) showe
 can go with little loss; this is a gradient-free, data-aware proxy for their head importance.
 ``obs`` ranks units by the output error the least-squares repair leaves, removing them greedily
 with Optimal Brain Surgeon updates (ZipLM, arXiv 2302.04089; ``structured_obs.py``): it sees that
-correlated units stand in for each other, which per-unit scores cannot.
+correlated units stand in for each other, which per-unit scores cannot. ``auto`` (the default)
+is ``obs`` where every consumer of a group is a Linear, ``activation`` elsewhere (conv channels).
+On minilm at 50% heads + neurons, 1024 calibration sentences: embedding cosine 0.849 with
+``activation``, 0.858 with ``obs`` (validation split).
 
 Repair (``reconstruct``, on by default): the layer that consumed the removed units is refit by
 least squares on calibration inputs (kept columns and bias, Kwon et al. arXiv 2204.09656), so
@@ -73,7 +76,7 @@ from slimline.prune.surgery import (
 )
 from slimline.search.ranges import FloatRange, SearchSpace
 
-Importance = Literal["magnitude", "activation", "obs"]
+Importance = Literal["auto", "obs", "activation", "magnitude"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -92,8 +95,9 @@ class StructuredConfig(MethodConfig):
     # of a pretrained encoder without retraining; more usually wants a distillation step.
     sparsity: float = 0.3
     units: tuple[UnitKind, ...] = ("heads", "neurons")
-    # activation-aware scores rank units far better than weight norms for pretrained models.
-    importance: Importance = "activation"
+    # Data-aware scores rank units far better than weight norms for pretrained models; "auto"
+    # is "obs" for units consumed by Linear layers, "activation" for conv channels.
+    importance: Importance = "auto"
     # GQA: drop whole KV groups (saves k/v too) or query heads evenly within every group.
     gqa: GqaMode = "kv_groups"
     # Refit each consumer layer by least squares; on MiniLM at 50% it lifts the embedding
@@ -206,6 +210,13 @@ def plan_structured(model: nn.Module, cfg: StructuredConfig) -> list[PlannedGrou
                 cfg.fail("sparsity",
                          f"{cfg.sparsity} removes all {per} {kind}{hint} of {group.name}")
             plan.append(PlannedGroup(group, n))
+    if cfg.importance == "obs":
+        for planned in plan:
+            for piece in planned.group.consumers():
+                layer = model.get_submodule(piece.module)
+                if not isinstance(layer, nn.Linear):
+                    cfg.fail("importance", f"'obs' ranks the inputs of Linear layers; "
+                             f"{piece.module!r} is a {type(layer).__name__} (use 'auto')")
     return plan
 
 
@@ -300,9 +311,22 @@ def collect_stats(
     return stats
 
 
+def _ranks_by_obs(model: nn.Module, planned: PlannedGroup, cfg: StructuredConfig) -> bool:
+    if cfg.importance == "auto":
+        return all(isinstance(model.get_submodule(s.module), nn.Linear)
+                   for s in planned.group.consumers())
+    return cfg.importance == "obs"
+
+
+def _per_unit(importance: Importance) -> Importance:
+    """The per-unit score ``auto`` falls back to where OBS does not apply."""
+    return "activation" if importance == "auto" else importance
+
+
 def obs_units(model: nn.Module, planned: PlannedGroup, stats: dict[str, ConsumerStats]
               ) -> torch.Tensor:
-    """Units kept by greedy OBS over the group's Linear consumers (``structured_obs.obs_keep``)."""
+    """Units kept by greedy OBS over the group's Linear consumers (``structured_obs.obs_keep``;
+    float64 on the CPU, whatever the model's device)."""
     consumers = []
     for piece in planned.group.consumers():
         layer = model.get_submodule(piece.module)
@@ -326,9 +350,9 @@ def prune_groups(
 ) -> list[str]:
     """Score every group of ``plan`` first, then repair and cut; returns the layers changed."""
     norms = {n: s.input_norm for n, s in (stats or {}).items()}
-    keeps = [obs_units(model, p, stats) if cfg.importance == "obs" and stats is not None
-             else keep_units(unit_scores(model, p.group, cfg.importance, norms), p.n_remove,
-                             p.group.partitions) for p in plan]
+    keeps = [obs_units(model, p, stats) if stats is not None and _ranks_by_obs(model, p, cfg)
+             else keep_units(unit_scores(model, p.group, _per_unit(cfg.importance), norms),
+                             p.n_remove, p.group.partitions) for p in plan]
     changed: list[str] = []
     for planned, keep in zip(plan, keeps, strict=True):
         if cfg.reconstruct and stats is not None:
@@ -344,7 +368,7 @@ def prune_groups(
 
 
 def _needs_hessian(cfg: StructuredConfig) -> bool:
-    return cfg.reconstruct or cfg.importance == "obs"
+    return cfg.reconstruct or cfg.importance in ("obs", "auto")
 
 
 def _prune_with_data(
@@ -394,7 +418,7 @@ def apply_structured(model: nn.Module, cfg: StructuredConfig, ctx: StepContext) 
     before = _params(model)
     if cfg.requires_calibration():
         if not ctx.calibration:
-            field = "importance" if cfg.importance == "activation" else "reconstruct"
+            field = "importance" if cfg.importance != "magnitude" else "reconstruct"
             cfg.fail(field, "needs calibration data (or use importance 'magnitude' and "
                      "reconstruct false)")
         changed = _prune_with_data(model, plan, cfg, ctx.calibration)

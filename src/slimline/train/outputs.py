@@ -21,7 +21,8 @@ from slimline.core.batches import Batch, split_labels, token_mask, with_position
 
 Kind = Literal["logits", "hidden", "tensor"]
 
-# Teacher outputs are kept per batch up to this many bytes, else recomputed every step.
+# Teacher outputs are kept per batch up to this many bytes (unless told otherwise), else
+# recomputed every step.
 TEACHER_CACHE_BYTES = 256 * 2**20
 
 
@@ -109,8 +110,8 @@ def answer_mask(batch: Batch, answer: torch.Tensor) -> torch.Tensor | None:
 
 class TeacherOutputs:
     """The teacher's :class:`Outputs` per batch index, cached while they fit in
-    :data:`TEACHER_CACHE_BYTES`; the teacher runs in eval mode without gradients and is
-    left in the mode it was in.
+    ``cache_bytes`` (default :data:`TEACHER_CACHE_BYTES`); the teacher runs in eval mode
+    without gradients and is left in the mode it was in.
 
     ``as_teacher()`` is a context manager under which ``teacher`` computes as the teacher
     (``qat``: the student itself with fake quantization switched off, so that no frozen copy
@@ -125,9 +126,11 @@ class TeacherOutputs:
         hidden: bool = False,
         as_teacher: Callable[[], AbstractContextManager[object]] | None = None,
         owner: str = "train",
+        cache_bytes: int | None = None,
     ) -> None:
         self.teacher, self.batches, self.hidden = teacher, batches, hidden
         self.as_teacher, self.owner = as_teacher or nullcontext, owner
+        self.cache_bytes = TEACHER_CACHE_BYTES if cache_bytes is None else cache_bytes
         self.cache: dict[int, Outputs] = {}
         self.cached_bytes = 0
 
@@ -144,12 +147,12 @@ class TeacherOutputs:
         finally:
             self.teacher.train(was_training)
         out.loss = None
-        if self.cached_bytes + out.nbytes() <= TEACHER_CACHE_BYTES:
+        if self.cached_bytes + out.nbytes() <= self.cache_bytes:
             self.cache[index] = out
             self.cached_bytes += out.nbytes()
         return out
 
     def on(self, batches: Sequence[Batch]) -> TeacherOutputs:
         """The same teacher over other batches (a held-out slice), with its own cache."""
-        return TeacherOutputs(self.teacher, batches, hidden=self.hidden,
-                              as_teacher=self.as_teacher, owner=self.owner)  # fmt: skip
+        return TeacherOutputs(self.teacher, batches, hidden=self.hidden, as_teacher=self.as_teacher,
+                              owner=self.owner, cache_bytes=self.cache_bytes)  # fmt: skip
