@@ -180,7 +180,9 @@ class MinilmRun:
                  "before the recipe, loss = 1 − cosine of the mean-pooled embeddings"
                  + (f" + {a.hidden_weight} × TinyBERT hidden-state loss (every layer, relative squared error)"
                     if a.hidden_weight else "") + "; wall time of the training step alone.")
-        return "\n\n".join([cond, load, train, markdown_table(header, rows)])
+        calib = ("" if a.skip_structured else f" `structured` calibrates on {a.calib_batches} batches of 8 "
+                 "train sentences (its least-squares repair and unit ranking).")
+        return "\n\n".join([cond, load, train + calib, markdown_table(header, rows)])
 
     def publish(self) -> None:
         header, rows = self.table()
