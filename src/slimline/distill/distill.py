@@ -48,14 +48,14 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import torch
 from torch import nn
 
-from slimline.core.batches import Batch, batch_size, materialize, split_labels, to_device
+from slimline.core.batches import Batch, materialize, split_labels, to_device
 from slimline.core.registry import StepContext, StepOutcome, register
 from slimline.core.targets import is_linear_like, linear_weight, select, set_linear_weight
 from slimline.distill.trainable import SparsityMasks, holds_trainable, trainable_parameters
 from slimline.quantize.qat import FakeQuantLinear
 from slimline.quantize.qlinear import QuantLinear
 from slimline.train.config import TrainingConfig
-from slimline.train.data import count_tokens, group_by_length, hold_out, rebatch
+from slimline.train.data import count_tokens, hold_out, rebatch
 from slimline.train.loop import train_loop
 from slimline.train.losses import OutputLoss, hidden_state_loss, output_loss, task_loss_of
 from slimline.train.outputs import Outputs, TeacherOutputs, answer_mask, run_model
@@ -252,9 +252,7 @@ def apply_distill(model: nn.Module, cfg: DistillConfig, ctx: StepContext) -> Ste
     batches = _batches(cfg, ctx, device)
     teacher = resolve_teacher(cfg, ctx, device)
     train, held = hold_out(batches, cfg.eval_fraction)
-    if cfg.group_by_length:  # after the hold-out, which keeps its own samples
-        train = group_by_length(train, cfg.batch_size or batch_size(train[0]),
-                                field=f"{cfg.method}.group_by_length")
+    train = cfg.regroup(train)
     want_hidden = cfg.hidden_weight > 0
     teach = TeacherOutputs(teacher, train, hidden=want_hidden, owner="distill",
                            cache_bytes=cfg.teacher_cache_mb * 2**20)

@@ -31,7 +31,6 @@ from torch import nn
 
 from slimline.core.batches import (
     Batch,
-    batch_size,
     forward,
     materialize,
     output_tensor,
@@ -44,7 +43,7 @@ from slimline.peft.layer import LoraLinear
 from slimline.quantize.packing import quantize_groups
 from slimline.quantize.qlinear import QuantLinear
 from slimline.train.config import TrainingConfig
-from slimline.train.data import count_tokens, group_by_length, hold_out, rebatch
+from slimline.train.data import count_tokens, hold_out, rebatch
 from slimline.train.loop import train_loop
 from slimline.train.losses import task_loss
 from slimline.train.recompute import check_checkpointing, gradient_checkpointing
@@ -351,9 +350,7 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, ctx: StepContext) -> StepOutco
     check_checkpointing(model, cfg.checkpointing, field="lora.checkpointing")
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     train, held = hold_out([to_device(b, device) for b in batches], cfg.eval_fraction)
-    if cfg.group_by_length:  # after the hold-out, which keeps its own samples
-        size = cfg.batch_size or batch_size(train[0])
-        train = group_by_length(train, size, field="lora.group_by_length")
+    train = cfg.regroup(train)
     flags = {p: p.requires_grad for p in model.parameters()}
     was_training = model.training
     adapters: dict[str, LoraLinear] = {}

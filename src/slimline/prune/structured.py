@@ -212,12 +212,20 @@ def plan_structured(model: nn.Module, cfg: StructuredConfig) -> list[PlannedGrou
             plan.append(PlannedGroup(group, n))
     if cfg.importance == "obs":
         for planned in plan:
-            for piece in planned.group.consumers():
-                layer = model.get_submodule(piece.module)
-                if not isinstance(layer, nn.Linear):
-                    cfg.fail("importance", f"'obs' ranks the inputs of Linear layers; "
-                             f"{piece.module!r} is a {type(layer).__name__} (use 'auto')")
+            other = _non_linear_consumer(model, planned.group)
+            if other is not None:
+                cfg.fail("importance",
+                         f"'obs' ranks the inputs of Linear layers; {other} (use 'auto')")
     return plan
+
+
+def _non_linear_consumer(model: nn.Module, group: UnitGroup) -> str | None:
+    """``'name' is a Type`` for the first consumer of ``group`` that is not a Linear; None."""
+    for piece in group.consumers():
+        layer = model.get_submodule(piece.module)
+        if not isinstance(layer, nn.Linear):
+            return f"{piece.module!r} is a {type(layer).__name__}"
+    return None
 
 
 def _layer_producers(model: nn.Module, group: UnitGroup) -> list[str]:
@@ -313,8 +321,7 @@ def collect_stats(
 
 def _ranks_by_obs(model: nn.Module, planned: PlannedGroup, cfg: StructuredConfig) -> bool:
     if cfg.importance == "auto":
-        return all(isinstance(model.get_submodule(s.module), nn.Linear)
-                   for s in planned.group.consumers())
+        return _non_linear_consumer(model, planned.group) is None
     return cfg.importance == "obs"
 
 
@@ -326,20 +333,18 @@ def _per_unit(importance: Importance) -> Importance:
 def obs_units(model: nn.Module, planned: PlannedGroup, stats: dict[str, ConsumerStats]
               ) -> torch.Tensor:
     """Units kept by greedy OBS over the group's Linear consumers (``structured_obs.obs_keep``;
-    float64 on the CPU, whatever the model's device)."""
+    float64 on the CPU, whatever the model's device). Their statistics carry the Hessian
+    (``_needs_hessian``); its 2/n scale changes no ranking."""
     consumers = []
     for piece in planned.group.consumers():
         layer = model.get_submodule(piece.module)
-        xxt = stats[piece.module].stats.xxt
-        if not isinstance(layer, nn.Linear) or xxt is None:
-            raise ValueError(f"structured: importance 'obs' needs Linear consumers with input "
-                             f"statistics; {piece.module!r} is a {type(layer).__name__}")
-        weight = layer.weight.detach()
-        if layer.bias is not None:
-            weight = torch.cat([weight, layer.bias.detach().unsqueeze(1)], dim=1)
+        hessian = stats[piece.module].stats.hessian  # over [x; 1]
+        weight, bias = layer_weight(layer).detach(), layer_bias(layer)
+        if bias is not None:
+            weight = torch.cat([weight, bias.detach().unsqueeze(1)], dim=1)
         else:
-            xxt = xxt[:-1, :-1]
-        consumers.append(Consumer(weight.cpu(), xxt.cpu(), piece.width))
+            hessian = hessian[:-1, :-1]
+        consumers.append(Consumer(weight.cpu(), hessian.cpu(), piece.width))
     group = planned.group
     return obs_keep(consumers, group.n_units, planned.n_remove, partitions=group.partitions)
 

@@ -98,8 +98,7 @@ def obs_keep(
     removed = torch.zeros(n_units, dtype=torch.bool)
     per_round = max(1, math.ceil(n_remove / rounds))
     while int(quota.sum()) > 0:
-        err = sum(unit_errors(w, h, n_units, width) for w, h, width in state)
-        assert isinstance(err, torch.Tensor)
+        err = torch.stack([unit_errors(w, h, n_units, width) for w, h, width in state]).sum(0)
         err = err.masked_fill(removed, math.inf)
         chosen: list[int] = []
         taken = torch.zeros(partitions, dtype=torch.long)

@@ -11,8 +11,10 @@ import math
 from dataclasses import dataclass, fields
 from typing import ClassVar
 
+from slimline.core.batches import Batch, batch_size
 from slimline.core.config import MethodConfig
 from slimline.core.families import Family
+from slimline.train.data import group_by_length
 from slimline.train.options import LoopOptions, OptimizerName, ShardingName
 
 
@@ -90,6 +92,14 @@ class TrainingConfig(MethodConfig):
                 else "whole on each rank (DDP)")  # fmt: skip
         return [f"{size} processes, the model {held}, global batch {size * self.accumulation} "
                 "micro-batches a step"]
+
+    def regroup(self, train: list[Batch]) -> list[Batch]:
+        """``train`` re-batched by length when ``group_by_length`` (after the hold-out, which
+        keeps its own samples), else as it is."""
+        if not self.group_by_length:
+            return train
+        size = self.batch_size or batch_size(train[0])
+        return group_by_length(train, size, field=f"{self.method}.group_by_length")
 
     def loop_options(self) -> LoopOptions:
         """The loop's options from these fields (checkpoints every step when only a

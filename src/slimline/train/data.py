@@ -56,7 +56,6 @@ def count_tokens(batch: Batch) -> int:
     return int(mask.sum()) if mask is not None else batch_size(batch)
 
 
-
 def group_by_length(
     batches: Sequence[Batch], size: int, *, field: str = "group_by_length"
 ) -> list[Batch]:
@@ -78,9 +77,8 @@ def group_by_length(
     left = False
     for batch in batches:
         mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
-        if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        if not isinstance(batch, Mapping) or not isinstance(mask, torch.Tensor) or mask.dim() != 2:
             raise ValueError(f"{field}: needs dict batches with a (batch, tokens) attention_mask")
-        assert isinstance(batch, Mapping)
         real = mask != 0
         left = left or bool((~real[:, 0] & real.any(1)).any())
         for key, value in batch.items():
