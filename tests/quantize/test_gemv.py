@@ -22,6 +22,8 @@ pytestmark = pytest.mark.skipif(
     gemv.library_problem() != "", reason=f"no gemv kernel here: {gemv.library_problem()}"
 )
 U32 = 2.0**-24  # unit roundoff of float32
+# the float32 kernel's instruction sets this CPU runs (AVX2 everywhere the kernel builds)
+FLOAT_ISAS = ["avx2"] + (["avx512"] if gemv._library().float_isa == "avx512" else [])
 
 
 class Textbook:
@@ -71,16 +73,35 @@ def _layer(n: int, k: int, bits: int, group_size: int | None, symmetric: bool,
      (48, 320, 4, 32, True), (9, 72, 8, 24, True)],
 )  # fmt: skip
 @pytest.mark.parametrize("rows", [1, 3, 6])
-def test_equals_textbook_dequantized_product(n, k, bits, group_size, symmetric, rows) -> None:
+@pytest.mark.parametrize("isa", FLOAT_ISAS)
+def test_equals_textbook_dequantized_product(n, k, bits, group_size, symmetric, rows,
+                                             isa) -> None:
     layer, book = _layer(n, k, bits, group_size, symmetric)
     x = torch.randn(rows, k)
     assert layer.kernel_path(x) == "gemv"
-    out = layer(x)
+    out = gemv._gemv(x, layer.qweight, layer.scales, layer.zeros, layer.bias, bits,
+                     layer.group, isa=isa)  # fmt: skip
+    if isa == gemv._library().float_isa:  # the layer's own call takes the best one
+        assert torch.equal(out, layer(x))
     ref = x.double() @ book.weight.t() + layer.bias.double()
     assert out.dtype == torch.float32 and out.shape == (rows, n)
     assert bool(((out.double() - ref).abs() <= book.bound(x, layer.bias)).all())
     wrong = x.double() @ book.weight.roll(1, dims=1).t() + layer.bias.double()  # columns off by one
     assert not bool(((wrong - ref).abs() <= book.bound(x, layer.bias)).all())
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_instruction_sets_agree_on_a_decode_sized_layer(bits: int) -> None:
+    """Each instruction set's kernel on a 2048-column layer (groups of 32, 128 and one a row,
+    asymmetric): within float32's bound of the textbook product, so of each other."""
+    for group_size, symmetric in [(32, True), (128, False), (None, True)]:
+        layer, book = _layer(96, 2048, bits, group_size, symmetric)
+        x = torch.randn(1, 2048)
+        ref = x.double() @ book.weight.t() + layer.bias.double()
+        for isa in FLOAT_ISAS:
+            out = gemv._gemv(x, layer.qweight, layer.scales, layer.zeros, layer.bias, bits,
+                             layer.group, isa=isa)  # fmt: skip
+            assert bool(((out.double() - ref).abs() <= book.bound(x, layer.bias)).all()), isa
 
 
 @pytest.mark.parametrize("scale_dtype", [torch.float32, torch.float16, torch.bfloat16])

@@ -36,6 +36,7 @@ struct layer {
     const uint8_t *zeros;   /* (N, G), or NULL: symmetric, z = 2^(bits-1) */
     int64_t N, K, group;
     int bits, scale_kind;
+    int64_t G; /* groups a row: ceil(K / group) */
 };
 
 static float half_to_float(uint16_t h) {
@@ -61,7 +62,7 @@ static float half_to_float(uint16_t h) {
 #endif
 }
 
-static float scale_at(const void *scales, int kind, int64_t i) {
+static inline float scale_at(const void *scales, int kind, int64_t i) {
     if (kind == SCALE_F16) return half_to_float(((const uint16_t *)scales)[i]);
     if (kind == SCALE_BF16) {
         uint32_t bits = (uint32_t)((const uint16_t *)scales)[i] << 16;
@@ -72,16 +73,14 @@ static float scale_at(const void *scales, int kind, int64_t i) {
     return ((const float *)scales)[i];
 }
 
-static float group_scale(const struct layer *L, int64_t n, int64_t g) {
-    const int64_t G = (L->K + L->group - 1) / L->group;
-    return scale_at(L->scales, L->scale_kind, n * G + g);
+static inline float group_scale(const struct layer *L, int64_t n, int64_t g) {
+    return scale_at(L->scales, L->scale_kind, n * L->G + g);
 }
 
 /* c - z: what turns the centred codes u - c into u - z (0 when symmetric). */
-static float zero_shift(const struct layer *L, int64_t n, int64_t g) {
+static inline float zero_shift(const struct layer *L, int64_t n, int64_t g) {
     if (!L->zeros) return 0.0f;
-    const int64_t G = (L->K + L->group - 1) / L->group;
-    return (float)((1 << (L->bits - 1)) - (int)L->zeros[n * G + g]);
+    return (float)((1 << (L->bits - 1)) - (int)L->zeros[n * L->G + g]);
 }
 
 /* The centred code u - c of column k of a row starting at byte `row`. */
@@ -258,7 +257,7 @@ static int64_t group_vectors(const uint8_t *row, const struct layer *L, const fl
 static void row_dot_vector(const uint8_t *row, const struct layer *L, const float *x,
                            const float *xp, int64_t rows, const float *xsum, int64_t n,
                            float *out) {
-    const int64_t K = L->K, G = (K + L->group - 1) / L->group;
+    const int64_t K = L->K, G = L->G;
     const float unit = xp ? (L->bits == 4 ? 0x1p-28f : 0x1p-24f) : 1.0f; /* lanes' scaling */
     __m256 total[MAX_ROWS];
     float rest[MAX_ROWS]; /* scalar tails and zero-point terms */
@@ -312,6 +311,178 @@ static void row_dot_scalar(const uint8_t *row, const struct layer *L, const floa
 }
 #endif
 
+#if defined(__x86_64__) || defined(_M_X64)
+/* AVX-512, chosen at run time (slimline_gemv_isa), for groups of whole 32-column chunks
+ * (or one group a row). 16 float lanes halve the instructions per code, and:
+ *
+ * int4 "pairs", by table lookup: the 16 bytes of 32 columns are widened to one byte a 32-bit
+ * lane; vpermps reads the low 4 bits of each lane as an index into a register holding the
+ * group's 16 dequantized values (u - z) * s, u = 0 .. 15 (the reference's own products, so
+ * each weight is bit-identical to the dequantized one), so lane i becomes column 2i (low
+ * nibble) and, after a 4-bit shift, column 2i + 1: a widening, a shift, two lookups and two
+ * fused multiply-adds per 32 codes, and nothing per group but one table (no sum to scale).
+ * x is permuted to match once per call (permute_pairs: xp[b + i] = x[b + 2i],
+ * xp[b + 16 + i] = x[b + 2i + 1]).
+ * int8: 16 codes sign-extended (after u ^ 0x80, which is u - 128) and converted, in column
+ * order, summed per group and scaled as the AVX2 kernel does; x is read as it is. */
+#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")))
+#ifndef GEMV_PREFETCH
+#define GEMV_PREFETCH 2048 /* bytes ahead in the weight stream */
+#endif
+
+/* The 16 dequantized values of a 4-bit group: (u - z) * s for u = 0 .. 15. */
+AVX512 static inline __m512 int4_table(const struct layer *L, int64_t n, int64_t g) {
+    const __m512 u = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const float z = L->zeros ? (float)L->zeros[n * L->G + g] : 8.0f;
+    return _mm512_mul_ps(_mm512_sub_ps(u, _mm512_set1_ps(z)),
+                         _mm512_set1_ps(group_scale(L, n, g)));
+}
+
+/* sum_{k in [k0, k1)} w[k] * x[m, k] for the rows of x, scalar, with w the dequantized
+ * 4-bit weight (u - z) * s (the tail of a group past its last whole 32-column chunk). */
+static void int4_tail(const uint8_t *row, const struct layer *L, const float *x, int64_t rows,
+                      int64_t n, int64_t g, int64_t k0, int64_t k1, float *dots) {
+    const int z = L->zeros ? (int)L->zeros[n * L->G + g] : 8;
+    const float s = group_scale(L, n, g);
+    for (int64_t k = k0; k < k1; k++) {
+        const int byte = row[k >> 1];
+        const float w = (float)(((k & 1) ? (byte >> 4) : (byte & 0x0F)) - z) * s;
+        for (int64_t m = 0; m < rows; m++) dots[m] += w * x[m * L->K + k];
+    }
+}
+
+/* Columns 2i (even) and 2i + 1 (odd), i < 16, of the 32 codes in 16 bytes, dequantized. */
+AVX512 static inline void int4_decode(const uint8_t *p, __m512 table, __m512 *even,
+                                      __m512 *odd) {
+    const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
+    *even = _mm512_permutexvar_ps(v, table);
+    *odd = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table);
+}
+
+/* One output for each of `rows` (<= MAX_ROWS) rows of x from a 4-bit row; xp: x permuted
+ * in pairs. One row of x keeps four independent chains of sums, several one each. */
+AVX512 static void int4_row_512(const uint8_t *row, const struct layer *L, const float *x,
+                                const float *xp, int64_t rows, int64_t n, float *out) {
+    const int64_t K = L->K;
+    __m512 acc[MAX_ROWS] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
+                            _mm512_setzero_ps()};
+    float rest[MAX_ROWS] = {0};
+    int64_t g = 0, k0 = 0;
+    if (rows == 1 && L->group == 32) /* groups of 32 two at a time: four chains, as below */
+        for (; k0 + 64 <= K; g += 2, k0 += 64) {
+            __m512 w[4];
+            _mm_prefetch((const char *)(row + (k0 >> 1) + GEMV_PREFETCH), _MM_HINT_T0);
+            int4_decode(row + (k0 >> 1), int4_table(L, n, g), &w[0], &w[1]);
+            int4_decode(row + (k0 >> 1) + 16, int4_table(L, n, g + 1), &w[2], &w[3]);
+            for (int j = 0; j < 4; j++)
+                acc[j] = _mm512_fmadd_ps(w[j], _mm512_loadu_ps(xp + k0 + 16 * j), acc[j]);
+        }
+    for (; k0 < K; g++, k0 += L->group) {
+        const int64_t k1 = k0 + L->group < K ? k0 + L->group : K;
+        const __m512 table = int4_table(L, n, g);
+        __m512 w[4];
+        int64_t k = k0;
+        if (rows == 1) /* 64 columns a step, a chain for each 16 */
+            for (; k + 64 <= k1; k += 64) {
+                _mm_prefetch((const char *)(row + (k >> 1) + GEMV_PREFETCH), _MM_HINT_T0);
+                int4_decode(row + (k >> 1), table, &w[0], &w[1]);
+                int4_decode(row + (k >> 1) + 16, table, &w[2], &w[3]);
+                for (int j = 0; j < 4; j++)
+                    acc[j] = _mm512_fmadd_ps(w[j], _mm512_loadu_ps(xp + k + 16 * j), acc[j]);
+            }
+        for (; k + 32 <= k1; k += 32) {
+            _mm_prefetch((const char *)(row + (k >> 1) + GEMV_PREFETCH), _MM_HINT_T0);
+            int4_decode(row + (k >> 1), table, &w[0], &w[1]);
+            if (rows == 1) {
+                acc[0] = _mm512_fmadd_ps(w[0], _mm512_loadu_ps(xp + k), acc[0]);
+                acc[1] = _mm512_fmadd_ps(w[1], _mm512_loadu_ps(xp + k + 16), acc[1]);
+            } else {
+                for (int64_t m = 0; m < rows; m++) {
+                    acc[m] = _mm512_fmadd_ps(w[0], _mm512_loadu_ps(xp + m * K + k), acc[m]);
+                    acc[m] = _mm512_fmadd_ps(w[1], _mm512_loadu_ps(xp + m * K + k + 16), acc[m]);
+                }
+            }
+        }
+        if (k < k1) int4_tail(row, L, x, rows, n, g, k, k1, rest);
+    }
+    if (rows == 1)
+        acc[0] = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+    for (int64_t m = 0; m < rows; m++) out[m * L->N] = _mm512_reduce_add_ps(acc[m]) + rest[m];
+}
+
+AVX512 static inline __m512 int8_decode(const uint8_t *p) {
+    const __m128i b = _mm_xor_si128(_mm_loadu_si128((const __m128i *)p), _mm_set1_epi8((char)0x80));
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
+}
+
+/* One output for each of `rows` (<= MAX_ROWS) rows of x from an 8-bit row, as
+ * row_dot_vector sums it: centred codes times x per group, then the group's scale. */
+AVX512 static void int8_row_512(const uint8_t *row, const struct layer *L, const float *x,
+                                int64_t rows, const float *xsum, int64_t n, float *out) {
+    const int64_t K = L->K, G = L->G;
+    __m512 total[MAX_ROWS];
+    float rest[MAX_ROWS];
+    for (int64_t m = 0; m < rows; m++) { total[m] = _mm512_setzero_ps(); rest[m] = 0.0f; }
+    for (int64_t g = 0, k0 = 0; k0 < K; g++, k0 += L->group) {
+        const int64_t k1 = k0 + L->group < K ? k0 + L->group : K;
+        __m512 acc[MAX_ROWS] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
+                                _mm512_setzero_ps()};
+        int64_t k = k0;
+        if (rows == 1) {
+            for (; k + 64 <= k1; k += 64) {
+                _mm_prefetch((const char *)(row + k + GEMV_PREFETCH), _MM_HINT_T0);
+                for (int j = 0; j < 4; j++)
+                    acc[j] = _mm512_fmadd_ps(int8_decode(row + k + 16 * j),
+                                             _mm512_loadu_ps(x + k + 16 * j), acc[j]);
+            }
+            acc[0] = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+        }
+        for (; k + 16 <= k1; k += 16) {
+            _mm_prefetch((const char *)(row + k + GEMV_PREFETCH), _MM_HINT_T0);
+            const __m512 w = int8_decode(row + k);
+            for (int64_t m = 0; m < rows; m++)
+                acc[m] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + m * K + k), acc[m]);
+        }
+        const float s = group_scale(L, n, g);
+        const __m512 scaled = _mm512_set1_ps(s);
+        for (int64_t m = 0; m < rows; m++) total[m] = _mm512_fmadd_ps(acc[m], scaled, total[m]);
+        if (k < k1 || xsum) { /* a scalar tail, or zero points */
+            const float shift = zero_shift(L, n, g);
+            float tails[MAX_ROWS] = {0};
+            group_dots_scalar(row, 8, x, K, rows, k, k1, tails);
+            for (int64_t m = 0; m < rows; m++)
+                rest[m] += s * (tails[m] + shift * (xsum ? xsum[m * G + g] : 0.0f));
+        }
+    }
+    for (int64_t m = 0; m < rows; m++) out[m * L->N] = _mm512_reduce_add_ps(total[m]) + rest[m];
+}
+
+/* x (rows, K) with each whole 32-column chunk's even columns first, then its odd ones. */
+static void permute_pairs(const float *x, int64_t rows, int64_t K, float *xp) {
+    for (int64_t m = 0; m < rows; m++)
+        for (int64_t b = 0; b + 32 <= K; b += 32)
+            for (int64_t i = 0; i < 16; i++) {
+                xp[m * K + b + i] = x[m * K + b + 2 * i];
+                xp[m * K + b + 16 + i] = x[m * K + b + 2 * i + 1];
+            }
+}
+#endif
+
+/* Which float32 kernel this CPU runs: 2 = AVX-512, 1 = AVX2 (+ FMA), 0 = the scalar loop. */
+int slimline_gemv_isa(void) {
+#if defined(__x86_64__) || defined(_M_X64)
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
+        && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+        return 2;
+#endif
+#ifdef __AVX2__
+    return 1;
+#else
+    return 0;
+#endif
+}
+
 /* Outputs [n0, n1) for `rows` (<= MAX_ROWS) rows of x; xp: x permuted for the lanes
  * kernel, or NULL; xsum: (rows, G) group sums of x, or NULL without zero points. */
 static void rows_block(const struct layer *L, const float *x, const float *xp, int64_t rows,
@@ -345,18 +516,51 @@ static void group_sums(const float *x, int64_t rows, int64_t K, int64_t group, f
  * (the caller checks them first). */
 int slimline_gemv(const float *x, int64_t M, int64_t K, const uint8_t *qweight, int64_t N,
                   int bits, int64_t group, const void *scales, int scale_kind,
-                  const uint8_t *zeros, float *xsum, float *out) {
-    if ((bits != 4 && bits != 8) || group < 1 || M < 1 || N < 1 || K < 1)
+                  const uint8_t *zeros, float *xsum, float *out, int isa) {
+    const int best = slimline_gemv_isa();
+    if (isa == 0) isa = best;
+    if ((bits != 4 && bits != 8) || group < 1 || M < 1 || N < 1 || K < 1 || isa < 0
+        || isa > best)
         return -1;
     if (bits == 4 && ((K & 1) || (group & 1)))
         return -1;
     if (zeros && !xsum)
         return -1;
-    const struct layer L = {qweight, scales, zeros, N, K, group, bits, scale_kind};
     const int64_t G = (K + group - 1) / group;
+    const struct layer L = {qweight, scales, zeros, N, K, group, bits, scale_kind, G};
     if (zeros)
         group_sums(x, M, K, group, xsum);
     float *xp = NULL;
+#if defined(__x86_64__) || defined(_M_X64)
+    if (isa == 2 && (group % 32 == 0 || G == 1)) {
+        if (bits == 4) {
+            xp = malloc((size_t)(M * K) * sizeof(float));
+            if (!xp)
+                return -1;
+            permute_pairs(x, M, K, xp);
+        }
+        for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) {
+            const int64_t rows = M - m0 < MAX_ROWS ? M - m0 : MAX_ROWS;
+            const float *xk = (xp ? xp : x) + m0 * K;
+            const int64_t block = 16;
+#pragma omp parallel for schedule(static) if (N * K * rows >= PARALLEL_MIN_WORK)
+            for (int64_t n0 = 0; n0 < N; n0 += block) {
+                const int64_t n1 = n0 + block < N ? n0 + block : N;
+                const int64_t row_bytes = K * bits / 8;
+                for (int64_t n = n0; n < n1; n++) {
+                    const uint8_t *row = L.qweight + n * row_bytes;
+                    if (bits == 4)
+                        int4_row_512(row, &L, x + m0 * K, xk, rows, n, out + m0 * N + n);
+                    else
+                        int8_row_512(row, &L, x + m0 * K, rows, zeros ? xsum + m0 * G : NULL,
+                                     n, out + m0 * N + n);
+                }
+            }
+        }
+        free(xp);
+        return 0;
+    }
+#endif
 #ifdef __AVX2__
     if (group % block_codes(bits) == 0 || G == 1) { /* the lanes kernel fits these groups */
         xp = malloc((size_t)(M * K) * sizeof(float));
