@@ -138,6 +138,47 @@ def test_kernel_path_by_rows_and_extra_dims() -> None:
     torch.testing.assert_close(layer(many)[:3], layer(many[:3]), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    ("n", "k", "bits", "group_size", "symmetric"),
+    [(37, 200, 4, 128, False), (5, 98, 4, 34, True), (17, 130, 8, 64, False),
+     (40, 66, 4, None, False), (48, 320, 4, 32, True), (9, 72, 8, 24, True)],
+)  # fmt: skip
+@pytest.mark.parametrize("isa", FLOAT_ISAS)
+def test_dequantized_rows_are_the_dequantized_weight_bit_for_bit(
+    n, k, bits, group_size, symmetric, isa
+) -> None:
+    layer, _ = _layer(n, k, bits, group_size, symmetric)
+    weight = layer.dequantized_weight()  # packing.dequantize, through torch ops
+    for n0, n1 in [(0, n), (1, min(n, 4)), (n - 1, n)]:
+        tile = gemv.dequantize_rows(layer.qweight, layer.scales, layer.zeros, in_features=k,
+                                    bits=bits, group=layer.group, rows=(n0, n1), isa=isa)  # fmt: skip
+        assert torch.equal(tile, weight[n0:n1])
+    with pytest.raises(ValueError, match="rows 3..2"):
+        gemv.dequantize_rows(layer.qweight, layer.scales, layer.zeros, in_features=k,
+                             bits=bits, group=layer.group, rows=(3, 2))  # fmt: skip
+
+
+def test_prefill_sized_calls_multiply_dequantized_tiles() -> None:
+    """Past GEMV_MAX_ROWS rows an eager call multiplies tiles of the dequantized weight (more
+    output rows than one tile holds): within float32's bound of the textbook product, and in
+    bfloat16 within bfloat16's rounding of it; under autograd the torch path keeps gradients."""
+    layer, book = _layer(300, 2048, 4, 128, False)  # 128 rows a 1 MiB tile: three tiles
+    x = torch.randn(2, GEMV_MAX_ROWS, 2048)
+    assert layer.kernel_path(x) == "dequant" and layer._tiles_run(x)
+    out = layer(x)
+    ref = x.double() @ book.weight.t() + layer.bias.double()
+    assert out.shape == (2, GEMV_MAX_ROWS, 300) and out.dtype == torch.float32
+    assert bool(((out.double() - ref).abs() <= book.bound(x, layer.bias)).all())
+    half = layer(x.to(torch.bfloat16))
+    assert half.dtype == torch.bfloat16
+    magnitude = x.double().abs() @ book.weight.abs().t() + layer.bias.double().abs()
+    assert bool(((half.double() - ref).abs() <= 3 * 2.0**-8 * magnitude).all())
+    grad_x = x.clone().requires_grad_()
+    assert not layer._tiles_run(grad_x)
+    layer(grad_x).sum().backward()
+    torch.testing.assert_close(grad_x.grad, layer.dequantized_weight().sum(0).expand_as(x))
+
+
 def test_inputs_that_need_gradients_keep_the_differentiable_path() -> None:
     layer, _ = _layer(16, 64, 4, 32, True)  # e.g. LoRA training on a quantized base
     x = torch.randn(2, 64, requires_grad=True)

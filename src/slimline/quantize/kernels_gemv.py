@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torch.utils.flop_counter import register_flop_formula
 
@@ -76,6 +77,7 @@ class Library:
     int8_activations: ctypes._CFuncPtr | None = None  # type: ignore[name-defined]
     isa: str = ""  # the int8-activation kernel's instruction set here
     float_isa: str = ""  # the float32 kernel's
+    dequant_rows: ctypes._CFuncPtr | None = None  # type: ignore[name-defined]
 
 
 def gemv_unsupported(bits: int, in_features: int, group: int, scale_dtype: torch.dtype) -> str:
@@ -137,9 +139,14 @@ def _library() -> Library:
                    ctypes.c_int, pointer, pointer, ctypes.c_int]  # fmt: skip
     lib.slimline_gemv_a8_isa.restype = ctypes.c_int
     isa = A8_ISAS.get(lib.slimline_gemv_a8_isa(), "")
+    dequant = lib.slimline_dequant_rows
+    dequant.restype = ctypes.c_int
+    dequant.argtypes = [pointer, size, size, ctypes.c_int, size, pointer, ctypes.c_int, pointer,
+                        size, size, pointer, ctypes.c_int]  # fmt: skip
     lib.slimline_gemv_isa.restype = ctypes.c_int
     float_isa = FLOAT_ISAS.get(lib.slimline_gemv_isa(), "")
-    return Library(function, int8_activations=a8, isa=isa, float_isa=float_isa)
+    return Library(function, int8_activations=a8, isa=isa, float_isa=float_isa,
+                   dequant_rows=dequant)
 
 
 def _build(compiler: str) -> Path:
@@ -304,6 +311,88 @@ class GemvCall:
         if x.dtype != torch.float32:
             out = out.to(x.dtype)
         return out.view(*x.shape[:-1], self.n)
+
+
+DEQUANT_TILE_BYTES = 1 << 20  # a float32 weight tile: in L2 while the GEMM reads it
+
+
+def dequantize_rows(
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    *,
+    in_features: int,
+    bits: int,
+    group: int,
+    rows: tuple[int, int],
+    out: torch.Tensor | None = None,
+    isa: str = "",
+) -> torch.Tensor:
+    """Output rows ``[n0, n1)`` of the dequantized weight in float32, ``(u - z) · s`` —
+    ``packing.dequantize``'s values bit for bit — from ``QuantLinear``'s buffers, by the C
+    library (``out``: a contiguous (n1 - n0, K) float32 tensor to fill). ``isa`` as
+    :func:`_gemv`'s ("avx2", "avx512"; "" for the best)."""
+    library = _library()
+    if library.dequant_rows is None:
+        raise RuntimeError(library.reason)
+    n0, n1 = rows
+    n = scales.shape[0]
+    if not 0 <= n0 < n1 <= n:
+        raise ValueError(f"dequantize_rows: rows {n0}..{n1} are not a range within 0..{n}")
+    if out is None:
+        out = torch.empty(n1 - n0, in_features)
+    scales = scales.contiguous()
+    zeros = None if zeros is None else zeros.contiguous()
+    status = library.dequant_rows(
+        qweight.data_ptr(), n, in_features, bits, group, scales.data_ptr(),
+        _SCALE_KINDS[scales.dtype], None if zeros is None else zeros.data_ptr(), n0, n1,
+        out.data_ptr(), _FLOAT_ISA_CODES.get(isa, 0),
+    )  # fmt: skip
+    if status != 0:
+        raise ValueError(f"dequantize kernel refused bits={bits}, K={in_features}, "
+                         f"group={group}, rows {n0}..{n1} of {n}")  # fmt: skip
+    return out
+
+
+def tiled_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    *,
+    bits: int,
+    group: int,
+    isa: str = "",
+) -> torch.Tensor:
+    """``x @ dequant(W).T + bias`` for many rows (prefill), in ``x``'s dtype.
+
+    :func:`dequantize_rows` fills a float32 tile of output rows (at most
+    :data:`DEQUANT_TILE_BYTES`) and torch's GEMM multiplies it while it is in cache: the layer
+    is never whole in float32, and the codes are widened by the gemv kernel's vector loop
+    instead of a chain of torch ops. Eager only (an opaque ctypes call); the caller checks
+    :func:`gemv_unsupported` and :func:`library_problem` first.
+    """
+    k, n = x.shape[-1], scales.shape[0]
+    tile_rows = max(16, DEQUANT_TILE_BYTES // (4 * k))
+    bias = None if bias is None else bias.to(x.dtype)
+    buffer = torch.empty(min(tile_rows, n), k)
+
+    def tile(n0: int, n1: int) -> torch.Tensor:
+        w = dequantize_rows(qweight, scales, zeros, in_features=k, bits=bits, group=group,
+                            rows=(n0, n1), out=buffer[: n1 - n0], isa=isa)  # fmt: skip
+        return w if x.dtype == torch.float32 else w.to(x.dtype)
+
+    if n <= tile_rows:  # one tile: F.linear on the very weight dequantize() gives
+        return F.linear(x, tile(0, n), bias)
+    rows = x.reshape(-1, k)
+    out = torch.empty(rows.shape[0], n, dtype=x.dtype)
+    for n0 in range(0, n, tile_rows):
+        n1 = min(n, n0 + tile_rows)
+        torch.mm(rows, tile(n0, n1).t(), out=out[:, n0:n1])  # a column block of out, in place
+    if bias is not None:
+        out += bias
+    return out.view(*x.shape[:-1], n)
 
 
 def round_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

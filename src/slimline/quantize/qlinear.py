@@ -10,7 +10,8 @@ Every tensor needed for inference is a persistent buffer, stored as it is kept i
 ``state_dict()`` is the checkpoint and its bytes are the layer's size. Decode-sized calls
 (up to :data:`GEMV_MAX_ROWS` rows) run slimline's gemv kernel
 (:mod:`slimline.quantize.kernels_gemv`), which reads those buffers as they are: no second
-layout, no memory beyond them. Kernel-specific layouts of the fallbacks (torch's int4 tile
+layout, no memory beyond them; larger eager calls (prefill) multiply 1 MiB tiles of the
+weight that the same C library dequantizes, never the whole layer in float32. Kernel-specific layouts of the fallbacks (torch's int4 tile
 layout, oneDNN's prepacked weight) are *derived* from the buffers
 — lazily for the weight-only kernels, which only some calls use, and eagerly (after
 construction, ``load_state_dict`` and ``.to()``) for oneDNN, whose weight every call uses —
@@ -45,13 +46,14 @@ from slimline.quantize.packing import (
 
 META_VERSION = 1
 _DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float16, torch.bfloat16, torch.float32)}
-# Up to how many rows (tokens) slimline's gemv kernel (kernels_gemv) runs a call instead of
-# dequantize + F.linear: decode, speculative verification and short prompts. Measured with 1
-# thread on a 2-core AMD EPYC (Zen 3: AVX2, no AVX-512), torch 2.13, a 2048×5632 layer: the
-# kernel costs about 2 ms a row (int4 g128 and int8 alike, weights decoded once per 4 rows),
-# dequantize + F.linear 150-210 ms plus 0.8 ms a row, so it wins up to 128 rows (255 vs
-# 362 ms int4, 208 vs 231 ms int8) and loses beyond about 200.
-GEMV_MAX_ROWS = 128
+# Up to how many rows (tokens) slimline's gemv kernel (kernels_gemv) runs a call: decode and
+# speculative verification. Beyond it an eager CPU call multiplies 1 MiB tiles of the weight,
+# dequantized by the same C library, with torch's GEMM (kernels_gemv.tiled_linear). BENCHMARKS
+# "quant-kernels" (a 2048x5632 layer, 1 thread, AMX Xeon): the AVX-512 gemv reads the codes
+# once per 4 rows, so its time grows with the rows (int4 g128: 1.0 ms at 1 row, 3.9 ms at 8,
+# 6.6 ms at 16) while the tiles' is nearly flat up to 16 rows (5.5-5.8 ms) and within 1.6x
+# of float32 F.linear at 128; the two cross between 8 and 16 rows (int8 alike).
+GEMV_MAX_ROWS = 8
 # Up to how many rows torch's weight-only CPU kernels beat dequantize + F.linear, by
 # activation dtype, where slimline's gemv kernel is not used. Measured with 2 threads on a
 # 2-core AMD EPYC (Zen 5, AVX-512 VNNI/BF16, no AMX), torch 2.13, layers 1536×384 to
@@ -358,7 +360,26 @@ class QuantLinear(LogicalWeightCounts, _KernelCacheMixin):
         if path == "int8pack":
             weight = self._derive("int8_weight", self._int8_weight)
             return kernels.int8pack_linear(x, weight, self.scales[:, 0], self.bias)
+        if self._tiles_run(x):
+            return gemv.tiled_linear(
+                x, self.qweight, self.scales, self.zeros, self.bias, bits=self.bits,
+                group=self.group,
+            )  # fmt: skip
         return kernels.dequant_linear(x, self.dequantized_weight(x.dtype), self.bias)
+
+    def _tiles_run(self, x: torch.Tensor) -> bool:
+        """Whether a "dequant" call dequantizes tile by tile in C (eager CPU inference with
+        float x on a grid the gemv library reads) rather than through torch ops."""
+        return (
+            x.is_cpu
+            and x.dtype in _DTYPES.values()
+            and not (x.requires_grad and torch.is_grad_enabled())
+            and not torch.compiler.is_compiling()
+            and not gemv.dispatch_mode_active()
+            and gemv.gemv_unsupported(self.bits, self.in_features, self.group,
+                                      self.scales.dtype) == ""
+            and gemv.library_problem() == ""
+        )  # fmt: skip
 
     def _decode_call(self, x: torch.Tensor) -> gemv.GemvCall | None:
         """The prepared gemv call for an eager decode-sized call (None: ``kernel_path`` decides).

@@ -468,6 +468,46 @@ static void permute_pairs(const float *x, int64_t rows, int64_t K, float *xp) {
 }
 #endif
 
+#if defined(__x86_64__) || defined(_M_X64)
+/* 32 dequantized int4 weights from 16 bytes of a row, in column order, with AVX-512: the
+ * table lookups of int4_decode, then the even and odd columns interleaved. */
+AVX512 static void int4_dequant_512(const uint8_t *row, const struct layer *L, int64_t n,
+                                    float *out) {
+    const __m512i low = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    const __m512i high = _mm512_add_epi32(low, _mm512_set1_epi32(8));
+    for (int64_t g = 0, k0 = 0; k0 < L->K; g++, k0 += L->group) {
+        const int64_t k1 = k0 + L->group < L->K ? k0 + L->group : L->K;
+        const __m512 table = int4_table(L, n, g);
+        int64_t k = k0;
+        for (; k + 32 <= k1; k += 32) {
+            __m512 even, odd;
+            int4_decode(row + (k >> 1), table, &even, &odd);
+            _mm512_storeu_ps(out + k, _mm512_permutex2var_ps(even, low, odd));
+            _mm512_storeu_ps(out + k + 16, _mm512_permutex2var_ps(even, high, odd));
+        }
+        const float s = group_scale(L, n, g);
+        const int z = L->zeros ? (int)L->zeros[n * L->G + g] : 8;
+        for (; k < k1; k++)
+            out[k] = (float)((((k & 1) ? (row[k >> 1] >> 4) : (row[k >> 1] & 0x0F))) - z) * s;
+    }
+}
+#endif
+
+/* Row n of the dequantized weight, (u - z) * s in float32, into out (K floats), scalar. */
+static void dequant_row(const uint8_t *row, const struct layer *L, int64_t n, float *out) {
+    for (int64_t g = 0, k0 = 0; k0 < L->K; g++, k0 += L->group) {
+        const int64_t k1 = k0 + L->group < L->K ? k0 + L->group : L->K;
+        const float s = group_scale(L, n, g);
+        const int z = L->zeros ? (int)L->zeros[n * L->G + g] : (1 << (L->bits - 1));
+        if (L->bits == 8) {
+            for (int64_t k = k0; k < k1; k++) out[k] = (float)((int)row[k] - z) * s;
+        } else {
+            for (int64_t k = k0; k < k1; k++)
+                out[k] = (float)(((k & 1) ? (row[k >> 1] >> 4) : (row[k >> 1] & 0x0F)) - z) * s;
+        }
+    }
+}
+
 /* Which float32 kernel this CPU runs: 2 = AVX-512, 1 = AVX2 (+ FMA), 0 = the scalar loop. */
 int slimline_gemv_isa(void) {
 #if defined(__x86_64__) || defined(_M_X64)
@@ -581,5 +621,40 @@ int slimline_gemv(const float *x, int64_t M, int64_t K, const uint8_t *qweight, 
         }
     }
     free(xp);
+    return 0;
+}
+
+/* Rows [n0, n1) of the dequantized weight, (u - z) * s in float32 — packing.dequantize's
+ * values bit for bit (the integer u - z, then one product with the float32 scale) — into
+ * out ((n1 - n0), K): a tile for prefill-sized calls, which multiply it with a GEMM while it
+ * is in cache instead of dequantizing the whole layer through torch. bits 4 (K and group
+ * even) or 8; isa as slimline_gemv's (AVX-512: int4 groups of whole 32-column chunks by table
+ * lookup). Returns 0, or -1 for arguments it does not handle. */
+int slimline_dequant_rows(const uint8_t *qweight, int64_t N, int64_t K, int bits,
+                          int64_t group, const void *scales, int scale_kind,
+                          const uint8_t *zeros, int64_t n0, int64_t n1, float *out, int isa) {
+    const int best = slimline_gemv_isa();
+    if (isa == 0) isa = best;
+    if ((bits != 4 && bits != 8) || group < 1 || N < 1 || K < 1 || n0 < 0 || n1 > N
+        || n0 >= n1 || isa < 0 || isa > best)
+        return -1;
+    if (bits == 4 && ((K & 1) || (group & 1)))
+        return -1;
+    const int64_t G = (K + group - 1) / group;
+    const struct layer L = {qweight, scales, zeros, N, K, group, bits, scale_kind, G};
+    const int64_t row_bytes = K * bits / 8;
+    const int vector = isa == 2 && bits == 4 && (group % 32 == 0 || G == 1);
+#pragma omp parallel for schedule(static) if ((n1 - n0) * K >= PARALLEL_MIN_WORK)
+    for (int64_t n = n0; n < n1; n++) {
+        float *o = out + (n - n0) * K;
+#if defined(__x86_64__) || defined(_M_X64)
+        if (vector) {
+            int4_dequant_512(qweight + n * row_bytes, &L, n, o);
+            continue;
+        }
+#endif
+        dequant_row(qweight + n * row_bytes, &L, n, o);
+    }
+    (void)vector;
     return 0;
 }
