@@ -23,6 +23,8 @@ Each size's paths run interleaved in one process, medians of ``--runs``; times i
 from __future__ import annotations
 
 import argparse
+import functools
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -43,22 +45,22 @@ SECTION = "quant-kernels"
 GRIDS = {"int4 g128": (4, 128), "int4 g32": (4, 32), "int8 per-channel": (8, None)}
 
 
-def layer_paths(layer: QuantLinear, weight: torch.Tensor, x: torch.Tensor) -> dict[str, object]:
+def layer_paths(layer: QuantLinear, weight: torch.Tensor, x: torch.Tensor) -> dict[str, Callable[[], object]]:
     """The calls to time for one grid and one x, by path name."""
     w16, x16 = weight.to(torch.bfloat16), x.to(torch.bfloat16)
-    args = (layer.qweight, layer.scales, layer.zeros, layer.bias)
-    kw = {"bits": layer.bits, "group": layer.group}
-    calls: dict[str, object] = {
-        "fp32": lambda: F.linear(x, weight, layer.bias),
+    q, s, z, b = layer.qweight, layer.scales, layer.zeros, layer.bias
+    bits, group = layer.bits, layer.group
+    calls: dict[str, Callable[[], object]] = {
+        "fp32": lambda: F.linear(x, weight, b),
         "bf16": lambda: F.linear(x16, w16),
     }
     isas = ["avx2"] + (["avx512"] if gemv._library().float_isa == "avx512" else [])
     for isa in isas:
-        calls[f"gemv {isa}"] = lambda isa=isa: gemv._gemv(x, *args, isa=isa, **kw)  # type: ignore[misc]
-    if gemv.a8_unsupported(layer.bits, layer.in_features, layer.group) == "":
-        calls["gemv int8-act"] = lambda: gemv._gemv(x, *args, int8_activations=True, **kw)  # type: ignore[misc]
-    calls["tiles"] = lambda: gemv.tiled_linear(x, *args, **kw)  # type: ignore[misc]
-    calls["torch dequant"] = lambda: F.linear(x, layer.dequantized_weight(), layer.bias)
+        calls[f"gemv {isa}"] = functools.partial(gemv._gemv, x, q, s, z, b, bits, group, isa=isa)
+    if gemv.a8_unsupported(bits, layer.in_features, group) == "":
+        calls["gemv int8-act"] = lambda: gemv._gemv(x, q, s, z, b, bits, group, True)
+    calls["tiles"] = lambda: gemv.tiled_linear(x, q, s, z, b, bits=bits, group=group)
+    calls["torch dequant"] = lambda: F.linear(x, layer.dequantized_weight(), b)
     return calls
 
 
@@ -88,7 +90,7 @@ def main() -> None:
                                            symmetric=True)
             for rows in sizes:
                 x = torch.randn(rows, args.in_features)
-                times = interleaved(layer_paths(layer, weight, x), runs=args.runs, warmup=2)  # type: ignore[arg-type]
+                times = interleaved(layer_paths(layer, weight, x), runs=args.runs, warmup=2)
                 base = times["fp32"].median_ms
                 for path, latency in times.items():
                     table.append([name, rows, path, f"{latency.median_ms:.3f}", f"{base / latency.median_ms:.2f}"])

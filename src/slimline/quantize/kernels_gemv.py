@@ -20,14 +20,15 @@ than a bfloat16 GEMM).
 
 Where the CPU has AVX-512 (F, BW, VL, DQ; checked at run time) the C file's AVX-512 loop
 runs instead: int4 codes become the group's dequantized values by one table lookup
-(``vpermps``) per 16 codes, which on a 2-core Xeon (AMX) took a 5632x2048 int4 g128 layer
-at one row from 2.3 to 1.1-1.3 ms (1.9x; groups of 32: 3.9x) and int8 per-channel 1.5x.
+(``vpermps``) per 16 codes, no shift, mask and conversion (``benchmarks/quant_kernels.py``
+times both instruction sets).
 
 It is compiled at first use with the system C compiler (``$CC``, else ``cc``) for AVX2 + FMA
-+ F16C (the AVX-512 functions by target attributes), cached under the slimline cache (``kernels/``) by a digest of the source, flags,
-compiler and machine, and loaded with ctypes. OpenMP resolves to the ``libgomp`` torch has
-already loaded, so its threads are torch's (``torch.set_num_threads``). Under
-``torch.compile`` it is an opaque custom op (``slimline_kernels::gemv``).
++ F16C (the AVX-512 functions by target attributes), cached under the slimline cache
+(``kernels/``) by a digest of the source, flags, compiler and machine, and loaded with
+ctypes. OpenMP resolves to the ``libgomp`` torch has already loaded, so its threads are
+torch's (``torch.set_num_threads``). Under ``torch.compile`` it is an opaque custom op
+(``slimline_kernels::gemv``).
 """
 
 from __future__ import annotations

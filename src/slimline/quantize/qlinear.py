@@ -11,11 +11,12 @@ Every tensor needed for inference is a persistent buffer, stored as it is kept i
 (up to :data:`GEMV_MAX_ROWS` rows) run slimline's gemv kernel
 (:mod:`slimline.quantize.kernels_gemv`), which reads those buffers as they are: no second
 layout, no memory beyond them; larger eager calls (prefill) multiply 1 MiB tiles of the
-weight that the same C library dequantizes, never the whole layer in float32. Kernel-specific layouts of the fallbacks (torch's int4 tile
-layout, oneDNN's prepacked weight) are *derived* from the buffers
-— lazily for the weight-only kernels, which only some calls use, and eagerly (after
-construction, ``load_state_dict`` and ``.to()``) for oneDNN, whose weight every call uses —
-and never saved: they are not portable across machines or torch versions.
+weight that the same C library dequantizes, never the whole layer in float32.
+Kernel-specific layouts of the fallbacks (torch's int4 tile layout, oneDNN's prepacked
+weight) are *derived* from the buffers — lazily for the weight-only kernels, which only some
+calls use, and eagerly (after construction, ``load_state_dict`` and ``.to()``) for oneDNN,
+whose weight every call uses — and never saved: they are not portable across machines or
+torch versions.
 """
 
 from __future__ import annotations
