@@ -10,7 +10,7 @@ calls each directly so that every one is timed at every size):
   instruction set this CPU has (codes widened in registers, float32 maths);
 - ``gemv int8-act``: the int8-activation kernel (``decode_activations: int8``, x rounded to
   int8 in blocks of 32: llama.cpp's arithmetic, not the float32 result);
-- ``tiles``: the C library dequantizes 1 MiB tiles of float32 rows, torch's GEMM multiplies
+- ``tiles``: the C library dequantizes 4 MiB tiles of float32 rows, torch's GEMM multiplies
   each (``kernels_gemv.tiled_linear``);
 - ``torch dequant``: ``F.linear`` with ``QuantLinear.dequantized_weight()`` (torch ops), the
   path before ``tiles``.

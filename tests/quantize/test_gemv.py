@@ -162,12 +162,12 @@ def test_prefill_sized_calls_multiply_dequantized_tiles() -> None:
     """Past GEMV_MAX_ROWS rows an eager call multiplies tiles of the dequantized weight (more
     output rows than one tile holds): within float32's bound of the textbook product, and in
     bfloat16 within bfloat16's rounding of it; under autograd the torch path keeps gradients."""
-    layer, book = _layer(300, 2048, 4, 128, False)  # 128 rows a 1 MiB tile: three tiles
+    layer, book = _layer(1100, 2048, 4, 128, False)  # 512 rows a 4 MiB tile: three tiles
     x = torch.randn(2, GEMV_MAX_ROWS, 2048)
     assert layer.kernel_path(x) == "dequant" and layer._tiles_run(x)
     out = layer(x)
     ref = x.double() @ book.weight.t() + layer.bias.double()
-    assert out.shape == (2, GEMV_MAX_ROWS, 300) and out.dtype == torch.float32
+    assert out.shape == (2, GEMV_MAX_ROWS, 1100) and out.dtype == torch.float32
     assert bool(((out.double() - ref).abs() <= book.bound(x, layer.bias)).all())
     half = layer(x.to(torch.bfloat16))
     assert half.dtype == torch.bfloat16

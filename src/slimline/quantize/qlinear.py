@@ -10,7 +10,7 @@ Every tensor needed for inference is a persistent buffer, stored as it is kept i
 ``state_dict()`` is the checkpoint and its bytes are the layer's size. Decode-sized calls
 (up to :data:`GEMV_MAX_ROWS` rows) run slimline's gemv kernel
 (:mod:`slimline.quantize.kernels_gemv`), which reads those buffers as they are: no second
-layout, no memory beyond them; larger eager calls (prefill) multiply 1 MiB tiles of the
+layout, no memory beyond them; larger eager calls (prefill) multiply 4 MiB tiles of the
 weight that the same C library dequantizes, never the whole layer in float32.
 Kernel-specific layouts of the fallbacks (torch's int4 tile layout, oneDNN's prepacked
 weight) are *derived* from the buffers — lazily for the weight-only kernels, which only some
@@ -48,13 +48,13 @@ from slimline.quantize.packing import (
 META_VERSION = 1
 _DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float16, torch.bfloat16, torch.float32)}
 # Up to how many rows (tokens) slimline's gemv kernel (kernels_gemv) runs a call: decode and
-# speculative verification. Beyond it an eager CPU call multiplies 1 MiB tiles of the weight,
-# dequantized by the same C library, with torch's GEMM (kernels_gemv.tiled_linear). BENCHMARKS
-# "quant-kernels" (a 2048x5632 layer, 1 thread, AMX Xeon): the AVX-512 gemv reads the codes
-# once per 4 rows, so its time grows with the rows (int4 g128: 1.0 ms at 1 row, 3.9 ms at 8,
-# 6.6 ms at 16) while the tiles' is nearly flat up to 16 rows (5.5-5.8 ms) and within 1.6x
-# of float32 F.linear at 128; the two cross between 8 and 16 rows (int8 alike).
-GEMV_MAX_ROWS = 8
+# speculative verification. Beyond it an eager CPU call multiplies 4 MiB tiles of the weight,
+# dequantized by the same C library, with torch's GEMM (kernels_gemv.tiled_linear).
+# BENCHMARKS "quant-kernels" (a 2048x5632 layer, 1 thread, AMX Xeon): the gemv kernel reads
+# the codes once per 4 rows, so its time grows with the rows, while the tiles cost a
+# dequantization (a few ms) plus F.linear's GEMM (within 1.1x of float32 at 128 rows); they
+# cross between 16 and 32 rows for int4 g128 and int8, between 8 and 16 for int4 g32.
+GEMV_MAX_ROWS = 16
 # Up to how many rows torch's weight-only CPU kernels beat dequantize + F.linear, by
 # activation dtype, where slimline's gemv kernel is not used. Measured with 2 threads on a
 # 2-core AMD EPYC (Zen 5, AVX-512 VNNI/BF16, no AMX), torch 2.13, layers 1536×384 to
