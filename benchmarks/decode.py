@@ -37,8 +37,11 @@ Columns:
   high-water mark over one ``generate`` (model resident, interpreter included), after the
   heap freed while making the row is handed back (``malloc_trim``).
 
-``--modes`` adds rows with transformers' static KV cache (``static``) and that plus
-``torch.compile`` of the decode step (``static+compile``, transformers' ``compile_config``).
+Cache (``--modes``): ``default`` leaves the cache to the model (transformers' dynamic one for
+the transformers rows and speculative rows, the static one slimline chooses for packed models:
+``slimline/cache/static_decode.py``; the column says which); ``dynamic`` / ``static`` ask
+``generate`` for that one; ``static+compile`` adds ``torch.compile`` of the decode step
+(transformers' ``compile_config``).
 """
 
 from __future__ import annotations
@@ -75,7 +78,7 @@ from slimline.evaluate.bench import peak_rss_during
 from slimline.quantize.qlinear import QuantLinear
 
 MiB = 2**20
-MODES = ("dynamic", "static", "static+compile")
+MODES = ("default", "dynamic", "static", "static+compile")
 RTN8 = {"method": "rtn", "bits": 8, "group_size": None}
 RTN4 = {"method": "rtn", "bits": 4, "group_size": 128}
 A8 = {"decode_activations": "int8"}
@@ -115,11 +118,13 @@ SPECULATIVE_SUFFIX = "+speculative"
 
 @dataclasses.dataclass
 class Row:
-    """A built row: a timed decode of n tokens (prefill seconds, tokens/s), bytes, path."""
+    """A built row: a timed decode of n tokens (prefill seconds, tokens/s), bytes, path, and
+    the KV cache its generate uses."""
 
     decode: Callable[[int], tuple[float, float]]
     bytes: int
     path: str
+    cache: str
 
 
 class StepClock:
@@ -247,7 +252,7 @@ def llama_cpp_row(args: argparse.Namespace, dtype: str, prompt: torch.Tensor) ->
                 break
         return times[0] - start, (len(times) - 1) / (times[-1] - times[0])
 
-    return Row(decode, gguf_bytes_per_token(file), "llama.cpp")
+    return Row(decode, gguf_bytes_per_token(file), "llama.cpp", "llama.cpp")
 
 
 def generate_kwargs(model: nn.Module, args: argparse.Namespace, mode: str) -> dict[str, Any]:
@@ -256,7 +261,9 @@ def generate_kwargs(model: nn.Module, args: argparse.Namespace, mode: str) -> di
         "max_new_tokens": args.new_tokens, "min_new_tokens": args.new_tokens,
         "do_sample": False, "pad_token_id": eos if isinstance(eos, int) else 0,
     }  # fmt: skip
-    if mode != "dynamic":
+    if mode in ("dynamic", "static"):
+        kwargs["cache_implementation"] = mode
+    if mode == "static+compile":
         kwargs["cache_implementation"] = "static"
     if mode == "static+compile":
         from transformers import CompileConfig
@@ -324,7 +331,11 @@ def build_row(args: argparse.Namespace, row: str, mode: str) -> Row:
     def decode(n: int) -> tuple[float, float]:
         return decode_once(model, prompt, {**kwargs, "max_new_tokens": n, "min_new_tokens": n})
 
-    return Row(decode, decode_bytes_per_token(model), decode_paths(model, prompt, eager))
+    cache = kwargs.get("cache_implementation", model.generation_config.cache_implementation)
+    if mode == "static+compile":
+        cache += "+compile"
+    return Row(decode, decode_bytes_per_token(model), decode_paths(model, prompt, eager),
+               cache or "dynamic")
 
 
 def measure_rows(args: argparse.Namespace) -> dict[tuple[str, str], dict[str, Any]]:
@@ -335,7 +346,7 @@ def measure_rows(args: argparse.Namespace) -> dict[tuple[str, str], dict[str, An
         start = time.perf_counter()
         built[key] = build_row(args, *key)
         settle_memory()  # hand back the heap the float32 copy used: every row stays resident
-        results[key] = {"bytes": built[key].bytes, "path": built[key].path,
+        results[key] = {"bytes": built[key].bytes, "path": built[key].path, "cache": built[key].cache,
                         "build_s": time.perf_counter() - start, "prefill": [], "tps": []}
         print(f"built {key[0]} ({key[1]}) in {results[key]['build_s']:.1f} s", flush=True)
     for round_index in range(args.warmup + args.runs):
@@ -384,7 +395,7 @@ def table(args: argparse.Namespace, results: dict[tuple[str, str], dict[str, Any
     if peaks:
         header.append("peak RSS MiB")
     base = {m: statistics.median(r["tps"]) for (row, m), r in results.items() if row == "fp32"}
-    base["llama.cpp"] = base.get("dynamic", float("nan"))  # against transformers' own cache
+    base["llama.cpp"] = base.get("default", float("nan"))  # against transformers as it comes
     rows: list[list[Any]] = []
     for (row, mode), r in results.items():
         tps = statistics.median(r["tps"])
@@ -392,7 +403,7 @@ def table(args: argparse.Namespace, results: dict[tuple[str, str], dict[str, Any
         ratio = f"{tps / base[mode]:.2f}" if mode in base else "-"
         variant, speculates = variant_of(row)
         label = variant.label + (f" + speculative {args.speculative}" if speculates else "")
-        line = [label, mode, f"{tps:.2f}", ratio,
+        line = [label, r["cache"], f"{tps:.2f}", ratio,
                 f"{1e3 * statistics.median(r['prefill']):.0f}", f"{r['bytes'] / MiB:.0f}",
                 f"{bound:.1f}", f"{tps / bound:.0%}", r["path"]]  # fmt: skip
         if peaks:
@@ -412,7 +423,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--rows", default=",".join(VARIANTS), help=f"comma list of {list(VARIANTS)}")
-    parser.add_argument("--modes", default="dynamic", help=f"comma list of {list(MODES)}")
+    parser.add_argument("--modes", default="default", help=f"comma list of {list(MODES)}")
     parser.add_argument("--quantize-head", action="store_true", help="rtn and gptq quantize the output head too")
     parser.add_argument("--memory", action="store_true", help="peak RSS of each row in a child process")
     parser.add_argument("--speculative", choices=("prompt_lookup", "self", "draft"), default=None,
