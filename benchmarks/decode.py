@@ -37,11 +37,10 @@ Columns:
   high-water mark over one ``generate`` (model resident, interpreter included), after the
   heap freed while making the row is handed back (``malloc_trim``).
 
-Cache (``--modes``): ``default`` leaves the cache to the model (transformers' dynamic one for
-the transformers rows and speculative rows, the static one slimline chooses for packed models:
-``slimline/cache/static_decode.py``; the column says which); ``dynamic`` / ``static`` ask
-``generate`` for that one; ``static+compile`` adds ``torch.compile`` of the decode step
-(transformers' ``compile_config``).
+Cache (``--modes``): ``default`` leaves the cache to the model's ``generation_config``
+(transformers' dynamic one unless it names another; the column says which); ``dynamic`` /
+``static`` ask ``generate`` for that one; ``static+compile`` adds ``torch.compile`` of the
+decode step (transformers' ``compile_config``).
 """
 
 from __future__ import annotations
@@ -431,6 +430,8 @@ def main() -> None:
     parser.add_argument("--gamma", type=int, default=5, help="speculative draft length")
     parser.add_argument("--bandwidth-mib", type=int, default=512)
     parser.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
+    parser.add_argument("--section-suffix", default="",
+                        help="write BENCHMARKS section decode-MODEL<SUFFIX>-Nt (e.g. -speculative), beside the full table")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.new_tokens < 2:
@@ -458,7 +459,8 @@ def main() -> None:
              f" (medians {medians} GB/s, before and after the rows); the bound divides it by each row's weight bytes per token.\n")
     print(notes)
     if not args.no_write:
-        write_section(f"decode-{args.model}-{args.threads}t{isa_suffix()}", f"{title}, {args.threads} thread(s)",
+        write_section(f"decode-{args.model}{args.section_suffix}-{args.threads}t{isa_suffix()}",
+                      f"{title}{args.section_suffix.replace('-', ' ')}, {args.threads} thread(s)",
                       notes + "\n" + markdown_table(header, rows))
 
 

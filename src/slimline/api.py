@@ -85,11 +85,6 @@ def compress(
             StepReport(step.method, outcome.modules, time.perf_counter() - start, outcome.notes)
         )
         recorded.append((outcome.recorded or step).to_dict())
-    from slimline.cache.static_decode import choose_decode_cache
-
-    cache_note = choose_decode_cache(work)
-    if cache_note and reports:
-        reports[-1].notes.append(cache_note)
     previous = checkpoint.applied_recipe(work)["steps"]
     applied = {"version": 1, "steps": previous + recorded}
     setattr(work, checkpoint.RECIPE_ATTR, applied)

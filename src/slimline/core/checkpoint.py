@@ -275,9 +275,6 @@ def load(path: str | Path, *, model: nn.Module | None = None) -> nn.Module:
     setattr(skeleton, REPORTS_ATTR, manifest["reports"])
     skeleton.eval()
     reapply_runtime_steps(skeleton, manifest["recipe"])
-    from slimline.cache.static_decode import choose_decode_cache
-
-    choose_decode_cache(skeleton)  # decided from the rebuilt layers, as compress does
     bind_save_pretrained(skeleton)
     return skeleton
 
