@@ -51,6 +51,7 @@ GPTQ3 = {"method": "gptq", "bits": 3, "group_size": 128}
 RTN3 = {"method": "rtn", "bits": 3, "group_size": 128}
 FAST = [{"method": "int8_dynamic"}, {"method": "compile"}]
 HALF = [{"method": "half"}, {"method": "compile"}]  # bf16: the fast path where the CPU has AMX
+OPENVINO_BF16 = [{"method": "compile", "backend": "openvino", "precision": "bf16"}]  # the lossless recipe
 SECTION = "recovery"
 TITLE = "Recovery: distill (and qat) after pruning and quantization"
 
@@ -234,6 +235,9 @@ def minilm_structured(run: MinilmRun) -> None:
             note=fast_note)
     run.add("structured 50% + distill + half + compile", HALF, start=recovered, timed=True,
             note="half (bf16) + compile applied to the distilled row, beside the int8 one")
+    if args.openvino:
+        run.add("structured 50% + distill + compile openvino bf16", OPENVINO_BF16, start=recovered,
+                timed=True, note="recipes/encoder-cpu-lossless.yaml applied to the distilled row")
 
 
 # --- code-llama-tiny ---------------------------------------------------------------------------
@@ -321,6 +325,8 @@ def main() -> None:
     parser.add_argument("--no-group-by-length", dest="group_by_length", action="store_false",
                         help="minilm distill on the built-in batches as padded (default: regrouped by length)")
     parser.add_argument("--qat", action="store_true", help="add the rtn / qat 3-bit rows")
+    parser.add_argument("--openvino", action="store_true",
+                        help="structured rows: the distilled model again under compile backend openvino bf16")
     parser.add_argument("--lm-size", choices=["full", "small"], default="full")
     parser.add_argument("--lm-steps", type=int, default=100)
     parser.add_argument("--lm-batch-size", type=int, default=8)
