@@ -260,10 +260,8 @@ def generate_kwargs(model: nn.Module, args: argparse.Namespace, mode: str) -> di
         "max_new_tokens": args.new_tokens, "min_new_tokens": args.new_tokens,
         "do_sample": False, "pad_token_id": eos if isinstance(eos, int) else 0,
     }  # fmt: skip
-    if mode in ("dynamic", "static"):
-        kwargs["cache_implementation"] = mode
-    if mode == "static+compile":
-        kwargs["cache_implementation"] = "static"
+    if mode != "default":
+        kwargs["cache_implementation"] = mode.removesuffix("+compile")
     if mode == "static+compile":
         from transformers import CompileConfig
 
@@ -331,10 +329,8 @@ def build_row(args: argparse.Namespace, row: str, mode: str) -> Row:
         return decode_once(model, prompt, {**kwargs, "max_new_tokens": n, "min_new_tokens": n})
 
     cache = kwargs.get("cache_implementation", model.generation_config.cache_implementation)
-    if mode == "static+compile":
-        cache += "+compile"
-    return Row(decode, decode_bytes_per_token(model), decode_paths(model, prompt, eager),
-               cache or "dynamic")
+    cache = (cache or "dynamic") + ("+compile" if mode == "static+compile" else "")
+    return Row(decode, decode_bytes_per_token(model), decode_paths(model, prompt, eager), cache)
 
 
 def measure_rows(args: argparse.Namespace) -> dict[tuple[str, str], dict[str, Any]]:
