@@ -28,9 +28,11 @@ import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from torch import nn
 
 import slimline as sl
@@ -51,7 +53,7 @@ GPTQ3 = {"method": "gptq", "bits": 3, "group_size": 128}
 RTN3 = {"method": "rtn", "bits": 3, "group_size": 128}
 FAST = [{"method": "int8_dynamic"}, {"method": "compile"}]
 HALF = [{"method": "half"}, {"method": "compile"}]  # bf16: the fast path where the CPU has AMX
-OPENVINO_BF16 = [{"method": "compile", "backend": "openvino", "precision": "bf16"}]  # the lossless recipe
+LOSSLESS_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "encoder-cpu-lossless.yaml"
 SECTION = "recovery"
 TITLE = "Recovery: distill (and qat) after pruning and quantization"
 
@@ -235,8 +237,9 @@ def minilm_structured(run: MinilmRun) -> None:
             note=fast_note)
     run.add("structured 50% + distill + half + compile", HALF, start=recovered, timed=True,
             note="half (bf16) + compile applied to the distilled row, beside the int8 one")
-    if args.openvino:
-        run.add("structured 50% + distill + compile openvino bf16", OPENVINO_BF16, start=recovered,
+    if args.openvino:  # the named recipe's own steps, as its file states them
+        lossless = yaml.safe_load(LOSSLESS_RECIPE.read_text())["steps"]
+        run.add("structured 50% + distill + compile openvino bf16", lossless, start=recovered,
                 timed=True, note="recipes/encoder-cpu-lossless.yaml applied to the distilled row")
 
 
