@@ -410,6 +410,40 @@ AVX512 static void int4_row_512(const uint8_t *row, const struct layer *L, const
     for (int64_t m = 0; m < rows; m++) out[m * L->N] = _mm512_reduce_add_ps(acc[m]) + rest[m];
 }
 
+/* Four outputs n..n+3 for one row of x, in groups of whole 64-column steps (group % 64 == 0,
+ * K % group == 0): a step's 64 values of x are loaded once for the four weight rows instead
+ * of once a row. Each output keeps int4_row_512's four chains (one per 16 columns) and adds
+ * them in its order, so the results are its bits. Each row prefetches its own position in
+ * the next pass's rows (4 rows on). */
+#define QUAD 4
+AVX512 static void int4_quad_512(const struct layer *L, const float *xp, int64_t n,
+                                 float *out) {
+    const int64_t K = L->K, stride = K / 2, group = L->group;
+    const uint8_t *rows = L->qweight + n * stride;
+    __m512 acc[QUAD][4];
+    for (int r = 0; r < QUAD; r++)
+        for (int j = 0; j < 4; j++) acc[r][j] = _mm512_setzero_ps();
+    for (int64_t g = 0, k0 = 0; k0 < K; g++, k0 += group) {
+        __m512 table[QUAD];
+        for (int r = 0; r < QUAD; r++) table[r] = int4_table(L, n + r, g);
+        for (int64_t k = k0; k < k0 + group; k += 64) {
+            __m512 xs[4];
+            for (int j = 0; j < 4; j++) xs[j] = _mm512_loadu_ps(xp + k + 16 * j);
+            for (int r = 0; r < QUAD; r++) {
+                const uint8_t *p = rows + r * stride + (k >> 1);
+                _mm_prefetch((const char *)(p + QUAD * stride), _MM_HINT_T0);
+                __m512 w[4];
+                int4_decode(p, table[r], &w[0], &w[1]);
+                int4_decode(p + 16, table[r], &w[2], &w[3]);
+                for (int j = 0; j < 4; j++) acc[r][j] = _mm512_fmadd_ps(w[j], xs[j], acc[r][j]);
+            }
+        }
+    }
+    for (int r = 0; r < QUAD; r++)
+        out[r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]),
+                                                    _mm512_add_ps(acc[r][2], acc[r][3])));
+}
+
 AVX512 static inline __m512 int8_decode(const uint8_t *p) {
     const __m128i b = _mm_xor_si128(_mm_loadu_si128((const __m128i *)p), _mm_set1_epi8((char)0x80));
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
@@ -582,12 +616,16 @@ int slimline_gemv(const float *x, int64_t M, int64_t K, const uint8_t *qweight, 
         for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) {
             const int64_t rows = M - m0 < MAX_ROWS ? M - m0 : MAX_ROWS;
             const float *xk = (xp ? xp : x) + m0 * K;
-            const int64_t block = 16;
+            const int64_t block = 16; /* outputs per task (a multiple of QUAD) */
+            const int quad = bits == 4 && rows == 1 && group % 64 == 0 && K % group == 0;
 #pragma omp parallel for schedule(static) if (N * K * rows >= PARALLEL_MIN_WORK)
             for (int64_t n0 = 0; n0 < N; n0 += block) {
                 const int64_t n1 = n0 + block < N ? n0 + block : N;
                 const int64_t row_bytes = K * bits / 8;
-                for (int64_t n = n0; n < n1; n++) {
+                int64_t n = n0;
+                if (quad) /* one row of x: four outputs a pass, the rest one by one */
+                    for (; n + QUAD <= n1; n += QUAD) int4_quad_512(&L, xk, n, out + m0 * N + n);
+                for (; n < n1; n++) {
                     const uint8_t *row = L.qweight + n * row_bytes;
                     if (bits == 4)
                         int4_row_512(row, &L, x + m0 * K, xk, rows, n, out + m0 * N + n);
