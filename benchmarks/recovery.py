@@ -194,8 +194,10 @@ class MinilmRun:
             kind = isa_suffix()  # a section per kind of CPU
             # Without the structured or the gptq rows, a section of its own: the full one stays.
             part = "-gptq" if self.args.skip_structured else "-structured" if self.args.skip_quant else ""
-            write_section(f"{SECTION}-minilm{part}{kind}", f"{TITLE}: minilm"
+            autocast = "-autocast" if self.args.autocast else ""  # beside the float32 training's
+            write_section(f"{SECTION}-minilm{part}{autocast}{kind}", f"{TITLE}: minilm"
                           + (f", {part[1:]} rows" if part else "")
+                          + (", distilled in bf16 autocast" if autocast else "")
                           + (f" ({kind[1:].upper()} CPU)" if kind else ""), self.body())
 
 
