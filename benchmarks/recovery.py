@@ -195,9 +195,11 @@ class MinilmRun:
             # Without the structured or the gptq rows, a section of its own: the full one stays.
             part = "-gptq" if self.args.skip_structured else "-structured" if self.args.skip_quant else ""
             autocast = "-autocast" if self.args.autocast else ""  # beside the float32 training's
-            write_section(f"{SECTION}-minilm{part}{autocast}{kind}", f"{TITLE}: minilm"
+            suffix = self.args.section_suffix
+            write_section(f"{SECTION}-minilm{part}{autocast}{suffix}{kind}", f"{TITLE}: minilm"
                           + (f", {part[1:]} rows" if part else "")
                           + (", distilled in bf16 autocast" if autocast else "")
+                          + (f", {self.args.steps} distill steps" if suffix else "")
                           + (f" ({kind[1:].upper()} CPU)" if kind else ""), self.body())
 
 
@@ -339,6 +341,8 @@ def main() -> None:
     parser.add_argument("--lm-lora-lr", type=float, default=1e-3)
     parser.add_argument("--progress", action="store_true")
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--section-suffix", default="",
+                        help="minilm: write a section of its own (e.g. =-short for another step count)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.only in ("all", "minilm"):
