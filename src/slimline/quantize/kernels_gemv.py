@@ -21,7 +21,9 @@ than a bfloat16 GEMM).
 Where the CPU has AVX-512 (F, BW, VL, DQ; checked at run time) the C file's AVX-512 loop
 runs instead: int4 codes become the group's dequantized values by one table lookup
 (``vpermps``) per 16 codes, no shift, mask and conversion (``benchmarks/quant_kernels.py``
-times both instruction sets).
+times both instruction sets). For one row of x (a decode step) both kernels' AVX-512 loops
+compute four int4 outputs a pass, loading each chunk of x once for four weight rows, with each
+output's sums in the one-row loop's order (the same bits).
 
 It is compiled at first use with the system C compiler (``$CC``, else ``cc``) for AVX2 + FMA
 + F16C (the AVX-512 functions by target attributes), cached under the slimline cache
