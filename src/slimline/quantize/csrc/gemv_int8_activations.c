@@ -191,6 +191,26 @@ VNNI A8_INLINE __m256i codes32(const uint8_t *p, int bits) {
     return _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
 }
 
+/* int4, 128 columns from one 64-byte load: low nibbles (even columns) and high nibbles (odd
+ * columns) are two vectors of codes, with no shuffle: fewer instructions per byte read, so
+ * more of the weight stream is in flight (the x side is laid out for chunks of 128). */
+VNNI A8_INLINE void nibbles128(const uint8_t *p, __m512i *lo, __m512i *hi) {
+    const __m512i raw = _mm512_loadu_si512((const void *)p), mask = _mm512_set1_epi8(0x0F);
+    *lo = _mm512_and_si512(raw, mask);
+    *hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), mask);
+}
+
+/* One row of x against a 128-column chunk's codes (lo, hi): x0/x1 its int8 codes laid out for
+ * them, c0/c1 the lanes' centring terms, s0/s1 the lanes' block scales; the centred lane sums,
+ * scaled, are added to even (low nibbles) and odd (high nibbles). */
+VNNI A8_INLINE void dot128(__m512i lo, __m512i hi, __m512i x0, __m512i x1, __m512i c0,
+                           __m512i c1, __m512 s0, __m512 s1, __m512 *even, __m512 *odd) {
+    const __m512i d0 = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, x0), c0);
+    const __m512i d1 = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), hi, x1), c1);
+    *even = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), s0, *even);
+    *odd = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1), s1, *odd);
+}
+
 /* One output for ROWS rows of x, chunks of 64 columns. ROWS and BITS are constants in each
  * copy (see row_vnni64), so the row loops unroll and the accumulators stay in registers; two
  * accumulators a row alternate between chunks to hide the multiply-add's latency. */
@@ -221,29 +241,22 @@ VNNI A8_INLINE void rows_vnni64(const struct a8_layer *L, const struct prepared 
                                      ACC[m]);                                               \
         }                                                                                   \
     } while (0)
-/* int4, 128 columns from one 64-byte load: low nibbles (even columns) and high nibbles (odd
- * columns) are two vectors of codes, with no shuffle: fewer instructions per byte read, so
- * more of the weight stream is in flight (the x side is laid out for chunks of 128). */
+/* int4: 128 columns from one 64-byte load (nibbles128). */
 #define CHUNK128(K_)                                                                        \
     do {                                                                                    \
         const uint8_t *p = row + (K_) / 2;                                                  \
         _mm_prefetch((const char *)(p + A8_PREFETCH), _MM_HINT_T0);                         \
-        const __m512i raw = _mm512_loadu_si512((const void *)p), mask = _mm512_set1_epi8(0x0F); \
-        const __m512i lo = _mm512_and_si512(raw, mask);                                     \
-        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), mask);               \
+        __m512i lo, hi;                                                                     \
+        nibbles128(p, &lo, &hi);                                                            \
         for (int64_t m = 0; m < ROWS; m++) {                                                \
             const int64_t lane = m * quarter + (K_) / 4;                                    \
             const int8_t *xm = xq + m * K + (K_);                                           \
-            __m512i d0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo,                    \
-                                             _mm512_loadu_si512((const void *)xm));         \
-            __m512i d1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), hi,                    \
-                                             _mm512_loadu_si512((const void *)(xm + 64)));  \
-            d0 = _mm512_sub_epi32(d0, _mm512_loadu_si512((const void *)(corr + lane)));     \
-            d1 = _mm512_sub_epi32(d1, _mm512_loadu_si512((const void *)(corr + lane + 16))); \
-            even[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), _mm512_loadu_ps(lscale + lane), \
-                                      even[m]);                                             \
-            odd[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1),                                \
-                                     _mm512_loadu_ps(lscale + lane + 16), odd[m]);          \
+            dot128(lo, hi, _mm512_loadu_si512((const void *)xm),                            \
+                   _mm512_loadu_si512((const void *)(xm + 64)),                             \
+                   _mm512_loadu_si512((const void *)(corr + lane)),                         \
+                   _mm512_loadu_si512((const void *)(corr + lane + 16)),                    \
+                   _mm512_loadu_ps(lscale + lane), _mm512_loadu_ps(lscale + lane + 16),     \
+                   &even[m], &odd[m]);                                                      \
         }                                                                                   \
     } while (0)
         int64_t k = k0;
@@ -286,7 +299,6 @@ VNNI static void quad_vnni128(const struct a8_layer *L, const struct prepared *P
     const int64_t K = L->K, G = (K + L->group - 1) / L->group, group = L->group;
     const int64_t stride = K / 2; /* bytes a weight row */
     const uint8_t *rows = L->qweight + n * stride;
-    const __m512i mask = _mm512_set1_epi8(0x0F);
     __m512 total[A8_QUAD];
     float rest[A8_QUAD];
     for (int r = 0; r < A8_QUAD; r++) { total[r] = _mm512_setzero_ps(); rest[r] = 0.0f; }
@@ -304,15 +316,9 @@ VNNI static void quad_vnni128(const struct a8_layer *L, const struct prepared *P
             for (int r = 0; r < A8_QUAD; r++) {
                 const uint8_t *p = rows + r * stride + k / 2;
                 _mm_prefetch((const char *)(p + A8_QUAD * stride), _MM_HINT_T0);
-                const __m512i raw = _mm512_loadu_si512((const void *)p);
-                const __m512i lo = _mm512_and_si512(raw, mask);
-                const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), mask);
-                const __m512i d0 = _mm512_sub_epi32(
-                    _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, x0), c0);
-                const __m512i d1 = _mm512_sub_epi32(
-                    _mm512_dpbusd_epi32(_mm512_setzero_si512(), hi, x1), c1);
-                even[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), s0, even[r]);
-                odd[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1), s1, odd[r]);
+                __m512i lo, hi;
+                nibbles128(p, &lo, &hi);
+                dot128(lo, hi, x0, x1, c0, c1, s0, s1, &even[r], &odd[r]);
             }
         }
         for (int r = 0; r < A8_QUAD; r++) {
