@@ -201,14 +201,16 @@ VNNI A8_INLINE void nibbles128(const uint8_t *p, __m512i *lo, __m512i *hi) {
 }
 
 /* One row of x against a 128-column chunk's codes (lo, hi): x0/x1 its int8 codes laid out for
- * them, c0/c1 the lanes' centring terms, s0/s1 the lanes' block scales; the centred lane sums,
- * scaled, are added to even (low nibbles) and odd (high nibbles). */
-VNNI A8_INLINE void dot128(__m512i lo, __m512i hi, __m512i x0, __m512i x1, __m512i c0,
-                           __m512i c1, __m512 s0, __m512 s1, __m512 *even, __m512 *odd) {
-    const __m512i d0 = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, x0), c0);
-    const __m512i d1 = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), hi, x1), c1);
-    *even = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), s0, *even);
-    *odd = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1), s1, *odd);
+ * them, c the centring terms of both halves' lanes added, s the lanes' block scales. Lane j of
+ * the low half holds columns 8j, 8j+2, 8j+4, 8j+6 of the chunk and lane j of the high half
+ * 8j+1 .. 8j+7: one block of 32, one scale. So both products go into one int32 lane (8
+ * products, exact), which is centred, converted and scaled once: two dot-product instructions
+ * and one conversion and multiply-add a chunk instead of two each (measured 1.09-1.19x a layer
+ * on the 2-core Xeon, 2048x256 to 2048x32000, 1 and 2 threads). */
+VNNI A8_INLINE void dot128(__m512i lo, __m512i hi, __m512i x0, __m512i x1, __m512i c,
+                           __m512 s, __m512 *acc) {
+    const __m512i d = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, x0), hi, x1);
+    *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(d, c)), s, *acc);
 }
 
 /* One output for ROWS rows of x, chunks of 64 columns. ROWS and BITS are constants in each
@@ -253,10 +255,9 @@ VNNI A8_INLINE void rows_vnni64(const struct a8_layer *L, const struct prepared 
             const int8_t *xm = xq + m * K + (K_);                                           \
             dot128(lo, hi, _mm512_loadu_si512((const void *)xm),                            \
                    _mm512_loadu_si512((const void *)(xm + 64)),                             \
-                   _mm512_loadu_si512((const void *)(corr + lane)),                         \
-                   _mm512_loadu_si512((const void *)(corr + lane + 16)),                    \
-                   _mm512_loadu_ps(lscale + lane), _mm512_loadu_ps(lscale + lane + 16),     \
-                   &even[m], &odd[m]);                                                      \
+                   _mm512_add_epi32(_mm512_loadu_si512((const void *)(corr + lane)),        \
+                                    _mm512_loadu_si512((const void *)(corr + lane + 16))),  \
+                   _mm512_loadu_ps(lscale + lane), &even[m]);                               \
         }                                                                                   \
     } while (0)
         int64_t k = k0;
@@ -309,16 +310,16 @@ VNNI static void quad_vnni128(const struct a8_layer *L, const struct prepared *P
         for (int64_t k = k0; k < k1; k += 128) {
             const __m512i x0 = _mm512_loadu_si512((const void *)(P->xq + k));
             const __m512i x1 = _mm512_loadu_si512((const void *)(P->xq + k + 64));
-            const __m512i c0 = _mm512_loadu_si512((const void *)(P->lane_corr + k / 4));
-            const __m512i c1 = _mm512_loadu_si512((const void *)(P->lane_corr + k / 4 + 16));
+            const __m512i c = _mm512_add_epi32(
+                _mm512_loadu_si512((const void *)(P->lane_corr + k / 4)),
+                _mm512_loadu_si512((const void *)(P->lane_corr + k / 4 + 16)));
             const __m512 s0 = _mm512_loadu_ps(P->lane_scale + k / 4);
-            const __m512 s1 = _mm512_loadu_ps(P->lane_scale + k / 4 + 16);
             for (int r = 0; r < A8_QUAD; r++) {
                 const uint8_t *p = rows + r * stride + k / 2;
                 _mm_prefetch((const char *)(p + A8_QUAD * stride), _MM_HINT_T0);
                 __m512i lo, hi;
                 nibbles128(p, &lo, &hi);
-                dot128(lo, hi, x0, x1, c0, c1, s0, s1, &even[r], &odd[r]);
+                dot128(lo, hi, x0, x1, c, s0, &even[r]);
             }
         }
         for (int r = 0; r < A8_QUAD; r++) {
