@@ -16,7 +16,8 @@
  * products per 32-bit lane and instruction, so the decode of a 4-bit layer stops being bound
  * by arithmetic and becomes bound by the bytes it reads.
  *
- * Exactness: the products of a block are summed in int32 lanes, 4 columns a lane, and centred
+ * Exactness: the products of a block are summed in int32 lanes, 4 columns a lane (8 in the int4
+ * AVX-512 chunks of 128 columns, see dot128), and centred
  * there (c = 2^(bits-1) times the lane's sum of xq is subtracted, or the codes are centred in
  * registers), so each lane holds an exact integer of at most 2^20; lanes are converted to
  * float32 and scaled by xs (and, per group, s). Asymmetric groups add (c - z) * sum_b xs*sum(xq)
