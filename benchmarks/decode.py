@@ -18,7 +18,10 @@ process, each row a fresh copy of the model, runs interleaved A B C … after a 
   ``$SLIMLINE_CACHE/gguf``; ``llama-1b-random`` takes code-llama-tiny's tokenizer, which
   decode never uses), greedy (top_k 1), the same prompt ids, thread count and token count;
 - ``--speculative MODE``: each slimline row again with a ``speculative`` step appended
-  (greedy output unchanged; ``self`` mode picks its skipped blocks on train batches).
+  (greedy output unchanged; ``self`` mode picks its skipped blocks on train batches);
+- ``--fast-decode``: each slimline row (speculative ones too) again with a ``fast_decode``
+  step appended (one-token steps through the written-out block loop,
+  ``slimline.compile.fast_decode``).
 
 Columns:
 
@@ -113,6 +116,7 @@ VARIANTS: dict[str, Variant] = {
     "llama.cpp-q4_0": Variant("llama.cpp Q4_0", gguf="q4_0"),
 }
 SPECULATIVE_SUFFIX = "+speculative"
+FAST_SUFFIX = "+fast_decode"
 
 
 @dataclasses.dataclass
@@ -160,8 +164,13 @@ def base_model(args: argparse.Namespace) -> tuple[nn.Module, torch.Tensor]:
 
 def variant_of(row: str) -> tuple[Variant, bool]:
     """The row's variant, and whether it speculates."""
-    name = row.removesuffix(SPECULATIVE_SUFFIX)
-    return VARIANTS[name], name != row
+    name = row.removesuffix(FAST_SUFFIX).removesuffix(SPECULATIVE_SUFFIX)
+    return VARIANTS[name], SPECULATIVE_SUFFIX in row
+
+
+def fast_of(row: str) -> bool:
+    """Whether the row adds slimline's ``fast_decode`` step."""
+    return row.endswith(FAST_SUFFIX)
 
 
 def prepare(row: str, model: nn.Module, args: argparse.Namespace) -> nn.Module:
@@ -176,6 +185,8 @@ def prepare(row: str, model: nn.Module, args: argparse.Namespace) -> nn.Module:
                 step["targets"] = {"include": ["*"]}
     if speculates:
         steps.append({"method": "speculative", "mode": args.speculative, "gamma": args.gamma})
+    if fast_of(row):
+        steps.append({"method": "fast_decode"})
     if not steps:
         return model
     calibrated = any(step["method"] == "gptq" for step in steps)
@@ -312,6 +323,8 @@ def row_names(args: argparse.Namespace) -> list[tuple[str, str]]:
         raise SystemExit(f"unknown rows/modes {unknown}; rows: {list(VARIANTS)}, modes: {list(MODES)}")
     if args.speculative:
         rows += [r + SPECULATIVE_SUFFIX for r in rows if VARIANTS[r].gguf is None]
+    if args.fast_decode:
+        rows += [r + FAST_SUFFIX for r in rows if variant_of(r)[0].gguf is None]
     out = [(r, m) for m in modes for r in rows if variant_of(r)[0].gguf is None]
     return out + [(r, "llama.cpp") for r in rows if variant_of(r)[0].gguf is not None]
 
@@ -398,6 +411,7 @@ def table(args: argparse.Namespace, results: dict[tuple[str, str], dict[str, Any
         ratio = f"{tps / base[mode]:.2f}" if mode in base else "-"
         variant, speculates = variant_of(row)
         label = variant.label + (f" + speculative {args.speculative}" if speculates else "")
+        label += " + fast_decode" if fast_of(row) else ""
         line = [label, r["cache"], f"{tps:.2f}", ratio,
                 f"{1e3 * statistics.median(r['prefill']):.0f}", f"{r['bytes'] / MiB:.0f}",
                 f"{bound:.1f}", f"{tps / bound:.0%}", r["path"]]  # fmt: skip
@@ -423,6 +437,8 @@ def main() -> None:
     parser.add_argument("--memory", action="store_true", help="peak RSS of each row in a child process")
     parser.add_argument("--speculative", choices=("prompt_lookup", "self", "draft"), default=None,
                         help="each slimline row again with this speculative mode")
+    parser.add_argument("--fast-decode", action="store_true",
+                        help="each slimline row (speculative ones too) again with the fast_decode step")
     parser.add_argument("--gamma", type=int, default=5, help="speculative draft length")
     parser.add_argument("--bandwidth-mib", type=int, default=512)
     parser.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")

@@ -12,6 +12,10 @@ interleaved rounds:
   order the step ran them, on a random one-row x — timed per layer kind, as bytes of weights
   read per second against this machine's streaming read (``slimline.evaluate.bandwidth``).
 
+A row named ``NAME+fast_decode`` is ``NAME`` with slimline's ``fast_decode`` step: its
+model step runs the written-out block loop, so the two rows side by side show what that step
+takes off *the rest*.
+
 The chain is the kernels' own speed when the weights stream from memory; *the rest* is what a
 step costs beyond its matmuls, which llama.cpp's C loop keeps small and which decides how
 close a Python decode comes to the bandwidth bound. Speed only: ``llama-1b-random`` has random
@@ -182,7 +186,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64, help="decode steps timed a round")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rows", default="int4,int4-a8", help="packed rows of benchmarks/decode.py")
+    parser.add_argument("--rows", default="int4,int4-a8",
+                        help="packed rows of benchmarks/decode.py; NAME+fast_decode adds the fast_decode step")
     parser.add_argument("--quantize-head", action="store_true", help="quantize the output head too")
     parser.add_argument("--bandwidth-mib", type=int, default=512)
     parser.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")

@@ -1,0 +1,276 @@
+"""``fast_decode``: a one-token decode step for Llama-family causal LMs, written out.
+
+At batch 1 a decode step of a quantized model spends its time in two places: the matmuls,
+which stream the weights (slimline's gemv kernels, near the memory bandwidth), and everything
+between them — norms, rotary embedding, attention over the cache, residuals — which is little
+arithmetic but, through transformers' modules, many Python calls, keyword plumbing, a mask
+built and a position computed every step. Measured on ``llama-1b-random`` (rtn int4 g128, 2
+threads): ~20 ms of a ~68 ms token outside the matmuls (``benchmarks/decode_breakdown.py``);
+llama.cpp's C loop keeps that part to a few ms. ``torch.compile`` of the step did not shorten
+it here (BENCHMARKS, issue 13 notes).
+
+This step replaces the model's ``forward`` (on the instance; class, parameters and
+``state_dict`` unchanged, ``sl.load`` applies it again) by one that runs a decode step — one
+new token of one sequence on top of a dynamic KV cache, no gradient — as a short loop over
+the blocks calling the model's own submodules (so quantized, cast or hooked layers run as
+they are) with the maths of the block inlined: RMSNorm, rotary embedding (the model's own
+``rotary_emb``, so its scaling applies), the new key and value appended through the cache's
+public ``update``, attention of one query over the cached keys with grouped heads (no
+repeated keys, no mask: one query sees every cached position), SwiGLU MLP. Every other call
+— prefill, batches, padding, a static cache, training, attention weights or hidden states
+asked for — runs the model's own forward unchanged. The step follows the dense Llama block
+(Touvron et al., arXiv 2302.13971) exactly; decode is memory-bound (Pope et al., arXiv
+2211.05102), so what it saves is the time between the weight reads.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slimline.core.config import MethodConfig
+from slimline.core.families import Family
+from slimline.core.registry import StepContext, StepOutcome, register
+
+# Decoder-only families whose blocks are the dense Llama block (pre-norm RMSNorm, rotary
+# q/k, grouped-query attention, gated MLP); biases on q/k/v (Qwen2) live in the projections.
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
+
+
+@dataclass(frozen=True, kw_only=True)
+class FastDecodeConfig(MethodConfig):
+    """Run batch-1 decode steps of a Llama-family causal LM through a written-out block loop."""
+
+    method: ClassVar[str] = "fast_decode"
+    family: ClassVar[Family] = Family.COMPILE
+    summary: ClassVar[str] = (
+        "one-token decode steps of a Llama-family LM without the framework's per-token Python"
+    )
+    paper: ClassVar[str] = "Pope et al., arXiv 2211.05102 (decode is memory-bound)"
+    reapply_on_load: ClassVar[bool] = True
+
+    def check(self) -> None:
+        if self.targets.include or self.targets.exclude:
+            self.fail("targets", "fast_decode applies to the whole model; remove targets")
+
+    def applies_to(self, model: nn.Module) -> bool:
+        return why_not(model) is None
+
+    def select_modules(self, model: nn.Module, *, step: str = "") -> list[tuple[str, nn.Module]]:
+        """Nothing is replaced. Raises (naming the step) for a model it cannot run."""
+        reason = why_not(model)
+        if reason is not None:
+            raise ValueError(f"{step or self.method}: {reason}")
+        return []
+
+
+def why_not(model: nn.Module) -> str | None:
+    """Why ``model`` is not a causal LM whose decode step this module can write out."""
+    from slimline.speculative import hf
+
+    reason = hf.why_not(model)
+    if reason is not None:
+        return reason
+    kind, config = type(model).__name__, getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_TYPES:
+        return (f"{kind} (model_type {model_type!r}) is not one of the Llama-family types "
+                f"whose block this step writes out: {', '.join(SUPPORTED_TYPES)}")
+    current = vars(model).get("forward")
+    if current is not None and not isinstance(current, FastForward):
+        return f"{kind}.forward is already replaced on this model; it cannot be wrapped"
+    base = getattr(model, "model", None)
+    for name in ("embed_tokens", "layers", "norm", "rotary_emb"):
+        if not hasattr(base, name):
+            return f"{kind}.model has no {name}: not the Llama layout"
+    if not isinstance(getattr(model, "lm_head", None), nn.Module):
+        return f"{kind} has no lm_head module"
+    for i, block in enumerate(base.layers):  # type: ignore[union-attr]
+        problem = _block_problem(block)
+        if problem is not None:
+            return f"block {i}: {problem}"
+    return None
+
+
+def _block_problem(block: nn.Module) -> str | None:
+    attn, mlp = getattr(block, "self_attn", None), getattr(block, "mlp", None)
+    parts = {"self_attn": attn, "mlp": mlp, "input_layernorm": getattr(block, "input_layernorm",
+             None), "post_attention_layernorm": getattr(block, "post_attention_layernorm", None)}
+    missing = [name for name, part in parts.items() if part is None]
+    if missing:
+        return f"{type(block).__name__} has no {', '.join(missing)}"
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj", "scaling", "head_dim"):
+        if not hasattr(attn, name):
+            return f"{type(attn).__name__} has no {name}"
+    if getattr(attn, "sliding_window", None) is not None:
+        return "sliding-window attention (a one-query step would see the whole cache)"
+    if hasattr(attn, "q_norm") or hasattr(attn, "k_norm"):
+        return "q/k norms are not part of the Llama block"
+    for name in ("gate_proj", "up_proj", "down_proj", "act_fn"):
+        if not hasattr(mlp, name):
+            return f"{type(mlp).__name__} has no {name}"
+    return None
+
+
+def rms_norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+    """Llama's RMSNorm (Zhang & Sennrich, arXiv 1910.07467) as its module computes it:
+    normalised in float32, cast to the weight's dtype and scaled by it, returned in x's dtype
+    (a norm that ``half`` keeps in float32 casts its output back to the compute dtype)."""
+    weight: torch.Tensor = norm.weight  # type: ignore[assignment]
+    eps = float(norm.variance_epsilon)  # type: ignore[arg-type]
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    normed = F.rms_norm(x.float(), (x.shape[-1],), eps=eps)
+    return (weight * normed.to(weight.dtype)).to(x.dtype)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding of heads ``x`` (..., D) at one position (RoFormer, arXiv
+    2104.09864), halves rotated as Llama's ``rotate_half`` does."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+def attend_one(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Softmax attention of one query per head over every cached position, grouped-query
+    (Ainslie et al., arXiv 2305.13245): q (H, D), keys and values (KV, L, D), H a multiple of
+    KV, query head h reading key/value head h // (H / KV) as ``repeat_kv`` lays them out.
+    Scores and softmax in float32. Returns (1, H·D)."""
+    kv_heads, _, dim = keys.shape
+    grouped = q.view(kv_heads, -1, dim)  # (KV, G, D)
+    scores = torch.bmm(grouped, keys.transpose(1, 2)).float() * scale  # (KV, G, L)
+    weights = torch.softmax(scores, dim=-1).to(values.dtype)
+    return torch.bmm(weights, values).reshape(1, -1)
+
+
+def decode_step(model: nn.Module, token: torch.Tensor, cache: Any) -> torch.Tensor:
+    """The logits (1, 1, V) of one new token ``token`` (1, 1) of one sequence, its key and value
+    appended to ``cache`` in every block; the model's own forward computes the same."""
+    base: Any = model.model  # type: ignore[union-attr]
+    position = int(cache.get_seq_length())
+    x = base.embed_tokens(token).view(1, -1)
+    cos, sin = base.rotary_emb(x, position_ids=torch.tensor([[position]], device=x.device))
+    cos, sin = cos.view(1, -1), sin.view(1, -1)
+    for i, block in enumerate(base.layers):
+        if not hasattr(block, "self_attn"):  # a block a self-draft skips (layer_skip)
+            continue
+        attn, mlp = block.self_attn, block.mlp
+        h = rms_norm(x, block.input_layernorm)
+        dim = attn.head_dim
+        q = rotate(attn.q_proj(h).view(-1, dim), cos, sin)
+        k = rotate(attn.k_proj(h).view(-1, dim), cos, sin)
+        v = attn.v_proj(h).view(-1, dim)
+        keys, values = cache.update(k.view(1, -1, 1, dim), v.view(1, -1, 1, dim), i)
+        x = x + attn.o_proj(attend_one(q, keys[0], values[0], attn.scaling))
+        h = rms_norm(x, block.post_attention_layernorm)
+        x = x + mlp.down_proj(mlp.act_fn(mlp.gate_proj(h)) * mlp.up_proj(h))
+    logits: torch.Tensor = model.lm_head(rms_norm(x, base.norm))  # type: ignore[operator]
+    return logits.view(1, 1, -1)
+
+
+# Keyword arguments the written-out step understands; any other one sends the call to the
+# model's own forward.
+_KNOWN = frozenset({"input_ids", "attention_mask", "position_ids", "cache", "past_key_values",
+                    "use_cache", "return_dict", "logits_to_keep", "cache_position",
+                    "output_attentions", "output_hidden_states", "inputs_embeds", "labels"})
+
+
+class FastForward:
+    """The replacement ``forward``: one-token steps through :func:`decode_step`, every other
+    call through the class's forward. Holds the model, so ``copy.deepcopy`` of the model
+    points the copy's at the copy."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.calls = 0  # steps it ran itself (tests and benchmarks read it)
+        self.__signature__ = inspect.signature(type(model).forward.__get__(model))
+        from slimline.speculative import hf
+
+        self.cache_name = hf.cache_name(model)
+        self.output_cache = _output_cache_field()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        cache = self._decode_cache(args, kwargs)
+        if cache is None:
+            return type(self.model).forward(self.model, *args, **kwargs)
+        logits = decode_step(self.model, kwargs["input_ids"], cache)
+        self.calls += 1
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        return CausalLMOutputWithPast(logits=logits, **{self.output_cache: cache})
+
+    def _decode_cache(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """The cache when this call is a step :func:`decode_step` runs, else None."""
+        if args or not kwargs.keys() <= _KNOWN or torch.is_grad_enabled() or self.model.training:
+            return None
+        ids = kwargs.get("input_ids")
+        # transformers 5.24 renamed past_key_values to cache and still takes the old name
+        cache: Any = kwargs.get(self.cache_name or "cache", kwargs.get("past_key_values"))
+        if not isinstance(ids, torch.Tensor) or ids.shape != (1, 1) or not _dynamic(cache):
+            return None
+        if kwargs.get("use_cache") is False or kwargs.get("return_dict") is False:
+            return None
+        if any(kwargs.get(k) for k in ("output_attentions", "output_hidden_states")):
+            return None
+        if any(kwargs.get(k) is not None for k in ("inputs_embeds", "labels")):
+            return None
+        if isinstance(kwargs.get("logits_to_keep"), torch.Tensor):
+            return None
+        position = int(cache.get_seq_length())
+        if not _at(kwargs.get("position_ids"), position) or not _at(
+                kwargs.get("cache_position"), position):
+            return None
+        mask = kwargs.get("attention_mask")
+        if mask is not None and (mask.shape != (1, position + 1) or not bool(mask.all())):
+            return None
+        return cache
+
+
+def _at(positions: Any, position: int) -> bool:
+    """Whether optional ``position_ids`` / ``cache_position`` name exactly ``position``."""
+    if positions is None:
+        return True
+    return isinstance(positions, torch.Tensor) and positions.numel() == 1 and int(
+        positions.item()) == position
+
+
+def _dynamic(cache: Any) -> bool:
+    """A transformers dynamic cache (slimline's quantized one included) whose layers return
+    every cached position from ``update`` — not a static, sliding or offloaded one."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    if not isinstance(cache, DynamicCache) or getattr(cache, "offloading", False):
+        return False
+    return all(type(layer) is DynamicLayer or _slimline_layer(layer) for layer in cache.layers)
+
+
+def _slimline_layer(layer: Any) -> bool:
+    from slimline.cache.hf.quantized_cache import QuantizedKVLayer
+
+    return isinstance(layer, QuantizedKVLayer)
+
+
+def _output_cache_field() -> str:
+    """The name ``CausalLMOutputWithPast`` gives the cache (``cache`` since transformers 5.24,
+    ``past_key_values`` before), read from its fields."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    names = {f.name for f in fields(CausalLMOutputWithPast)}
+    return "cache" if "cache" in names else "past_key_values"
+
+
+@register(FastDecodeConfig)
+def apply_fast_decode(model: nn.Module, cfg: FastDecodeConfig, ctx: StepContext) -> StepOutcome:
+    """Give ``model`` the written-out decode step (idempotent: ``sl.load`` runs it again)."""
+    model.forward = FastForward(model)  # type: ignore[method-assign]
+    return StepOutcome(modules=[""], notes=[
+        "one-token steps of one sequence on a dynamic cache run the written-out block loop; "
+        "every other call runs the model's forward"])
