@@ -245,8 +245,11 @@ def _dynamic(cache: Any) -> bool:
     """A transformers dynamic cache (slimline's quantized one included) whose layers return
     every cached position from ``update`` — not a static, sliding or offloaded one."""
     from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
 
+    try:  # a public class of transformers 5's cache_utils; without it, the model's forward runs
+        from transformers.cache_utils import DynamicLayer
+    except ImportError:
+        return False
     if not isinstance(cache, DynamicCache) or getattr(cache, "offloading", False):
         return False
     return all(type(layer) is DynamicLayer or _slimline_layer(layer) for layer in cache.layers)
