@@ -20,8 +20,8 @@ process, each row a fresh copy of the model, runs interleaved A B C … after a 
 - ``--speculative MODE``: each slimline row again with a ``speculative`` step appended
   (greedy output unchanged; ``self`` mode picks its skipped blocks on train batches);
 - ``--fast-decode``: each slimline row (speculative ones too) again with a ``fast_decode``
-  step appended (one-token steps through the written-out block loop,
-  ``slimline.compile.fast_decode``).
+  step (one-token steps through the written-out block loop, ``slimline.compile.fast_decode``),
+  on the very model instance of the row without it, switched on for its own calls only.
 
 Columns:
 
@@ -128,6 +128,8 @@ class Row:
     bytes: int
     path: str
     cache: str
+    model: nn.Module | None = None  # a slimline row's model (None: llama.cpp)
+    prompt: torch.Tensor | None = None
 
 
 class StepClock:
@@ -343,7 +345,28 @@ def build_row(args: argparse.Namespace, row: str, mode: str) -> Row:
 
     cache = kwargs.get("cache_implementation", model.generation_config.cache_implementation)
     cache = (cache or "dynamic") + ("+compile" if mode == "static+compile" else "")
-    return Row(decode, decode_bytes_per_token(model), decode_paths(model, prompt, eager), cache)
+    return Row(decode, decode_bytes_per_token(model), decode_paths(model, prompt, eager), cache,
+               model, prompt)
+
+
+def fast_twin(args: argparse.Namespace, base: Row, mode: str) -> Row:
+    """``base``'s model with the ``fast_decode`` step on for this row's calls only: the same
+    instance (weights at the same addresses), so the two rows differ by the step alone —
+    separate copies of a model differ in speed by more than the step saves on this machine."""
+    model, prompt = base.model, base.prompt
+    assert model is not None and prompt is not None
+    sl.compress(model, {"steps": [{"method": "fast_decode"}]}, inplace=True)
+    fast = vars(model).pop("forward")
+    kwargs = generate_kwargs(model, args, mode)
+
+    def decode(n: int) -> tuple[float, float]:
+        model.forward = fast
+        try:
+            return decode_once(model, prompt, {**kwargs, "max_new_tokens": n, "min_new_tokens": n})
+        finally:
+            vars(model).pop("forward")
+
+    return Row(decode, base.bytes, base.path, base.cache, model, prompt)
 
 
 def measure_rows(args: argparse.Namespace) -> dict[tuple[str, str], dict[str, Any]]:
@@ -352,7 +375,10 @@ def measure_rows(args: argparse.Namespace) -> dict[tuple[str, str], dict[str, An
     results: dict[tuple[str, str], dict[str, Any]] = {}
     for key in row_names(args):
         start = time.perf_counter()
-        built[key] = build_row(args, *key)
+        name, mode = key
+        twin_of = (name.removesuffix(FAST_SUFFIX), mode)
+        built[key] = (fast_twin(args, built[twin_of], mode) if fast_of(name) and twin_of in built
+                      else build_row(args, *key))
         settle_memory()  # hand back the heap the float32 copy used: every row stays resident
         results[key] = {"bytes": built[key].bytes, "path": built[key].path, "cache": built[key].cache,
                         "build_s": time.perf_counter() - start, "prefill": [], "tps": []}
