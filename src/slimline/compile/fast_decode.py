@@ -191,10 +191,14 @@ class FastForward:
         self.model = model
         self.calls = 0  # steps it ran itself (tests and benchmarks read it)
         self.__signature__ = inspect.signature(type(model).forward.__get__(model))
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
         from slimline.speculative import hf
 
         self.cache_name = hf.cache_name(model)
+        self.output = CausalLMOutputWithPast
         self.output_cache = _output_cache_field()
+        self.dynamic = _dynamic_check()
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         cache = self._decode_cache(args, kwargs)
@@ -202,9 +206,7 @@ class FastForward:
             return type(self.model).forward(self.model, *args, **kwargs)
         logits = decode_step(self.model, kwargs["input_ids"], cache)
         self.calls += 1
-        from transformers.modeling_outputs import CausalLMOutputWithPast
-
-        return CausalLMOutputWithPast(logits=logits, **{self.output_cache: cache})
+        return self.output(logits=logits, **{self.output_cache: cache})
 
     def _decode_cache(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """The cache when this call is a step :func:`decode_step` runs, else None."""
@@ -213,7 +215,7 @@ class FastForward:
         ids = kwargs.get("input_ids")
         # transformers 5.24 renamed past_key_values to cache and still takes the old name
         cache: Any = kwargs.get(self.cache_name or "cache", kwargs.get("past_key_values"))
-        if not isinstance(ids, torch.Tensor) or ids.shape != (1, 1) or not _dynamic(cache):
+        if not isinstance(ids, torch.Tensor) or ids.shape != (1, 1) or not self.dynamic(cache):
             return None
         if kwargs.get("use_cache") is False or kwargs.get("return_dict") is False:
             return None
@@ -241,24 +243,25 @@ def _at(positions: Any, position: int) -> bool:
         positions.item()) == position
 
 
-def _dynamic(cache: Any) -> bool:
-    """A transformers dynamic cache (slimline's quantized one included) whose layers return
-    every cached position from ``update`` — not a static, sliding or offloaded one."""
+def _dynamic_check() -> Any:
+    """A test for a transformers dynamic cache (slimline's quantized one included) whose layers
+    return every cached position from ``update`` — not a static, sliding or offloaded one."""
     from transformers import DynamicCache
+
+    from slimline.cache.hf.quantized_cache import QuantizedKVLayer
 
     try:  # a public class of transformers 5's cache_utils; without it, the model's forward runs
         from transformers.cache_utils import DynamicLayer
     except ImportError:
-        return False
-    if not isinstance(cache, DynamicCache) or getattr(cache, "offloading", False):
-        return False
-    return all(type(layer) is DynamicLayer or _slimline_layer(layer) for layer in cache.layers)
+        return lambda cache: False
 
+    def dynamic(cache: Any) -> bool:
+        if not isinstance(cache, DynamicCache) or getattr(cache, "offloading", False):
+            return False
+        return all(type(layer) is DynamicLayer or isinstance(layer, QuantizedKVLayer)
+                   for layer in cache.layers)
 
-def _slimline_layer(layer: Any) -> bool:
-    from slimline.cache.hf.quantized_cache import QuantizedKVLayer
-
-    return isinstance(layer, QuantizedKVLayer)
+    return dynamic
 
 
 def _output_cache_field() -> str:
