@@ -87,6 +87,31 @@ def test_equals_rounded_activations_times_textbook_weight(
     assert float((out.double() - exact).abs().max()) > float(book.bound(x, layer.bias).max())
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize(
+    ("n", "k", "bits", "group_size", "symmetric"),
+    [(38, 512, 4, 128, True), (21, 256, 4, 64, False), (23, 320, 8, None, True),
+     (18, 192, 4, 32, True), (14, 128, 8, 64, False)],
+)  # fmt: skip
+def test_a_row_gives_the_same_bits_alone_or_among_others(
+    isa, n, k, bits, group_size, symmetric
+) -> None:
+    """One row of x (a decode step: four outputs a pass) and the same row inside a call of 2-4
+    rows (speculative verification) sum the same products in the same order: the same bits,
+    so a verified token is the one plain decode would have produced."""
+    torch.manual_seed(n * k)
+    layer, _ = _layer(n, k, bits, group_size, symmetric)
+    x = torch.randn(4, k)
+
+    def call(rows: torch.Tensor) -> torch.Tensor:
+        return gemv._gemv(rows, layer.qweight, layer.scales, layer.zeros, layer.bias, bits,
+                          layer.group, True, isa=isa)  # fmt: skip
+
+    alone = torch.cat([call(x[m : m + 1]) for m in range(4)])
+    for rows in (2, 3, 4):
+        assert torch.equal(call(x[:rows]), alone[:rows])
+
+
 def test_quant_linear_takes_it_for_decode_sized_calls_only() -> None:
     torch.manual_seed(0)
     layer, _ = _layer(48, 128, 4, 32, True)

@@ -23,7 +23,8 @@ runs instead: int4 codes become the group's dequantized values by one table look
 (``vpermps``) per 16 codes, no shift, mask and conversion (``benchmarks/quant_kernels.py``
 times both instruction sets). For one row of x (a decode step) both kernels' AVX-512 loops
 compute four int4 outputs a pass, loading each chunk of x once for four weight rows, with each
-output's sums in the one-row loop's order (the same bits).
+output's sums in the one-row loop's order (the same bits); so does the int8-activation
+kernel's AVX2 loop, for int4 (64 columns a 32-byte load) and int8.
 
 It is compiled at first use with the system C compiler (``$CC``, else ``cc``) for AVX2 + FMA
 + F16C (the AVX-512 functions by target attributes), cached under the slimline cache

@@ -25,7 +25,10 @@
  * rounding of the sums.
  *
  * Two instruction sets, chosen at run time: AVX-512 VNNI (+BW, VL) when the CPU has it,
- * otherwise AVX2. Compiled with gemv_weight_only.c (slimline/quantize/kernels_gemv.py).
+ * otherwise AVX2. On either, one row of x (a decode step) takes four outputs a pass, the x
+ * side of each chunk loaded once for four weight rows (quad_vnni128, quad_avx2_64,
+ * quad_avx2_8; measured on a 2-core AMD EPYC with AVX2 only, int4 g128 TinyLlama layers
+ * streamed from DRAM, 2 threads: 1.2-1.6x the one-row 32-column loop; int8 1.1-1.4x). Compiled with gemv_weight_only.c (slimline/quantize/kernels_gemv.py).
  */
 #include <math.h>
 #include <stdint.h>
@@ -419,6 +422,205 @@ AVX2 static inline float hsum8(__m256 v) {
 ROW32(row_avx2, AVX2, dot32_avx2, hsum8)
 ROW32(row_vnni32, VNNI, dot32_vnni, hsum8)
 
+/* int4 on AVX2, 64 columns from one 32-byte load: the low nibbles (even columns) and the high
+ * nibbles (odd columns) are two vectors of codes, and x is laid out for chunks of 64 (its even
+ * columns, then its odd ones), as nibbles128 does with 128 on AVX-512. Lane j of the low half
+ * holds columns 8j, 8j+2, 8j+4, 8j+6 and lane j of the high half 8j+1 .. 8j+7, one block of
+ * 32: the two vpmaddubsw results are added in 16 bits (each at most 2 * 15 * 127, so the sum
+ * fits) and widened once, so a lane holds 8 exact products and is centred, converted and
+ * scaled once. Per 32 bytes of codes: one load, shift and two masks, two vpmaddubsw, one add,
+ * one vpmaddwd, and the centring, conversion and multiply-add (the 32-column loop took two of
+ * each of the last four plus a load, a shift and an insert per 16 bytes). */
+AVX2 A8_INLINE __m256 dot64_avx2(const uint8_t *p, __m256i x0, __m256i x1, __m256i c,
+                                 __m256 s, __m256 acc) {
+    const __m256i raw = _mm256_loadu_si256((const __m256i *)p), mask = _mm256_set1_epi8(0x0F);
+    const __m256i lo = _mm256_and_si256(raw, mask);
+    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask);
+    const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, x0),
+                                           _mm256_maddubs_epi16(hi, x1));
+    const __m256i d = _mm256_sub_epi32(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)), c);
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), s, acc);
+}
+
+/* The x side of the 64-column chunk at k of row m: its two halves of codes, the centring
+ * terms of both halves' lanes added, and the lanes' block scales. */
+#define X64_AVX2(M_, K_)                                                                    \
+    const int8_t *xm = P->xq + (M_) * K + (K_);                                             \
+    const int64_t lane = (M_) * (K / 4) + (K_) / 4;                                         \
+    const __m256i x0 = _mm256_loadu_si256((const __m256i *)xm);                             \
+    const __m256i x1 = _mm256_loadu_si256((const __m256i *)(xm + 32));                      \
+    const __m256i c = _mm256_add_epi32(                                                     \
+        _mm256_loadu_si256((const __m256i *)(P->lane_corr + lane)),                         \
+        _mm256_loadu_si256((const __m256i *)(P->lane_corr + lane + 8)));                    \
+    const __m256 s0 = _mm256_loadu_ps(P->lane_scale + lane)
+
+/* Groups of 32 (llama.cpp Q4_0's grid): a 64-column chunk spans groups g and g + 1, lanes 0-3
+ * the first and 4-7 the second, so each lane's block scale is multiplied by its group's scale
+ * before the multiply-add and the sums need no step per group. Adds both groups' zero-point
+ * terms to rest (ROWS rows). */
+AVX2 A8_INLINE __m256 pair_scales(const struct a8_layer *L, const struct prepared *P,
+                                  int64_t rows, int64_t n, int64_t g, float *rest) {
+    float first, second;
+    add_group(L, P, rows, n, g, &first, rest);
+    add_group(L, P, rows, n, g + 1, &second, rest);
+    return _mm256_setr_m128(_mm_set1_ps(first), _mm_set1_ps(second));
+}
+
+/* One int4 output for ROWS rows of x in chunks of 64 columns (width 64: groups hold whole
+ * chunks, or PAIR: groups of 32, two a chunk). Two accumulators a row alternate between
+ * chunks, as in the 32-column loop. */
+AVX2 A8_INLINE void rows_avx2_64(const struct a8_layer *L, const struct prepared *P,
+                                 const int64_t ROWS, const int PAIR, int64_t n, float *out) {
+    const int64_t K = L->K, group = PAIR ? 64 : L->group, G = (K + group - 1) / group;
+    const uint8_t *row = L->qweight + n * (K / 2);
+    __m256 total[A8_MAX_ROWS];
+    float rest[A8_MAX_ROWS];
+    for (int64_t m = 0; m < ROWS; m++) { total[m] = _mm256_setzero_ps(); rest[m] = 0.0f; }
+    for (int64_t g = 0, k0 = 0; g < G; g++, k0 += group) {
+        const int64_t k1 = k0 + group < K ? k0 + group : K;
+        __m256 even[A8_MAX_ROWS], odd[A8_MAX_ROWS];
+        for (int64_t m = 0; m < ROWS; m++) even[m] = odd[m] = _mm256_setzero_ps();
+#define CHUNK64_AVX2(K_, ACC)                                                               \
+    do {                                                                                    \
+        _mm_prefetch((const char *)(row + (K_) / 2 + A8_PREFETCH), _MM_HINT_T0);            \
+        const __m256 gs = PAIR ? pair_scales(L, P, ROWS, n, (K_) / 32, rest)                \
+                               : _mm256_set1_ps(1.0f);                                      \
+        for (int64_t m = 0; m < ROWS; m++) {                                                \
+            X64_AVX2(m, K_);                                                                \
+            ACC[m] = dot64_avx2(row + (K_) / 2, x0, x1, c, PAIR ? _mm256_mul_ps(s0, gs) : s0, \
+                                ACC[m]);                                                    \
+        }                                                                                   \
+    } while (0)
+        int64_t k = k0;
+        for (; k + 128 <= k1; k += 128) {
+            CHUNK64_AVX2(k, even);
+            CHUNK64_AVX2(k + 64, odd);
+        }
+        if (k < k1) CHUNK64_AVX2(k, even);
+#undef CHUNK64_AVX2
+        if (PAIR) {
+            for (int64_t m = 0; m < ROWS; m++)
+                total[m] = _mm256_add_ps(total[m], _mm256_add_ps(even[m], odd[m]));
+            continue;
+        }
+        float scale;
+        add_group(L, P, ROWS, n, g, &scale, rest);
+        const __m256 s = _mm256_set1_ps(scale);
+        for (int64_t m = 0; m < ROWS; m++)
+            total[m] = _mm256_fmadd_ps(_mm256_add_ps(even[m], odd[m]), s, total[m]);
+    }
+    for (int64_t m = 0; m < ROWS; m++) out[m * L->N] = hsum8(total[m]) + rest[m];
+}
+
+#define A8_CASE64(R)                                                  \
+    case R:                                                           \
+        if (L->group == 32) rows_avx2_64(L, P, R, 1, n, out);         \
+        else rows_avx2_64(L, P, R, 0, n, out);                        \
+        break;
+AVX2 static void row_avx2_64(const struct a8_layer *L, const struct prepared *P, int64_t rows,
+                             int64_t n, float *out) {
+    switch (rows) { A8_CASE64(1) A8_CASE64(2) A8_CASE64(3) A8_CASE64(4) default: break; }
+}
+#undef A8_CASE64
+
+/* Four int4 outputs n..n+3 for one row of x (a decode step), as quad_vnni128 on AVX-512: the
+ * x side of a chunk is loaded once for the four weight rows, each row prefetches its place in
+ * the next pass's rows, and each output's products, sums and their order are rows_avx2_64's
+ * for one row (the same bits). */
+AVX2 A8_INLINE void quad_avx2_64_body(const struct a8_layer *L, const struct prepared *P,
+                                      const int PAIR, int64_t n, float *out) {
+    const int64_t K = L->K, group = PAIR ? 64 : L->group, G = (K + group - 1) / group;
+    const int64_t stride = K / 2; /* bytes a weight row */
+    const uint8_t *rows = L->qweight + n * stride;
+    __m256 total[A8_QUAD];
+    float rest[A8_QUAD];
+    for (int r = 0; r < A8_QUAD; r++) { total[r] = _mm256_setzero_ps(); rest[r] = 0.0f; }
+    for (int64_t g = 0, k0 = 0; g < G; g++, k0 += group) {
+        const int64_t k1 = k0 + group < K ? k0 + group : K;
+        __m256 even[A8_QUAD], odd[A8_QUAD];
+        for (int r = 0; r < A8_QUAD; r++) even[r] = odd[r] = _mm256_setzero_ps();
+#define QUAD64_AVX2(K_, ACC)                                                                \
+    do {                                                                                    \
+        X64_AVX2(0, K_);                                                                    \
+        for (int r = 0; r < A8_QUAD; r++) {                                                 \
+            const uint8_t *p = rows + r * stride + (K_) / 2;                                \
+            _mm_prefetch((const char *)(p + A8_QUAD * stride), _MM_HINT_T0);                \
+            const __m256 s = PAIR ? _mm256_mul_ps(s0, pair_scales(L, P, 1, n + r, (K_) / 32, \
+                                                                  rest + r))                \
+                                  : s0;                                                     \
+            ACC[r] = dot64_avx2(p, x0, x1, c, s, ACC[r]);                                   \
+        }                                                                                   \
+    } while (0)
+        int64_t k = k0;
+        for (; k + 128 <= k1; k += 128) {
+            QUAD64_AVX2(k, even);
+            QUAD64_AVX2(k + 64, odd);
+        }
+        if (k < k1) QUAD64_AVX2(k, even);
+#undef QUAD64_AVX2
+        for (int r = 0; r < A8_QUAD; r++) {
+            if (PAIR) {
+                total[r] = _mm256_add_ps(total[r], _mm256_add_ps(even[r], odd[r]));
+                continue;
+            }
+            float scale;
+            add_group(L, P, 1, n + r, g, &scale, rest + r);
+            total[r] = _mm256_fmadd_ps(_mm256_add_ps(even[r], odd[r]), _mm256_set1_ps(scale),
+                                       total[r]);
+        }
+    }
+    for (int r = 0; r < A8_QUAD; r++) out[r] = hsum8(total[r]) + rest[r];
+}
+
+AVX2 static void quad_avx2_64(const struct a8_layer *L, const struct prepared *P, int64_t n,
+                              float *out) {
+    if (L->group == 32) quad_avx2_64_body(L, P, 1, n, out);
+    else quad_avx2_64_body(L, P, 0, n, out);
+}
+#undef X64_AVX2
+
+/* Four int8 outputs n..n+3 for one row of x on AVX2, in chunks of 32 columns: the x side of a
+ * chunk (its codes and lane scales) is loaded once for the four weight rows, as quad_avx2_64
+ * does for int4. The codes are centred in registers (dot32_avx2's sign trick), so there is no
+ * centring term; each output's sums and their order are row_avx2's for one row. */
+AVX2 static void quad_avx2_8(const struct a8_layer *L, const struct prepared *P, int64_t n,
+                             float *out) {
+    const int64_t K = L->K, G = (K + L->group - 1) / L->group, group = L->group;
+    const uint8_t *rows = L->qweight + n * K;
+    __m256 total[A8_QUAD];
+    float rest[A8_QUAD];
+    for (int r = 0; r < A8_QUAD; r++) { total[r] = _mm256_setzero_ps(); rest[r] = 0.0f; }
+    for (int64_t g = 0, k0 = 0; g < G; g++, k0 += group) {
+        const int64_t k1 = k0 + group < K ? k0 + group : K;
+        __m256 even[A8_QUAD], odd[A8_QUAD];
+        for (int r = 0; r < A8_QUAD; r++) even[r] = odd[r] = _mm256_setzero_ps();
+#define QUAD32_AVX2(K_, ACC)                                                                \
+    do {                                                                                    \
+        const __m256 s0 = _mm256_loadu_ps(P->lane_scale + (K_) / 4);                        \
+        for (int r = 0; r < A8_QUAD; r++) {                                                 \
+            const uint8_t *p = rows + r * K + (K_);                                         \
+            _mm_prefetch((const char *)(p + A8_QUAD * K), _MM_HINT_T0);                     \
+            ACC[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32_avx2(p, 8, P->xq + (K_))), s0, \
+                                     ACC[r]);                                               \
+        }                                                                                   \
+    } while (0)
+        int64_t k = k0;
+        for (; k + 64 <= k1; k += 64) {
+            QUAD32_AVX2(k, even);
+            QUAD32_AVX2(k + 32, odd);
+        }
+        if (k < k1) QUAD32_AVX2(k, even);
+#undef QUAD32_AVX2
+        for (int r = 0; r < A8_QUAD; r++) {
+            float scale;
+            add_group(L, P, 1, n + r, g, &scale, rest + r);
+            total[r] = _mm256_fmadd_ps(_mm256_add_ps(even[r], odd[r]), _mm256_set1_ps(scale),
+                                       total[r]);
+        }
+    }
+    for (int r = 0; r < A8_QUAD; r++) out[r] = hsum8(total[r]) + rest[r];
+}
+
 /* Which kernel this CPU runs: 2 = AVX-512 VNNI, 1 = AVX2, 0 = none. */
 int slimline_gemv_a8_isa(void) {
     __builtin_cpu_init();
@@ -446,11 +648,14 @@ int slimline_gemv_a8(const float *x, int64_t M, int64_t K, const uint8_t *qweigh
     if (group > K) group = K;
     if (group < QBLOCK || group % QBLOCK) return -1;
     const int64_t G = (K + group - 1) / group;
-    /* Chunks of 128 (int4) or 64 columns (one zmm of codes) where groups hold whole chunks;
-     * else 32. */
-    const int64_t width = isa == 2 && bits == 4 && group % 128 == 0 ? 128
-                          : isa == 2 && group % 64 == 0                ? 64
-                                                                       : 32;
+    /* Chunks of 128 (int4, AVX-512) or 64 columns (one zmm of codes; AVX2: one ymm of int4
+     * codes) where groups and rows hold whole chunks (AVX2 int4: or groups of 32, two a
+     * chunk); else 32. */
+    const int64_t width = isa == 2 && bits == 4 && group % 128 == 0 && K % 128 == 0 ? 128
+                          : isa == 1 && bits == 4 && (group % 64 == 0 || group == 32)
+                                  && K % 64 == 0                                      ? 64
+                          : isa == 2 && group % 64 == 0 && K % 64 == 0                ? 64
+                                                                                      : 32;
     /* Centring per lane: the codes' offset c, except where AVX2 centres int8 in registers. */
     const int32_t corr = (isa == 1 && bits == 8) ? 0 : (1 << (bits - 1));
     struct prepared P;
@@ -471,17 +676,23 @@ int slimline_gemv_a8(const float *x, int64_t M, int64_t K, const uint8_t *qweigh
         struct prepared Pm = {P.xq + m0 * K, P.lane_scale + m0 * (K / 4),
                               P.lane_corr + m0 * (K / 4), P.group_corr + m0 * G};
         const int64_t block = 16; /* outputs per task (a multiple of A8_QUAD) */
-        const int quad = isa == 2 && bits == 4 && width == 128 && rows == 1;
+        /* one row of x: four outputs a pass where a kernel has it */
+        const int quad = rows == 1 && (bits == 4 ? width == 128 || (isa == 1 && width == 64)
+                                                 : isa == 1);
 #pragma omp parallel for schedule(static) if (N * K * rows >= A8_PARALLEL_MIN_WORK)
         for (int64_t n0 = 0; n0 < N; n0 += block) {
             const int64_t n1 = n0 + block < N ? n0 + block : N;
             int64_t n = n0;
             if (quad) /* one row of x: four outputs a pass, the rest one by one */
-                for (; n + A8_QUAD <= n1; n += A8_QUAD)
-                    quad_vnni128(&L, &Pm, n, out + m0 * N + n);
+                for (; n + A8_QUAD <= n1; n += A8_QUAD) {
+                    if (isa == 1 && bits == 8) quad_avx2_8(&L, &Pm, n, out + m0 * N + n);
+                    else if (isa == 1) quad_avx2_64(&L, &Pm, n, out + m0 * N + n);
+                    else quad_vnni128(&L, &Pm, n, out + m0 * N + n);
+                }
             for (; n < n1; n++) {
                 float *o = out + m0 * N + n;
-                if (isa == 1) row_avx2(&L, &Pm, rows, n, o);
+                if (isa == 1 && width == 64) row_avx2_64(&L, &Pm, rows, n, o);
+                else if (isa == 1) row_avx2(&L, &Pm, rows, n, o);
                 else if (width >= 64) row_vnni64(&L, &Pm, rows, n, o);
                 else row_vnni32(&L, &Pm, rows, n, o);
             }
