@@ -67,7 +67,9 @@ def _layer(n: int, k: int, bits: int, group_size: int | None, symmetric: bool,
      (21, 192, 4, 32, True, torch.bfloat16), (33, 96, 8, None, True, None),
      (17, 320, 8, 64, False, torch.float32), (40, 160, 4, None, False, None),
      (48, 384, 4, 96, True, None), (9, 64, 8, 32, True, torch.bfloat16),
-     (19, 384, 4, None, True, torch.float16), (11, 512, 4, 256, False, None)],
+     (19, 384, 4, None, True, torch.float16), (11, 512, 4, 256, False, None),
+     # a short last group (K not whole chunks of the group's width)
+     (13, 352, 4, 64, True, None), (15, 320, 4, 128, False, None), (12, 352, 8, 64, True, None)],
 )  # fmt: skip
 @pytest.mark.parametrize("rows", [1, 4, 7])
 def test_equals_rounded_activations_times_textbook_weight(
