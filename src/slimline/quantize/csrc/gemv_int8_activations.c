@@ -467,8 +467,9 @@ AVX2 A8_INLINE __m256 pair_scales(const struct a8_layer *L, const struct prepare
 }
 
 /* One int4 output for ROWS rows of x in chunks of 64 columns (width 64: groups hold whole
- * chunks, or PAIR: groups of 32, two a chunk). Two accumulators a row alternate between
- * chunks, as in the 32-column loop. */
+ * chunks, or PAIR: groups of 32, two a chunk). One accumulator a row (four rows' chains in
+ * the four-output loop already hide the multiply-add's latency, and a second set spilled
+ * there); quad_avx2_64 sums in this order. */
 AVX2 A8_INLINE void rows_avx2_64(const struct a8_layer *L, const struct prepared *P,
                                  const int64_t ROWS, const int PAIR, int64_t n, float *out) {
     const int64_t K = L->K, group = PAIR ? 64 : L->group, G = (K + group - 1) / group;
@@ -478,36 +479,26 @@ AVX2 A8_INLINE void rows_avx2_64(const struct a8_layer *L, const struct prepared
     for (int64_t m = 0; m < ROWS; m++) { total[m] = _mm256_setzero_ps(); rest[m] = 0.0f; }
     for (int64_t g = 0, k0 = 0; g < G; g++, k0 += group) {
         const int64_t k1 = k0 + group < K ? k0 + group : K;
-        __m256 even[A8_MAX_ROWS], odd[A8_MAX_ROWS];
-        for (int64_t m = 0; m < ROWS; m++) even[m] = odd[m] = _mm256_setzero_ps();
-#define CHUNK64_AVX2(K_, ACC)                                                               \
-    do {                                                                                    \
-        _mm_prefetch((const char *)(row + (K_) / 2 + A8_PREFETCH), _MM_HINT_T0);            \
-        const __m256 gs = PAIR ? pair_scales(L, P, ROWS, n, (K_) / 32, rest)                \
-                               : _mm256_set1_ps(1.0f);                                      \
-        for (int64_t m = 0; m < ROWS; m++) {                                                \
-            X64_AVX2(m, K_);                                                                \
-            ACC[m] = dot64_avx2(row + (K_) / 2, x0, x1, c, PAIR ? _mm256_mul_ps(s0, gs) : s0, \
-                                ACC[m]);                                                    \
-        }                                                                                   \
-    } while (0)
-        int64_t k = k0;
-        for (; k + 128 <= k1; k += 128) {
-            CHUNK64_AVX2(k, even);
-            CHUNK64_AVX2(k + 64, odd);
+        __m256 acc[A8_MAX_ROWS];
+        for (int64_t m = 0; m < ROWS; m++) acc[m] = _mm256_setzero_ps();
+        for (int64_t k = k0; k < k1; k += 64) {
+            _mm_prefetch((const char *)(row + k / 2 + A8_PREFETCH), _MM_HINT_T0);
+            const __m256 gs = PAIR ? pair_scales(L, P, ROWS, n, k / 32, rest)
+                                   : _mm256_set1_ps(1.0f);
+            for (int64_t m = 0; m < ROWS; m++) {
+                X64_AVX2(m, k);
+                acc[m] = dot64_avx2(row + k / 2, x0, x1, c, PAIR ? _mm256_mul_ps(s0, gs) : s0,
+                                    acc[m]);
+            }
         }
-        if (k < k1) CHUNK64_AVX2(k, even);
-#undef CHUNK64_AVX2
         if (PAIR) {
-            for (int64_t m = 0; m < ROWS; m++)
-                total[m] = _mm256_add_ps(total[m], _mm256_add_ps(even[m], odd[m]));
+            for (int64_t m = 0; m < ROWS; m++) total[m] = _mm256_add_ps(total[m], acc[m]);
             continue;
         }
         float scale;
         add_group(L, P, ROWS, n, g, &scale, rest);
         const __m256 s = _mm256_set1_ps(scale);
-        for (int64_t m = 0; m < ROWS; m++)
-            total[m] = _mm256_fmadd_ps(_mm256_add_ps(even[m], odd[m]), s, total[m]);
+        for (int64_t m = 0; m < ROWS; m++) total[m] = _mm256_fmadd_ps(acc[m], s, total[m]);
     }
     for (int64_t m = 0; m < ROWS; m++) out[m * L->N] = hsum8(total[m]) + rest[m];
 }
@@ -537,36 +528,27 @@ AVX2 A8_INLINE void quad_avx2_64_body(const struct a8_layer *L, const struct pre
     for (int r = 0; r < A8_QUAD; r++) { total[r] = _mm256_setzero_ps(); rest[r] = 0.0f; }
     for (int64_t g = 0, k0 = 0; g < G; g++, k0 += group) {
         const int64_t k1 = k0 + group < K ? k0 + group : K;
-        __m256 even[A8_QUAD], odd[A8_QUAD];
-        for (int r = 0; r < A8_QUAD; r++) even[r] = odd[r] = _mm256_setzero_ps();
-#define QUAD64_AVX2(K_, ACC)                                                                \
-    do {                                                                                    \
-        X64_AVX2(0, K_);                                                                    \
-        for (int r = 0; r < A8_QUAD; r++) {                                                 \
-            const uint8_t *p = rows + r * stride + (K_) / 2;                                \
-            _mm_prefetch((const char *)(p + A8_QUAD * stride), _MM_HINT_T0);                \
-            const __m256 s = PAIR ? _mm256_mul_ps(s0, pair_scales(L, P, 1, n + r, (K_) / 32, \
-                                                                  rest + r))                \
-                                  : s0;                                                     \
-            ACC[r] = dot64_avx2(p, x0, x1, c, s, ACC[r]);                                   \
-        }                                                                                   \
-    } while (0)
-        int64_t k = k0;
-        for (; k + 128 <= k1; k += 128) {
-            QUAD64_AVX2(k, even);
-            QUAD64_AVX2(k + 64, odd);
+        __m256 acc[A8_QUAD];
+        for (int r = 0; r < A8_QUAD; r++) acc[r] = _mm256_setzero_ps();
+        for (int64_t k = k0; k < k1; k += 64) {
+            X64_AVX2(0, k);
+            for (int r = 0; r < A8_QUAD; r++) {
+                const uint8_t *p = rows + r * stride + k / 2;
+                _mm_prefetch((const char *)(p + A8_QUAD * stride), _MM_HINT_T0);
+                const __m256 s = PAIR ? _mm256_mul_ps(s0, pair_scales(L, P, 1, n + r, k / 32,
+                                                                      rest + r))
+                                      : s0;
+                acc[r] = dot64_avx2(p, x0, x1, c, s, acc[r]);
+            }
         }
-        if (k < k1) QUAD64_AVX2(k, even);
-#undef QUAD64_AVX2
         for (int r = 0; r < A8_QUAD; r++) {
             if (PAIR) {
-                total[r] = _mm256_add_ps(total[r], _mm256_add_ps(even[r], odd[r]));
+                total[r] = _mm256_add_ps(total[r], acc[r]);
                 continue;
             }
             float scale;
             add_group(L, P, 1, n + r, g, &scale, rest + r);
-            total[r] = _mm256_fmadd_ps(_mm256_add_ps(even[r], odd[r]), _mm256_set1_ps(scale),
-                                       total[r]);
+            total[r] = _mm256_fmadd_ps(acc[r], _mm256_set1_ps(scale), total[r]);
         }
     }
     for (int r = 0; r < A8_QUAD; r++) out[r] = hsum8(total[r]) + rest[r];
