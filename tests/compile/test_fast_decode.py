@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import slimline as sl
-from slimline.compile.fast_decode import FastForward, attend_one, rotate
+from slimline.compile.fast_decode import FastForward, append_in_place, attend_one, rotate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -95,6 +95,37 @@ def test_decode_steps_match_the_models_forward(kind: str, tiny_llama: nn.Module)
     tol = {"bf16": 2e-2, "int8-activations": 1e-3}.get(kind, 1e-5)
     for e, g in zip(expected, got, strict=True):
         torch.testing.assert_close(g.float(), e.float(), rtol=tol, atol=tol)
+
+
+def test_append_in_place_is_concatenation_and_never_rewrites_a_handed_out_tensor() -> None:
+    from transformers.cache_utils import DynamicLayer
+
+    g = torch.Generator().manual_seed(0)
+
+    def kv(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.randn(1, 2, n, 4, generator=g), torch.randn(1, 2, n, 4, generator=g)
+
+    layer, book = DynamicLayer(), DynamicLayer()  # book: transformers' own concatenation
+    first = kv(3)
+    layer.update(*first)
+    book.update(*first)
+    handed: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    for step in range(150):  # past the first room (64 more): it is made anew, doubled
+        if step == 40:  # the model's own forward appends a chunk of 3: concatenation
+            chunk = kv(3)
+            layer.update(*chunk)
+            book.update(*chunk)
+        if step == 90:  # a speculative rollback
+            layer.crop(-2)
+            book.crop(-2)
+        k, v = kv(1)
+        keys, values = append_in_place(layer, k, v)
+        expected = book.update(k, v)
+        assert torch.equal(keys, expected[0]) and torch.equal(values, expected[1])
+        assert layer.get_seq_length() == book.get_seq_length()
+        handed.append((keys, values, keys.clone(), values.clone()))
+    for keys, values, keys_then, values_then in handed:  # never written after handed out
+        assert torch.equal(keys, keys_then) and torch.equal(values, values_then)
 
 
 def test_greedy_generate_is_the_models_own_and_survives_save_and_load(

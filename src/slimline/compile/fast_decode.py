@@ -14,8 +14,9 @@ This step replaces the model's ``forward`` (on the instance; class, parameters a
 new token of one sequence on top of a dynamic KV cache, no gradient — as a short loop over
 the blocks calling the model's own submodules (so quantized, cast or hooked layers run as
 they are) with the maths of the block inlined: RMSNorm, rotary embedding (the model's own
-``rotary_emb``, so its scaling applies), the new key and value appended through the cache's
-public ``update``, attention of one query over the cached keys with grouped heads (no
+``rotary_emb``, so its scaling applies), the new key and value appended to the cache (in
+place into room kept behind transformers' dynamic layers, through the cache's public
+``update`` for any other layer), attention of one query over the cached keys with grouped heads (no
 repeated keys, no mask: one query sees every cached position), SwiGLU MLP. Every other call
 — prefill, batches, padding, a static cache, training, attention weights or hidden states
 asked for — runs the model's own forward unchanged. The step follows the dense Llama block
@@ -150,9 +151,43 @@ def attend_one(
     return torch.bmm(weights, values).reshape(1, -1)
 
 
-def decode_step(model: nn.Module, token: torch.Tensor, cache: Any) -> torch.Tensor:
+def append_in_place(layer: Any, key: torch.Tensor, value: torch.Tensor) -> tuple[
+        torch.Tensor, torch.Tensor]:
+    """Append one position's ``key`` / ``value`` (1, KV, 1, D) to a transformers ``DynamicLayer``
+    and return its keys and values, as its ``update`` does, without concatenating the whole
+    cache: the layer keeps room behind its cached positions (grown by doubling), a step writes
+    the new position there, and ``keys`` / ``values`` become views of the cached length. At 256
+    new tokens ``update`` copies every block's keys and values each step (~17 MB a token on
+    ``llama-1b-random``); this copies one position.
+
+    Memory that a tensor the layer handed out before covers is never written: a step writes
+    one position past the current views, and when ``keys`` is no longer the view the layer
+    last made (the model's own forward concatenated, the cache was cropped or copied) the room
+    is made anew from the current tensors."""
+    keys, values = layer.keys, layer.values
+    length = keys.shape[-2]
+    room = getattr(layer, "_slimline_room", None)
+    if (room is None or length >= room[0].shape[-2] or keys.data_ptr() != room[0].data_ptr()
+            or values.data_ptr() != room[1].data_ptr() or keys.shape != room[2]):
+        size = list(keys.shape)
+        size[-2] = max(2 * length, length + 64)
+        room_keys, room_values = keys.new_empty(size), values.new_empty(size)
+        room_keys[..., :length, :] = keys
+        room_values[..., :length, :] = values
+        room = (room_keys, room_values, keys.shape)
+    room[0][..., length, :] = key[..., 0, :]
+    room[1][..., length, :] = value[..., 0, :]
+    layer.keys, layer.values = room[0][..., : length + 1, :], room[1][..., : length + 1, :]
+    layer._slimline_room = (room[0], room[1], layer.keys.shape)
+    return layer.keys, layer.values
+
+
+def decode_step(model: nn.Module, token: torch.Tensor, cache: Any,
+                dynamic_layer: type | None = None) -> torch.Tensor:
     """The logits (1, 1, V) of one new token ``token`` (1, 1) of one sequence, its key and value
-    appended to ``cache`` in every block; the model's own forward computes the same."""
+    appended to ``cache`` in every block; the model's own forward computes the same. Layers of
+    type ``dynamic_layer`` (transformers' ``DynamicLayer``) are appended in place
+    (:func:`append_in_place`), any other through the cache's ``update``."""
     base: Any = model.model  # type: ignore[union-attr]
     position = int(cache.get_seq_length())
     x = base.embed_tokens(token).view(1, -1)
@@ -167,7 +202,11 @@ def decode_step(model: nn.Module, token: torch.Tensor, cache: Any) -> torch.Tens
         q = rotate(attn.q_proj(h).view(-1, dim), cos, sin)
         k = rotate(attn.k_proj(h).view(-1, dim), cos, sin)
         v = attn.v_proj(h).view(-1, dim)
-        keys, values = cache.update(k.view(1, -1, 1, dim), v.view(1, -1, 1, dim), i)
+        layer = cache.layers[i] if i < len(cache.layers) else None
+        if type(layer) is dynamic_layer and layer.is_initialized and layer.keys.numel():
+            keys, values = append_in_place(layer, k.view(1, -1, 1, dim), v.view(1, -1, 1, dim))
+        else:  # slimline's quantized layer (or an empty one): its own update
+            keys, values = cache.update(k.view(1, -1, 1, dim), v.view(1, -1, 1, dim), i)
         x = x + attn.o_proj(attend_one(q, keys[0], values[0], attn.scaling))
         h = rms_norm(x, block.post_attention_layernorm)
         x = x + mlp.down_proj(mlp.act_fn(mlp.gate_proj(h)) * mlp.up_proj(h))
@@ -198,13 +237,14 @@ class FastForward:
         self.cache_name = hf.cache_name(model)
         self.output = CausalLMOutputWithPast
         self.output_cache = _output_cache_field()
-        self.dynamic = _dynamic_check()
+        self.dynamic_layer = _dynamic_layer_class()
+        self.dynamic = _dynamic_check(self.dynamic_layer)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         cache = self._decode_cache(args, kwargs)
         if cache is None:
             return type(self.model).forward(self.model, *args, **kwargs)
-        logits = decode_step(self.model, kwargs["input_ids"], cache)
+        logits = decode_step(self.model, kwargs["input_ids"], cache, self.dynamic_layer)
         self.calls += 1
         return self.output(logits=logits, **{self.output_cache: cache})
 
@@ -243,17 +283,26 @@ def _at(positions: Any, position: int) -> bool:
         positions.item()) == position
 
 
-def _dynamic_check() -> Any:
+def _dynamic_layer_class() -> type | None:
+    """transformers 5's ``DynamicLayer`` (a public class of its ``cache_utils``), or None."""
+    try:
+        from transformers.cache_utils import DynamicLayer
+    except ImportError:
+        return None
+    return DynamicLayer
+
+
+def _dynamic_check(dynamic_layer: type | None) -> Any:
     """A test for a transformers dynamic cache (slimline's quantized one included) whose layers
-    return every cached position from ``update`` — not a static, sliding or offloaded one."""
+    return every cached position from ``update`` — not a static, sliding or offloaded one.
+    Without transformers' ``DynamicLayer`` class, none passes and the model's forward runs."""
     from transformers import DynamicCache
 
     from slimline.cache.hf.quantized_cache import QuantizedKVLayer
 
-    try:  # a public class of transformers 5's cache_utils; without it, the model's forward runs
-        from transformers.cache_utils import DynamicLayer
-    except ImportError:
+    if dynamic_layer is None:
         return lambda cache: False
+    DynamicLayer = dynamic_layer  # noqa: N806
 
     def dynamic(cache: Any) -> bool:
         if not isinstance(cache, DynamicCache) or getattr(cache, "offloading", False):
