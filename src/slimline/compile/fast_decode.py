@@ -202,7 +202,7 @@ def decode_step(model: nn.Module, token: torch.Tensor, cache: Any,
         q = rotate(attn.q_proj(h).view(-1, dim), cos, sin)
         k = rotate(attn.k_proj(h).view(-1, dim), cos, sin)
         v = attn.v_proj(h).view(-1, dim)
-        layer = cache.layers[i] if i < len(cache.layers) else None
+        layer: Any = cache.layers[i] if i < len(cache.layers) else None
         if type(layer) is dynamic_layer and layer.is_initialized and layer.keys.numel():
             keys, values = append_in_place(layer, k.view(1, -1, 1, dim), v.view(1, -1, 1, dim))
         else:  # slimline's quantized layer (or an empty one): its own update
@@ -302,12 +302,10 @@ def _dynamic_check(dynamic_layer: type | None) -> Any:
 
     if dynamic_layer is None:
         return lambda cache: False
-    DynamicLayer = dynamic_layer  # noqa: N806
-
     def dynamic(cache: Any) -> bool:
         if not isinstance(cache, DynamicCache) or getattr(cache, "offloading", False):
             return False
-        return all(type(layer) is DynamicLayer or isinstance(layer, QuantizedKVLayer)
+        return all(type(layer) is dynamic_layer or isinstance(layer, QuantizedKVLayer)
                    for layer in cache.layers)
 
     return dynamic
