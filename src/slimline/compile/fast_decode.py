@@ -203,7 +203,8 @@ def decode_step(model: nn.Module, token: torch.Tensor, cache: Any,
         k = rotate(attn.k_proj(h).view(-1, dim), cos, sin)
         v = attn.v_proj(h).view(-1, dim)
         layer: Any = cache.layers[i] if i < len(cache.layers) else None
-        if type(layer) is dynamic_layer and layer.is_initialized and layer.keys.numel():
+        in_place = type(layer) is dynamic_layer
+        if in_place and layer.is_initialized and layer.keys.numel():
             keys, values = append_in_place(layer, k.view(1, -1, 1, dim), v.view(1, -1, 1, dim))
         else:  # slimline's quantized layer (or an empty one): its own update
             keys, values = cache.update(k.view(1, -1, 1, dim), v.view(1, -1, 1, dim), i)
