@@ -241,6 +241,24 @@ def test_a_prepared_call_follows_the_buffers_it_reads() -> None:
     torch.testing.assert_close(twin(x), layer(x))
 
 
+def test_a_prepared_call_takes_each_shape_it_is_given() -> None:
+    """The call keeps the layout of the shape it last saw: shapes that follow one another,
+    non-contiguous x and an empty batch give the reference; a wrong width is named. A bias
+    made a parameter is followed too."""
+    layer, _ = _layer(24, 64, 4, 32, False)
+    reference = layer.dequantized_weight()
+    call = gemv.GemvCall(layer.qweight, layer.scales, layer.zeros, layer.bias, in_features=64,
+                         bits=4, group=layer.group)  # fmt: skip
+    for x in (torch.randn(1, 1, 64), torch.randn(3, 64), torch.randn(2, 1, 64),
+              torch.randn(64, 2).t(), torch.randn(1, 1, 64), torch.randn(0, 64)):
+        torch.testing.assert_close(call(x), F.linear(x, reference, layer.bias))
+    with pytest.raises(ValueError, match="64 inputs"):
+        call(torch.randn(1, 32))
+    layer.bias = nn.Parameter(torch.randn(24))
+    x = torch.randn(1, 64)
+    torch.testing.assert_close(layer(x), F.linear(x, reference, layer.bias))
+
+
 def test_flop_counter_sees_the_kernel() -> None:
     layer, _ = _layer(64, 128, 4, 64, True)
     with FlopCounterMode(display=False) as counter:

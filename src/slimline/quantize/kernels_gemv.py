@@ -275,6 +275,9 @@ class GemvCall:
         self._a8 = library.int8_activations if int8_activations else None
         self._isa = _A8_ISA_CODES.get(isa, 0)
         self._float_isa = _FLOAT_ISA_CODES.get(isa, 0)
+        # x's shape last seen, the output's shape for it and its rows M (Python's work per
+        # call is a measurable share of a decode step's small layers)
+        self._layout: tuple[torch.Size | None, tuple[int, ...], int] = (None, (), 0)
 
     def reads(
         self, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
@@ -283,12 +286,18 @@ class GemvCall:
         return self.qweight is qweight and self._given_scales is scales and self.bias is bias
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.k)
-        if rows.dtype != torch.float32:
-            rows = rows.to(torch.float32)
-        rows = rows.contiguous()  # (M, K)
-        m = rows.shape[0]
-        out = torch.empty(m, self.n, dtype=torch.float32)
+        shape = x.shape
+        if shape != self._layout[0]:  # a decode step repeats its shape: worked out once
+            if not shape or shape[-1] != self.k:
+                raise ValueError(f"gemv: x of shape {tuple(shape)} for a layer of {self.k} inputs")
+            self._layout = (shape, (*shape[:-1], self.n), math.prod(shape[:-1]))
+        rows = x if x.dtype == torch.float32 else x.to(torch.float32)
+        if not rows.is_contiguous():
+            rows = rows.contiguous()  # (M, K) in memory
+        m = self._layout[2]
+        out = torch.empty(self._layout[1], dtype=torch.float32)
+        if m == 0:
+            return self._finish(out, x)
         if self._a8 is not None:
             status = self._a8(rows.data_ptr(), m, *self._args, out.data_ptr(), self._isa)
             if status == 0:
@@ -314,7 +323,7 @@ class GemvCall:
             out += self.bias
         if x.dtype != torch.float32:
             out = out.to(x.dtype)
-        return out.view(*x.shape[:-1], self.n)
+        return out
 
 
 # A float32 weight tile: in cache while the GEMM reads it, and wide enough (512 rows of 2048)

@@ -407,10 +407,17 @@ class QuantLinear(LogicalWeightCounts, _KernelCacheMixin):
                     int8_activations=path == "gemv_a8",
                 )  # fmt: skip
         call = self._calls[key]
-        if call is not None and not call.reads(self.qweight, self.scales, self.bias):
+        if call is not None and not call.reads(self._fast("qweight"), self._fast("scales"),
+                                               self._fast("bias")):
             self.refresh_kernels()  # a buffer was replaced by assignment
             return self._decode_call(x)
         return call
+
+    def _fast(self, name: str) -> Any:
+        """A buffer read from ``_buffers`` without ``Module.__getattr__`` (which is slow, and
+        this runs once per layer and decode token); any other attribute as usual."""
+        buffers = self._buffers
+        return buffers[name] if name in buffers else getattr(self, name)
 
     def _derive(self, key: str, make: Callable[[], torch.Tensor]) -> torch.Tensor:
         tensor = self._derived.get(key)
