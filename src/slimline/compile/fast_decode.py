@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slimline.compile import decode_ops
 from slimline.core.config import MethodConfig
 from slimline.core.families import Family
 from slimline.core.registry import StepContext, StepOutcome, register
@@ -183,12 +184,21 @@ def append_in_place(layer: Any, key: torch.Tensor, value: torch.Tensor) -> tuple
 
 
 def decode_step(model: nn.Module, token: torch.Tensor, cache: Any,
-                dynamic_layer: type | None = None) -> torch.Tensor:
+                dynamic_layer: type | None = None, c_ops: bool = False) -> torch.Tensor:
     """The logits (1, 1, V) of one new token ``token`` (1, 1) of one sequence, its key and value
     appended to ``cache`` in every block; the model's own forward computes the same. Layers of
     type ``dynamic_layer`` (transformers' ``DynamicLayer``) are appended in place
-    (:func:`append_in_place`), any other through the cache's ``update``."""
+    (:func:`append_in_place`), any other through the cache's ``update``. ``c_ops``: float32
+    norms and rotary embedding run as one C call each
+    (:mod:`slimline.compile.decode_ops`), other dtypes as torch ops."""
     base: Any = model.model  # type: ignore[union-attr]
+
+    def norm(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
+        weight: Any = module.weight
+        if c_ops and decode_ops.reads(x, weight):
+            return decode_ops.rms_norm(x, weight, float(module.variance_epsilon))  # type: ignore[arg-type]
+        return rms_norm(x, module)
+
     position = int(cache.get_seq_length())
     x = base.embed_tokens(token).view(1, -1)
     cos, sin = base.rotary_emb(x, position_ids=torch.tensor([[position]], device=x.device))
@@ -197,10 +207,12 @@ def decode_step(model: nn.Module, token: torch.Tensor, cache: Any,
         if not hasattr(block, "self_attn"):  # a block a self-draft skips (layer_skip)
             continue
         attn, mlp = block.self_attn, block.mlp
-        h = rms_norm(x, block.input_layernorm)
+        h = norm(x, block.input_layernorm)
         dim = attn.head_dim
-        q = rotate(attn.q_proj(h).view(-1, dim), cos, sin)
-        k = rotate(attn.k_proj(h).view(-1, dim), cos, sin)
+        q, k = attn.q_proj(h).view(-1, dim), attn.k_proj(h).view(-1, dim)
+        in_c = c_ops and decode_ops.reads(q, k, cos, sin)
+        q, k = (decode_ops.rotate(q, cos, sin), decode_ops.rotate(k, cos, sin)) if in_c else (
+            rotate(q, cos, sin), rotate(k, cos, sin))
         v = attn.v_proj(h).view(-1, dim)
         layer: Any = cache.layers[i] if i < len(cache.layers) else None
         in_place = type(layer) is dynamic_layer
@@ -209,9 +221,9 @@ def decode_step(model: nn.Module, token: torch.Tensor, cache: Any,
         else:  # slimline's quantized layer (or an empty one): its own update
             keys, values = cache.update(k.view(1, -1, 1, dim), v.view(1, -1, 1, dim), i)
         x = x + attn.o_proj(attend_one(q, keys[0], values[0], attn.scaling))
-        h = rms_norm(x, block.post_attention_layernorm)
+        h = norm(x, block.post_attention_layernorm)
         x = x + mlp.down_proj(mlp.act_fn(mlp.gate_proj(h)) * mlp.up_proj(h))
-    logits: torch.Tensor = model.lm_head(rms_norm(x, base.norm))  # type: ignore[operator]
+    logits: torch.Tensor = model.lm_head(norm(x, base.norm))  # type: ignore[operator]
     return logits.view(1, 1, -1)
 
 
@@ -239,13 +251,15 @@ class FastForward:
         self.output = CausalLMOutputWithPast
         self.output_cache = _output_cache_field()
         self.dynamic_layer = _dynamic_layer_class()
+        self.c_ops = decode_ops.available()
         self.dynamic = _dynamic_check(self.dynamic_layer)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         cache = self._decode_cache(args, kwargs)
         if cache is None:
             return type(self.model).forward(self.model, *args, **kwargs)
-        logits = decode_step(self.model, kwargs["input_ids"], cache, self.dynamic_layer)
+        logits = decode_step(self.model, kwargs["input_ids"], cache, self.dynamic_layer,
+                             self.c_ops)
         self.calls += 1
         return self.output(logits=logits, **{self.output_cache: cache})
 

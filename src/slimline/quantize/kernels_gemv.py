@@ -154,25 +154,31 @@ def _library() -> Library:
 
 
 def _build(compiler: str) -> Path:
-    """The shared library in the cache, compiled first if missing (atomic rename)."""
+    """The gemv shared library in the cache, compiled first if missing."""
+    return build_library(compiler, "gemv_weight_only", (SOURCE, SOURCE_A8))
+
+
+def build_library(compiler: str, name: str, sources: tuple[Path, ...]) -> Path:
+    """A shared library of ``sources`` compiled with :data:`FLAGS`, cached under the slimline
+    cache (``kernels/NAME-DIGEST.so``) by a digest of the sources, flags, compiler and
+    machine; compiled first if missing (atomic rename, so concurrent builds are safe)."""
     version = subprocess.run(
         [compiler, "--version"], capture_output=True, text=True, check=True, timeout=60
     ).stdout
     digest = hashlib.sha256(
-        SOURCE.read_bytes() + SOURCE_A8.read_bytes() + " ".join(FLAGS).encode() + version.encode()
-        + platform.machine().encode()
+        b"".join(source.read_bytes() for source in sources) + " ".join(FLAGS).encode()
+        + version.encode() + platform.machine().encode()
     ).hexdigest()[:16]  # fmt: skip
     directory = cache_root() / "kernels"
-    target = directory / f"gemv_weight_only-{digest}.so"
+    target = directory / f"{name}-{digest}.so"
     if target.is_file():
         return target
     directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".gemv-", suffix=".so", dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}-", suffix=".so", dir=directory)
     os.close(fd)
     try:
         subprocess.run(
-            [compiler, *FLAGS, "-o", tmp, str(SOURCE), str(SOURCE_A8)], capture_output=True,
-            text=True,
+            [compiler, *FLAGS, "-o", tmp, *map(str, sources)], capture_output=True, text=True,
             check=True, timeout=300,
         )  # fmt: skip
         os.replace(tmp, target)
