@@ -4,7 +4,7 @@ RMSNorm and the rotary embedding are a few thousand flops at batch 1; as torch o
 its dispatch several times over (measured on the 2-core AMD EPYC here: RMSNorm of 2048 values
 ~41 µs, rotary of 32 query heads ~44 µs; one C call ~8-9 µs). ``csrc/decode_ops.c`` does the
 same arithmetic in one call each (attention stays torch's, faster than a plain C loop
-there). It is built with the gemv library's compiler and flags (cached by digest) and loaded
+there). It is built as the gemv library is (:mod:`slimline.core.native`) and loaded
 with ctypes; :func:`available` says whether it runs here, and callers keep the torch version
 for what it does not take (tensors that are not contiguous float32).
 """
@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import os
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from slimline.core import native
 
 SOURCE = Path(__file__).with_name("csrc") / "decode_ops.c"
 
@@ -31,11 +31,11 @@ def _library() -> Any:
 
     if kernels_gemv.library_problem():  # same compiler and instruction-set needs
         return None
-    compiler = shutil.which(os.environ.get("CC", "cc"))
+    compiler = native.compiler()
     if compiler is None:
         return None
     try:
-        lib = ctypes.CDLL(str(kernels_gemv.build_library(compiler, "decode_ops", (SOURCE,))))
+        lib = ctypes.CDLL(str(native.build_library(compiler, "decode_ops", (SOURCE,))))
     except (OSError, subprocess.SubprocessError):
         return None
     pointer, size, real = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float

@@ -26,25 +26,19 @@ compute four int4 outputs a pass, loading each chunk of x once for four weight r
 output's sums in the one-row loop's order (the same bits); so does the int8-activation
 kernel's AVX2 loop, for int4 (64 columns a 32-byte load) and int8.
 
-It is compiled at first use with the system C compiler (``$CC``, else ``cc``) for AVX2 + FMA
-+ F16C (the AVX-512 functions by target attributes), cached under the slimline cache
-(``kernels/``) by a digest of the source, flags, compiler and machine, and loaded with
-ctypes. OpenMP resolves to the ``libgomp`` torch has already loaded, so its threads are
-torch's (``torch.set_num_threads``). Under ``torch.compile`` it is an opaque custom op
-(``slimline_kernels::gemv``).
+It is compiled at first use (:mod:`slimline.core.native`: the system C compiler, AVX2 + FMA
++ F16C with the AVX-512 functions by target attributes, cached by digest) and loaded with
+ctypes; OpenMP's threads are torch's (``torch.set_num_threads``). Under ``torch.compile`` it
+is an opaque custom op (``slimline_kernels::gemv``).
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import math
-import os
 import platform
-import shutil
 import subprocess
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,7 +48,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torch.utils.flop_counter import register_flop_formula
 
-from slimline.models.cache import cache_root
+from slimline.core import native
 
 SOURCE = Path(__file__).with_name("csrc") / "gemv_weight_only.c"
 # The int8-activation kernel (llama.cpp's way: x rounded to int8 in blocks of 32, integer
@@ -65,7 +59,6 @@ A8_ISAS = {1: "avx2", 2: "avx512_vnni"}  # the int8-activation kernel's instruct
 FLOAT_ISAS = {1: "avx2", 2: "avx512"}  # the float32 kernel's (AVX-512: int4 by table lookup)
 _A8_ISA_CODES = {name: code for code, name in A8_ISAS.items()}
 _FLOAT_ISA_CODES = {name: code for code, name in FLOAT_ISAS.items()}
-FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 GEMV_BITS = (4, 8)
 _SCALE_KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _X86 = frozenset({"x86_64", "amd64"})
@@ -122,11 +115,11 @@ def _library() -> Library:
         return Library(None, f"the gemv kernel is x86 only (this CPU: {platform.machine()})")
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         return Library(None, "the gemv kernel needs AVX2 + FMA, which this CPU lacks")
-    compiler = shutil.which(os.environ.get("CC", "cc"))
+    compiler = native.compiler()
     if compiler is None:
         return Library(None, "no C compiler to build the gemv kernel: install gcc (or set $CC)")
     try:
-        path = _build(compiler)
+        path = native.build_library(compiler, "gemv_weight_only", (SOURCE, SOURCE_A8))
         lib = ctypes.CDLL(str(path))
     except (OSError, subprocess.SubprocessError) as err:
         detail = (getattr(err, "stderr", None) or str(err)).strip().splitlines()[-3:]
@@ -151,41 +144,6 @@ def _library() -> Library:
     float_isa = FLOAT_ISAS.get(lib.slimline_gemv_isa(), "")
     return Library(function, int8_activations=a8, isa=isa, float_isa=float_isa,
                    dequant_rows=dequant)
-
-
-def _build(compiler: str) -> Path:
-    """The gemv shared library in the cache, compiled first if missing."""
-    return build_library(compiler, "gemv_weight_only", (SOURCE, SOURCE_A8))
-
-
-def build_library(compiler: str, name: str, sources: tuple[Path, ...]) -> Path:
-    """A shared library of ``sources`` compiled with :data:`FLAGS`, cached under the slimline
-    cache (``kernels/NAME-DIGEST.so``) by a digest of the sources, flags, compiler and
-    machine; compiled first if missing (atomic rename, so concurrent builds are safe)."""
-    version = subprocess.run(
-        [compiler, "--version"], capture_output=True, text=True, check=True, timeout=60
-    ).stdout
-    digest = hashlib.sha256(
-        b"".join(source.read_bytes() for source in sources) + " ".join(FLAGS).encode()
-        + version.encode() + platform.machine().encode()
-    ).hexdigest()[:16]  # fmt: skip
-    directory = cache_root() / "kernels"
-    target = directory / f"{name}-{digest}.so"
-    if target.is_file():
-        return target
-    directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}-", suffix=".so", dir=directory)
-    os.close(fd)
-    try:
-        subprocess.run(
-            [compiler, *FLAGS, "-o", tmp, *map(str, sources)], capture_output=True, text=True,
-            check=True, timeout=300,
-        )  # fmt: skip
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return target
 
 
 def gemv_linear(

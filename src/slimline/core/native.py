@@ -1,0 +1,58 @@
+"""slimline's own C libraries: found compiler, compiled once, cached by digest.
+
+The hand-written kernels (``quantize/csrc``: the gemv kernels; ``compile/csrc``: the decode
+step's small operations) are compiled at first use with the system C compiler (``$CC``, else
+``cc``) for AVX2 + FMA + F16C with OpenMP (wider instruction sets by target attributes inside
+the sources), cached under the slimline cache (``kernels/NAME-DIGEST.so``) by a digest of the
+sources, flags, compiler and machine, and loaded with ctypes by their modules. OpenMP
+resolves to the ``libgomp`` torch has already loaded, so its threads are torch's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from slimline.models.cache import cache_root
+
+FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c11")
+
+
+def compiler() -> str | None:
+    """The C compiler to build with (``$CC``, else ``cc``), or None when there is none."""
+    return shutil.which(os.environ.get("CC", "cc"))
+
+
+def build_library(compiler: str, name: str, sources: tuple[Path, ...]) -> Path:
+    """A shared library of ``sources`` compiled with :data:`FLAGS`, cached under the slimline
+    cache (``kernels/NAME-DIGEST.so``) by a digest of the sources, flags, compiler and
+    machine; compiled first if missing (atomic rename, so concurrent builds are safe)."""
+    version = subprocess.run(
+        [compiler, "--version"], capture_output=True, text=True, check=True, timeout=60
+    ).stdout
+    digest = hashlib.sha256(
+        b"".join(source.read_bytes() for source in sources) + " ".join(FLAGS).encode()
+        + version.encode() + platform.machine().encode()
+    ).hexdigest()[:16]  # fmt: skip
+    directory = cache_root() / "kernels"
+    target = directory / f"{name}-{digest}.so"
+    if target.is_file():
+        return target
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}-", suffix=".so", dir=directory)
+    os.close(fd)
+    try:
+        subprocess.run(
+            [compiler, *FLAGS, "-o", tmp, *map(str, sources)], capture_output=True, text=True,
+            check=True, timeout=300,
+        )  # fmt: skip
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return target
