@@ -3,10 +3,11 @@
 RMSNorm and the rotary embedding are a few thousand flops at batch 1; as torch ops each costs
 its dispatch several times over (measured on the 2-core AMD EPYC here: RMSNorm of 2048 values
 ~41 µs, rotary of 32 query heads ~44 µs; one C call ~8-9 µs). ``csrc/decode_ops.c`` does the
-same arithmetic in one call each (attention stays torch's, faster than a plain C loop
-there). It is built as the gemv library is (:mod:`slimline.core.native`) and loaded
-with ctypes; :func:`available` says whether it runs here, and callers keep the torch version
-for what it does not take (tensors that are not contiguous float32).
+same arithmetic in one call each; ``csrc/decode_block.c`` adds attention of one query over
+the cache and a whole block's step (:mod:`slimline.compile.decode_block`). It is built as
+the gemv library is (:mod:`slimline.core.native`), with its kernels, and loaded with ctypes;
+:func:`available` says whether it runs here, and callers keep the torch version for what it
+does not take (tensors that are not contiguous float32).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import torch
 from slimline.core import native
 
 SOURCE = Path(__file__).with_name("csrc") / "decode_ops.c"
+# A whole block's step (slimline.compile.decode_block), linked with the gemv kernels it calls.
+BLOCK_SOURCE = Path(__file__).with_name("csrc") / "decode_block.c"
 
 
 @functools.cache
@@ -35,7 +38,8 @@ def _library() -> Any:
     if compiler is None:
         return None
     try:
-        lib = ctypes.CDLL(str(native.build_library(compiler, "decode_ops", (SOURCE,))))
+        sources = (SOURCE, BLOCK_SOURCE, kernels_gemv.SOURCE, kernels_gemv.SOURCE_A8)
+        lib = ctypes.CDLL(str(native.build_library(compiler, "decode_ops", sources)))
     except (OSError, subprocess.SubprocessError):
         return None
     pointer, size, real = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
@@ -43,6 +47,12 @@ def _library() -> Any:
     lib.slimline_rms_norm.argtypes = [pointer, pointer, size, real, pointer]
     lib.slimline_rotate.restype = None
     lib.slimline_rotate.argtypes = [pointer, size, size, pointer, pointer, pointer]
+    lib.slimline_attend.restype = None
+    lib.slimline_attend.argtypes = [pointer, pointer, pointer, size, size, size, size, size, real,
+                                    pointer, pointer]  # fmt: skip
+    lib.slimline_decode_block.restype = ctypes.c_int
+    lib.slimline_decode_block.argtypes = [pointer, pointer, pointer, pointer, size, size, pointer,
+                                          pointer]  # fmt: skip
     return lib
 
 
@@ -68,6 +78,28 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     _library().slimline_rotate(x.data_ptr(), x.shape[0], x.shape[1], cos.data_ptr(),
                                sin.data_ptr(), out.data_ptr())  # fmt: skip
     return out
+
+
+def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
+    """Softmax attention of one query per head (``q``: (H, D)) over every cached position
+    (``keys`` / ``values``: (KV, L, D), rows contiguous, H a multiple of KV; query head h reads
+    head h // (H / KV), Ainslie et al., arXiv 2305.13245), scores and softmax in float32, as
+    ``fast_decode.attend_one`` computes it; returns (1, H·D). Contiguous float32 only."""
+    heads, dim = q.shape
+    kv_heads, length = keys.shape[0], keys.shape[1]
+    if keys.stride() != values.stride() or keys.stride()[1:] != (dim, 1):
+        raise ValueError("attend: keys and values need the same strides and contiguous rows")
+    out = torch.empty(1, heads * dim)
+    scores = torch.empty(heads, length)
+    _library().slimline_attend(q.data_ptr(), keys.data_ptr(), values.data_ptr(), length,
+                               keys.stride()[0] // dim, heads, kv_heads, dim, scale,
+                               scores.data_ptr(), out.data_ptr())  # fmt: skip
+    return out
+
+
+def library() -> Any:
+    """The loaded library (call :func:`available` first)."""
+    return _library()
 
 
 def reads(*tensors: torch.Tensor) -> bool:

@@ -17,7 +17,10 @@ they are) with the maths of the block inlined: RMSNorm, rotary embedding (the mo
 ``rotary_emb``, so its scaling applies), the new key and value appended to the cache (in
 place into room kept behind transformers' dynamic layers, through the cache's public
 ``update`` for any other layer), attention of one query over the cached keys with grouped heads (no
-repeated keys, no mask: one query sees every cached position), SwiGLU MLP. Every other call
+repeated keys, no mask: one query sees every cached position), SwiGLU MLP. A block whose seven
+projections are slimline's packed layers on its gemv kernels (float32 activations, no hooks)
+runs as one C call instead (:mod:`slimline.compile.decode_block`: the same maths, the Python
+between the kernels gone). Every other call
 — prefill, batches, padding, a static cache, training, attention weights or hidden states
 asked for — runs the model's own forward unchanged. The step follows the dense Llama block
 (Touvron et al., arXiv 2302.13971) exactly; decode is memory-bound (Pope et al., arXiv
@@ -34,10 +37,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimline.compile import decode_ops
+from slimline.compile import decode_block, decode_ops
 from slimline.core.config import MethodConfig
 from slimline.core.families import Family
 from slimline.core.registry import StepContext, StepOutcome, register
+from slimline.quantize import kernels_gemv
 
 # Decoder-only families whose blocks are the dense Llama block (pre-norm RMSNorm, rotary
 # q/k, grouped-query attention, gated MLP); biases on q/k/v (Qwen2) live in the projections.
@@ -165,6 +169,16 @@ def append_in_place(layer: Any, key: torch.Tensor, value: torch.Tensor) -> tuple
     one position past the current views, and when ``keys`` is no longer the view the layer
     last made (the model's own forward concatenated, the cache was cropped or copied) the room
     is made anew from the current tensors."""
+    room = reserve(layer)
+    length = layer.keys.shape[-2]
+    room[0][..., length, :] = key[..., 0, :]
+    room[1][..., length, :] = value[..., 0, :]
+    return advance(layer, room)
+
+
+def reserve(layer: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """The room behind ``layer``'s cached keys and values (:func:`append_in_place`): two
+    tensors (1, KV, room, D) holding the cached positions first, with space for one more."""
     keys, values = layer.keys, layer.values
     length = keys.shape[-2]
     room = getattr(layer, "_slimline_room", None)
@@ -176,22 +190,35 @@ def append_in_place(layer: Any, key: torch.Tensor, value: torch.Tensor) -> tuple
         room_keys[..., :length, :] = keys
         room_values[..., :length, :] = values
         room = (room_keys, room_values, keys.shape)
-    room[0][..., length, :] = key[..., 0, :]
-    room[1][..., length, :] = value[..., 0, :]
-    layer.keys, layer.values = room[0][..., : length + 1, :], room[1][..., : length + 1, :]
+        layer._slimline_room = room
+    return room[0], room[1]
+
+
+def advance(layer: Any, room: tuple[torch.Tensor, torch.Tensor]) -> tuple[
+        torch.Tensor, torch.Tensor]:
+    """Make ``layer``'s keys and values the views of its room one position longer (the new
+    position written there by :func:`append_in_place` or the C block step)."""
+    length = layer.keys.shape[-2] + 1
+    layer.keys, layer.values = room[0][..., :length, :], room[1][..., :length, :]
     layer._slimline_room = (room[0], room[1], layer.keys.shape)
     return layer.keys, layer.values
 
 
 def decode_step(model: nn.Module, token: torch.Tensor, cache: Any,
-                dynamic_layer: type | None = None, c_ops: bool = False) -> torch.Tensor:
+                dynamic_layer: type | None = None, c_ops: bool = False,
+                natives: dict[int, Any] | None = None) -> torch.Tensor:
     """The logits (1, 1, V) of one new token ``token`` (1, 1) of one sequence, its key and value
     appended to ``cache`` in every block; the model's own forward computes the same. Layers of
     type ``dynamic_layer`` (transformers' ``DynamicLayer``) are appended in place
     (:func:`append_in_place`), any other through the cache's ``update``. ``c_ops``: float32
     norms and rotary embedding run as one C call each
-    (:mod:`slimline.compile.decode_ops`), other dtypes as torch ops."""
+    (:mod:`slimline.compile.decode_ops`), other dtypes as torch ops. ``natives``: a dict
+    this call may keep each block's C step in (:mod:`slimline.compile.decode_block`, for
+    blocks of packed layers appended in place), None for none."""
     base: Any = model.model  # type: ignore[union-attr]
+    if natives is not None and not _natives_may_run():
+        natives = None
+    owned = False  # whether x is a tensor this step made (the C step writes into it)
 
     def norm(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
         weight: Any = module.weight
@@ -206,6 +233,16 @@ def decode_step(model: nn.Module, token: torch.Tensor, cache: Any,
     for i, block in enumerate(base.layers):
         if not hasattr(block, "self_attn"):  # a block a self-draft skips (layer_skip)
             continue
+        layer: Any = cache.layers[i] if i < len(cache.layers) else None
+        in_place = type(layer) is dynamic_layer and _filled(cache.layers[i])
+        native = _native(natives, i, block, model) if in_place and natives is not None else None
+        if native is not None and decode_ops.reads(x, cos, sin) and native.takes(layer):
+            if not owned:
+                x, owned = x.clone(), True
+            keys, values = reserve(layer)
+            native.step(x, keys, values, layer.keys.shape[-2], cos, sin)
+            advance(layer, (keys, values))
+            continue
         attn, mlp = block.self_attn, block.mlp
         h = norm(x, block.input_layernorm)
         dim = attn.head_dim
@@ -214,17 +251,48 @@ def decode_step(model: nn.Module, token: torch.Tensor, cache: Any,
         q, k = (decode_ops.rotate(q, cos, sin), decode_ops.rotate(k, cos, sin)) if in_c else (
             rotate(q, cos, sin), rotate(k, cos, sin))
         v = attn.v_proj(h).view(-1, dim)
-        layer: Any = cache.layers[i] if i < len(cache.layers) else None
-        in_place = type(layer) is dynamic_layer
-        if in_place and layer.is_initialized and layer.keys.numel():
+        if in_place:
             keys, values = append_in_place(layer, k.view(1, -1, 1, dim), v.view(1, -1, 1, dim))
         else:  # slimline's quantized layer (or an empty one): its own update
             keys, values = cache.update(k.view(1, -1, 1, dim), v.view(1, -1, 1, dim), i)
-        x = x + attn.o_proj(attend_one(q, keys[0], values[0], attn.scaling))
+        x, owned = x + attn.o_proj(attend_one(q, keys[0], values[0], attn.scaling)), True
         h = norm(x, block.post_attention_layernorm)
         x = x + mlp.down_proj(mlp.act_fn(mlp.gate_proj(h)) * mlp.up_proj(h))
     logits: torch.Tensor = model.lm_head(norm(x, base.norm))  # type: ignore[operator]
     return logits.view(1, 1, -1)
+
+
+def _filled(layer: Any) -> bool:
+    """Whether a dynamic cache layer holds positions (a prefill ran through it)."""
+    return bool(layer.is_initialized and layer.keys.numel() > 0)
+
+
+def _natives_may_run() -> bool:
+    """Whether this step may run blocks as one C call: not while a dispatch mode (a FLOP
+    counter) or global module hooks watch, which see the Python step's ops and calls."""
+    from torch.nn.modules import module as torch_module
+
+    hooks = [getattr(torch_module, name, None) for name in
+             ("_global_forward_hooks", "_global_forward_pre_hooks")]  # fmt: skip
+    return not kernels_gemv.dispatch_mode_active() and not any(hooks)
+
+
+def _native(natives: dict[int, Any], i: int, block: nn.Module, model: nn.Module) -> Any:
+    """Block ``i``'s C step from ``natives`` (made, or made again when its projections or
+    norms changed), or None where the Python step runs the block."""
+    entry = natives.get(i)
+    parts = decode_block.projections(block)
+    hooked = any(part._forward_hooks or part._forward_pre_hooks for part in parts)
+    if (entry is None or entry[0] is not block or entry[1] != tuple(map(id, parts))
+            or (entry[2] is None and entry[3] and not hooked)):  # made anew once unhooked
+        entry = (block, tuple(map(id, parts)), decode_block.native_block(block, model.config),
+                 hooked)  # fmt: skip
+        natives[i] = entry
+    native = entry[2]
+    if native is not None and not native.current():  # a layer was re-prepared or hooked
+        native = decode_block.native_block(block, model.config)
+        natives[i] = (block, entry[1], native, hooked)
+    return native
 
 
 # Keyword arguments the written-out step understands; any other one sends the call to the
@@ -253,13 +321,14 @@ class FastForward:
         self.dynamic_layer = _dynamic_layer_class()
         self.c_ops = decode_ops.available()
         self.dynamic = _dynamic_check(self.dynamic_layer)
+        self.natives: dict[int, Any] = {}  # each block's C step (decode_step keeps them)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         cache = self._decode_cache(args, kwargs)
         if cache is None:
             return type(self.model).forward(self.model, *args, **kwargs)
         logits = decode_step(self.model, kwargs["input_ids"], cache, self.dynamic_layer,
-                             self.c_ops)
+                             self.c_ops, self.natives if self.c_ops else None)
         self.calls += 1
         return self.output(logits=logits, **{self.output_cache: cache})
 

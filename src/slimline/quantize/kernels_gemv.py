@@ -249,6 +249,18 @@ class GemvCall:
         """Whether this call was prepared from these very tensors (not replaced since)."""
         return self.qweight is qweight and self._given_scales is scales and self.bias is bias
 
+    def native_fields(self) -> tuple[int | None, ...] | None:
+        """This call for C code that runs it itself (``fast_decode``'s block step): pointers
+        to the codes, scales, zero points (None: symmetric) and bias (None: none), then
+        in_features, out_features, bits, group, the scales' kind and 1 for the int8-activation
+        kernel (else 0); None when the bias is not contiguous float32 (the C side adds it)."""
+        bias = self.bias
+        if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
+            return None
+        k, qweight, n, bits, group, scales, kind, zeros = self._args
+        return (qweight, scales, zeros, None if bias is None else bias.data_ptr(), k, n, bits,
+                group, kind, int(self._a8 is not None))
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         if shape != self._layout[0]:  # a decode step repeats its shape: worked out once

@@ -413,6 +413,15 @@ class QuantLinear(LogicalWeightCounts, _KernelCacheMixin):
             return self._decode_call(x)
         return call
 
+    def prepared_call(self, dtype: torch.dtype) -> gemv.GemvCall | None:
+        """The decode call prepared for ``dtype`` inputs if it is still this layer's (its
+        buffers not replaced since), else None; prepares nothing."""
+        call = self._calls.get((dtype, self.decode_activations))
+        if call is None or not call.reads(self._fast("qweight"), self._fast("scales"),
+                                          self._fast("bias")):
+            return None
+        return call
+
     def _fast(self, name: str) -> Any:
         """A buffer read from ``_buffers`` without ``Module.__getattr__`` (which is slow, and
         this runs once per layer and decode token); any other attribute as usual."""

@@ -3,8 +3,8 @@
  * At batch 1 these are a few thousand flops each, and through torch each costs its dispatch:
  * on the 2-core AMD EPYC here RMSNorm of 2048 values took ~41 us as torch ops, the rotary
  * embedding of the query heads ~44 us; one call each here takes ~8-9 us (ctypes included)
- * for the same arithmetic. (Attention of one query over the cache stays torch's: a plain C
- * loop with libm's expf took 230 us over 384 positions against torch's 150.)
+ * for the same arithmetic. (Attention of one query over the cache, and a whole block's step
+ * with the gemv kernels: decode_block.c.)
  *
  * - slimline_rms_norm: out = x / sqrt(mean(x^2) + eps) * w (Zhang & Sennrich, arXiv 1910.07467);
  * - slimline_rotate: rotary embedding (Su et al., arXiv 2104.09864), the pairs (i, i + D/2)

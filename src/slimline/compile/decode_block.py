@@ -1,0 +1,158 @@
+"""A Llama block's one-token decode step as one C call (``fast_decode``, packed layers).
+
+Through :func:`slimline.compile.fast_decode.decode_step` a block is ~20 Python-level calls —
+seven packed projections (each a module call and a kernel call), norms, rotary, the cache
+append, attention, residuals, SwiGLU — and on ``llama-1b-random`` (rtn int4 g128, int8
+activations, 2 threads on the 2-core AMD EPYC here) they added ~17 ms to a ~70 ms token
+beyond the kernels' own time. When all seven projections of a block run slimline's gemv
+kernels (``QuantLinear`` with a prepared decode call, no hooks) on float32 activations,
+``csrc/decode_block.c`` runs the whole block in one call: the same kernels, the norms and
+rotary of ``decode_ops``, the new key and value written into the room kept behind the cache
+layer (:func:`slimline.compile.fast_decode.append_in_place`'s), attention in float32 and the
+SwiGLU MLP. Any other block — float or cast projections, hooks, a quantized KV cache, a
+FLOP counter watching — runs the Python step.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from slimline.compile import decode_ops
+from slimline.quantize import kernels_gemv
+from slimline.quantize.qlinear import QuantLinear
+
+PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
+_SIZE, _POINTER, _REAL = ctypes.c_int64, ctypes.c_void_p, ctypes.c_double
+
+
+class _Linear(ctypes.Structure):
+    """``struct slimline_linear`` (decode_block.c): every field 8 bytes."""
+
+    _fields_ = [("qweight", _POINTER), ("scales", _POINTER), ("zeros", _POINTER),
+                ("bias", _POINTER), ("in_features", _SIZE), ("out_features", _SIZE),
+                ("bits", _SIZE), ("group", _SIZE), ("scale_kind", _SIZE),
+                ("int8_activations", _SIZE)]  # fmt: skip
+
+
+class _Block(ctypes.Structure):
+    """``struct slimline_block`` (decode_block.c)."""
+
+    _fields_ = [*((name, _Linear) for name in PROJECTIONS), ("attn_norm", _POINTER),
+                ("mlp_norm", _POINTER), ("attn_eps", _REAL), ("mlp_eps", _REAL),
+                ("scaling", _REAL), ("hidden", _SIZE), ("heads", _SIZE), ("kv_heads", _SIZE),
+                ("head_dim", _SIZE), ("intermediate", _SIZE)]  # fmt: skip
+
+
+def projections(block: Any) -> tuple[nn.Module, ...]:
+    """The block's seven projections, in :data:`PROJECTIONS`' order."""
+    attn, mlp = block.self_attn, block.mlp
+    return (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj,
+            mlp.down_proj)  # fmt: skip
+
+
+def _silu(module: Any) -> bool:
+    """Whether ``module`` is SiLU (torch's, or transformers' ``SiLUActivation``)."""
+    return isinstance(module, nn.SiLU) or type(module).__name__ == "SiLUActivation"
+
+
+def _call(module: nn.Module, probe: torch.Tensor) -> kernels_gemv.GemvCall | None:
+    """The packed layer's prepared one-row float32 call, or None (not packed, hooked, or no
+    gemv kernel for it)."""
+    if type(module) is not QuantLinear or module._forward_hooks or module._forward_pre_hooks:
+        return None
+    return module._decode_call(probe)
+
+
+def _norm_weight(norm: Any, width: int) -> torch.Tensor | None:
+    weight = getattr(norm, "weight", None)
+    eps = getattr(norm, "variance_epsilon", None)
+    if not isinstance(weight, torch.Tensor) or not isinstance(eps, float):
+        return None
+    if weight.shape != (width,) or not decode_ops.reads(weight):
+        return None
+    return weight
+
+
+@dataclass
+class NativeBlock:
+    """A block's C step: the ctypes struct and what it points into (kept alive, and compared
+    with the block's current layers before each step)."""
+
+    block: Any
+    calls: tuple[kernels_gemv.GemvCall, ...]
+    norms: tuple[torch.Tensor, torch.Tensor]
+    struct: _Block
+
+    def current(self) -> bool:
+        """Whether the block still has the layers and norms this struct was made from."""
+        block = self.block
+        norms = (block.input_layernorm.weight, block.post_attention_layernorm.weight)
+        if norms[0] is not self.norms[0] or norms[1] is not self.norms[1]:
+            return False
+        for module, call in zip(projections(block), self.calls, strict=True):
+            if type(module) is not QuantLinear or module._forward_hooks or (
+                    module._forward_pre_hooks):
+                return False
+            if module.prepared_call(torch.float32) is not call:
+                return False
+        return True
+
+    def takes(self, layer: Any) -> bool:
+        """Whether the cache layer's keys and values are ones the C step appends to: float32
+        on the CPU, (1, KV, length, D) of this block's heads."""
+        shape = (1, self.struct.kv_heads, layer.keys.shape[-2], self.struct.head_dim)
+        return all(t.dtype == torch.float32 and t.device.type == "cpu" and t.shape == shape
+                   for t in (layer.keys, layer.values))  # fmt: skip
+
+    def step(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, position: int,
+             cos: torch.Tensor, sin: torch.Tensor) -> None:
+        """One decode step: ``x`` (1, hidden) updated in place, the new key and value written
+        at ``position`` of ``keys`` / ``values`` (1, KV, room, D), room > position."""
+        status = decode_ops.library().slimline_decode_block(
+            ctypes.addressof(self.struct), x.data_ptr(), keys.data_ptr(), values.data_ptr(),
+            position, keys.shape[-2], cos.data_ptr(), sin.data_ptr(),
+        )  # fmt: skip
+        if status != 0:
+            raise RuntimeError("fast_decode: the C block step refused its arguments")
+
+
+def native_block(block: Any, config: Any) -> NativeBlock | None:
+    """The block's C step, or None where the Python step runs it: a projection that is not a
+    packed layer on the gemv kernels (or is hooked), norms that are not float32 RMSNorms of
+    the hidden width, an activation other than SiLU, or no C library here."""
+    if not decode_ops.available() or getattr(config, "hidden_act", None) != "silu":
+        return None
+    attn, mlp = block.self_attn, block.mlp
+    if not _silu(mlp.act_fn):
+        return None
+    modules = projections(block)
+    widths = [getattr(module, "in_features", 0) for module in modules]
+    probes = tuple(torch.empty(1, width) for width in widths)
+    calls = [_call(module, probe) for module, probe in zip(modules, probes, strict=True)]
+    fields: list[Any] = [None if call is None else call.native_fields() for call in calls]
+    hidden = widths[0]
+    norms = (_norm_weight(block.input_layernorm, hidden),
+             _norm_weight(block.post_attention_layernorm, hidden))  # fmt: skip
+    if any(f is None for f in fields) or norms[0] is None or norms[1] is None:
+        return None
+    dim = int(attn.head_dim)
+    heads, kv_heads = fields[0][5] // dim, fields[1][5] // dim
+    shapes_ok = (fields[0][5] == heads * dim and fields[1][5] == fields[2][5] == kv_heads * dim
+                 and kv_heads and heads % kv_heads == 0 and widths[3] == heads * dim
+                 and fields[3][5] == hidden and widths[4] == widths[5] == hidden
+                 and fields[4][5] == fields[5][5] == widths[6] and fields[6][5] == hidden)
+    if not shapes_ok:
+        return None
+    struct = _Block(
+        *(_Linear(*f) for f in fields),
+        norms[0].data_ptr(), norms[1].data_ptr(),
+        float(block.input_layernorm.variance_epsilon),
+        float(block.post_attention_layernorm.variance_epsilon),
+        float(attn.scaling), hidden, heads, kv_heads, dim, widths[6],
+    )  # fmt: skip
+    return NativeBlock(block, tuple(calls), (norms[0], norms[1]), struct)  # type: ignore[arg-type]
