@@ -124,13 +124,16 @@ static int prepare_x(const float *x, int64_t M, int64_t K, int64_t group, int bi
                     qm[c0 + half + i] = q[c0 + 2 * i + 1];
                 }
         }
-        for (int64_t lane = 0; lane < K / 4; lane++) {
-            /* the block of the lane's first column (all 4 share it) */
-            const int64_t at = 4 * lane, c0 = at - at % width, i = at - c0;
-            const int64_t column = bits == 8 ? at : c0 + (i < half ? 2 * i : 2 * (i - half) + 1);
-            lane_scale[lane] = xs[column / QBLOCK];
-            lane_corr[lane] = corr * (qm[at] + qm[at + 1] + qm[at + 2] + qm[at + 3]);
-        }
+        /* each lane's block: that of its first column (all 4 share it), walked chunk by
+         * chunk (no division by the run-time width: this runs once per layer call) */
+        for (int64_t c0 = 0; c0 < K; c0 += width)
+            for (int64_t i = 0; i < width; i += 4) {
+                const int64_t at = c0 + i;
+                const int64_t column = bits == 8 ? at
+                                                 : c0 + (i < half ? 2 * i : 2 * (i - half) + 1);
+                lane_scale[at / 4] = xs[column / QBLOCK];
+                lane_corr[at / 4] = corr * (qm[at] + qm[at + 1] + qm[at + 2] + qm[at + 3]);
+            }
         for (int64_t g = 0; g < G; g++) {
             const int64_t b1 = ((g + 1) * group < K ? (g + 1) * group : K) / QBLOCK;
             float sum = 0.0f;
