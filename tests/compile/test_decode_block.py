@@ -121,6 +121,10 @@ def test_greedy_generate_is_the_models_own(tiny_llama: nn.Module) -> None:
     forward = vars(model)["forward"]
     assert isinstance(forward, FastForward) and forward.calls == 11
     assert all(entry[2] is not None for entry in forward.natives.values())
+    twin = copy.deepcopy(model)  # after its block steps were made: the copy makes its own
+    assert torch.equal(twin.generate(ids, **greedy), reference.generate(ids, **greedy))
+    natives = vars(twin)["forward"].natives
+    assert [entry[2].block for entry in natives.values()] == list(twin.model.layers)
 
 
 def test_float_layers_hooks_and_flop_counters_take_the_python_step(

@@ -323,6 +323,13 @@ class FastForward:
         self.dynamic = _dynamic_check(self.dynamic_layer)
         self.natives: dict[int, Any] = {}  # each block's C step (decode_step keeps them)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """A copy (``copy.deepcopy`` of the model) makes its own block steps: the ones kept
+        here point into this model's tensors (and ctypes pointers do not copy)."""
+        state = dict(self.__dict__)
+        state["natives"] = {}
+        return state
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         cache = self._decode_cache(args, kwargs)
         if cache is None:
