@@ -89,18 +89,14 @@ class NativeBlock:
     struct: _Block
 
     def current(self) -> bool:
-        """Whether the block still has the layers and norms this struct was made from."""
+        """Whether the block still has the layers and norms this struct was made from (hooks
+        are the caller's to check)."""
         block = self.block
         norms = (block.input_layernorm.weight, block.post_attention_layernorm.weight)
         if norms[0] is not self.norms[0] or norms[1] is not self.norms[1]:
             return False
-        for module, call in zip(projections(block), self.calls, strict=True):
-            if type(module) is not QuantLinear or module._forward_hooks or (
-                    module._forward_pre_hooks):
-                return False
-            if module.prepared_call(torch.float32) is not call:
-                return False
-        return True
+        return all(type(module) is QuantLinear and module.prepared_call(torch.float32) is call
+                   for module, call in zip(projections(block), self.calls, strict=True))
 
     def takes(self, layer: Any) -> bool:
         """Whether the cache layer's keys and values are ones the C step appends to: float32
@@ -140,12 +136,13 @@ def native_block(block: Any, config: Any) -> NativeBlock | None:
              _norm_weight(block.post_attention_layernorm, hidden))  # fmt: skip
     if any(f is None for f in fields) or norms[0] is None or norms[1] is None:
         return None
+    q, k, v, o, gate, up, down = (call.n for call in calls)  # type: ignore[union-attr]
     dim = int(attn.head_dim)
-    heads, kv_heads = fields[0][5] // dim, fields[1][5] // dim
-    shapes_ok = (fields[0][5] == heads * dim and fields[1][5] == fields[2][5] == kv_heads * dim
-                 and kv_heads and heads % kv_heads == 0 and widths[3] == heads * dim
-                 and fields[3][5] == hidden and widths[4] == widths[5] == hidden
-                 and fields[4][5] == fields[5][5] == widths[6] and fields[6][5] == hidden)
+    heads, kv_heads = q // dim, k // dim
+    shapes_ok = (q == heads * dim and k == v == kv_heads * dim and kv_heads > 0
+                 and heads % kv_heads == 0 and widths[3] == heads * dim and o == hidden
+                 and widths[4] == widths[5] == hidden and gate == up == widths[6]
+                 and down == hidden)  # fmt: skip
     if not shapes_ok:
         return None
     struct = _Block(
