@@ -17,7 +17,8 @@ batch 1 × 256 tokens). Rows, timed interleaved on one test batch:
 * slimline recipes: ``compile`` with each backend (inductor also with ``freezing``),
   ``int8_dynamic`` and static ``smoothquant`` in torch (eager and + inductor), ``int8_dynamic``
   and ``smoothquant`` (dynamic and static activations) + ``compile backend: openvino`` in
-  float32 and with ``precision: bf16``, ``half`` (bf16) + inductor, and the named recipes in
+  float32 and with ``precision: bf16`` and + ``compile backend: onnxruntime`` (int8 GEMMs:
+  ``MatMulInteger``), ``half`` (bf16) + inductor, and the named recipes in
   ``recipes/`` (``--recipes``).
 
 Quality: mean cosine to torch fp32 on ``--batches`` test batches (an encoder's mean-pooled
@@ -64,6 +65,7 @@ SQ_STATIC = {"method": "smoothquant", "activations": "static", "alpha": None}
 OPENVINO = {"method": "compile", "backend": "openvino"}
 OPENVINO_BF16 = {**OPENVINO, "precision": "bf16"}
 INDUCTOR = {"method": "compile"}
+ONNXRUNTIME = {"method": "compile", "backend": "onnxruntime"}
 SLIMLINE_ROWS: dict[str, list[dict[str, Any]]] = {
     "slimline compile (inductor)": [INDUCTOR],
     "slimline compile (inductor, freezing)": [{"method": "compile", "freezing": True}],
@@ -73,10 +75,13 @@ SLIMLINE_ROWS: dict[str, list[dict[str, Any]]] = {
     "slimline smoothquant static (eager)": [SQ_STATIC],
     "slimline smoothquant static + compile": [SQ_STATIC, INDUCTOR],
     "slimline compile backend openvino": [OPENVINO],
-    "slimline compile backend onnxruntime": [{"method": "compile", "backend": "onnxruntime"}],
+    "slimline compile backend onnxruntime": [ONNXRUNTIME],
     "slimline int8_dynamic + compile openvino": [{"method": "int8_dynamic"}, OPENVINO],
     "slimline smoothquant + compile openvino": [{"method": "smoothquant"}, OPENVINO],
     "slimline smoothquant static + compile openvino": [SQ_STATIC, OPENVINO],
+    "slimline int8_dynamic + compile onnxruntime": [{"method": "int8_dynamic"}, ONNXRUNTIME],
+    "slimline smoothquant + compile onnxruntime": [{"method": "smoothquant"}, ONNXRUNTIME],
+    "slimline smoothquant static + compile onnxruntime": [SQ_STATIC, ONNXRUNTIME],
     "slimline half (bf16) + compile": [{"method": "half"}, INDUCTOR],
     "slimline compile backend openvino bf16": [OPENVINO_BF16],
     "slimline int8_dynamic + compile openvino bf16": [{"method": "int8_dynamic"}, OPENVINO_BF16],
@@ -201,11 +206,15 @@ def ort_dynamic_int8(file: Path) -> Path:
     return out
 
 
-def slimline_rows(model: nn.Module, calibration: list[Any], recipes: list[Path]
-                  ) -> dict[str, Embed | str]:
+def slimline_rows(model: nn.Module, calibration: list[Any], recipes: list[Path],
+                  only: str | None = None) -> dict[str, Embed | str]:
+    """The slimline rows (``only``: a comma list of words, keeping the rows holding one)."""
     out: dict[str, Embed | str] = {}
     named = {f"recipes/{p.name}": p for p in recipes}
+    words = [w for w in (only or "").split(",") if w]
     for name, steps in {**SLIMLINE_ROWS, **named}.items():
+        if words and not any(w in name for w in words):
+            continue
         try:
             recipe = sl.Recipe.from_file(steps) if isinstance(steps, Path) else {"steps": steps}
             out[name] = torch_embed(sl.compress(model, recipe, calibration=calibration).model)
@@ -227,6 +236,10 @@ def main() -> None:
     parser.add_argument("--recipes", default=None,
                         help="named recipes from recipes/ (comma list, '' for none; default: "
                              "the encoder recipes for minilm)")
+    parser.add_argument("--rows", default=None,
+                        help="keep only the slimline rows holding one of these comma-separated "
+                             "words (peers always run)")
+    parser.add_argument("--section-suffix", default="", help="appended to the section name")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     # Every compiled row is the same transformers forward under another backend callable:
@@ -246,7 +259,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             rows: dict[str, Embed | str] = {"torch fp32 eager": torch_embed(model)}
             rows.update(peers(model, data[0], calibration, Path(tmp), threads))
-            rows.update(slimline_rows(model, calibration, recipes))
+            rows.update(slimline_rows(model, calibration, recipes, args.rows))
             parts.append(measure(model, rows, data, threads, args))
     body = (conditions_line(int(args.threads.split(",")[-1]), batch_size=size,
                             input_shape="×".join(map(str, rows_of(data[0]).shape)),
@@ -256,6 +269,7 @@ def main() -> None:
     print(body)
     if not args.no_write:
         section = "cpu-deploy" if args.model == "minilm" else f"cpu-deploy-{args.model}"
+        section += args.section_suffix
         kind = isa_suffix()
         write_section(section + kind, f"CPU deployment: {args.model} against OpenVINO (+NNCF), "
                       f"ONNX Runtime and torchao{' (' + kind[1:].upper() + ' CPU)' if kind else ''}",

@@ -69,16 +69,26 @@ def test_openvino_backend_runs_w8a8_layers_in_int8(tiny_llama, token_batches) ->
     assert runner.format == "openvino"
 
 
-@pytest.mark.parametrize(("steps", "layer"), [
-    ([{"method": "rtn", "bits": 4}], "QuantLinear"),
-    ([{"method": "int8_dynamic"}], "Int8DynamicLinear"),
-])
-def test_layers_onnxruntime_cannot_run_are_refused_before_compiling(tiny_llama, steps,
-                                                                    layer) -> None:
+def test_onnxruntime_backend_runs_w8a8_layers_as_integer_gemms(tiny_llama) -> None:
     pytest.importorskip("onnxruntime")
-    quantized = sl.compress(tiny_llama, {"steps": steps}).model
+    onnx = pytest.importorskip("onnx")
+    quantized = sl.compress(tiny_llama, {"steps": [{"method": "int8_dynamic"}]}).model
+    model = sl.compress(quantized, {"steps": [{"method": "compile",
+                                               "backend": "onnxruntime"}]}).model
+    batch = _batch(2, 9, 5)
+    with torch.no_grad():
+        out, ref = model(**batch), forward(quantized, batch)  # its own int8 kernels
+    assert _real_diff(out.logits, ref.logits, batch) < 1e-4
+    (runner, _), = model._compiled_call_impl.graphs.values()
+    ops = [n.op_type for n in onnx.load(str(runner.directory / "model.onnx")).graph.node]
+    assert runner.format == "onnx" and ops.count("MatMulInteger") == 14  # 2 blocks × 7
+
+
+def test_layers_onnxruntime_cannot_run_are_refused_before_compiling(tiny_llama) -> None:
+    pytest.importorskip("onnxruntime")
+    quantized = sl.compress(tiny_llama, {"steps": [{"method": "rtn", "bits": 4}]}).model
     recipe = {"steps": [{"method": "compile", "backend": "onnxruntime"}]}
-    with pytest.raises(ValueError, match=f"compile.backend: onnxruntime cannot run.*{layer}"):
+    with pytest.raises(ValueError, match="compile.backend: onnxruntime cannot run.*QuantLinear"):
         sl.compress(quantized, recipe, inplace=True)
     assert quantized._compiled_call_impl is None  # refused before the model changed
 

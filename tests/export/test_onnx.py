@@ -123,14 +123,85 @@ def test_structured_pruned_model_exports_as_the_smaller_dense_model(tmp_path) ->
     assert _onnx_vs_torch(pruned, out, _tokens(3, 7, seed=4)) < 1e-4
 
 
-@pytest.mark.parametrize(("step", "layer"), [({"method": "rtn", "bits": 4}, "QuantLinear"),
-                                             ({"method": "int8_dynamic"}, "Int8DynamicLinear")])
-def test_compressed_layer_refused_and_nothing_written(tmp_path, step, layer) -> None:
-    model = sl.compress(_llama(), {"steps": [step]}).model
+def _real_token_diff(out: np.ndarray, ref: torch.Tensor, batch: dict[str, torch.Tensor]) -> float:
+    real = batch["attention_mask"].bool()
+    return float((torch.from_numpy(out)[real] - ref[real]).abs().max())
+
+
+def _integer_gemms(file: Path) -> list[tuple[str, str]]:
+    """(weight dtype, weight zero point dtype) of each MatMulInteger of the graph."""
+    graph = onnx.load(str(file)).graph
+    consts = {t.name: t for t in graph.initializer}
+    for node in graph.node:  # in order: an Identity reads an earlier (deduplicated) tensor
+        if node.op_type == "Constant":
+            consts[node.output[0]] = node.attribute[0].t
+        elif node.op_type == "Identity" and node.input[0] in consts:
+            consts[node.output[0]] = consts[node.input[0]]
+    name = onnx.helper.tensor_dtype_to_np_dtype
+    return [(str(name(consts[n.input[1]].data_type)), str(name(consts[n.input[3]].data_type)))
+            for n in graph.node if n.op_type == "MatMulInteger"]
+
+
+@pytest.mark.parametrize("bits", [7, 8])
+@pytest.mark.parametrize(("step", "exporter"), [
+    ({"method": "int8_dynamic"}, "torchscript"),
+    ({"method": "smoothquant", "activations": "static"}, "torchscript"),
+    ({"method": "smoothquant"}, "dynamo"),
+])
+def test_w8a8_layers_export_as_integer_gemms(tmp_path, monkeypatch, step, exporter, bits) -> None:
+    from slimline.quantize import kernels_int8
+
+    monkeypatch.setattr(kernels_int8, "activation_bits", lambda: bits)  # either grid, any CPU
+    calibration = [_tokens(2, 16, seed=s) for s in range(2)]
+    model = sl.compress(_bert(), {"steps": [step]}, calibration=calibration).model.eval()
+    assert {m.activation_bits for m in model.modules() if hasattr(m, "activation_bits")} == {bits}
+    out = tmp_path / "out"
+    report = sl.export(model, out, example=_tokens(2, 12), exporter=exporter)
+    assert report.exporter == exporter and len(report.lowered) == 12  # 2 × (q k v o up down)
+    # u8·s8 for 7-bit activations; u8·u8 (weights shifted, zero point 128) for 8-bit ones
+    kind = ("int8", "int8") if bits == 7 else ("uint8", "uint8")
+    assert _integer_gemms(out / "model.onnx") == [kind] * 12
+    session = onnxruntime.InferenceSession(str(out / "model.onnx"),
+                                           providers=["CPUExecutionProvider"])
+    for shape, seed in [((3, 17), 9), ((1, 5), 2)]:
+        batch = _tokens(*shape, seed=seed)
+        with torch.no_grad():
+            ref = model(**batch)[0]  # the torch model on its own int8 kernels
+        got = session.run(None, {k: v.numpy() for k, v in batch.items()})[0]
+        assert _real_token_diff(got, ref, batch) < 1e-4
+
+
+def test_integer_gemm_is_exact_where_u8_s8_pair_sums_saturate(tmp_path) -> None:
+    """Codes near 255 times weights of 127: pairs of products past int16, which a u8·s8
+    GEMM without an int8 dot product saturates; the exported u8·u8 GEMM does not."""
+    from slimline.quantize.kernels_int8 import quantize_per_token
+    from slimline.quantize.w8a8 import Int8DynamicLinear
+
+    linear = nn.Linear(64, 8, bias=False)
+    with torch.no_grad():
+        linear.weight.fill_(1.0)
+        linear.weight[4:] = -1.0
+    model = nn.Sequential(Int8DynamicLinear.from_float(linear, activation_bits=8)).eval()
+    x = torch.rand(5, 64) + 3.0  # all positive: codes up to 254 (kernels_int8 grid)
+    out = tmp_path / "out"
+    sl.export(model, out, example=x)
+    session = onnxruntime.InferenceSession(str(out / "model.onnx"),
+                                           providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
+    codes, scale, zero = quantize_per_token(x, 8)
+    assert int(codes.max()) >= 250
+    layer = model[0]
+    exact = ((codes.double() - zero.double()) @ layer.qweight.double().T) \
+        * scale.double() * layer.weight_scale.double()  # integer sums, no saturation
+    assert float((got.double() - exact).abs().max()) < 1e-4 * float(exact.abs().max())
+
+
+def test_packed_layer_refused_and_nothing_written(tmp_path) -> None:
+    model = sl.compress(_llama(), {"steps": [{"method": "rtn", "bits": 4}]}).model
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("earlier export")
-    with pytest.raises(ValueError, match=f"{layer}.*cannot be exported to ONNX"):
+    with pytest.raises(ValueError, match="QuantLinear.*cannot be exported to ONNX"):
         sl.export(model, out, example=_tokens(2, 8))
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["keep.txt", "out"]
 

@@ -7,6 +7,13 @@ onnxruntime's outputs match the torch model on the example *and* on the batches
 ``export/parity.py`` derives from it: another batch size and sequence length (which proves the
 dynamic axes), one token, and a left-padded batch.
 
+slimline's W8A8 layers (``int8_dynamic``, ``smoothquant``) are written in integer form
+(``export/lowering.py``): activations rounded to the layer's uint8 grid by the torch kernel's
+own operations, then ONNX's ``MatMulInteger`` with the int8 weight, which onnxruntime runs as an
+int8 GEMM; the parity is measured against the torch model with its own int8 kernels, each
+layer first checked against its kernel on the same input. Packed weight-only layers are
+refused by name before anything is written.
+
 The model is exported in eval mode (a module left in training mode keeps dropout on in the
 graph), with its config, tokenizer and sentence-transformers files beside it. The directory is
 written atomically, as ``sl.save`` writes checkpoints: nothing is left behind by a refusal or
@@ -40,12 +47,20 @@ from slimline.export.graph import (
     weight_bytes,
     write_atomically,
 )
+from slimline.export.integer_ops import dynamo_translations
+from slimline.export.lowering import (
+    ROUNDING_HINT,
+    check_lowering,
+    lowered,
+    rounding_tolerances,
+)
 from slimline.export.parity import (
     ATOL,
     MIN_COSINE,
     ParityCheck,
     Tolerance,
     compare_batch,
+    loosest,
     parity_examples,
 )
 from slimline.export.report import ExportReport
@@ -60,8 +75,6 @@ PROTOBUF_LIMIT = 2 * 1024**3
 # onnxscript 0.7): tracing fails on them, torch.export cannot convert them.
 UNEXPORTABLE: dict[str, str] = {
     "QuantLinear": "packed int4/int8 weights run by aten's int4pack/int8pack kernels",
-    "Int8DynamicLinear": "its oneDNN int8 GEMM (slimline::onednn_int8_mm) has no ONNX form",
-    "SmoothQuantLinear": "its oneDNN int8 GEMM (slimline::onednn_int8_mm) has no ONNX form",
 }
 
 
@@ -95,9 +108,18 @@ def export_onnx(
     def write(directory: Path) -> ExportReport:
         graph = GraphForward(model, batch).eval()
         check_eval(graph)
+        # The references come from the model as it runs in torch (its own int8 kernels).
         examples, outputs = references(graph, parity_examples(batch))
         axes = dynamic_axes(graph, examples, outputs)
-        report = _write(graph, directory, examples, outputs, axes, exporter, external, tol)
+        check_lowering(model, lambda: graph(*tensors(examples[0])), integer=True)
+        with lowered(model, integer=True) as swapped:
+            tols, rounding = rounding_tolerances(graph, examples, outputs, tol,
+                                                 lowered=bool(swapped))
+            report = _write(graph, directory, examples, outputs, axes, exporter, external, tols,
+                            hint=ROUNDING_HINT if swapped else "")
+        report.lowered = swapped
+        if rounding:
+            report.details["w8a8_rounding"] = rounding
         report.files = companions(model, directory, tokenizer) + report.files
         report.path = Path(path)
         describe_source(report, model)
@@ -136,7 +158,8 @@ def _write(
     axes: dict[str, dict[int, str]],
     exporter: Exporter,
     external: bool,
-    tol: Tolerance,
+    tols: list[Tolerance],
+    hint: str = "",
 ) -> ExportReport:
     """Try the exporters in turn; keep the first graph within parity on every example."""
     attempts: dict[str, str] = {}
@@ -144,7 +167,7 @@ def _write(
         try:
             _export_graph(graph, directory, examples[0], axes, dynamo=name == "dynamo",
                           external=external)
-            checks, inputs = _parity(directory / MODEL_FILE, examples, outputs, tol)
+            checks, inputs = _parity(directory / MODEL_FILE, examples, outputs, tols)
         except Exception as exc:  # an exporter's failure is a reason to try the other one
             attempts[name] = reason(exc)
             clear(directory)
@@ -152,13 +175,13 @@ def _write(
         if all(c.passed for c in checks):
             files = [MODEL_FILE] + ([DATA_FILE] if (directory / DATA_FILE).is_file() else [])
             return ExportReport(directory, "onnx", name, inputs, [graph.output_name], axes,
-                                checks, external, files, attempts, tolerance=tol)
+                                checks, external, files, attempts, tolerance=loosest(tols))
         attempts[name] = "parity failed: " + "; ".join(
             f"max abs diff {c.max_abs_diff:.3g}, cosine {c.cosine:.6f} on {tuple(c.shape)}"
             for c in checks)
         clear(directory)
     raise ValueError("export: no ONNX exporter wrote a graph faithful to the model: "
-                     + "; ".join(f"{k}: {v}" for k, v in attempts.items()))
+                     + "; ".join(f"{k}: {v}" for k, v in attempts.items()) + hint)
 
 
 def _export_graph(
@@ -175,7 +198,8 @@ def _export_graph(
     if dynamo:
         # forward(*tensors): one entry, the varargs tuple, holding a spec per input.
         kwargs = {"dynamic_shapes": (tuple({a: torch.export.Dim.DYNAMIC for a in axes[n]}
-                                           for n in graph.input_names),)}
+                                           for n in graph.input_names),),
+                  "custom_translation_table": dynamo_translations()}  # W8A8: MatMulInteger
     with warnings.catch_warnings():  # tracer warnings: the parity check is the judge
         warnings.simplefilter("ignore")
         torch.onnx.export(graph, args, str(scratch / MODEL_FILE), input_names=graph.input_names,
@@ -189,13 +213,13 @@ def _export_graph(
 
 
 def _parity(
-    file: Path, examples: list[Batch], outputs: list[torch.Tensor], tol: Tolerance
+    file: Path, examples: list[Batch], outputs: list[torch.Tensor], tols: list[Tolerance]
 ) -> tuple[list[ParityCheck], list[str]]:
     """Run ``file`` with onnxruntime on each example; compare with the torch outputs."""
     session = onnx_session(file)
     names = [i.name for i in session.get_inputs()]
     checks = []
-    for batch, reference in zip(examples, outputs, strict=True):
+    for batch, reference, tol in zip(examples, outputs, tols, strict=True):
         feeds = dict(zip(input_names(batch), tensors(batch), strict=True))
         out = session.run(None, {n: feeds[n].numpy() for n in names})[0]
         checks.append(compare_batch(reference, torch.from_numpy(out), batch, tol))

@@ -53,17 +53,20 @@ from slimline.export.graph import (
     tensors,
     write_atomically,
 )
-from slimline.export.lowering import check_lowering, jittered, lowered
+from slimline.export.lowering import (
+    ROUNDING_HINT,
+    check_lowering,
+    lowered,
+    rounding_tolerances,
+)
 from slimline.export.parity import (
     ATOL,
     MIN_COSINE,
-    ROUNDING_SPREAD,
     ParityCheck,
     Tolerance,
     compare_batch,
     loosest,
     parity_examples,
-    within_rounding,
 )
 from slimline.export.report import ExportReport
 
@@ -73,14 +76,6 @@ BIN_FILE = "model.bin"
 
 # slimline layers whose arithmetic has no OpenVINO form here: their packed codes are read by
 # aten kernels (_weight_int4pack_mm, _weight_int8pack_mm) the converter does not know.
-_ROUNDING_HINT = (
-    ". The model has W8A8 layers, whose activation rounding flips at near-ties when a runtime "
-    f"reorders float sums; each check above was already loosened to {ROUNDING_SPREAD:g}x the "
-    "divergence of the torch model run as another runtime would round (report details: "
-    "w8a8_rounding). To accept more, pass min_cosine (--min-cosine) and atol with the "
-    "agreement you accept"
-)
-
 UNCONVERTIBLE: dict[str, str] = {
     "QuantLinear": "its packed int4/int8 weights run on aten's int4pack/int8pack kernels, "
     "which OpenVINO's converter does not know",
@@ -121,9 +116,10 @@ def export_openvino(
         axes = dynamic_axes(graph, examples, outputs)
         check_lowering(model, lambda: graph(*tensors(examples[0])))
         with lowered(model) as swapped, eager_attention(model):
-            tols, rounding = _tolerances(graph, examples, outputs, tol, lowered=bool(swapped))
+            tols, rounding = rounding_tolerances(graph, examples, outputs, tol,
+                                                  lowered=bool(swapped))
             report = _write(graph, directory, examples, outputs, axes, exporter, tols,
-                            hint=_ROUNDING_HINT if swapped else "")
+                            hint=ROUNDING_HINT if swapped else "")
         report.lowered = swapped
         if rounding:
             report.details["w8a8_rounding"] = rounding
@@ -135,27 +131,6 @@ def export_openvino(
 
     with eval_mode(model):
         return write_atomically(path, write)
-
-
-def _tolerances(
-    graph: GraphForward, examples: list[Batch], outputs: list[torch.Tensor], tol: Tolerance,
-    *, lowered: bool,
-) -> tuple[list[Tolerance], list[dict[str, Any]]]:
-    """Each example's tolerance: ``tol``, or for a model with lowered W8A8 layers (called
-    inside :func:`lowered`) the one :func:`within_rounding` derives from the torch model run
-    through the lowered layers with their inputs :func:`jittered` (a runtime's float rounding,
-    modelled), with that measurement for the report."""
-    if not lowered:
-        return [tol] * len(examples), []
-    with jittered(graph):
-        _, reordered = references(graph, examples)
-    tols, rounding = [], []
-    for batch, reference, other in zip(examples, outputs, reordered, strict=True):
-        limit, seen = within_rounding(reference, other, batch, tol)
-        tols.append(limit)
-        rounding.append({"shape": seen.shape, "torch_lowered_max_abs_diff": seen.max_abs_diff,
-                         "torch_lowered_cosine": seen.cosine, **limit.to_dict()})
-    return tols, rounding
 
 
 @contextlib.contextmanager
