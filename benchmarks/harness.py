@@ -8,6 +8,7 @@ command that produced it.
 from __future__ import annotations
 
 import re
+import shlex
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -50,8 +51,9 @@ def interleaved(calls: Mapping[str, Callable[[], object]], *, runs: int, warmup:
 
 
 def command_line() -> str:
-    """The command as it was typed (``python -m benchmarks.x`` or ``python benchmarks/x.py``)."""
-    return " ".join([".venv/bin/python", *sys.orig_argv[1:]])
+    """The command as it was typed (``python -m benchmarks.x`` or ``python benchmarks/x.py``),
+    quoted for a shell."""
+    return shlex.join([".venv/bin/python", *sys.orig_argv[1:]])
 
 
 def write_section(name: str, title: str, body: str) -> None:
