@@ -48,11 +48,18 @@ class _Block(ctypes.Structure):
                 ("head_dim", _SIZE), ("intermediate", _SIZE)]  # fmt: skip
 
 
+def _child(module: Any, name: str) -> Any:
+    """``module.name`` for a submodule, read from ``_modules`` (``Module.__getattr__`` is slow,
+    and this runs for every block and decode token)."""
+    children = getattr(module, "_modules", None)
+    return children[name] if children is not None and name in children else getattr(module, name)
+
+
 def projections(block: Any) -> tuple[nn.Module, ...]:
     """The block's seven projections, in :data:`PROJECTIONS`' order."""
-    attn, mlp = block.self_attn, block.mlp
-    return (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj,
-            mlp.down_proj)  # fmt: skip
+    attn, mlp = _child(block, "self_attn"), _child(block, "mlp")
+    return (*(_child(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")),
+            *(_child(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")))
 
 
 def _silu(module: Any) -> bool:
@@ -88,15 +95,18 @@ class NativeBlock:
     norms: tuple[torch.Tensor, torch.Tensor]
     struct: _Block
 
-    def current(self) -> bool:
-        """Whether the block still has the layers and norms this struct was made from (hooks
-        are the caller's to check)."""
+    def current(self, parts: tuple[nn.Module, ...]) -> bool:
+        """Whether the block still has the norms, and ``parts`` (its :func:`projections`) the
+        prepared calls, this struct was made from (hooks are the caller's to check)."""
         block = self.block
-        norms = (block.input_layernorm.weight, block.post_attention_layernorm.weight)
-        if norms[0] is not self.norms[0] or norms[1] is not self.norms[1]:
-            return False
+        for name, norm in zip(("input_layernorm", "post_attention_layernorm"), self.norms,
+                              strict=True):  # fmt: skip
+            module = _child(block, name)
+            weight = getattr(module, "_parameters", {}).get("weight")
+            if (weight if weight is not None else getattr(module, "weight", None)) is not norm:
+                return False
         return all(type(module) is QuantLinear and module.prepared_call(torch.float32) is call
-                   for module, call in zip(projections(block), self.calls, strict=True))
+                   for module, call in zip(parts, self.calls, strict=True))
 
     def takes(self, layer: Any) -> bool:
         """Whether the cache layer's keys and values are ones the C step appends to: float32

@@ -289,7 +289,7 @@ def _native(natives: dict[int, Any], i: int, block: nn.Module, model: nn.Module)
                  hooked)  # fmt: skip
         natives[i] = entry
     native = entry[2]
-    if native is not None and (hooked or not native.current()):  # hooked, or re-prepared
+    if native is not None and (hooked or not native.current(parts)):  # hooked, or re-prepared
         native = decode_block.native_block(block, model.config)
         natives[i] = (block, entry[1], native, hooked)
     return native
