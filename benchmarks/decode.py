@@ -49,6 +49,7 @@ decode step (transformers' ``compile_config``).
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import statistics
@@ -268,20 +269,34 @@ def llama_cpp_row(args: argparse.Namespace, dtype: str, prompt: torch.Tensor) ->
 
 
 def generate_kwargs(model: nn.Module, args: argparse.Namespace, mode: str) -> dict[str, Any]:
+    """``generate``'s arguments for a row: greedy, ``--new-tokens`` new tokens exactly.
+
+    The model's generation config with no end-of-sequence token, so that every run makes
+    all its tokens without ``min_new_tokens``: its two logits processors cost ~0.3 ms a token
+    in transformers 5.24 (an ``inspect.signature`` and a ``torch.isin`` each, every step), a
+    quarter of code-llama-tiny's decode step with ``fast_decode``, which no user's generate
+    pays and llama.cpp's row does not either."""
     eos = model.generation_config.eos_token_id
-    kwargs: dict[str, Any] = {
-        "max_new_tokens": args.new_tokens, "min_new_tokens": args.new_tokens,
-        "do_sample": False, "pad_token_id": eos if isinstance(eos, int) else 0,
-    }  # fmt: skip
+    config = copy.deepcopy(model.generation_config)
+    config.eos_token_id = None
+    config.max_new_tokens, config.do_sample = args.new_tokens, False
+    config.pad_token_id = eos if isinstance(eos, int) else 0
     if mode != "default":
-        kwargs["cache_implementation"] = mode.removesuffix("+compile")
+        config.cache_implementation = mode.removesuffix("+compile")
     if mode == "static+compile":
         from transformers import CompileConfig
 
-        config = CompileConfig(mode="default", fullgraph=False)
-        config._compile_all_devices = True  # transformers compiles on GPUs only unless asked
-        kwargs["compile_config"] = config
-    return kwargs
+        compile_config = CompileConfig(mode="default", fullgraph=False)
+        compile_config._compile_all_devices = True  # transformers compiles on GPUs only unless asked
+        config.compile_config = compile_config
+    return {"generation_config": config}
+
+
+def new_tokens(kwargs: dict[str, Any], n: int) -> dict[str, Any]:
+    """``kwargs`` (from :func:`generate_kwargs`) for ``n`` new tokens."""
+    config = copy.deepcopy(kwargs["generation_config"])
+    config.max_new_tokens = n
+    return {**kwargs, "generation_config": config}
 
 
 def decode_once(model: nn.Module, prompt: torch.Tensor, kwargs: dict[str, Any]) -> tuple[float, float]:
@@ -292,7 +307,8 @@ def decode_once(model: nn.Module, prompt: torch.Tensor, kwargs: dict[str, Any]) 
         out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
                              stopping_criteria=[clock], **kwargs)
     new = out.shape[1] - prompt.shape[1]
-    if new != kwargs["max_new_tokens"] or not clock.times or clock.lengths[-1] != out.shape[1]:
+    wanted = kwargs["generation_config"].max_new_tokens
+    if new != wanted or not clock.times or clock.lengths[-1] != out.shape[1]:
         raise RuntimeError(f"generate made {new} tokens, the clock saw {clock.lengths[-1:]}")
     decode_s = clock.times[-1] - clock.times[0]
     made = clock.lengths[-1] - clock.lengths[0]
@@ -310,7 +326,7 @@ def decode_paths(model: nn.Module, prompt: torch.Tensor, kwargs: dict[str, Any])
 
     hooks = [m.register_forward_pre_hook(note) for m in model.modules() if isinstance(m, QuantLinear)]
     try:
-        decode_once(model, prompt, {**kwargs, "max_new_tokens": 2, "min_new_tokens": 2})
+        decode_once(model, prompt, new_tokens(kwargs, 2))
     finally:
         for hook in hooks:
             hook.remove()
@@ -341,9 +357,9 @@ def build_row(args: argparse.Namespace, row: str, mode: str) -> Row:
     kwargs = generate_kwargs(model, args, mode)
     eager = generate_kwargs(model, args, "dynamic")  # hooks see eager calls only
     def decode(n: int) -> tuple[float, float]:
-        return decode_once(model, prompt, {**kwargs, "max_new_tokens": n, "min_new_tokens": n})
+        return decode_once(model, prompt, new_tokens(kwargs, n))
 
-    cache = kwargs.get("cache_implementation", model.generation_config.cache_implementation)
+    cache = kwargs["generation_config"].cache_implementation
     cache = (cache or "dynamic") + ("+compile" if mode == "static+compile" else "")
     return Row(decode, decode_bytes_per_token(model), decode_paths(model, prompt, eager), cache,
                model, prompt)
@@ -362,7 +378,7 @@ def fast_twin(args: argparse.Namespace, base: Row, mode: str) -> Row:
     def decode(n: int) -> tuple[float, float]:
         model.forward = fast
         try:
-            return decode_once(model, prompt, {**kwargs, "max_new_tokens": n, "min_new_tokens": n})
+            return decode_once(model, prompt, new_tokens(kwargs, n))
         finally:
             vars(model).pop("forward")
 
