@@ -16,7 +16,7 @@ from torch import nn
 import slimline as sl
 from slimline.cli import main
 from slimline.core.batches import forward
-from tests.export.test_onnx import _bert, _llama, _tokens
+from tests.export.test_onnx import _bert, _llama, _real_token_diff, _tokens
 
 ov = pytest.importorskip("openvino")
 
@@ -31,13 +31,6 @@ def _run_ir(directory: Path, batch: dict[str, torch.Tensor]) -> np.ndarray:
 def _torch(model: nn.Module, batch: dict[str, torch.Tensor]) -> np.ndarray:
     with torch.no_grad():
         return forward(model, batch)[0].numpy()
-
-
-def _real_token_diff(ir: np.ndarray, ref: np.ndarray, batch: dict[str, torch.Tensor]) -> float:
-    """Max abs difference over real tokens (a padded position's output is arbitrary)."""
-    assert ir.shape == ref.shape
-    real = batch["attention_mask"].bool().numpy()
-    return float(np.abs(ir[real] - ref[real]).max())
 
 
 def _left_padded(batch: int, length: int, seed: int) -> dict[str, torch.Tensor]:

@@ -53,7 +53,8 @@ class W8A8Graph(nn.Module):
     ``multiplier`` (K,) ``smooth / s_x``, with ``s_x`` and ``z_x`` as graph constants.
     ``integer``: the integer form (module doc), which also holds ``weight_t`` (K, N) — int8,
     or uint8 shifted by 128 for 8-bit activations — with its zero point, and ``w_offset``
-    (N,) ``s_w · Σ_k q_W`` (see :func:`slimline.quantize.kernels_int8.rescale`).
+    (N,) ``s_w · Σ_k q_W`` (see :func:`slimline.quantize.kernels_int8.rescale`) for a
+    per-token grid, ``out_scale`` (N,) ``s_x · s_w`` for a static one.
     """
 
     qweight: torch.Tensor
@@ -102,8 +103,9 @@ class W8A8Graph(nn.Module):
         zero = 0 if self.static is None else self.static[1]  # a static grid's, a scalar
         self.register_buffer("x_zero", torch.tensor(zero, dtype=torch.uint8))
         scale = self.weight_scale[:, 0]
-        self.register_buffer("w_offset", weight_offset(self.qweight, scale))
-        if self.static is not None:
+        if self.static is None:  # the per-token zero points' term (rescale)
+            self.register_buffer("w_offset", weight_offset(self.qweight, scale))
+        else:  # s_x · s_w, one factor per output
             self.register_buffer("out_scale", scale * self.static[0])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
