@@ -15,6 +15,7 @@ from slimline.export.parity import (
     STRICT,
     Tolerance,
     compare,
+    compare_batch,
     loosest,
     within_rounding,
 )
@@ -106,3 +107,32 @@ def test_jittered_moves_the_rounded_inputs_reproducibly_and_only_inside_the_bloc
     assert torch.equal(first, again) and torch.equal(plain, after)
     assert not torch.equal(first, plain)
     assert len(graphs) == 12 and all(m.noise is None and m.jitter == 0 for m in graphs)
+
+
+def test_a_w8a8_tolerance_is_the_loosest_of_several_modelled_runtimes(monkeypatch) -> None:
+    import functools
+
+    from slimline.export import lowering
+    from slimline.export.graph import GraphForward, references
+    from slimline.export.parity import parity_examples
+
+    calibration = [_tokens(2, 16, seed=s) for s in range(2)]
+    model = sl.compress(_bert(), {"steps": [{"method": "int8_dynamic"}]},
+                        calibration=calibration).model.eval()
+    graph = GraphForward(model, _tokens(4, 14, seed=3)).eval()
+    examples, outputs = references(graph, parity_examples(_tokens(4, 14, seed=3)))
+    # a jitter large enough to flip roundings on a tiny model, so that the draws differ
+    monkeypatch.setattr(lowering, "jittered", functools.partial(lowering.jittered, jitter=1e-2))
+    with lowering.lowered(model, integer=True):
+        tols, rounding = lowering.rounding_tolerances(graph, examples, outputs, STRICT, lowered=True)
+        by_draw = []
+        for draw in range(lowering.JITTER_DRAWS):
+            with lowering.jittered(model, draw=draw):
+                by_draw.append(references(graph, examples)[1])
+    first = examples[0]
+    limits = [within_rounding(outputs[0], d[0], first)[0] for d in by_draw]
+    assert len(set(limits)) > 1  # each draw is another runtime
+    assert tols[0] == loosest(limits)
+    seen = [compare_batch(outputs[0], d[0], first) for d in by_draw]
+    assert rounding[0]["torch_lowered_cosine"] == min(c.cosine for c in seen)
+    assert rounding[0]["torch_lowered_max_abs_diff"] == max(c.max_abs_diff for c in seen)

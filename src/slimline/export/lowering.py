@@ -40,7 +40,7 @@ from torch import nn
 from slimline.core.batches import Batch
 from slimline.export.graph import GraphForward, references
 from slimline.export.integer_ops import matmul_integer
-from slimline.export.parity import ATOL, ROUNDING_SPREAD, Tolerance, within_rounding
+from slimline.export.parity import ATOL, ROUNDING_SPREAD, Tolerance, loosest, within_rounding
 from slimline.quantize.kernels_int8 import U8_OFFSET, weight_offset
 from slimline.quantize.w8a8 import Int8DynamicLinear, SmoothQuantLinear
 
@@ -208,16 +208,25 @@ def check_lowering(model: nn.Module, run: Callable[[], object], *, integer: bool
 # on digits-cnn OpenVINO flipped a tie that torch's reordering alone did not.
 JITTER = 1e-6
 
+# How many modelled runtimes an export's tolerance is the loosest of. The largest difference
+# a cascade of flips makes is an extreme of a heavy-tailed draw: on minilm structured 50% +
+# 20 distill steps + int8_dynamic (left-padded example) one draw moved an output by 0.113,
+# ONNX Runtime's integer GEMMs by 0.243 — while its cosine (0.99983) was closer than the
+# draw's (0.99969); eight draws reached 0.200 there.
+JITTER_DRAWS = 8
+
 
 @contextlib.contextmanager
-def jittered(model: nn.Module, jitter: float = JITTER) -> Iterator[None]:
+def jittered(model: nn.Module, jitter: float = JITTER, draw: int = 0) -> Iterator[None]:
     """Inside the block (and inside :func:`lowered`), every :class:`W8A8Graph` multiplies its
-    input by ``1 + jitter·u`` before rounding, ``u`` uniform in [-1, 1] from a fixed seed:
-    the torch model as another runtime's float rounding would feed its grids."""
+    input by ``1 + jitter·u`` before rounding, ``u`` uniform in [-1, 1] from a seed fixed by
+    the layer's place and ``draw``: the torch model as another runtime's float rounding would
+    feed its grids (each ``draw`` a different runtime)."""
     layers = [m for m in model.modules() if isinstance(m, W8A8Graph)]
     try:
         for i, layer in enumerate(layers):
-            layer.jitter, layer.noise = jitter, torch.Generator().manual_seed(i)
+            seed = draw * len(layers) + i
+            layer.jitter, layer.noise = jitter, torch.Generator().manual_seed(seed)
         yield
     finally:
         for layer in layers:
@@ -246,20 +255,25 @@ def rounding_tolerances(
     *, lowered: bool,
 ) -> tuple[list[Tolerance], list[dict[str, Any]]]:
     """Each example's parity tolerance: ``tol``, or for a model with lowered W8A8 layers
-    (called inside :func:`lowered`) the one :func:`~slimline.export.parity.within_rounding`
-    derives from the torch model run through the lowered layers with their inputs
-    :func:`jittered` (a runtime's float rounding, modelled), with that measurement for the
-    export report."""
+    (called inside :func:`lowered`) the loosest that
+    :func:`~slimline.export.parity.within_rounding` derives from :data:`JITTER_DRAWS` runs of
+    the torch model through the lowered layers with their inputs :func:`jittered` (runtimes'
+    float rounding, modelled), with the widest divergence seen for the export report."""
     if not lowered:
         return [tol] * len(examples), []
-    with jittered(graph):
-        _, reordered = references(graph, examples)
+    draws = []
+    for draw in range(JITTER_DRAWS):
+        with jittered(graph, draw=draw):
+            draws.append(references(graph, examples)[1])
     tols, rounding = [], []
-    for batch, reference, other in zip(examples, outputs, reordered, strict=True):
-        limit, seen = within_rounding(reference, other, batch, tol)
+    for i, (batch, reference) in enumerate(zip(examples, outputs, strict=True)):
+        measured = [within_rounding(reference, draw[i], batch, tol) for draw in draws]
+        limit = loosest([m[0] for m in measured])
+        seen = [m[1] for m in measured]
         tols.append(limit)
-        rounding.append({"shape": seen.shape, "torch_lowered_max_abs_diff": seen.max_abs_diff,
-                         "torch_lowered_cosine": seen.cosine, **limit.to_dict()})
+        rounding.append({"shape": seen[0].shape,
+                         "torch_lowered_max_abs_diff": max(c.max_abs_diff for c in seen),
+                         "torch_lowered_cosine": min(c.cosine for c in seen), **limit.to_dict()})
     return tols, rounding
 
 
@@ -267,7 +281,8 @@ def rounding_tolerances(
 ROUNDING_HINT = (
     ". The model has W8A8 layers, whose activation rounding flips at near-ties when a runtime "
     f"reorders float sums; each check above was already loosened to {ROUNDING_SPREAD:g}x the "
-    "divergence of the torch model run as another runtime would round (report details: "
+    f"widest divergence of the torch model run as {JITTER_DRAWS} other runtimes would round "
+    "(report details: "
     "w8a8_rounding). To accept more, pass min_cosine (--min-cosine) and atol with the "
     "agreement you accept"
 )
