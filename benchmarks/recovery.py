@@ -4,7 +4,8 @@ Every recovered row stands beside its unrecovered row, all in one process:
 
 * **minilm**: structured 50% heads + neurons, then ``distill`` (pooled-embedding cosine, plus
   TinyBERT hidden-state matching with ``--hidden-weight``); both again followed by
-  ``int8_dynamic`` + ``compile``. Latency interleaved with fp32 on one test batch
+  ``int8_dynamic`` + ``compile`` (TorchInductor, or with ``--onnxruntime`` also ONNX Runtime's
+  integer GEMMs). Latency interleaved with fp32 on one test batch
   (MEASURING.md); quality is the mean cosine of mask-aware mean-pooled embeddings to fp32 on
   the held-out test sentences (``benchmarks.pruning.cosine_quality``, as the structured
   section computes it).
@@ -52,6 +53,7 @@ STRUCTURED = {"method": "structured", "sparsity": 0.5, "units": ["heads", "neuro
 GPTQ3 = {"method": "gptq", "bits": 3, "group_size": 128}
 RTN3 = {"method": "rtn", "bits": 3, "group_size": 128}
 FAST = [{"method": "int8_dynamic"}, {"method": "compile"}]
+FAST_ORT = [{"method": "int8_dynamic"}, {"method": "compile", "backend": "onnxruntime"}]  # integer GEMMs
 HALF = [{"method": "half"}, {"method": "compile"}]  # bf16: the fast path where the CPU has AMX
 LOSSLESS_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "encoder-cpu-lossless.yaml"
 SECTION = "recovery"
@@ -241,6 +243,11 @@ def minilm_structured(run: MinilmRun) -> None:
             note=fast_note)
     run.add("structured 50% + distill + half + compile", HALF, start=recovered, timed=True,
             note="half (bf16) + compile applied to the distilled row, beside the int8 one")
+    if args.onnxruntime:  # the W8A8 layers as ONNX MatMulInteger (VNNI where the CPU has it)
+        run.add("fp32 + int8_dynamic + compile onnxruntime", FAST_ORT, timed=True,
+                note="the int8 gain alone, on ONNX Runtime's integer GEMMs")
+        run.add("structured 50% + distill + int8_dynamic + compile onnxruntime", FAST_ORT, start=recovered,
+                timed=True, note="int8_dynamic + compile backend onnxruntime applied to the distilled row")
     if args.openvino:  # the named recipe's own steps, as its file states them
         lossless = yaml.safe_load(LOSSLESS_RECIPE.read_text())["steps"]
         run.add("structured 50% + distill + compile openvino bf16", lossless, start=recovered,
@@ -334,6 +341,8 @@ def main() -> None:
     parser.add_argument("--qat", action="store_true", help="add the rtn / qat 3-bit rows")
     parser.add_argument("--openvino", action="store_true",
                         help="structured rows: the distilled model again under compile backend openvino bf16")
+    parser.add_argument("--onnxruntime", action="store_true",
+                        help="structured rows: int8_dynamic + compile backend onnxruntime, on fp32 and distilled")
     parser.add_argument("--lm-size", choices=["full", "small"], default="full")
     parser.add_argument("--lm-steps", type=int, default=100)
     parser.add_argument("--lm-batch-size", type=int, default=8)
