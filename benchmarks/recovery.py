@@ -4,8 +4,8 @@ Every recovered row stands beside its unrecovered row, all in one process:
 
 * **minilm**: structured 50% heads + neurons, then ``distill`` (pooled-embedding cosine, plus
   TinyBERT hidden-state matching with ``--hidden-weight``); both again followed by
-  ``int8_dynamic`` + ``compile`` (TorchInductor, or with ``--onnxruntime`` also ONNX Runtime's
-  integer GEMMs). Latency interleaved with fp32 on one test batch
+  ``int8_dynamic`` + ``compile`` (TorchInductor, with the model's attention and with
+  ``attention: eager``; with ``--onnxruntime`` also ONNX Runtime's integer GEMMs). Latency interleaved with fp32 on one test batch
   (MEASURING.md); quality is the mean cosine of mask-aware mean-pooled embeddings to fp32 on
   the held-out test sentences (``benchmarks.pruning.cosine_quality``, as the structured
   section computes it).
@@ -53,6 +53,8 @@ STRUCTURED = {"method": "structured", "sparsity": 0.5, "units": ["heads", "neuro
 GPTQ3 = {"method": "gptq", "bits": 3, "group_size": 128}
 RTN3 = {"method": "rtn", "bits": 3, "group_size": 128}
 FAST = [{"method": "int8_dynamic"}, {"method": "compile"}]
+# transformers' matmul + softmax attention, fused by inductor: faster at sentence lengths
+FAST_EAGER = [{"method": "int8_dynamic"}, {"method": "compile", "attention": "eager"}]
 FAST_ORT = [{"method": "int8_dynamic"}, {"method": "compile", "backend": "onnxruntime"}]  # integer GEMMs
 HALF = [{"method": "half"}, {"method": "compile"}]  # bf16: the fast path where the CPU has AMX
 LOSSLESS_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "encoder-cpu-lossless.yaml"
@@ -243,6 +245,10 @@ def minilm_structured(run: MinilmRun) -> None:
             note=fast_note)
     run.add("structured 50% + distill + half + compile", HALF, start=recovered, timed=True,
             note="half (bf16) + compile applied to the distilled row, beside the int8 one")
+    eager_note = "compile with attention: eager (matmul + softmax fused by inductor; slower on long inputs)"
+    run.add("fp32 + int8_dynamic + compile, eager attention", FAST_EAGER, timed=True, note=eager_note)
+    run.add("structured 50% + distill + int8_dynamic + compile, eager attention", FAST_EAGER, start=recovered,
+            timed=True, note=f"{eager_note}, applied to the distilled row")
     if args.onnxruntime:  # the W8A8 layers as ONNX MatMulInteger (VNNI where the CPU has it)
         run.add("fp32 + int8_dynamic + compile onnxruntime", FAST_ORT, timed=True,
                 note="the int8 gain alone, on ONNX Runtime's integer GEMMs")
