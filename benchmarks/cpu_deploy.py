@@ -15,7 +15,8 @@ batch 1 × 256 tokens). Rows, timed interleaved on one test batch:
   weights);
 * torchao's int8 dynamic-activation, int8-weight quantization + ``torch.compile``;
 * slimline recipes: ``compile`` with each backend (inductor also with ``freezing``),
-  ``int8_dynamic`` and static ``smoothquant`` in torch (eager and + inductor), ``int8_dynamic``
+  ``int8_dynamic`` and static ``smoothquant`` in torch (eager and + inductor, also with
+  ``attention: eager`` for transformers models), ``int8_dynamic``
   and ``smoothquant`` (dynamic and static activations) + ``compile backend: openvino`` in
   float32 and with ``precision: bf16`` and + ``compile backend: onnxruntime`` (int8 GEMMs:
   ``MatMulInteger``), ``half`` (bf16) + inductor, and the named recipes in
@@ -48,6 +49,7 @@ from benchmarks.harness import (
     print_table,
     write_section,
 )
+from slimline.compile.inductor import has_attention_switch
 from slimline.core.batches import forward, mean_pool, output_tensor
 from slimline.export.openvino import check_compiles
 from slimline.models import load_builtin
@@ -66,6 +68,7 @@ OPENVINO = {"method": "compile", "backend": "openvino"}
 OPENVINO_BF16 = {**OPENVINO, "precision": "bf16"}
 INDUCTOR = {"method": "compile"}
 ONNXRUNTIME = {"method": "compile", "backend": "onnxruntime"}
+EAGER_ATTENTION = {"method": "compile", "attention": "eager"}  # transformers models only
 SLIMLINE_ROWS: dict[str, list[dict[str, Any]]] = {
     "slimline compile (inductor)": [INDUCTOR],
     "slimline compile (inductor, freezing)": [{"method": "compile", "freezing": True}],
@@ -74,6 +77,8 @@ SLIMLINE_ROWS: dict[str, list[dict[str, Any]]] = {
                                                  {"method": "compile", "freezing": True}],
     "slimline smoothquant static (eager)": [SQ_STATIC],
     "slimline smoothquant static + compile": [SQ_STATIC, INDUCTOR],
+    "slimline int8_dynamic + compile, eager attention": [{"method": "int8_dynamic"}, EAGER_ATTENTION],
+    "slimline smoothquant static + compile, eager attention": [SQ_STATIC, EAGER_ATTENTION],
     "slimline compile backend openvino": [OPENVINO],
     "slimline compile backend onnxruntime": [ONNXRUNTIME],
     "slimline int8_dynamic + compile openvino": [{"method": "int8_dynamic"}, OPENVINO],
@@ -214,6 +219,8 @@ def slimline_rows(model: nn.Module, calibration: list[Any], recipes: list[Path],
     words = [w for w in (only or "").split(",") if w]
     for name, steps in {**SLIMLINE_ROWS, **named}.items():
         if words and not any(w in name for w in words):
+            continue
+        if isinstance(steps, list) and EAGER_ATTENTION in steps and not has_attention_switch(model):  # not a transformers model
             continue
         try:
             recipe = sl.Recipe.from_file(steps) if isinstance(steps, Path) else {"steps": steps}
