@@ -97,7 +97,11 @@ class CompileConfig(MethodConfig):
 
 
 def has_attention_switch(model: nn.Module) -> bool:
-    """Whether ``model`` is a transformers model whose attention implementation can be set."""
+    """Whether ``model`` is a transformers model whose attention implementation can be set.
+
+    ``config._attn_implementation`` is the property transformers' attention docs read the
+    implementation from (5.x; tests/compile/test_compile.py checks it on 5.24); a model
+    without it is refused, not guessed at."""
     config = getattr(model, "config", None)
     return (callable(getattr(model, "set_attn_implementation", None))
             and getattr(config, "_attn_implementation", None) is not None)
