@@ -60,7 +60,9 @@ def test_eager_attention_gives_the_same_output_and_is_reapplied_on_load(tmp_path
     bert = _bert()
     assert bert.config._attn_implementation == "sdpa"
     batch = _tokens(3, 12)  # the last row padded
-    model = sl.compress(bert, {"steps": [{"method": "compile", "attention": "eager"}]}).model
+    result = sl.compress(bert, {"steps": [{"method": "compile", "attention": "eager"}]})
+    model = result.model
+    assert "attention: eager" in result.steps[0].notes
     assert bert.config._attn_implementation == "sdpa"  # the input model is left as it was
     assert model.config._attn_implementation == "eager"
     with torch.no_grad():

@@ -109,17 +109,20 @@ def has_attention_switch(model: nn.Module) -> bool:
 
 @register(CompileConfig)
 def apply_compile(model: nn.Module, cfg: CompileConfig, ctx: StepContext) -> StepOutcome:
+    notes = []
     if cfg.attention != "model":
         cfg.select_modules(model)  # refuses a model without an attention switch
         model.set_attn_implementation(cfg.attention)  # type: ignore[operator]
+        notes.append(f"attention: {cfg.attention}")
     if cfg.backend != "inductor":
         install(model, cfg.backend, cfg.precision)  # refuses what the runtime cannot run
         computes = " in bf16 where the CPU has bf16 units" if cfg.precision == "bf16" else ""
         return StepOutcome(modules=[""], notes=[
             f"run by {cfg.backend}{computes}: exported on the first batch of each input "
-            "signature, checked against the eager model"])
+            "signature, checked against the eager model", *notes])
     # torch.compile takes a mode or inductor options (check() refuses both).
     mode, options = (None, {"freezing": True}) if cfg.freezing else (cfg.mode, None)
     model.compile(backend="inductor", mode=mode, options=options, dynamic=cfg.dynamic,
                   fullgraph=cfg.fullgraph)
-    return StepOutcome(modules=[""], notes=["compiled lazily: the first forward pays for it"])
+    return StepOutcome(modules=[""],
+                       notes=["compiled lazily: the first forward pays for it", *notes])
