@@ -2,7 +2,7 @@
 
 Every recovered row stands beside its unrecovered row, all in one process:
 
-* **minilm**: structured 50% heads + neurons, then ``distill`` (pooled-embedding cosine, plus
+* **minilm**: structured 50% (``--sparsity``) heads + neurons, then ``distill`` (pooled-embedding cosine, plus
   TinyBERT hidden-state matching with ``--hidden-weight``); both again followed by
   ``int8_dynamic`` + ``compile`` (TorchInductor, with the model's attention and with
   ``attention: eager``; with ``--onnxruntime`` also ONNX Runtime's integer GEMMs). Latency interleaved with fp32 on one test batch
@@ -58,6 +58,7 @@ FAST_EAGER = [{"method": "int8_dynamic"}, {"method": "compile", "attention": "ea
 FAST_ORT = [{"method": "int8_dynamic"}, {"method": "compile", "backend": "onnxruntime"}]  # integer GEMMs
 HALF = [{"method": "half"}, {"method": "compile"}]  # bf16: the fast path where the CPU has AMX
 LOSSLESS_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "encoder-cpu-lossless.yaml"
+FAST_RECIPE = LOSSLESS_RECIPE.with_name("encoder-cpu-fast.yaml")
 SECTION = "recovery"
 TITLE = "Recovery: distill (and qat) after pruning and quantization"
 
@@ -230,34 +231,44 @@ def minilm(args: argparse.Namespace) -> None:
 
 
 def minilm_structured(run: MinilmRun) -> None:
-    """structured 50% heads + neurons, then distill, then int8_dynamic + compile on each."""
+    """structured heads + neurons, then distill, then int8_dynamic + compile on each."""
     args = run.args
+    pct = f"structured {args.sparsity:.0%}"
     calib = run.built.batches("train", batch_size=8, limit=args.calib_batches)
-    structured = {**STRUCTURED, "importance": args.importance}
-    pruned = run.add("structured 50%", [structured], calibration=calib, timed=True)
-    recovered = run.add("structured 50% + distill", [structured, distill_step(args)], calibration=calib,
+    structured = {**STRUCTURED, "sparsity": args.sparsity, "importance": args.importance}
+    pruned = run.add(pct, [structured], calibration=calib, timed=True)
+    recovered = run.add(f"{pct} + distill", [structured, distill_step(args)], calibration=calib,
                         timed=True)
     fast_note = "int8_dynamic + compile applied to the row above"
     run.add("fp32 + int8_dynamic + compile", FAST, timed=True, note="the int8 gain alone")
-    run.add("structured 50% + int8_dynamic + compile", FAST, start=pruned, timed=True,
-            note="int8_dynamic + compile applied to the structured 50% row")
-    run.add("structured 50% + distill + int8_dynamic + compile", FAST, start=recovered, timed=True,
+    run.add(f"{pct} + int8_dynamic + compile", FAST, start=pruned, timed=True,
+            note=f"int8_dynamic + compile applied to the {pct} row")
+    run.add(f"{pct} + distill + int8_dynamic + compile", FAST, start=recovered, timed=True,
             note=fast_note)
-    run.add("structured 50% + distill + half + compile", HALF, start=recovered, timed=True,
+    run.add(f"{pct} + distill + half + compile", HALF, start=recovered, timed=True,
             note="half (bf16) + compile applied to the distilled row, beside the int8 one")
     eager_note = "compile with attention: eager (matmul + softmax fused by inductor; slower on long inputs)"
     run.add("fp32 + int8_dynamic + compile, eager attention", FAST_EAGER, timed=True, note=eager_note)
-    run.add("structured 50% + distill + int8_dynamic + compile, eager attention", FAST_EAGER, start=recovered,
+    run.add(f"{pct} + distill + int8_dynamic + compile, eager attention", FAST_EAGER, start=recovered,
             timed=True, note=f"{eager_note}, applied to the distilled row")
     if args.onnxruntime:  # the W8A8 layers as ONNX MatMulInteger (VNNI where the CPU has it)
         run.add("fp32 + int8_dynamic + compile onnxruntime", FAST_ORT, timed=True,
                 note="the int8 gain alone, on ONNX Runtime's integer GEMMs")
-        run.add("structured 50% + distill + int8_dynamic + compile onnxruntime", FAST_ORT, start=recovered,
+        run.add(f"{pct} + distill + int8_dynamic + compile onnxruntime", FAST_ORT, start=recovered,
                 timed=True, note="int8_dynamic + compile backend onnxruntime applied to the distilled row")
     if args.openvino:  # the named recipe's own steps, as its file states them
         lossless = yaml.safe_load(LOSSLESS_RECIPE.read_text())["steps"]
-        run.add("structured 50% + distill + compile openvino bf16", lossless, start=recovered,
+        run.add(f"{pct} + distill + compile openvino bf16", lossless, start=recovered,
                 timed=True, note="recipes/encoder-cpu-lossless.yaml applied to the distilled row")
+    if args.fast_recipe:  # recipes/encoder-cpu-fast.yaml's steps, with the model's and with eager attention
+        fast = yaml.safe_load(FAST_RECIPE.read_text())["steps"]
+        eager = [*fast[:-1], {**fast[-1], "attention": "eager"}]
+        run.add("fp32 + encoder-cpu-fast", fast, calibration=calib, timed=True,
+                note="recipes/encoder-cpu-fast.yaml on the dense model")
+        run.add(f"{pct} + distill + encoder-cpu-fast", fast, start=recovered, calibration=calib, timed=True,
+                note="recipes/encoder-cpu-fast.yaml applied to the distilled row")
+        run.add(f"{pct} + distill + encoder-cpu-fast, eager attention", eager, start=recovered,
+                calibration=calib, timed=True, note=f"{eager_note}, applied to the distilled row")
 
 
 # --- code-llama-tiny ---------------------------------------------------------------------------
@@ -354,6 +365,9 @@ def main() -> None:
     parser.add_argument("--lm-batch-size", type=int, default=8)
     parser.add_argument("--lm-lr", type=float, default=1e-4)
     parser.add_argument("--lm-lora-lr", type=float, default=1e-3)
+    parser.add_argument("--sparsity", type=float, default=0.5, help="minilm structured sparsity")
+    parser.add_argument("--fast-recipe", action="store_true",
+                        help="add recipes/encoder-cpu-fast.yaml rows (dense and on the distilled model)")
     parser.add_argument("--progress", action="store_true")
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--section-suffix", default="",

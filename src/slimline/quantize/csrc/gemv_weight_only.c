@@ -414,7 +414,9 @@ AVX512 static void int4_row_512(const uint8_t *row, const struct layer *L, const
  * K % group == 0): a step's 64 values of x are loaded once for the four weight rows instead
  * of once a row. Each output keeps int4_row_512's four chains (one per 16 columns) and adds
  * them in its order, so the results are its bits. Each row prefetches its own position in
- * the next pass's rows (4 rows on). */
+ * the next pass's rows (4 rows on), and into L2 only four passes on (Zen 4 EPYC, a TinyLlama
+ * block's int4 g128 layers x 22 from DRAM, medians: 15.4 -> 17.6 GB/s at 2 threads, 9.0 -> 10.5
+ * at 1; two passes on: 16.9 and 10.1). */
 #define QUAD 4
 AVX512 static void int4_quad_512(const struct layer *L, const float *xp, int64_t n,
                                  float *out) {
@@ -432,6 +434,7 @@ AVX512 static void int4_quad_512(const struct layer *L, const float *xp, int64_t
             for (int r = 0; r < QUAD; r++) {
                 const uint8_t *p = rows + r * stride + (k >> 1);
                 _mm_prefetch((const char *)(p + QUAD * stride), _MM_HINT_T0);
+                _mm_prefetch((const char *)(p + 4 * QUAD * stride), _MM_HINT_T1);
                 __m512 w[4];
                 int4_decode(p, table[r], &w[0], &w[1]);
                 int4_decode(p + 16, table[r], &w[2], &w[3]);
