@@ -262,7 +262,7 @@ def minilm_structured(run: MinilmRun) -> None:
                 timed=True, note="recipes/encoder-cpu-lossless.yaml applied to the distilled row")
     if args.fast_recipe:  # recipes/encoder-cpu-fast.yaml's steps, with the model's and with eager attention
         fast = yaml.safe_load(FAST_RECIPE.read_text())["steps"]
-        eager = [*fast[:-1], {**fast[-1], "attention": "eager"}]
+        eager = [{**s, "attention": "eager"} if s["method"] == "compile" else s for s in fast]
         run.add("fp32 + encoder-cpu-fast", fast, calibration=calib, timed=True,
                 note="recipes/encoder-cpu-fast.yaml on the dense model")
         run.add(f"{pct} + distill + encoder-cpu-fast", fast, start=recovered, calibration=calib, timed=True,
