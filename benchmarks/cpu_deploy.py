@@ -19,8 +19,14 @@ batch 1 × 256 tokens). Rows, timed interleaved on one test batch:
   ``attention: eager`` for transformers models), ``int8_dynamic``
   and ``smoothquant`` (dynamic and static activations) + ``compile backend: openvino`` in
   float32 and with ``precision: bf16`` and + ``compile backend: onnxruntime`` (int8 GEMMs:
-  ``MatMulInteger``), ``half`` (bf16) + inductor, and the named recipes in
+  ``MatMulInteger``), ``half`` (bf16) + inductor, ``unpad`` (BERT-like encoders: the real
+  tokens only) alone and under these quantizers + inductor, and the named recipes in
   ``recipes/`` (``--recipes``).
+
+The timed batch is padded to its longest sentence, as a user's batch is; the conditions line
+says how much of it is padding. ``--sort-by-length`` batches the sentences by length first (as
+sentence-transformers' ``encode`` does, which leaves less padding for ``unpad`` to remove) and
+times all of them.
 
 Quality: mean cosine to torch fp32 on ``--batches`` test batches (an encoder's mean-pooled
 embeddings, a classifier's or a causal LM's logits). Each runtime gets ``--threads`` threads.
@@ -50,6 +56,7 @@ from benchmarks.harness import (
     write_section,
 )
 from slimline.compile.inductor import has_attention_switch
+from slimline.compile.unpad import UnpadConfig
 from slimline.core.batches import forward, mean_pool, output_tensor
 from slimline.export.openvino import check_compiles
 from slimline.models import load_builtin
@@ -69,6 +76,7 @@ OPENVINO_BF16 = {**OPENVINO, "precision": "bf16"}
 INDUCTOR = {"method": "compile"}
 ONNXRUNTIME = {"method": "compile", "backend": "onnxruntime"}
 EAGER_ATTENTION = {"method": "compile", "attention": "eager"}  # transformers models only
+UNPAD = {"method": "unpad"}  # BERT-like encoders only
 SLIMLINE_ROWS: dict[str, list[dict[str, Any]]] = {
     "slimline compile (inductor)": [INDUCTOR],
     "slimline compile (inductor, freezing)": [{"method": "compile", "freezing": True}],
@@ -92,6 +100,11 @@ SLIMLINE_ROWS: dict[str, list[dict[str, Any]]] = {
     "slimline int8_dynamic + compile openvino bf16": [{"method": "int8_dynamic"}, OPENVINO_BF16],
     "slimline smoothquant + compile openvino bf16": [{"method": "smoothquant"}, OPENVINO_BF16],
     "slimline smoothquant static + compile openvino bf16": [SQ_STATIC, OPENVINO_BF16],
+    "slimline unpad (eager)": [UNPAD],
+    "slimline unpad + compile": [UNPAD, INDUCTOR],
+    "slimline half (bf16) + unpad + compile": [{"method": "half"}, UNPAD, INDUCTOR],
+    "slimline int8_dynamic + unpad + compile": [{"method": "int8_dynamic"}, UNPAD, INDUCTOR],
+    "slimline smoothquant static + unpad + compile": [SQ_STATIC, UNPAD, INDUCTOR],
 }
 
 
@@ -222,6 +235,8 @@ def slimline_rows(model: nn.Module, calibration: list[Any], recipes: list[Path],
             continue
         if isinstance(steps, list) and EAGER_ATTENTION in steps and not has_attention_switch(model):  # not a transformers model
             continue
+        if isinstance(steps, list) and UNPAD in steps and not UnpadConfig().applies_to(model):
+            continue  # not a BERT-like encoder
         try:
             recipe = sl.Recipe.from_file(steps) if isinstance(steps, Path) else {"steps": steps}
             out[name] = torch_embed(sl.compress(model, recipe, calibration=calibration).model)
@@ -246,6 +261,10 @@ def main() -> None:
     parser.add_argument("--rows", default=None,
                         help="keep only the slimline rows holding one of these comma-separated "
                              "words (peers always run)")
+    parser.add_argument("--sort-by-length", action="store_true",
+                        help="batch the held-out sentences by length, longest first (as "
+                             "sentence-transformers' encode does), and time all --batches of "
+                             "them a run instead of the first")
     parser.add_argument("--section-suffix", default="", help="appended to the section name")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
@@ -256,6 +275,8 @@ def main() -> None:
     model = built.model
     size = args.batch_size or BATCH_SIZE[args.model]
     data = [inputs(b) for b in built.batches("test", batch_size=size, limit=args.batches)]
+    if args.sort_by_length:
+        data = by_length(data, size)
     calibration = [inputs(b) for b in
                    built.batches("train", batch_size=size, limit=args.calib_batches)]
     names = args.recipes if args.recipes is not None else RECIPES.get(args.model, "")
@@ -272,7 +293,8 @@ def main() -> None:
                             input_shape="×".join(map(str, rows_of(data[0]).shape)),
                             runs=args.runs, warmup=args.warmup,
                             cosine_samples=sum(len(rows_of(b)) for b in data))
-            + f". {versions()}. Quality: {QUALITY[args.model]}.\n\n" + "\n\n".join(parts))
+            + f". {versions()}. Quality: {QUALITY[args.model]}. {timed(data, args)}\n\n"
+            + "\n\n".join(parts))
     print(body)
     if not args.no_write:
         section = "cpu-deploy" if args.model == "minilm" else f"cpu-deploy-{args.model}"
@@ -281,6 +303,32 @@ def main() -> None:
         write_section(section + kind, f"CPU deployment: {args.model} against OpenVINO (+NNCF), "
                       f"ONNX Runtime and torchao{' (' + kind[1:].upper() + ' CPU)' if kind else ''}",
                       body)
+
+
+def by_length(data: list[dict[str, torch.Tensor]], size: int) -> list[dict[str, torch.Tensor]]:
+    """The sentences of ``data`` (right-padded token batches) re-batched ``size`` at a time by
+    length, longest first, each batch padded to its own longest."""
+    rows = [{k: v[i] for k, v in b.items()} for b in data for i in range(len(rows_of(b)))]
+    rows.sort(key=lambda r: -int(r["attention_mask"].sum()))
+    out = []
+    for start in range(0, len(rows), size):
+        chunk = rows[start:start + size]
+        length = max(int(r["attention_mask"].sum()) for r in chunk)
+        out.append({k: torch.stack([r[k][:length] for r in chunk]) for k in chunk[0]})
+    return out
+
+
+def timed(data: list[dict[str, torch.Tensor]], args: argparse.Namespace) -> str:
+    """What one timed run computes, and how much of it is padding."""
+    batches = data if args.sort_by_length else data[:1]
+    masks = [b["attention_mask"] for b in batches if "attention_mask" in b]
+    what = (f"Timed: all {len(batches)} batches a run, sorted by length"
+            if args.sort_by_length else "Timed: the first batch")
+    if not masks:
+        return what + "."
+    real, total = sum(int(m.sum()) for m in masks), sum(m.numel() for m in masks)
+    return (f"{what}; {real} of its {total} positions are real tokens ({real / total:.0%}), "
+            "the rest padding.")
 
 
 def rows_of(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -309,8 +357,8 @@ def measure(model: nn.Module, rows: dict[str, Embed | str], data: list[Any], thr
         cos = [torch.nn.functional.cosine_similarity(o, r, dim=-1)
                for o, r in zip(outs, reference, strict=True)]
         cosines[name], live[name] = float(torch.cat(cos).mean()), embed
-    batch = data[0]
-    timings = interleaved({n: (lambda e=e: e(batch)) for n, e in live.items()},
+    batches = data if args.sort_by_length else data[:1]
+    timings = interleaved({n: (lambda e=e: [e(b) for b in batches]) for n, e in live.items()},
                           runs=args.runs, warmup=args.warmup)
     base = timings["torch fp32 eager"].median_ms
     header = ["variant", "latency ms (median)", "p95 ms", "× torch fp32 speed", "cosine"]

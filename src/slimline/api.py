@@ -238,14 +238,17 @@ def export(
                          "(supported: onnx, openvino, gguf)")
     if example is None:
         raise ValueError("export: pass example=batch (one batch of the model's inputs)")
-    if format == "openvino":
-        from slimline.export.openvino import export_openvino
+    from slimline.compile.unpad import switched_off
 
-        return export_openvino(model, path, example, **options)
-    if format == "gguf":
-        from slimline.export.gguf import export_gguf
+    with switched_off(model):  # an exported graph holds the padded model (see unpad)
+        if format == "openvino":
+            from slimline.export.openvino import export_openvino
 
-        return export_gguf(model, path, example, **options)
-    from slimline.export.onnx import export_onnx
+            return export_openvino(model, path, example, **options)
+        if format == "gguf":
+            from slimline.export.gguf import export_gguf
 
-    return export_onnx(model, path, example, **options)
+            return export_gguf(model, path, example, **options)
+        from slimline.export.onnx import export_onnx
+
+        return export_onnx(model, path, example, **options)

@@ -50,6 +50,12 @@ Signature = tuple[tuple[str, str, int], ...]
 def check_runnable(model: nn.Module, backend: RuntimeBackend) -> None:
     """ValueError naming the first layer ``backend`` cannot run (and why); ImportError when
     its package is missing. Called by the handler, before the model is changed."""
+    from slimline.compile.unpad import installed
+
+    if installed(model):
+        raise ValueError(f"compile.backend: {backend} runs one exported graph, whose shapes "
+                         "cannot depend on the data as unpad's packed tokens do; use backend "
+                         "inductor with unpad, or drop unpad")
     try:
         if backend == "onnxruntime":
             from slimline.export.onnx import check_exportable

@@ -50,6 +50,11 @@ class Family(Enum):
         6, True, "speculative decoding wraps generate of the final weights, dtypes and cache, "
         "before compilation"
     )
+    # Padding removal runs the final layers (quantized, cast, trained) on packed tokens, and
+    # compilation traces that forward.
+    RUNTIME = FamilyRule(
+        7, True, "padding removal runs the final layers on packed tokens, before compilation"
+    )
     # Compilation traces the final module; any later change would be invisible to it.
     COMPILE = FamilyRule(9, True, "compilation must see the final model, so it comes last")
 
