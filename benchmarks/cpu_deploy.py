@@ -63,7 +63,7 @@ from slimline.models import load_builtin
 
 # Batch sizes: a sentence encoder's batch, an image classifier's, a causal LM's prefill.
 BATCH_SIZE = {"minilm": 32, "digits-cnn": 64, "code-llama-tiny": 1}
-RECIPES = {"minilm": "encoder-cpu-lossless,encoder-cpu-fast"}
+RECIPES = {"minilm": "encoder-cpu-lossless,encoder-cpu-lossless-openvino,encoder-cpu-fast"}
 QUALITY = {
     "minilm": "mean cosine of the mean-pooled embeddings to torch fp32",
     "digits-cnn": "mean cosine of the logits to torch fp32",

@@ -57,7 +57,8 @@ FAST = [{"method": "int8_dynamic"}, {"method": "compile"}]
 FAST_EAGER = [{"method": "int8_dynamic"}, {"method": "compile", "attention": "eager"}]
 FAST_ORT = [{"method": "int8_dynamic"}, {"method": "compile", "backend": "onnxruntime"}]  # integer GEMMs
 HALF = [{"method": "half"}, {"method": "compile"}]  # bf16: the fast path where the CPU has AMX
-LOSSLESS_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "encoder-cpu-lossless.yaml"
+LOSSLESS_RECIPE = (Path(__file__).resolve().parents[1] / "recipes"
+                   / "encoder-cpu-lossless-openvino.yaml")
 FAST_RECIPE = LOSSLESS_RECIPE.with_name("encoder-cpu-fast.yaml")
 SECTION = "recovery"
 TITLE = "Recovery: distill (and qat) after pruning and quantization"
@@ -259,7 +260,7 @@ def minilm_structured(run: MinilmRun) -> None:
     if args.openvino:  # the named recipe's own steps, as its file states them
         lossless = yaml.safe_load(LOSSLESS_RECIPE.read_text())["steps"]
         run.add(f"{pct} + distill + compile openvino bf16", lossless, start=recovered,
-                timed=True, note="recipes/encoder-cpu-lossless.yaml applied to the distilled row")
+                timed=True, note="recipes/encoder-cpu-lossless-openvino.yaml applied to the distilled row")
     if args.fast_recipe:  # recipes/encoder-cpu-fast.yaml's steps, with the model's and with eager attention
         fast = yaml.safe_load(FAST_RECIPE.read_text())["steps"]
         eager = [{**s, "attention": "eager"} if s["method"] == "compile" else s for s in fast]

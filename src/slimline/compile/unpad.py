@@ -44,6 +44,7 @@ from torch import nn
 from slimline.core.config import MethodConfig
 from slimline.core.families import Family
 from slimline.core.registry import StepContext, StepOutcome, register
+from slimline.search.ranges import SearchSpace
 
 # The arguments of a BERT-like model's forward this step runs itself (each at the value the
 # model's own forward also takes as "not asked for"); any other argument, or one of these at
@@ -64,6 +65,8 @@ class UnpadConfig(MethodConfig):
     summary: ClassVar[str] = "BERT-like encoders compute only the real tokens of padded batches"
     paper: ClassVar[str] = "ByteTransformer, Zhai et al., IPDPS 2023 (arXiv 2210.03052)"
     reapply_on_load: ClassVar[bool] = True  # the replaced forward is not a tensor
+    # Nothing to tune: `slimline search` tries it on or off on encoders it runs.
+    search_space: ClassVar[SearchSpace] = {}
 
     # A model without an encoder this step runs: refused (the default), or left padded with a
     # note, so that one recipe serves encoders of other layouts too (recipes/encoder-cpu-*).
@@ -77,13 +80,15 @@ class UnpadConfig(MethodConfig):
         return self.if_unsupported == "skip" or not isinstance(encoders(model), str)
 
     def select_modules(self, model: nn.Module, *, step: str = "") -> list[tuple[str, nn.Module]]:
-        """Nothing is replaced. Raises (naming the step) for a model it cannot run, unless
-        ``if_unsupported: skip``."""
+        """The encoders whose forward it replaces (no layer is). Raises (naming the step) for
+        a model it cannot run, unless ``if_unsupported: skip``."""
         found = encoders(model)
-        if isinstance(found, str) and self.if_unsupported == "refuse":
-            raise ValueError(f"{step or self.method}: {found} (if_unsupported: skip leaves "
-                             "such a model padded)")
-        return []
+        if isinstance(found, str):
+            if self.if_unsupported == "refuse":
+                raise ValueError(f"{step or self.method}: {found} (if_unsupported: skip leaves "
+                                 "such a model padded)")
+            return []
+        return found
 
 
 def encoders(model: nn.Module) -> list[tuple[str, nn.Module]] | str:
