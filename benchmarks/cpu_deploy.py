@@ -309,12 +309,18 @@ def by_length(data: list[dict[str, torch.Tensor]], size: int) -> list[dict[str, 
     """The sentences of ``data`` (right-padded token batches) re-batched ``size`` at a time by
     length, longest first, each batch padded to its own longest."""
     rows = [{k: v[i] for k, v in b.items()} for b in data for i in range(len(rows_of(b)))]
+    # each input's own padding value (the tokenizer's pad id for input_ids), read off a padded
+    # position
+    fill = {k: next((int(r[k][r["attention_mask"] == 0][0]) for r in rows
+                     if bool((r["attention_mask"] == 0).any())), 0) for k in rows[0]}
     rows.sort(key=lambda r: -int(r["attention_mask"].sum()))
     out = []
     for start in range(0, len(rows), size):
         chunk = rows[start:start + size]
         length = max(int(r["attention_mask"].sum()) for r in chunk)
-        out.append({k: torch.stack([r[k][:length] for r in chunk]) for k in chunk[0]})
+        out.append({k: torch.stack([torch.nn.functional.pad(
+            r[k][:length], (0, max(0, length - len(r[k]))), value=fill[k]) for r in chunk])
+            for k in chunk[0]})
     return out
 
 

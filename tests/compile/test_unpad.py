@@ -198,6 +198,22 @@ def test_survives_save_load_and_deepcopy(tmp_path) -> None:
     assert calls(loaded) == 1 and calls(twin) == 0
 
 
+def test_transformers_from_pretrained_runs_it_again(tmp_path) -> None:
+    """The way sentence-transformers opens a saved directory: transformers' loader."""
+    from transformers import AutoModel
+
+    model = _bert()
+    sl.save(unpadded(model), tmp_path / "ck")
+    loaded = AutoModel.from_pretrained(tmp_path / "ck").eval()
+    batch = _batch([3, 10, 6])
+    keep = batch["attention_mask"].bool()
+    with torch.no_grad():
+        got = loaded(**batch).last_hidden_state[keep]
+        want = model(**batch).last_hidden_state[keep]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert calls(loaded) == 1
+
+
 def test_export_writes_the_padded_graph(tmp_path) -> None:
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
