@@ -105,6 +105,11 @@ SLIMLINE_ROWS: dict[str, list[dict[str, Any]]] = {
     "slimline half (bf16) + unpad + compile": [{"method": "half"}, UNPAD, INDUCTOR],
     "slimline int8_dynamic + unpad + compile": [{"method": "int8_dynamic"}, UNPAD, INDUCTOR],
     "slimline smoothquant static + unpad + compile": [SQ_STATIC, UNPAD, INDUCTOR],
+    # per-token dynamic activations only on the layers static scales hurt most (BERT's
+    # attention output and feed-forward down projections)
+    "slimline smoothquant static, int8_dynamic on *output.dense + unpad + compile": [
+        {**SQ_STATIC, "targets": {"exclude": ["*output.dense"]}},
+        {"method": "int8_dynamic", "targets": {"include": ["*output.dense"]}}, UNPAD, INDUCTOR],
 }
 
 
