@@ -166,6 +166,10 @@ def onnx_embed(file: Path, threads: int) -> Embed:
 
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    # ONNX Runtime's pool spins after each run by default, which takes a core from the next
+    # interleaved row (measured: torch fp32 right after it, 2 threads, 305-335 ms spinning and
+    # 272-281 ms not; ONNX Runtime's own 204-206 / 205-229 ms)
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(str(file), options, providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
 
