@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import slimline as sl
-from slimline.compile.unpad import WRITTEN_OUT_MAX, UnpaddedForward, attention, pack_index, scatter
+from slimline.compile.unpad import WRITTEN_OUT_MAX, attention, forwards, pack_index, scatter
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 VOCAB = 96
@@ -53,10 +53,9 @@ def unpadded(model: nn.Module, *steps: dict[str, Any], calibration: Any = None) 
 
 
 def calls(model: nn.Module) -> int:
-    forwards = [f for m in model.modules() if isinstance(f := vars(m).get("forward"),
-                                                          UnpaddedForward)]
-    assert len(forwards) == 1
-    return forwards[0].calls
+    found = forwards(model)
+    assert len(found) == 1
+    return found[0].calls
 
 
 def alone(model: nn.Module, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
@@ -153,7 +152,7 @@ def test_other_calls_run_the_models_forward() -> None:
     assert fast.encoder.layer[0].output.dense.weight.grad is not None
 
 
-def test_quantized_layers_run_packed(token_batches: Any) -> None:
+def test_quantized_layers_run_packed() -> None:
     """Per-token int8 activations see the same tokens packed or padded."""
     model = _bert()
     batch = _batch([3, 11, 8, 6])

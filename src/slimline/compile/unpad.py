@@ -268,28 +268,31 @@ class UnpaddedForward:
             return None
         if mask.dim() != 2 or mask.shape != ids.shape or bool((mask != 0).all()):
             return None  # nothing to remove: the model's own forward, bit for bit
-        inputs = {name: given[name] for name in _INPUTS if given.get(name) is not None}
-        return inputs
+        return {name: given[name] for name in _INPUTS if given.get(name) is not None}
+
+
+def forwards(model: nn.Module) -> list[UnpaddedForward]:
+    """This step's forwards in ``model`` (one for each encoder it replaced)."""
+    return [f for m in model.modules() if isinstance(f := vars(m).get("forward"), UnpaddedForward)]
 
 
 def installed(model: nn.Module) -> bool:
     """Whether any module of ``model`` runs this step's forward."""
-    return any(isinstance(vars(m).get("forward"), UnpaddedForward) for m in model.modules())
+    return bool(forwards(model))
 
 
 @contextlib.contextmanager
 def switched_off(model: nn.Module) -> Iterator[None]:
     """Every call inside runs the padded model's own forward (for exporters, which trace one
     graph whose shapes cannot depend on the data)."""
-    forwards = [f for m in model.modules()
-                if isinstance(f := vars(m).get("forward"), UnpaddedForward)]
-    before = [f.enabled for f in forwards]
-    for f in forwards:
+    found = forwards(model)
+    before = [f.enabled for f in found]
+    for f in found:
         f.enabled = False
     try:
         yield
     finally:
-        for f, was in zip(forwards, before, strict=True):
+        for f, was in zip(found, before, strict=True):
             f.enabled = was
 
 
@@ -297,9 +300,9 @@ def switched_off(model: nn.Module) -> Iterator[None]:
 def apply_unpad(model: nn.Module, cfg: UnpadConfig, ctx: StepContext) -> StepOutcome:
     """Give each BERT-like encoder in ``model`` the packed forward (idempotent: ``sl.load``
     runs it again)."""
-    cfg.select_modules(model)  # raises for a model it cannot run, unless told to skip it
     found = encoders(model)
     if isinstance(found, str):
+        cfg.select_modules(model)  # raises with the reason, unless told to skip such a model
         return StepOutcome(modules=[], notes=[f"left padded: {found}"])
     for _, base in found:
         base.forward = UnpaddedForward(base)  # type: ignore[method-assign]
