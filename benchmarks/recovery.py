@@ -5,7 +5,8 @@ Every recovered row stands beside its unrecovered row, all in one process:
 * **minilm**: structured 50% (``--sparsity``) heads + neurons, then ``distill`` (pooled-embedding cosine, plus
   TinyBERT hidden-state matching with ``--hidden-weight``); both again followed by
   ``int8_dynamic`` + ``compile`` (TorchInductor, with the model's attention and with
-  ``attention: eager``; with ``--onnxruntime`` also ONNX Runtime's integer GEMMs). Latency interleaved with fp32 on one test batch
+  ``attention: eager``; with ``--unpad`` also with the padding removed inside the encoder; with
+  ``--onnxruntime`` also ONNX Runtime's integer GEMMs). Latency interleaved with fp32 on one test batch
   (MEASURING.md); quality is the mean cosine of mask-aware mean-pooled embeddings to fp32 on
   the held-out test sentences (``benchmarks.pruning.cosine_quality``, as the structured
   section computes it).
@@ -56,6 +57,7 @@ FAST = [{"method": "int8_dynamic"}, {"method": "compile"}]
 # transformers' matmul + softmax attention, fused by inductor: faster at sentence lengths
 FAST_EAGER = [{"method": "int8_dynamic"}, {"method": "compile", "attention": "eager"}]
 FAST_ORT = [{"method": "int8_dynamic"}, {"method": "compile", "backend": "onnxruntime"}]  # integer GEMMs
+FAST_UNPAD = [{"method": "int8_dynamic"}, {"method": "unpad"}, {"method": "compile"}]  # real tokens only
 HALF = [{"method": "half"}, {"method": "compile"}]  # bf16: the fast path where the CPU has AMX
 LOSSLESS_RECIPE = (Path(__file__).resolve().parents[1] / "recipes"
                    / "encoder-cpu-lossless-openvino.yaml")
@@ -252,6 +254,11 @@ def minilm_structured(run: MinilmRun) -> None:
     run.add("fp32 + int8_dynamic + compile, eager attention", FAST_EAGER, timed=True, note=eager_note)
     run.add(f"{pct} + distill + int8_dynamic + compile, eager attention", FAST_EAGER, start=recovered,
             timed=True, note=f"{eager_note}, applied to the distilled row")
+    if args.unpad:  # the padded positions of the timing batch skipped inside the encoder
+        unpad_note = "int8_dynamic + unpad + compile (layers run on the batch's real tokens only)"
+        run.add("fp32 + int8_dynamic + unpad + compile", FAST_UNPAD, timed=True, note=unpad_note)
+        run.add(f"{pct} + distill + int8_dynamic + unpad + compile", FAST_UNPAD, start=recovered,
+                timed=True, note=f"{unpad_note}, applied to the distilled row")
     if args.onnxruntime:  # the W8A8 layers as ONNX MatMulInteger (VNNI where the CPU has it)
         run.add("fp32 + int8_dynamic + compile onnxruntime", FAST_ORT, timed=True,
                 note="the int8 gain alone, on ONNX Runtime's integer GEMMs")
@@ -359,6 +366,8 @@ def main() -> None:
     parser.add_argument("--qat", action="store_true", help="add the rtn / qat 3-bit rows")
     parser.add_argument("--openvino", action="store_true",
                         help="structured rows: the distilled model again under compile backend openvino bf16")
+    parser.add_argument("--unpad", action="store_true",
+                        help="structured rows: int8_dynamic + unpad + compile, on fp32 and distilled")
     parser.add_argument("--onnxruntime", action="store_true",
                         help="structured rows: int8_dynamic + compile backend onnxruntime, on fp32 and distilled")
     parser.add_argument("--lm-size", choices=["full", "small"], default="full")

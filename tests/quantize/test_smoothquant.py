@@ -14,6 +14,7 @@ from torch import nn
 import slimline as sl
 from slimline.core.batches import forward, output_tensor
 from slimline.models import load_builtin
+from slimline.quantize import fallback
 from slimline.quantize import kernels_int8 as kernels
 from slimline.quantize.smoothquant import (
     ActivationStats,
@@ -127,7 +128,8 @@ def test_calibrated_grid_is_the_one_this_cpu_runs_exactly(
     bits = 7 if saturates else 8
     x = _outlier_activations(256, 64)
     layer, _ = smooth_layer(_linear(64, 32), _stats(x, keep_rows=256),
-                            SmoothQuantConfig(alpha=0.5, activations="static"))  # fmt: skip
+                            SmoothQuantConfig(alpha=0.5, activations="static"),
+                            static=True)  # fmt: skip
     assert layer.activation_bits == bits and 0 <= int(layer.input_zero) < 2**bits
     scale, zero = float(layer.input_scale), int(layer.input_zero)
     codes = kernels.quantize_static(x * layer.smooth, layer.smooth.new_full((64,), 1 / scale),
@@ -176,11 +178,18 @@ def test_activation_stats_reject_nan() -> None:
 
 
 @pytest.mark.parametrize(
-    ("field", "value"), [("alpha", 1.5), ("alpha", -0.1), ("activations", "per-channel")]
+    ("field", "value"), [("alpha", 1.5), ("alpha", -0.1), ("activations", "per-channel"),
+                         ("min_cosine", 0.99)]  # min_cosine with the default dynamic activations
 )
 def test_bad_config_is_rejected(field: str, value: object) -> None:
     with pytest.raises(ValueError, match=field):
         SmoothQuantConfig.from_dict({field: value})
+
+
+@pytest.mark.parametrize("value", [0.0, 1.5, -0.2])
+def test_min_cosine_out_of_range_is_rejected(value: float) -> None:
+    with pytest.raises(ValueError, match="min_cosine"):
+        SmoothQuantConfig.from_dict({"activations": "static", "min_cosine": value})
 
 
 def test_no_calibration_is_rejected_before_touching_the_model() -> None:
@@ -250,3 +259,64 @@ def test_compiled_layer_matches_eager(static: bool, bits: int) -> None:
     compiled = torch.compile(layer, fullgraph=True)
     with torch.inference_mode():
         torch.testing.assert_close(compiled(x), layer(x), rtol=1e-5, atol=1e-4)
+
+
+def _padded_batches(n: int, seed: int = 3) -> list[dict[str, torch.Tensor]]:
+    """Right-padded token batches of varied lengths, as a user's text gives."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        lengths = torch.randint(3, 17, (3,), generator=g)
+        mask = (torch.arange(16)[None, :] < lengths[:, None]).long()
+        ids = torch.randint(1, 128, (3, 16), generator=g) * mask
+        out.append({"input_ids": ids, "attention_mask": mask})
+    return out
+
+
+def _sq_layers(model: nn.Module) -> dict[str, SmoothQuantLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, SmoothQuantLinear)}
+
+
+def test_min_cosine_switches_the_fewest_layers_to_dynamic(tiny_llama: nn.Module) -> None:
+    """Static everywhere misses the target on the held-out calibration batch, all dynamic
+    meets it: some layers go dynamic, the model then meets it, and every layer left static
+    is exactly the all-static model's (same ranges, fitted on the same batches)."""
+    batches = _padded_batches(4)
+    fit, check = batches[:3], batches[3:]  # the last quarter is held out
+    step = {"method": "smoothquant", "activations": "static", "alpha": 0.5}
+    reference = fallback.model_outputs(tiny_llama, check)
+    static = sl.compress(tiny_llama, {"steps": [step]}, calibration=fit).model
+    everything = sl.compress(tiny_llama, {"steps": [{**step, "min_cosine": 1.0}]},
+                             calibration=batches).model  # fmt: skip
+    assert all(not m.static for m in _sq_layers(everything).values())
+    low = fallback.output_cosine(static, check, reference)
+    high = fallback.output_cosine(everything, check, reference)
+    assert low < high
+    target = (low + high) / 2
+    result = sl.compress(tiny_llama, {"steps": [{**step, "min_cosine": target}]},
+                         calibration=batches)  # fmt: skip
+    mixed = _sq_layers(result.model)
+    dynamic = [n for n, m in mixed.items() if not m.static]
+    assert 0 < len(dynamic) < len(mixed)
+    assert fallback.output_cosine(result.model, check, reference) >= target
+    assert f"{len(dynamic)} of {len(mixed)} layers with per-token dynamic" in str(result.steps)
+    for name, layer in mixed.items():
+        twin = _sq_layers(static if layer.static else everything)[name]
+        for key, value in layer.state_dict().items():
+            assert torch.equal(value, twin.state_dict()[key]), (name, key)
+
+
+def test_min_cosine_model_saves_and_loads_identically(tiny_llama: nn.Module, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    batches = _padded_batches(4)
+    model = sl.compress(tiny_llama, {"steps": [{"method": "smoothquant", "activations": "static",
+                                                "min_cosine": 0.999999}]},
+                        calibration=batches).model  # fmt: skip
+    kinds = {n: m.static for n, m in _sq_layers(model).items()}
+    assert not all(kinds.values())
+    sl.save(model, tmp_path / "mixed")
+    loaded = sl.load(tmp_path / "mixed")
+    assert {n: m.static for n, m in _sq_layers(loaded).items()} == kinds
+    with torch.inference_mode():
+        for b in batches:
+            assert torch.equal(output_tensor(forward(model, b), b),
+                               output_tensor(forward(loaded, b), b))

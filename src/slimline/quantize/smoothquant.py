@@ -16,6 +16,12 @@ tunes one ``α`` per model; per layer costs nothing at run time). A static grid'
 chosen the same way among fractions of the calibrated min/max, since a few extreme tokens
 would otherwise set the step for all.
 
+``min_cosine`` (static only) mixes the two: the layers whose static grids cost the model's
+output most take per-token dynamic activations instead, the fewest that bring the mean cosine
+of the model's output on the calibration data to the unquantized model's up to the target
+(:mod:`slimline.quantize.fallback`; on a BERT encoder these are mostly the feed-forward down
+projections, whose post-GELU inputs have the longest tails).
+
 Layers are calibrated block by block (:func:`~slimline.core.calibration.sequential_layers`):
 a block's ranges are measured on inputs that went through the already quantized blocks, so a
 static grid covers what the quantized model will really feed it. The GEMMs run on oneDNN's
@@ -32,12 +38,14 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from slimline.core.batches import Batch
 from slimline.core.calibration import sequential_layers
 from slimline.core.config import MethodConfig
 from slimline.core.families import Family
 from slimline.core.registry import StepContext, StepOutcome, register
 from slimline.core.statistics import TokenSample
 from slimline.core.targets import linear_weight
+from slimline.quantize import fallback
 from slimline.quantize import kernels_int8 as kernels
 from slimline.quantize.packing import quantize_per_channel_int8
 from slimline.quantize.w8a8 import SmoothQuantLinear
@@ -51,6 +59,8 @@ CLIP_GRID = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)
 # Input rows kept per layer for the α search: a sample, not the activations.
 _SEARCH_ROWS = 1024
 _TINY = 1e-8
+# Layers a note names when min_cosine switches some to dynamic activations.
+_NAMED = 6
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -72,12 +82,22 @@ class SmoothQuantConfig(MethodConfig):
     # "dynamic": a scale and zero point per token, computed at run time (robust to any input);
     # "static": one per tensor, calibrated (no run-time reduction; saturates out-of-range).
     activations: str = "dynamic"
+    # With static activations: the fewest layers, most sensitive first, switch to per-token
+    # dynamic activations for the model's output on the calibration data to reach this mean
+    # cosine to the unquantized model's (null: every layer static).
+    min_cosine: float | None = None
 
     def check(self) -> None:
         if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
             self.fail("alpha", f"must be in [0, 1] or null (searched), got {self.alpha}")
         if self.activations not in ACTIVATION_MODES:
             self.fail("activations", f"must be one of {ACTIVATION_MODES}, got {self.activations!r}")
+        if self.min_cosine is not None:
+            if self.activations != "static":
+                self.fail("min_cosine", "applies to activations: static only (dynamic layers "
+                          "have nothing to fall back to)")
+            if not 0.0 < self.min_cosine <= 1.0:
+                self.fail("min_cosine", f"must be in (0, 1] or null, got {self.min_cosine}")
 
 
 # --- the maths ----------------------------------------------------------------------------
@@ -203,12 +223,12 @@ class ActivationStats:
         return self._sample.rows
 
 
-def smooth_layer(module: nn.Module, stats: ActivationStats, cfg: SmoothQuantConfig) -> tuple[
-    SmoothQuantLinear, float
-]:
-    """The SmoothQuant int8 replacement of one layer, and the ``α`` it used."""
+def smooth_layer(
+    module: nn.Module, stats: ActivationStats, cfg: SmoothQuantConfig, static: bool
+) -> tuple[SmoothQuantLinear, float]:
+    """The SmoothQuant int8 replacement of one layer with ``static`` or per-token dynamic
+    activations, and the ``α`` it used."""
     weight = linear_weight(module).detach().float()
-    static = cfg.activations == "static"
     bits = kernels.activation_bits()  # the grid searched is the grid the layer will run
     alpha, clip = cfg.alpha, 1.0
     if alpha is None or static:
@@ -230,20 +250,40 @@ def apply_smoothquant(model: nn.Module, cfg: SmoothQuantConfig, ctx: StepContext
     if not ctx.calibration:
         raise ValueError("smoothquant needs calibration data")
     names = [name for name, _ in cfg.select_modules(model)]  # the float layers go as replaced
-    keep = _SEARCH_ROWS if cfg.alpha is None or cfg.activations == "static" else 0
+    static = cfg.activations == "static"
+    keep = _SEARCH_ROWS if cfg.alpha is None or static else 0
     alphas: list[float] = []
+    # min_cosine: each layer's dynamic form, and the float model's answers to aim at
+    dynamic: dict[str, SmoothQuantLinear] = {}
+    fit, checks = list(ctx.calibration), list[Batch]()
+    if cfg.min_cosine is not None:
+        fit, checks = fallback.split_off_checks(fit)
+    reference = fallback.model_outputs(model, checks)
 
     def make(_name: str, module: nn.Module) -> ActivationStats:
         return ActivationStats(linear_weight(module).shape[1], keep_rows=keep)
 
     def update(group: dict[str, nn.Module], stats: dict[str, ActivationStats]) -> None:
         for name, module in group.items():
-            layer, alpha = smooth_layer(module, stats[name], cfg)
+            layer, alpha = smooth_layer(module, stats[name], cfg, static)
+            if checks:
+                dynamic[name] = smooth_layer(module, stats[name], cfg, static=False)[0]
             model.set_submodule(name, layer)
             alphas.append(alpha)
 
-    sequential_layers(model, names, ctx.calibration, make, update, progress=ctx.progress,
+    sequential_layers(model, names, fit, make, update, progress=ctx.progress,
                       desc="smoothquant")
+    notes = []
+    if cfg.min_cosine is not None:
+        switched, reached = fallback.fall_back(
+            model, dynamic, lambda: fallback.output_cosine(model, checks, reference),
+            cfg.min_cosine)
+        miss = "" if reached >= cfg.min_cosine else f", short of min_cosine {cfg.min_cosine}"
+        held = f"{len(checks)} held-out calibration batches" if checks is not fit else \
+            "the one calibration batch"
+        shown = ", ".join(switched[:_NAMED]) + (", …" if len(switched) > _NAMED else "")
+        notes.append(f"{len(switched)} of {len(names)} layers with per-token dynamic activations"
+                     f" (cosine {reached:.5f} on {held}{miss}): {shown or 'none'}")
     kernel = kernels.w8a8_kernel_note()
     if cfg.alpha is None and alphas:
         chosen_alpha = f"α searched per layer (median {sorted(alphas)[len(alphas) // 2]:.1f})"
@@ -252,5 +292,5 @@ def apply_smoothquant(model: nn.Module, cfg: SmoothQuantConfig, ctx: StepContext
     return StepOutcome(
         modules=names,
         notes=[f"{len(names)} layers to W8A8, {cfg.activations} activations, {chosen_alpha},"
-               f" on {kernel}"],
+               f" on {kernel}", *notes],
     )
