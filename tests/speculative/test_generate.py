@@ -115,9 +115,10 @@ def _chi_square_ok(counts: torch.Tensor, p: torch.Tensor, delta: float = 1e-4) -
 
 
 def test_sampled_tokens_follow_the_targets_distribution(tmp_path) -> None:
-    """Two sampled tokens after a fixed prompt: the first must follow p(·|prompt), the
-    second the exact mixture Σ_a p(a|prompt)·p(·|prompt, a) (computed with 6 forwards), with
-    a draft whose own distribution is far from the target's (L1 0.5 here)."""
+    """Sampled tokens after a fixed prompt: the first (sampled by the prefill forward) must
+    follow p(·|prompt), the second — drafted, then kept or resampled by the rejection step —
+    the exact mixture Σ_a p(a|prompt)·p(·|prompt, a) (computed with 6 forwards), with a draft
+    whose own distribution is far from the target's (L1 0.5 here)."""
     target, draft = _peaked_llama(0, 2, 32), _peaked_llama(1, 1, 16)
     fast = speculative(target, mode="draft", gamma=1, draft=saved(draft, tmp_path / "d"))
     ids = torch.tensor([[1, 5, 2, 3]])
@@ -130,7 +131,7 @@ def test_sampled_tokens_follow_the_targets_distribution(tmp_path) -> None:
     assert float((first - q).abs().sum()) > 0.4  # the draft alone would fail the test
     torch.manual_seed(0)
     n = 150
-    out = torch.cat([fast.generate(ids, max_new_tokens=2, do_sample=True, top_k=None)[:, 4:]
+    out = torch.cat([fast.generate(ids, max_new_tokens=3, do_sample=True, top_k=None)[:, 4:6]
                      for _ in range(n)])  # fmt: skip
     assert _chi_square_ok(torch.bincount(out[:, 0], minlength=6), first)
     assert _chi_square_ok(torch.bincount(out[:, 1], minlength=6), second)
@@ -227,3 +228,57 @@ def test_evaluate_still_measures_the_forward(tiny_llama, token_batches) -> None:
     plain = sl.evaluate(tiny_llama, data=token_batches, metrics=["perplexity"])
     assert math.isclose(report["models"]["model"]["perplexity"],
                         plain["models"]["model"]["perplexity"], rel_tol=1e-6)
+
+
+def _forward_sizes(model: torch.nn.Module) -> list[int]:
+    """Records the token count of every forward of ``model`` (batch 1)."""
+    sizes: list[int] = []
+    model.register_forward_pre_hook(
+        lambda _m, args, kwargs: sizes.append(
+            int((args[0] if args else kwargs["input_ids"]).shape[-1])), with_kwargs=True)
+    return sizes
+
+
+def test_the_prompt_runs_in_one_forward_as_generates_prefill(tiny_llama) -> None:
+    """Round 1 feeds the whole prompt with no draft, as plain generate's prefill does, so
+    a kernel that depends on a forward's token count sees the prompt's last token as plain
+    generate does."""
+    fast = speculative(tiny_llama, gamma=3)
+    ids = prompts(128)[2]
+    plain_sizes, sizes = _forward_sizes(tiny_llama), _forward_sizes(fast)
+    assert torch.equal(greedy(fast, ids), greedy(tiny_llama, ids))
+    assert sizes[0] == plain_sizes[0] == ids.shape[1]
+    assert fast.speculative_last.drafted > 0  # later rounds did draft
+
+
+def test_verify_forwards_stay_within_the_decode_kernels_rows(tiny_llama, monkeypatch) -> None:
+    """No verify forward holds more tokens than ``decode_rows`` allows (here forced to 3 on a
+    long repeated prompt that would give longer drafts); the output is unchanged."""
+    from slimline.speculative import decode
+
+    monkeypatch.setattr(decode, "decode_rows", lambda _model: 3)
+    fast = speculative(tiny_llama, gamma=8)
+    ids = prompts(128)[2].repeat(1, 3)
+    sizes = _forward_sizes(fast)
+    out = greedy(fast, ids, 20)
+    assert max(sizes[1:]) <= 3 and fast.speculative_last.accepted > 0
+    monkeypatch.undo()
+    assert torch.equal(out, greedy(tiny_llama, ids, 20))
+
+
+def test_decode_rows_is_the_gemv_limit_for_quantized_models(tiny_llama) -> None:
+    import sys
+
+    from slimline.quantize.qlinear import GEMV_MAX_ROWS, decode_rows
+
+    assert decode_rows(tiny_llama) == sys.maxsize
+    quantized = sl.compress(tiny_llama, {"steps": [{"method": "rtn", "bits": 4,
+                                                     "group_size": 32}]}).model
+    assert decode_rows(quantized) == GEMV_MAX_ROWS
+
+
+def test_int8_decode_activations_are_noted(tiny_llama) -> None:
+    recipe = {"steps": [{"method": "rtn", "bits": 4, "group_size": 32,
+                         "decode_activations": "int8"}, {"method": "speculative"}]}
+    result = sl.compress(tiny_llama, recipe)
+    assert "nearly tie" in " ".join(result.steps[-1].notes)

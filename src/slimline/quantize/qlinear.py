@@ -21,6 +21,7 @@ torch versions.
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -481,6 +482,15 @@ class QuantLinear(LogicalWeightCounts, _KernelCacheMixin):
 
 
 @torch.compiler.assume_constant_result  # a fact of the machine: a constant when compiling
+def decode_rows(model: nn.Module) -> int:
+    """The most tokens one forward of ``model`` may hold for each of its QuantLinear layers to
+    take the decode kernel (:data:`GEMV_MAX_ROWS`: whose numerics, with int8 activations, are
+    not the larger calls' float ones); ``sys.maxsize`` for a model without them."""
+    if any(isinstance(m, QuantLinear) for m in model.modules()):
+        return GEMV_MAX_ROWS
+    return sys.maxsize
+
+
 def _native_bf16() -> bool:
     if "cpu" not in _NATIVE_BF16:
         _NATIVE_BF16["cpu"] = cpu_bf16_supported()

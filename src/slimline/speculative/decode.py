@@ -28,6 +28,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from slimline.quantize.qlinear import decode_rows
 from slimline.speculative import hf
 from slimline.speculative.accept import accept_greedy, accept_sampled, one_hot_rows
 from slimline.speculative.gamma import adaptive_gamma
@@ -88,6 +89,9 @@ class Target:
 
     def __init__(self, model: nn.Module, cache: Any | None) -> None:
         self.model, self.cache = model, cache
+        # A verify forward holds at most this many tokens: the decode kernels' row limit
+        # where the model has them, so drafted positions run on plain decode's kernel.
+        self.max_rows = decode_rows(model)
 
     def catch_up(self, seq: torch.Tensor) -> None:
         """Fill the cache with all of ``seq`` but its last token (the prompt, on round 1)."""
@@ -235,10 +239,16 @@ def decode_row(
 ) -> torch.Tensor:
     """Generate after ``seq`` (T,) until ``limits`` stop it; returns the new tokens (N,)."""
     start = seq.numel()
+    prefill = True
     while True:
         room = limits.max_length - head.numel() - seq.numel()
-        k = max(0, min(gamma.next(), room - 1))
-        target.catch_up(seq)
+        # Round 1 is generate's prefill: the prompt in one forward, no draft. Fed in two
+        # parts (all but the last token, then the last with drafts), a model whose kernels
+        # depend on a forward's token count (int8-activation decode kernels up to
+        # `max_rows` rows, float above) would compute the last prompt token otherwise.
+        k = 0 if prefill else max(0, min(gamma.next(), room - 1, target.max_rows - 1))
+        if not prefill:
+            target.catch_up(seq)
         t0 = time.perf_counter()
         proposal = drafter.propose(seq, k, scorer, head) if k else Proposal(seq.new_empty(0))
         t1 = time.perf_counter()
@@ -248,9 +258,11 @@ def decode_row(
         emitted = torch.cat([proposal.tokens[:n], seq.new_tensor([token])])
         before = seq.numel()
         seq, done = _commit(seq, emitted, head, limits)
-        for record in (stats, gamma.running):
+        # the prefill forward counts as a round of the call, not in what adapts gamma
+        for record in (stats,) if prefill else (stats, gamma.running):
             record.record_round(proposal.tokens.numel(), n, seq.numel() - before, t1 - t0,
                                 t2 - t1)
+        prefill = False
         target.rollback(seq.numel() - 1)
         drafter.rollback(seq.numel() - 1)
         if done:

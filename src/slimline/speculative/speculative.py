@@ -15,7 +15,13 @@ Three drafters (``mode``):
 The weights are not touched: the step puts a wrapped ``generate`` on the model (the
 :mod:`slimline.speculative.generate` wrapper; ``sl.load`` applies the step again). Greedy
 output is the model's own greedy output, token for token; sampled output has its
-distribution. What each call measured is on ``model.speculative_stats`` (all calls) and
+distribution. "Token for token" up to rounding: a verify forward of several tokens sums
+attention in another order than one-token decode (logits ~1e-5 apart, so only exact ties can
+differ), and with ``decode_activations: int8`` layers the int8 rounding of the activations
+magnifies that to ~1e-2 (llama-1b-random, random weights), so there a near tie can go the
+other way; the step notes it. The prompt runs in one forward, as ``generate``'s prefill, and a
+verify forward holds no more tokens than the decode kernels take
+(:func:`~slimline.quantize.qlinear.decode_rows`). What each call measured is on ``model.speculative_stats`` (all calls) and
 ``model.speculative_last`` (the latest): acceptance rate, tokens per round, tokens/s.
 """
 
@@ -180,6 +186,10 @@ def apply_speculative(model: nn.Module, cfg: SpeculativeConfig, ctx: StepContext
         runtime.blocks, blocks = find_blocks(model)
         runtime.skip, runtime.tuple_len = tuple(skip), output_form(model, blocks)
         notes.append(note)
+    if any(getattr(m, "decode_activations", "float") == "int8" for m in model.modules()):
+        notes.append("int8 decode activations: greedy output may differ from plain generate "
+                     "where two tokens nearly tie (int8 rounding magnifies the float rounding "
+                     "a several-token verify forward changes)")
     setattr(model, RUNTIME_ATTR, runtime)
     if not isinstance(getattr(model, STATS_ATTR, None), SpeculativeStats):
         setattr(model, STATS_ATTR, SpeculativeStats())
