@@ -21,8 +21,9 @@ differ), and with ``decode_activations: int8`` layers the int8 rounding of the a
 magnifies that to ~1e-2 (llama-1b-random, random weights), so there a near tie can go the
 other way; the step notes it. The prompt runs in one forward, as ``generate``'s prefill, and a
 verify forward holds no more tokens than the decode kernels take
-(:func:`~slimline.quantize.qlinear.decode_rows`). What each call measured is on ``model.speculative_stats`` (all calls) and
-``model.speculative_last`` (the latest): acceptance rate, tokens per round, tokens/s.
+(:func:`~slimline.quantize.qlinear.decode_rows`). What each call measured is on
+``model.speculative_stats`` (all calls) and ``model.speculative_last`` (the latest):
+acceptance rate, tokens per round, tokens/s.
 """
 
 from __future__ import annotations
