@@ -187,7 +187,8 @@ def prepare(row: str, model: nn.Module, args: argparse.Namespace) -> nn.Module:
             if step["method"] in ("rtn", "gptq"):
                 step["targets"] = {"include": ["*"]}
     if speculates:
-        steps.append({"method": "speculative", "mode": args.speculative, "gamma": args.gamma})
+        steps.append({"method": "speculative", "mode": args.speculative, "gamma": args.gamma,
+                      "adaptive": args.adaptive})
     if fast_of(row):
         steps.append({"method": "fast_decode"})
     if not steps:
@@ -417,6 +418,8 @@ def child_peak(args: argparse.Namespace, row: str, mode: str) -> int | str:
                "--gamma", str(args.gamma)]  # fmt: skip
     if args.speculative:
         command += ["--speculative", args.speculative]
+    if args.adaptive:
+        command.append("--adaptive")
     if args.layers is not None:
         command += ["--layers", str(args.layers)]
     if args.quantize_head:
@@ -452,7 +455,8 @@ def table(args: argparse.Namespace, results: dict[tuple[str, str], dict[str, Any
         bound = bandwidth_bound(r["bytes"], bandwidth)
         ratio = f"{tps / base[mode]:.2f}" if mode in base else "-"
         variant, speculates = variant_of(row)
-        label = variant.label + (f" + speculative {args.speculative}" if speculates else "")
+        label = variant.label + (f" + speculative {args.speculative}"
+                                 + (" adaptive" if args.adaptive else "") if speculates else "")
         label += " + fast_decode" if fast_of(row) else ""
         line = [label, r["cache"], f"{tps:.2f}", ratio,
                 f"{1e3 * statistics.median(r['prefill']):.0f}", f"{r['bytes'] / MiB:.0f}",
@@ -482,6 +486,8 @@ def main() -> None:
     parser.add_argument("--fast-decode", action="store_true",
                         help="each slimline row (speculative ones too) again with the fast_decode step")
     parser.add_argument("--gamma", type=int, default=5, help="speculative draft length")
+    parser.add_argument("--adaptive", action="store_true",
+                        help="speculative rows choose their draft length from what they measure")
     parser.add_argument("--bandwidth-mib", type=int, default=512)
     parser.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
     parser.add_argument("--section-suffix", default="",

@@ -5,10 +5,18 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
-from slimline.speculative.gamma import adaptive_gamma, best_gamma, expected_tokens
+from slimline.speculative.decode import Gamma
+from slimline.speculative.gamma import (
+    PROBE_EVERY,
+    adaptive_gamma,
+    best_gamma,
+    expected_tokens,
+    token_cost,
+)
 from slimline.speculative.stats import SpeculativeStats
 
 
@@ -55,4 +63,55 @@ def test_adaptive_gamma_starts_at_gamma_then_follows_the_measurements() -> None:
     stats.reset()
     for _ in range(50):  # every first draft rejected
         stats.record_round(4, 0, 1, draft_s=0.4, verify_s=1.0)
-    assert adaptive_gamma(stats, 5, 16) == 1
+    assert adaptive_gamma(stats, 5, 16) == 0  # no draft pays: plain decode
+
+
+def test_verify_cost_is_the_least_squares_line() -> None:
+    """Rounds whose verify time is exactly v0 + u·k give back (v0, u); numpy's fit agrees on
+    noisy times; one draft length alone gives the mean and no slope."""
+    stats = SpeculativeStats()
+    for k in [0, 1, 3, 5, 5, 2]:
+        stats.record_round(k, 0, 1, draft_s=0.0, verify_s=0.033 + 0.018 * k)
+    assert stats.verify_cost == pytest.approx((0.033, 0.018))
+    g = torch.Generator().manual_seed(2)
+    ks = torch.randint(0, 7, (40,), generator=g)
+    times = 0.03 + 0.01 * ks + 0.002 * torch.rand(40, generator=g, dtype=torch.float64)
+    stats.reset()
+    for k, t in zip(ks.tolist(), times.tolist(), strict=True):
+        stats.record_round(k, 0, 1, draft_s=0.0, verify_s=t)
+    slope, intercept = np.polyfit(ks.double().numpy(), times.numpy(), 1)
+    assert stats.verify_cost == pytest.approx((intercept, slope), rel=1e-9)
+    stats.reset()
+    for _ in range(3):
+        stats.record_round(4, 0, 1, draft_s=0.0, verify_s=0.1)
+    assert stats.verify_cost == pytest.approx((0.1, 0.0))
+
+
+def test_gamma_zero_when_verifying_drafts_costs_more_than_they_bring() -> None:
+    """Free drafts (prompt lookup), rarely accepted, each costing 0.55 of a one-token verify
+    forward (llama-1b-random's measured growth): the best γ is 0, as brute force over the
+    formula says; cheap verification of the same drafts keeps γ ≥ 1."""
+    stats = SpeculativeStats()
+    for i in range(40):
+        k = 0 if i % 2 else 3
+        stats.record_round(k, int(k and i % 10 == 0), 1 + int(k and i % 10 == 0), draft_s=0.0,
+                           verify_s=0.033 + 0.018 * k)
+    c = token_cost(stats)
+    assert c == pytest.approx(0.018 / 0.033)
+    brute = max(range(17), key=lambda g: (expected_tokens(stats.alpha, g) / (g * c + 1), -g))
+    assert adaptive_gamma(stats, 5, 16) == brute == 0
+    stats.reset()
+    for i in range(40):
+        k = 0 if i % 2 else 3
+        stats.record_round(k, 2 if k else 0, 3 if k else 1, draft_s=0.0,
+                           verify_s=0.033 + 0.0005 * k)
+    assert adaptive_gamma(stats, 5, 16) >= 1
+
+
+def test_plain_rounds_probe_with_one_draft() -> None:
+    gamma = Gamma(5, adaptive=True, max_gamma=16)
+    for _ in range(30):  # every draft rejected, verification expensive
+        gamma.running.record_round(3, 0, 1, draft_s=0.0, verify_s=0.09)
+        gamma.running.record_round(0, 0, 1, draft_s=0.0, verify_s=0.03)
+    picks = [gamma.next() for _ in range(3 * PROBE_EVERY)]
+    assert picks == ([0] * (PROBE_EVERY - 1) + [1]) * 3

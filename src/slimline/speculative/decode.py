@@ -31,7 +31,7 @@ from torch import nn
 from slimline.quantize.qlinear import decode_rows
 from slimline.speculative import hf
 from slimline.speculative.accept import accept_greedy, accept_sampled, one_hot_rows
-from slimline.speculative.gamma import adaptive_gamma
+from slimline.speculative.gamma import PROBE_EVERY, adaptive_gamma
 from slimline.speculative.layer_skip import skipping
 from slimline.speculative.lookup import lookup_draft
 from slimline.speculative.stats import SpeculativeStats
@@ -203,11 +203,20 @@ class Gamma:
     adaptive: bool
     max_gamma: int
     running: SpeculativeStats = field(default_factory=SpeculativeStats)
+    idle: int = 0  # adaptive rounds in a row at γ = 0
 
     def next(self) -> int:
         if not self.adaptive:
             return self.gamma
-        return adaptive_gamma(self.running, self.gamma, self.max_gamma)
+        chosen = adaptive_gamma(self.running, self.gamma, self.max_gamma)
+        if chosen > 0:
+            self.idle = 0
+            return chosen
+        self.idle += 1
+        if self.idle >= PROBE_EVERY:  # draft one token now and then: α may have changed
+            self.idle = 0
+            return 1
+        return 0
 
 
 def judge(

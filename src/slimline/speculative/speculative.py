@@ -66,8 +66,9 @@ class SpeculativeConfig(MethodConfig):
     # adapts, and near the optimum of arXiv 2211.17192's speed-up for α ≈ 0.7–0.8 at a
     # draft cost c ≈ 0.05–0.1 of the target (their Fig. 3): γ = 4–8 lie within 5% of it.
     gamma: int = 5
-    # Choose each round's γ from the measured acceptance rate and draft cost (gamma.py),
-    # between 1 and max_gamma; the first round uses gamma.
+    # Choose each round's γ from the measured acceptance rate, draft cost and how a verify
+    # forward's time grows with its tokens (gamma.py), between 0 (plain decode, with a
+    # one-token probe every 8th such round) and max_gamma; the first round uses gamma.
     adaptive: bool = False
     max_gamma: int = 16
     # prompt_lookup: the longest n-gram matched (then shorter ones, down to 1). transformers
