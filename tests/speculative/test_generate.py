@@ -191,8 +191,10 @@ def test_stats_are_recorded_per_call_and_in_total(tiny_gpt2) -> None:
     assert total.calls == 3 and last.calls == 1
     assert total.new_tokens >= last.new_tokens > 0 and total.seconds > 0 and total.tokens_per_s > 0
     assert total.accepted <= total.drafted and total.rounds <= total.new_tokens
-    # every round emits its accepted drafts plus one token of the target's (less at a stop)
-    assert total.new_tokens <= total.accepted + total.rounds
+    # one prefill a prompt, emitting its first token; then every round emits its accepted
+    # drafts plus one token of the target's (less at a stop)
+    assert total.prefills == 3 and total.prefill_seconds > 0
+    assert total.new_tokens <= total.prefills + total.accepted + total.rounds
     assert json.loads(json.dumps(total.to_dict()))["calls"] == 3
     fast.speculative_stats.reset()
     assert fast.speculative_stats.calls == 0

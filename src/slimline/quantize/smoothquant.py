@@ -18,7 +18,8 @@ would otherwise set the step for all.
 
 ``min_cosine`` (static only) mixes the two: the layers whose static grids cost the model's
 output most take per-token dynamic activations instead, the fewest that bring the mean cosine
-of the model's output on the calibration data to the unquantized model's up to the target
+of the model's output to the unquantized model's up to the target, on the last quarter of the
+calibration data, held out of the range fitting
 (:mod:`slimline.quantize.fallback`; on a BERT encoder these are mostly the feed-forward down
 projections, whose post-GELU inputs have the longest tails).
 
@@ -83,8 +84,8 @@ class SmoothQuantConfig(MethodConfig):
     # "static": one per tensor, calibrated (no run-time reduction; saturates out-of-range).
     activations: str = "dynamic"
     # With static activations: the fewest layers, most sensitive first, switch to per-token
-    # dynamic activations for the model's output on the calibration data to reach this mean
-    # cosine to the unquantized model's (null: every layer static).
+    # dynamic activations for the model's output on a held-out quarter of the calibration
+    # data to reach this mean cosine to the unquantized model's (null: every layer static).
     min_cosine: float | None = None
 
     def check(self) -> None:

@@ -267,8 +267,9 @@ def decode_row(
         emitted = torch.cat([proposal.tokens[:n], seq.new_tensor([token])])
         before = seq.numel()
         seq, done = _commit(seq, emitted, head, limits)
-        # the prefill forward counts as a round of the call, not in what adapts gamma
-        for record in (stats,) if prefill else (stats, gamma.running):
+        if prefill:
+            stats.record_prefill(seq.numel() - before, t2 - t1)
+        for record in () if prefill else (stats, gamma.running):
             record.record_round(proposal.tokens.numel(), n, seq.numel() - before, t1 - t0,
                                 t2 - t1)
         prefill = False

@@ -25,6 +25,8 @@ class SpeculativeStats:
     seconds: float = 0.0  # wall time of the decoding loops
     draft_seconds: float = 0.0
     verify_seconds: float = 0.0
+    prefills: int = 0  # prompt forwards (one a sequence), each emitting the first token
+    prefill_seconds: float = 0.0
     drafted_sq: int = 0  # Σ over rounds of (tokens drafted)², and of drafted × verify
     drafted_verify_seconds: float = 0.0  # seconds: the sums that fit verify_cost
     fallbacks: int = 0  # calls run by plain generate (options speculation does not cover)
@@ -37,8 +39,9 @@ class SpeculativeStats:
 
     @property
     def tokens_per_round(self) -> float:
-        """Tokens emitted per target forward: the speed-up bound if drafting were free."""
-        return self.new_tokens / self.rounds if self.rounds else 0.0
+        """Tokens emitted per verify forward (after each prompt's prefill): the speed-up
+        bound if drafting were free."""
+        return (self.new_tokens - self.prefills) / self.rounds if self.rounds else 0.0
 
     @property
     def tokens_per_s(self) -> float:
@@ -78,6 +81,13 @@ class SpeculativeStats:
         if u <= 0.0 or v0 <= 0.0:  # noise: no growth measured
             return v / n, 0.0
         return v0, u
+
+    def record_prefill(self, emitted: int, seconds: float) -> None:
+        """The prompt's forward (generate's prefill): the tokens it emitted (1, or 0 where a
+        stopping criterion ended the row at once) and its seconds; not a round."""
+        self.prefills += 1
+        self.new_tokens += emitted
+        self.prefill_seconds += seconds
 
     def record_round(
         self, drafted: int, accepted: int, emitted: int, draft_s: float, verify_s: float
