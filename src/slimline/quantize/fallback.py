@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from slimline.core.batches import Batch, forward, output_tensor, token_mask
+from slimline.core.batches import Batch, batch_size, forward, output_tensor, token_mask
 from slimline.evaluate.metrics import cosine_sum
 
 # Check batches are held out of the calibration data until they hold this many positions:
@@ -50,14 +50,8 @@ def split_off_checks(
         batch = batches[len(batches) - 1 - len(check)]
         check.insert(0, batch)
         mask = token_mask(batch)
-        seen += int(mask.sum()) if mask is not None else _items(batch)
+        seen += int(mask.sum()) if mask is not None else batch_size(batch)
     return batches[: len(batches) - len(check)], check
-
-
-def _items(batch: Batch) -> int:
-    first = batch if isinstance(batch, torch.Tensor) else next(iter(
-        batch.values() if isinstance(batch, Mapping) else batch))
-    return int(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() else 1
 
 
 def model_outputs(model: nn.Module, batches: Sequence[Batch]) -> list[torch.Tensor]:

@@ -280,8 +280,8 @@ def apply_smoothquant(model: nn.Module, cfg: SmoothQuantConfig, ctx: StepContext
             model, dynamic, lambda: fallback.output_cosine(model, checks, reference),
             cfg.min_cosine)
         miss = "" if reached >= cfg.min_cosine else f", short of min_cosine {cfg.min_cosine}"
-        held = f"{len(checks)} held-out calibration batches" if checks is not fit else \
-            "the one calibration batch"
+        held = (f"{len(checks)} held-out calibration batches" if len(ctx.calibration) > 1
+                else "the one calibration batch")
         shown = ", ".join(switched[:_NAMED]) + (", …" if len(switched) > _NAMED else "")
         notes.append(f"{len(switched)} of {len(names)} layers with per-token dynamic activations"
                      f" (cosine {reached:.5f} on {held}{miss}): {shown or 'none'}")

@@ -93,12 +93,6 @@ class Target:
         # where the model has them, so drafted positions run on plain decode's kernel.
         self.max_rows = decode_rows(model)
 
-    def catch_up(self, seq: torch.Tensor) -> None:
-        """Fill the cache with all of ``seq`` but its last token (the prompt, on round 1)."""
-        have = hf.cache_length(self.cache)
-        if have < seq.numel() - 1:
-            _, self.cache = hf.run(self.model, seq[have:-1], self.cache, keep=1)
-
     def verify(self, seq: torch.Tensor, draft: torch.Tensor) -> torch.Tensor:
         """Logits (k + 1, V) at the last token of ``seq`` and at each of the ``k`` drafts."""
         fed = torch.cat([seq[hf.cache_length(self.cache):], draft])
@@ -149,7 +143,8 @@ class ModelDrafter:
 class SelfDrafter:
     """The target itself with blocks ``skip`` passed through, on the target's own cache.
 
-    The target's cache holds ``len(seq) − 1`` tokens when a round starts (``catch_up``);
+    The target's cache holds ``len(seq) − 1`` tokens when a round starts (the prefill, then
+    each round's rollback leave it so);
     drafting appends to the kept layers only, and those entries are cropped again before the
     verify pass, which recomputes every layer at the drafted positions.
     """
@@ -256,8 +251,6 @@ def decode_row(
         # depend on a forward's token count (int8-activation decode kernels up to
         # `max_rows` rows, float above) would compute the last prompt token otherwise.
         k = 0 if prefill else max(0, min(gamma.next(), room - 1, target.max_rows - 1))
-        if not prefill:
-            target.catch_up(seq)
         t0 = time.perf_counter()
         proposal = drafter.propose(seq, k, scorer, head) if k else Proposal(seq.new_empty(0))
         t1 = time.perf_counter()
@@ -269,10 +262,11 @@ def decode_row(
         seq, done = _commit(seq, emitted, head, limits)
         if prefill:
             stats.record_prefill(seq.numel() - before, t2 - t1)
-        for record in () if prefill else (stats, gamma.running):
-            record.record_round(proposal.tokens.numel(), n, seq.numel() - before, t1 - t0,
-                                t2 - t1)
-        prefill = False
+            prefill = False
+        else:
+            for record in (stats, gamma.running):
+                record.record_round(proposal.tokens.numel(), n, seq.numel() - before,
+                                    t1 - t0, t2 - t1)
         target.rollback(seq.numel() - 1)
         drafter.rollback(seq.numel() - 1)
         if done:
