@@ -15,7 +15,10 @@ def _brute_force(tokens: list[int], k: int, max_ngram: int, min_ngram: int) -> l
             continue
         for start in range(t - n - 1, -1, -1):  # latest first; the final n-gram excluded
             if tokens[start : start + n] == tokens[t - n :]:
-                return tokens[start + n : start + n + k]
+                grown = list(tokens)  # copy one token at a time, reading what it wrote
+                for i in range(k):
+                    grown.append(grown[start + n + i])
+                return grown[t:]
     return []
 
 
@@ -39,6 +42,15 @@ def test_lookup_copies_what_followed_the_latest_match() -> None:
     assert lookup_draft(tokens, 3, max_ngram=3).tolist() == [9, 1, 5]  # no 3-gram match
     assert lookup_draft(torch.tensor([1, 2, 3]), 4).tolist() == []  # nothing repeats
     assert lookup_draft(tokens, 0).tolist() == []
+
+
+def test_lookup_drafts_a_loop_past_the_end_of_the_sequence() -> None:
+    # The latest match of "4 2" starts two tokens before the end: what followed it is "4 2"
+    # and then the tokens being drafted, so the loop goes on for all k tokens.
+    tokens = torch.tensor([7, 4, 2, 4, 2, 4, 2])
+    assert lookup_draft(tokens, 5, max_ngram=2).tolist() == [4, 2, 4, 2, 4]
+    # Period 3 with a 1-gram match at distance 3.
+    assert lookup_draft(torch.tensor([1, 2, 3, 1]), 7, max_ngram=1).tolist() == [2, 3, 1, 2, 3, 1, 2]
 
 
 def test_lookup_checks_ngram_range() -> None:
