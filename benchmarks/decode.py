@@ -13,6 +13,9 @@ process, each row a fresh copy of the model, runs interleaved A B C … after a 
   on those grids (calibration: code-llama-tiny's train split, or 8 x 128 random tokens for
   llama-1b-random), int8 activations. Quantizers take slimline's default targets (every
   Linear but the output head; ``--quantize-head`` takes the head too);
+- ``fp32-onednn`` / ``bf16-onednn``: the fp32 / bf16 rows with slimline's ``onednn`` step
+  (Linear layers on oneDNN's matmul, bf16 weights reordered for it; the head too with
+  ``--quantize-head``);
 - ``llama.cpp-f16`` / ``-q8_0`` / ``-q4_0``: the anchor, llama.cpp through llama-cpp-python on
   the same float32 weights, written by ``sl.export(format="gguf")`` (cached under
   ``$SLIMLINE_CACHE/gguf``; ``llama-1b-random`` takes code-llama-tiny's tokenizer, which
@@ -35,7 +38,8 @@ Columns:
   row of ``token_embd``); bound: best measured streaming-read
   bandwidth (a 512 MiB ``sum`` at the same thread count) over those bytes; fraction: tokens/s
   over the bound;
-- path: the matmul slimline's quantized layers run at one row (``gemv``: its own kernel);
+- path: the matmul slimline's quantized layers run at one row (``gemv``: its own kernel;
+  ``onednn``: the onednn step's);
 - peak RSS (``--memory``): each row in a child process of its own, the resident-set
   high-water mark over one ``generate`` (model resident, interpreter included), after the
   heap freed while making the row is handed back (``malloc_trim``).
@@ -72,6 +76,7 @@ from benchmarks.harness import (
     write_section,
 )
 from benchmarks.peers import settle_memory
+from slimline.compile.onednn import OneDNNForward
 from slimline.evaluate.bandwidth import (
     bandwidth_bound,
     decode_bytes_per_token,
@@ -88,6 +93,7 @@ A8 = {"decode_activations": "int8"}
 HALF = {"method": "half", "dtype": "bfloat16"}
 GPTQ8 = {"method": "gptq", "bits": 8, "group_size": None}
 GPTQ4 = {"method": "gptq", "bits": 4, "group_size": 128}
+ONEDNN = {"method": "onednn"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +109,8 @@ class Variant:
 VARIANTS: dict[str, Variant] = {
     "fp32": Variant("transformers fp32"),
     "bf16": Variant("transformers bf16", cast=torch.bfloat16),
+    "fp32-onednn": Variant("transformers fp32 + slimline onednn", (ONEDNN,)),
+    "bf16-onednn": Variant("transformers bf16 + slimline onednn", (ONEDNN,), cast=torch.bfloat16),
     "int8": Variant("slimline rtn int8 per-channel (fp32 activations)", (RTN8,)),
     "int4": Variant("slimline rtn int4 g128 (fp32 activations)", (RTN4,)),
     "int4-half": Variant("slimline rtn int4 g128 + half bf16", (RTN4, HALF)),
@@ -184,7 +192,7 @@ def prepare(row: str, model: nn.Module, args: argparse.Namespace) -> nn.Module:
     steps = [dict(s) for s in variant.steps]
     if args.quantize_head:
         for step in steps:
-            if step["method"] in ("rtn", "gptq"):
+            if step["method"] in ("rtn", "gptq", "onednn"):
                 step["targets"] = {"include": ["*"]}
     if speculates:
         steps.append({"method": "speculative", "mode": args.speculative, "gamma": args.gamma,
@@ -326,6 +334,8 @@ def decode_paths(model: nn.Module, prompt: torch.Tensor, kwargs: dict[str, Any])
             paths.add(module.kernel_path(x))
 
     hooks = [m.register_forward_pre_hook(note) for m in model.modules() if isinstance(m, QuantLinear)]
+    if any(isinstance(vars(m).get("forward"), OneDNNForward) for m in model.modules()):
+        paths.add("onednn")
     try:
         decode_once(model, prompt, new_tokens(kwargs, 2))
     finally:
@@ -479,7 +489,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--rows", default=",".join(VARIANTS), help=f"comma list of {list(VARIANTS)}")
     parser.add_argument("--modes", default="default", help=f"comma list of {list(MODES)}")
-    parser.add_argument("--quantize-head", action="store_true", help="rtn and gptq quantize the output head too")
+    parser.add_argument("--quantize-head", action="store_true",
+                        help="rtn and gptq quantize the output head too (onednn takes it too)")
     parser.add_argument("--memory", action="store_true", help="peak RSS of each row in a child process")
     parser.add_argument("--speculative", choices=("prompt_lookup", "self", "draft"), default=None,
                         help="each slimline row again with this speculative mode")

@@ -38,6 +38,12 @@ class Family(Enum):
     TRAIN = FamilyRule(3, False, "training recovers from earlier steps, before cast/cache/compile")
     # A dtype cast applies to whatever float layers are left.
     CAST = FamilyRule(4, True, "a dtype cast applies to the layers left in float, after quantizers")
+    # Weights laid out for the CPU matmul library (``onednn``) once their values and dtypes
+    # are final: a cast or quantizer after it would leave the laid-out copy stale.
+    LAYOUT = FamilyRule(
+        5, True, "weights are laid out for the matmul library once their values and dtypes are "
+        "final, after quantizers and casts"
+    )
     # The KV cache holds the final model's attention states: set once weights and dtypes are
     # final, before compilation traces the forward that builds the cache.
     CACHE = FamilyRule(
