@@ -192,3 +192,13 @@ def test_bad_input_is_refused_before_the_model_changes(tiny_mlp: nn.Module) -> N
     with pytest.raises(ValueError, match=r"\(half\) must come before step 0 \(onednn\)"):
         sl.compress(tiny_mlp, {"steps": [{"method": "onednn"}, {"method": "half"}]})
     assert not forwards(tiny_mlp)
+
+
+def test_flops_are_counted_as_for_the_plain_model(tiny_llama: nn.Module) -> None:
+    from slimline.evaluate.footprint import count_flops
+
+    batch = {"input_ids": torch.randint(0, 128, (2, 9))}
+    fast = onednn(tiny_llama)
+    with torch.inference_mode():
+        assert count_flops(fast, batch) == count_flops(tiny_llama, batch) > 0
+    assert vars(fast.model.layers[0].mlp.up_proj)["forward"].calls > 0

@@ -32,6 +32,7 @@ random input before it changes anything, and refuses with the reason otherwise.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -102,6 +103,27 @@ def reorder(weight: torch.Tensor) -> torch.Tensor:
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` by oneDNN: ``weight`` (out, in), dense or :func:`reorder`'s."""
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def linear_flops(x_shape: Any, second: Any, *rest: Any, **__: Any) -> int:
+    """FLOPs of :func:`onednn_linear` as ``FlopCounterMode`` counts ``F.linear``: x (..., K)
+    by weight (N, K), one multiply and one add per term (the bias not counted). The
+    operator's ``binary`` overload (x, other, weight, ...) takes the weight third."""
+    weight_shape = second if len(second) == 2 and second[1] == x_shape[-1] else rest[0]
+    return 2 * math.prod(x_shape[:-1]) * x_shape[-1] * weight_shape[0]
+
+
+def _count_flops() -> None:
+    """Teach ``FlopCounterMode`` (``sl.evaluate``'s FLOPs) the operator, unless torch knows it."""
+    from torch.utils.flop_counter import flop_registry, register_flop_formula
+
+    if why_unavailable() is None:
+        op = torch.ops.mkldnn._linear_pointwise
+        if op.default not in flop_registry:
+            register_flop_formula(op)(linear_flops)
+
+
+_count_flops()
 
 
 def parity_error(dtype: torch.dtype, out_features: int = 64, in_features: int = 96) -> float:
