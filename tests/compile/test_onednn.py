@@ -202,3 +202,20 @@ def test_flops_are_counted_as_for_the_plain_model(tiny_llama: nn.Module) -> None
     with torch.inference_mode():
         assert count_flops(fast, batch) == count_flops(tiny_llama, batch) > 0
     assert vars(fast.model.layers[0].mlp.up_proj)["forward"].calls > 0
+
+
+def test_fast_decode_and_speculative_run_its_layers(tiny_llama: nn.Module) -> None:
+    model = sl.compress(tiny_llama, {"steps": [
+        {"method": "onednn"}, {"method": "speculative", "mode": "prompt_lookup"}]}).model
+    fast = sl.compress(tiny_llama, {"steps": [
+        {"method": "onednn"}, {"method": "fast_decode"}]}).model
+    ids = torch.tensor([[5, 6, 7, 5, 6, 7, 5, 6]])
+    kwargs: dict[str, Any] = {"attention_mask": torch.ones_like(ids), "max_new_tokens": 8,
+                              "do_sample": False, "pad_token_id": 0}
+    with torch.inference_mode():
+        want = tiny_llama.generate(ids, **kwargs)
+        assert torch.equal(model.generate(ids, **kwargs), want)
+        assert torch.equal(fast.generate(ids, **kwargs), want)
+    assert vars(fast)["forward"].calls > 0
+    assert all(f.calls > 0 for f in forwards(fast).values())
+    assert all(f.calls > 0 for f in forwards(model).values())
