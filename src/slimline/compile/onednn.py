@@ -92,8 +92,7 @@ def why_unavailable() -> str | None:
             getattr(torch.ops.mkldnn, op)
         except (AttributeError, RuntimeError):
             return (f"torch {torch.__version__} has no torch.ops.mkldnn.{op} (the operator "
-                    "inductor emits for CPU Linear layers; present from torch 2.1 to 2.13 at "
-                    "least)")
+                    "inductor emits for CPU Linear layers; this step was built on torch 2.13)")
     return None
 
 
