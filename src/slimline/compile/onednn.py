@@ -32,7 +32,6 @@ random input before it changes anything, and refuses with the reason otherwise.
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -82,7 +81,6 @@ class OneDNNConfig(MethodConfig):
         return chosen
 
 
-@functools.cache
 def why_unavailable() -> str | None:
     """Why this torch cannot run the step (None when it can): no oneDNN, or no operator."""
     if not torch.backends.mkldnn.is_available():

@@ -359,8 +359,8 @@ def tiled_linear(
     """``x @ dequant(W).T + bias`` for many rows (prefill), in ``x``'s dtype.
 
     :func:`dequantize_rows` fills a float32 tile of output rows (at most
-    :data:`DEQUANT_TILE_BYTES`) and :func:`tile_product` multiplies it while it is in cache:
-    the layer is never whole in float32, and the codes are widened by the gemv kernel's vector loop
+    :data:`DEQUANT_TILE_BYTES`) and torch's GEMM multiplies it while it is in cache: the layer
+    is never whole in float32, and the codes are widened by the gemv kernel's vector loop
     instead of a chain of torch ops. Eager only (an opaque ctypes call); the caller checks
     :func:`gemv_unsupported` and :func:`library_problem` first.
     """
@@ -374,28 +374,16 @@ def tiled_linear(
                             rows=(n0, n1), out=buffer[: n1 - n0], isa=isa)  # fmt: skip
         return w if x.dtype == torch.float32 else w.to(x.dtype)
 
-    if n <= tile_rows:  # one tile: one product with the very weight dequantize() gives
-        return tile_product(x, tile(0, n), bias)
+    if n <= tile_rows:  # one tile: F.linear on the very weight dequantize() gives
+        return F.linear(x, tile(0, n), bias)
     rows = x.reshape(-1, k)
     out = torch.empty(rows.shape[0], n, dtype=x.dtype)
     for n0 in range(0, n, tile_rows):
         n1 = min(n, n0 + tile_rows)
-        out[:, n0:n1] = tile_product(rows, tile(n0, n1), None)  # a column block of out
+        torch.mm(rows, tile(n0, n1).t(), out=out[:, n0:n1])  # a column block of out, in place
     if bias is not None:
         out += bias
     return out.view(*x.shape[:-1], n)
-
-
-def tile_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` for a dequantized tile: float32 through oneDNN's matmul
-    where torch has it (MKL's sgemm, torch's float32 GEMM, ran these tiles 1.1-1.5x slower on
-    an AMD EPYC, Zen 4: 128 rows x 2048 x 512, 1-2 threads; see ``slimline.compile.onednn``),
-    other dtypes (already oneDNN's in torch) through ``F.linear``."""
-    from slimline.compile.onednn import onednn_linear, why_unavailable
-
-    if x.dtype == torch.float32 and why_unavailable() is None:
-        return onednn_linear(x, weight, bias)
-    return F.linear(x, weight, bias)
 
 
 def round_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -50,7 +50,7 @@ META_VERSION = 1
 _DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float16, torch.bfloat16, torch.float32)}
 # Up to how many rows (tokens) slimline's gemv kernel (kernels_gemv) runs a call: decode and
 # speculative verification. Beyond it an eager CPU call multiplies 4 MiB tiles of the weight,
-# dequantized by the same C library, with oneDNN's float32 matmul (kernels_gemv.tiled_linear).
+# dequantized by the same C library, with torch's GEMM (kernels_gemv.tiled_linear).
 # BENCHMARKS "quant-kernels" (a 2048x5632 layer, 1 thread, AMX Xeon): the gemv kernel reads
 # the codes once per 4 rows, so its time grows with the rows, while the tiles cost a
 # dequantization (a few ms) plus F.linear's GEMM (within 1.1x of float32 at 128 rows); they
