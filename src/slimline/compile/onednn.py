@@ -43,7 +43,7 @@ from torch import nn
 from slimline.core.config import MethodConfig
 from slimline.core.families import Family
 from slimline.core.registry import StepContext, StepOutcome, register
-from slimline.core.targets import is_conv1d, is_linear_like, linear_weight, select
+from slimline.core.targets import is_linear_like, linear_weight, select
 
 # dtypes this step computes in; the value: whether the weight is reordered for oneDNN.
 REORDERED = {torch.float32: False, torch.bfloat16: True}
@@ -146,7 +146,6 @@ class OneDNNForward:
 
     def __init__(self, layer: nn.Module) -> None:
         self.layer = layer
-        self.conv1d = is_conv1d(layer)
         self.calls = 0  # calls it ran through oneDNN (tests read it)
         self._reordered: tuple[tuple[int, int], torch.Tensor] | None = None
 
