@@ -481,7 +481,6 @@ class QuantLinear(LogicalWeightCounts, _KernelCacheMixin):
         )  # fmt: skip
 
 
-@torch.compiler.assume_constant_result  # a fact of the machine: a constant when compiling
 def decode_rows(model: nn.Module) -> int:
     """The most tokens one forward of ``model`` may hold for each of its QuantLinear layers to
     take the decode kernel (:data:`GEMV_MAX_ROWS`: whose numerics, with int8 activations, are
@@ -491,6 +490,7 @@ def decode_rows(model: nn.Module) -> int:
     return sys.maxsize
 
 
+@torch.compiler.assume_constant_result  # a fact of the machine: a constant when compiling
 def _native_bf16() -> bool:
     if "cpu" not in _NATIVE_BF16:
         _NATIVE_BF16["cpu"] = cpu_bf16_supported()
