@@ -2,7 +2,8 @@
 
 Model: ``llama-1b-random`` (TinyLlama-1.1B's shapes, random weights: a table for speed and
 memory only, never quality; ``--layers`` keeps fewer blocks) or ``code-llama-tiny``. Rows (one
-process, each row a fresh copy of the model, runs interleaved A B C … after a warm-up):
+process, each row a fresh copy of the model but twins (below), runs interleaved A B C … after
+warm-up rounds; ``--warmup-tokens`` shortens those):
 
 - ``fp32``: transformers as loaded; ``bf16``: ``model.to(torch.bfloat16)``;
 - ``int8``: slimline ``rtn`` 8-bit per-channel; ``int4``: ``rtn`` 4-bit groups of 128 (float32
@@ -23,8 +24,9 @@ process, each row a fresh copy of the model, runs interleaved A B C … after a 
 - ``--speculative MODE``: each slimline row again with a ``speculative`` step appended
   (greedy output unchanged; ``self`` mode picks its skipped blocks on train batches);
 - ``--fast-decode``: each slimline row (speculative ones too) again with a ``fast_decode``
-  step (one-token steps through the written-out block loop, ``slimline.compile.fast_decode``),
-  on the very model instance of the row without it, switched on for its own calls only.
+  step (one-token steps through the written-out block loop, ``slimline.compile.fast_decode``).
+  Both are twins: the very model instance of the row without the step, the step switched on
+  for the twin's own calls only (the rows differ by the step alone, at no extra memory).
 
 Columns:
 
@@ -42,7 +44,8 @@ Columns:
   ``onednn``: the onednn step's);
 - peak RSS (``--memory``): each row in a child process of its own, the resident-set
   high-water mark over one ``generate`` (model resident, interpreter included), after the
-  heap freed while making the row is handed back (``malloc_trim``).
+  heap freed while making the row is handed back (``malloc_trim``); a twin's is its base
+  row's ("with base").
 
 Cache (``--modes``): ``default`` leaves the cache to the model's ``generation_config``
 (transformers' dynamic one unless it names another; the column says which); ``dynamic`` /
@@ -139,6 +142,7 @@ class Row:
     cache: str
     model: nn.Module | None = None  # a slimline row's model (None: llama.cpp)
     prompt: torch.Tensor | None = None
+    installs: dict[str, Any] = dataclasses.field(default_factory=dict)  # a twin's methods
 
 
 class StepClock:
@@ -195,8 +199,7 @@ def prepare(row: str, model: nn.Module, args: argparse.Namespace) -> nn.Module:
             if step["method"] in ("rtn", "gptq", "onednn"):
                 step["targets"] = {"include": ["*"]}
     if speculates:
-        steps.append({"method": "speculative", "mode": args.speculative, "gamma": args.gamma,
-                      "adaptive": args.adaptive})
+        steps.append(speculative_step(args))
     if fast_of(row):
         steps.append({"method": "fast_decode"})
     if not steps:
@@ -204,6 +207,12 @@ def prepare(row: str, model: nn.Module, args: argparse.Namespace) -> nn.Module:
     calibrated = any(step["method"] == "gptq" for step in steps)
     return sl.compress(model, {"steps": steps}, calibration=calibration(args, calibrated),
                        inplace=True).model
+
+
+def speculative_step(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``speculative`` step of ``--speculative`` rows."""
+    return {"method": "speculative", "mode": args.speculative, "gamma": args.gamma,
+            "adaptive": args.adaptive}
 
 
 def calibration(args: argparse.Namespace, calibrated: bool = False) -> list[Any] | None:
@@ -376,44 +385,73 @@ def build_row(args: argparse.Namespace, row: str, mode: str) -> Row:
                model, prompt)
 
 
-def fast_twin(args: argparse.Namespace, base: Row, mode: str) -> Row:
-    """``base``'s model with the ``fast_decode`` step on for this row's calls only: the same
-    instance (weights at the same addresses), so the two rows differ by the step alone —
-    separate copies of a model differ in speed by more than the step saves on this machine."""
+TWIN_ATTRS = ("forward", "generate")  # what the speculative and fast_decode steps set on an instance
+
+
+def twin(args: argparse.Namespace, base: Row, mode: str, steps: list[dict[str, Any]]) -> Row:
+    """``base``'s model with ``steps`` (``speculative``, ``fast_decode``) on for this row's
+    calls only: the same instance (weights at the same addresses), so the two rows differ by
+    the steps alone — separate copies of a model differ in speed by more than a step saves on
+    this machine — and a twin costs no memory. The methods the steps set on the instance are
+    taken off it and put back around each of this row's calls (with those of ``base``'s)."""
     model, prompt = base.model, base.prompt
     assert model is not None and prompt is not None
-    sl.compress(model, {"steps": [{"method": "fast_decode"}]}, inplace=True)
-    fast = vars(model).pop("forward")
+    sl.compress(model, {"steps": steps}, inplace=True)
+    installs = {**base.installs, **{k: vars(model).pop(k) for k in TWIN_ATTRS if k in vars(model)}}
     kwargs = generate_kwargs(model, args, mode)
 
     def decode(n: int) -> tuple[float, float]:
-        model.forward = fast
+        vars(model).update(installs)
         try:
             return decode_once(model, prompt, new_tokens(kwargs, n))
         finally:
-            vars(model).pop("forward")
+            for name in installs:
+                vars(model).pop(name)
 
-    return Row(decode, base.bytes, base.path, base.cache, model, prompt)
+    return Row(decode, base.bytes, base.path, base.cache, model, prompt, installs)
+
+
+def twin_steps(args: argparse.Namespace, name: str) -> list[dict[str, Any]]:
+    """The steps a twin row adds to its base row (the row without its last suffix)."""
+    if fast_of(name):
+        return [{"method": "fast_decode"}]
+    return [speculative_step(args)]
+
+
+def base_of(name: str) -> str:
+    """The row a twin row is made from: ``name`` without its last suffix."""
+    for suffix in (FAST_SUFFIX, SPECULATIVE_SUFFIX):
+        if name.endswith(suffix):
+            return name.removesuffix(suffix)
+    return name
 
 
 def measure_rows(args: argparse.Namespace) -> dict[tuple[str, str], dict[str, Any]]:
-    """Build every row's model, then time them interleaved."""
+    """Build every row's model, then time them interleaved (warm-up rounds of
+    ``--warmup-tokens`` new tokens, then ``--runs`` rounds of ``--new-tokens``)."""
+    for name, _ in row_names(args):  # the GGUF files first, before rows fill the memory
+        variant = variant_of(name)[0]
+        if variant.gguf is not None:
+            gguf_file(args, variant.gguf)
+            settle_memory()
     built: dict[tuple[str, str], Row] = {}
     results: dict[tuple[str, str], dict[str, Any]] = {}
     for key in row_names(args):
         start = time.perf_counter()
         name, mode = key
-        twin_of = (name.removesuffix(FAST_SUFFIX), mode)
-        built[key] = (fast_twin(args, built[twin_of], mode) if fast_of(name) and twin_of in built
+        base = (base_of(name), mode)
+        built[key] = (twin(args, built[base], mode, twin_steps(args, name)) if base in built
                       else build_row(args, *key))
         settle_memory()  # hand back the heap the float32 copy used: every row stays resident
         results[key] = {"bytes": built[key].bytes, "path": built[key].path, "cache": built[key].cache,
-                        "build_s": time.perf_counter() - start, "prefill": [], "tps": []}
+                        "build_s": time.perf_counter() - start, "prefill": [], "tps": [],
+                        "twin": base if base in built and base != key else None}
         print(f"built {key[0]} ({key[1]}) in {results[key]['build_s']:.1f} s", flush=True)
     for round_index in range(args.warmup + args.runs):
+        warm = round_index < args.warmup
         for key, row in built.items():
-            prefill, tps = row.decode(args.new_tokens)
-            if round_index >= args.warmup:
+            prefill, tps = row.decode(args.warmup_tokens if warm else args.new_tokens)
+            if not warm:
                 results[key]["prefill"].append(prefill)
                 results[key]["tps"].append(tps)
         print(f"round {round_index + 1}/{args.warmup + args.runs} done", flush=True)
@@ -487,6 +525,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--warmup-tokens", type=int, default=None,
+                        help="new tokens in a warm-up round (default --new-tokens)")
     parser.add_argument("--rows", default=",".join(VARIANTS), help=f"comma list of {list(VARIANTS)}")
     parser.add_argument("--modes", default="default", help=f"comma list of {list(MODES)}")
     parser.add_argument("--quantize-head", action="store_true",
@@ -507,8 +547,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.new_tokens < 2:
         raise SystemExit("--new-tokens must be at least 2 (decode speed is timed between tokens)")
-    if "compile" in args.modes and args.warmup < 1:
-        raise SystemExit("static+compile needs --warmup >= 1: the first generate compiles")
+    args.warmup_tokens = args.warmup_tokens or args.new_tokens
+    if args.warmup_tokens < 2:
+        raise SystemExit("--warmup-tokens must be at least 2")
+    if "compile" in args.modes and (args.warmup < 1 or args.warmup_tokens != args.new_tokens):
+        raise SystemExit("static+compile needs a full-length warm-up (--warmup >= 1, no "
+                         "--warmup-tokens): the first generate of each length compiles")
     torch.set_num_threads(args.threads)
     if args.child:
         run_child(args)
@@ -517,7 +561,9 @@ def main() -> None:
     results = measure_rows(args)
     again = streaming_read_bandwidth(args.bandwidth_mib * MiB)  # the machine may have changed
     bandwidth = max(reads.best_bytes_per_s, again.best_bytes_per_s)
-    peaks = {key: child_peak(args, *key) for key in results} if args.memory else {}
+    # A twin is its base row's instance with a step switched on: measured with its base.
+    peaks = {key: "with base" if r["twin"] else child_peak(args, *key)
+             for key, r in results.items()} if args.memory else {}
     header, rows = table(args, results, bandwidth, peaks)
     title = f"Batch-1 greedy decode, {args.model}"
     print_table(title, header, rows)
