@@ -448,13 +448,14 @@ def measure_rows(args: argparse.Namespace) -> dict[tuple[str, str], dict[str, An
                         "twin": base if base in built and base != key else None}
         print(f"built {key[0]} ({key[1]}) in {results[key]['build_s']:.1f} s", flush=True)
     for round_index in range(args.warmup + args.runs):
-        warm = round_index < args.warmup
+        start, warm = time.perf_counter(), round_index < args.warmup
         for key, row in built.items():
             prefill, tps = row.decode(args.warmup_tokens if warm else args.new_tokens)
             if not warm:
                 results[key]["prefill"].append(prefill)
                 results[key]["tps"].append(tps)
-        print(f"round {round_index + 1}/{args.warmup + args.runs} done", flush=True)
+        print(f"round {round_index + 1}/{args.warmup + args.runs} done in "
+              f"{time.perf_counter() - start:.0f} s", flush=True)
     return results
 
 
