@@ -42,6 +42,9 @@ Columns:
   over the bound;
 - path: the matmul slimline's quantized layers run at one row (``gemv``: its own kernel;
   ``onednn``: the onednn step's);
+- drafts accepted, tokens/forward (``--speculative``): over the timed runs, the share of
+  drafted tokens the target kept and the tokens each verify forward emitted (the model's
+  ``speculative_stats``; "-" for a row that does not speculate);
 - peak RSS (``--memory``): each row in a child process of its own, the resident-set
   high-water mark over one ``generate`` (model resident, interpreter included), after the
   heap freed while making the row is handed back (``malloc_trim``); a twin's is its base
@@ -450,13 +453,27 @@ def measure_rows(args: argparse.Namespace) -> dict[tuple[str, str], dict[str, An
     for round_index in range(args.warmup + args.runs):
         start, warm = time.perf_counter(), round_index < args.warmup
         for key, row in built.items():
+            before = speculation_counts(row.model)
             prefill, tps = row.decode(args.warmup_tokens if warm else args.new_tokens)
             if not warm:
                 results[key]["prefill"].append(prefill)
                 results[key]["tps"].append(tps)
+                after = speculation_counts(row.model)
+                counts = results[key].setdefault("speculation", [0, 0, 0, 0])
+                for i, (a, b) in enumerate(zip(after, before, strict=True)):
+                    counts[i] += a - b
         print(f"round {round_index + 1}/{args.warmup + args.runs} done in "
               f"{time.perf_counter() - start:.0f} s", flush=True)
     return results
+
+
+def speculation_counts(model: nn.Module | None) -> tuple[int, int, int, int]:
+    """(drafted, accepted, verify rounds, tokens those rounds emitted) a speculative model has
+    counted so far (``speculative_stats``); zeros for any other row."""
+    stats = getattr(model, "speculative_stats", None)
+    if stats is None:
+        return 0, 0, 0, 0
+    return stats.drafted, stats.accepted, stats.rounds, stats.new_tokens - stats.prefills
 
 
 def child_peak(args: argparse.Namespace, row: str, mode: str) -> int | str:
@@ -494,6 +511,8 @@ def table(args: argparse.Namespace, results: dict[tuple[str, str], dict[str, Any
           bandwidth: float, peaks: dict[tuple[str, str], int | str]) -> tuple[list[str], list[list[Any]]]:
     header = ["row", "cache", "tokens/s", "× fp32", "prefill ms", "weights MiB/token",
               "bound tokens/s", "fraction of bound", "path"]  # fmt: skip
+    if args.speculative:
+        header += ["drafts accepted", "tokens/forward"]
     if peaks:
         header.append("peak RSS MiB")
     base = {m: statistics.median(r["tps"]) for (row, m), r in results.items() if row == "fp32"}
@@ -510,6 +529,10 @@ def table(args: argparse.Namespace, results: dict[tuple[str, str], dict[str, Any
         line = [label, r["cache"], f"{tps:.2f}", ratio,
                 f"{1e3 * statistics.median(r['prefill']):.0f}", f"{r['bytes'] / MiB:.0f}",
                 f"{bound:.1f}", f"{tps / bound:.0%}", r["path"]]  # fmt: skip
+        if args.speculative:
+            drafted, accepted, rounds, emitted = r.get("speculation", (0, 0, 0, 0))
+            line += ([f"{accepted / drafted:.0%}" if drafted else "none drafted",
+                      f"{emitted / rounds:.2f}"] if rounds else ["-", "-"])
         if peaks:
             peak = peaks[(row, mode)]
             line.append(f"{peak / MiB:.0f}" if isinstance(peak, int) else peak)
