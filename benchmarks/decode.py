@@ -414,19 +414,14 @@ def twin(args: argparse.Namespace, base: Row, mode: str, steps: list[dict[str, A
     return Row(decode, base.bytes, base.path, base.cache, model, prompt, installs)
 
 
-def twin_steps(args: argparse.Namespace, name: str) -> list[dict[str, Any]]:
-    """The steps a twin row adds to its base row (the row without its last suffix)."""
+def twin_of(args: argparse.Namespace, name: str) -> tuple[str, list[dict[str, Any]]]:
+    """The row a twin row is made from (``name`` without its last suffix) and the steps it
+    adds; ``(name, [])`` for a row that is no twin."""
     if fast_of(name):
-        return [{"method": "fast_decode"}]
-    return [speculative_step(args)]
-
-
-def base_of(name: str) -> str:
-    """The row a twin row is made from: ``name`` without its last suffix."""
-    for suffix in (FAST_SUFFIX, SPECULATIVE_SUFFIX):
-        if name.endswith(suffix):
-            return name.removesuffix(suffix)
-    return name
+        return name.removesuffix(FAST_SUFFIX), [{"method": "fast_decode"}]
+    if name.endswith(SPECULATIVE_SUFFIX):
+        return name.removesuffix(SPECULATIVE_SUFFIX), [speculative_step(args)]
+    return name, []
 
 
 def measure_rows(args: argparse.Namespace) -> dict[tuple[str, str], dict[str, Any]]:
@@ -442,13 +437,12 @@ def measure_rows(args: argparse.Namespace) -> dict[tuple[str, str], dict[str, An
     for key in row_names(args):
         start = time.perf_counter()
         name, mode = key
-        base = (base_of(name), mode)
-        built[key] = (twin(args, built[base], mode, twin_steps(args, name)) if base in built
-                      else build_row(args, *key))
+        base, steps = twin_of(args, name)
+        built[key] = twin(args, built[(base, mode)], mode, steps) if steps else build_row(args, *key)
         settle_memory()  # hand back the heap the float32 copy used: every row stays resident
         results[key] = {"bytes": built[key].bytes, "path": built[key].path, "cache": built[key].cache,
                         "build_s": time.perf_counter() - start, "prefill": [], "tps": [],
-                        "twin": base if base in built and base != key else None}
+                        "twin": bool(steps)}
         print(f"built {key[0]} ({key[1]}) in {results[key]['build_s']:.1f} s", flush=True)
     for round_index in range(args.warmup + args.runs):
         start, warm = time.perf_counter(), round_index < args.warmup
