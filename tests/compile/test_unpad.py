@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import slimline as sl
+from slimline.compile import varlen_attention as varlen
 from slimline.compile.unpad import WRITTEN_OUT_MAX, attention, forwards, pack_index, scatter
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -69,11 +70,34 @@ def alone(model: nn.Module, batch: dict[str, torch.Tensor]) -> list[torch.Tensor
     return out
 
 
+@pytest.fixture(params=["varlen kernel", "padded attention"])
+def attention_path(request: pytest.FixtureRequest,
+                   monkeypatch: pytest.MonkeyPatch) -> tuple[str, list[int]]:
+    """Which attention the packed layers run, and a list that grows by one each time they call
+    the varlen kernel; under "padded attention" the kernel is declared unavailable, so attention
+    runs in torch on the padded layout."""
+    calls: list[int] = []
+    run = varlen.varlen_attention
+
+    def counted(*args: Any) -> torch.Tensor:
+        calls.append(1)
+        return run(*args)
+
+    monkeypatch.setattr(varlen, "varlen_attention", counted)
+    if request.param == "padded attention":
+        monkeypatch.setattr(varlen, "unsupported", lambda *_: "switched off by the test")
+    elif varlen.library_problem():
+        pytest.skip(varlen.library_problem())
+    return request.param, calls
+
+
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize(("left", "lengths"), [(False, [7, 1, 12, 3]), (True, [7, 1, 12, 3]),
                                                (False, [WRITTEN_OUT_MAX + 6, 40])])  # fused
 def test_each_real_token_equals_its_sentence_run_alone(attn: str, left: bool,
-                                                       lengths: list[int]) -> None:
+                                                       lengths: list[int],
+                                                       attention_path: tuple[str, list[int]],
+                                                       ) -> None:
     model = _bert(attn)
     fast = unpadded(model)
     batch = _batch(lengths, left=left)
@@ -94,6 +118,8 @@ def test_each_real_token_equals_its_sentence_run_alone(attn: str, left: bool,
                                    rtol=1e-5, atol=1e-5)
     assert calls(fast) == 1
     assert "forward" not in vars(model)  # the input model is untouched
+    path, kernel_calls = attention_path  # the kernel ran once a layer, or (switched off) never
+    assert len(kernel_calls) == (2 if path == "varlen kernel" else 0)
 
 
 def test_a_head_model_and_positional_arguments() -> None:

@@ -8,11 +8,14 @@ the model, as ByteTransformer does on GPUs (Zhai et al., "ByteTransformer: A Hig
 Transformer Boosted for Variable-Length Inputs", IPDPS 2023, arXiv 2210.03052): the
 embeddings run on the batch as given, the real tokens are gathered into one (tokens, hidden)
 matrix, and each layer's query/key/value projections, attention output, feed-forward and norms
-run on that matrix; only the attention itself sees the padded (batch, heads, length, head)
-layout again — scattered there for one scaled dot-product attention with the key padding mask
-and gathered back. The model's own submodules run on the packed tokens (so quantized, cast or
-hooked layers run as they are); a real token's output equals the padded model's to float
-rounding, since every step but attention is per token and attention masks the padded keys.
+run on that matrix, and so does attention: each sentence's queries over its own keys, one C
+call a layer (:mod:`slimline.compile.varlen_attention`). Where that kernel cannot run (no C
+compiler, autograd, heads not a multiple of 8 columns wide, neither float32 nor bfloat16) the
+packed rows are scattered to the padded (batch, heads, length, head) layout for one attention
+with the key padding mask and gathered back. The model's own submodules run on the packed
+tokens (so quantized, cast or hooked layers run as they are); a real token's output equals the
+padded model's to float rounding, since every step but attention is per token and attention
+sees the real keys only.
 
 What changes: positions the mask marks as padding hold zeros in ``last_hidden_state`` (the
 padded model leaves values there that nothing should read). The pooler reads position 0 as it
@@ -41,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slimline.compile import varlen_attention as varlen
 from slimline.core.config import MethodConfig
 from slimline.core.families import Family
 from slimline.core.registry import StepContext, StepOutcome, register
@@ -152,8 +156,9 @@ def scatter(tokens: torch.Tensor, index: torch.Tensor, positions: int) -> torch.
     return tokens.new_zeros(positions, tokens.shape[-1]).index_copy(0, index, tokens)
 
 
-# Up to this many positions a row, attention written out (two matmuls and a softmax, which
-# TorchInductor fuses with the gathers around them) ran faster than torch's fused kernel: minilm
+# Padded attention (where the varlen kernel cannot run): up to this many positions a row,
+# attention written out (two matmuls and a softmax, which TorchInductor fuses with the gathers
+# around them) ran faster than torch's fused kernel: minilm
 # with smoothquant static + unpad + compile, 2 threads, AVX-512 VNNI, written-out ÷ fused time:
 # 32 positions 0.91, 64 0.99, 128 1.03, 192 1.15, 256 1.18.
 WRITTEN_OUT_MAX = 64
@@ -179,20 +184,26 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Ten
 
 
 def packed_layer(layer: Any, h: torch.Tensor, index: torch.Tensor, keep: torch.Tensor,
-                 eager: bool) -> torch.Tensor:
+                 starts: torch.Tensor, eager: bool) -> torch.Tensor:
     """One BERT layer on the packed tokens ``h`` (T, hidden): post-norm self-attention and
     feed-forward (Devlin et al., arXiv 1810.04805) through the layer's own submodules
-    (``layer``: a BertLayer-shaped module, checked by :func:`encoders`)."""
+    (``layer``: a BertLayer-shaped module, checked by :func:`encoders`). Attention runs on the
+    packed rows (:mod:`slimline.compile.varlen_attention`, sequence b in rows ``starts[b]`` to
+    ``starts[b + 1] - 1``) where its C kernel takes them, else in the padded layout."""
     block = layer.attention.self
     batch, length = keep.shape
     size = int(block.attention_head_size)
+    q, k, v = block.query(h), block.key(h), block.value(h)
+    if not varlen.unsupported(q, k, v, size):
+        mixed = varlen.varlen_attention(q, k, v, starts, q.shape[-1] // size,
+                                        float(block.scaling))
+    else:
 
-    def heads(t: torch.Tensor) -> torch.Tensor:
-        return scatter(t, index, batch * length).view(batch, length, -1, size).transpose(1, 2)
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return scatter(t, index, batch * length).view(batch, length, -1, size).transpose(1, 2)
 
-    mixed = attention(heads(block.query(h)), heads(block.key(h)), heads(block.value(h)), keep,
-                      float(block.scaling), eager)
-    mixed = mixed.transpose(1, 2).reshape(batch * length, -1).index_select(0, index)
+        mixed = attention(heads(q), heads(k), heads(v), keep, float(block.scaling), eager)
+        mixed = mixed.transpose(1, 2).reshape(batch * length, -1).index_select(0, index)
     h = layer.attention.output(mixed, h)
     out: torch.Tensor = layer.output(layer.intermediate(h), h)
     return out
@@ -226,8 +237,9 @@ class UnpaddedForward:
         batch, length, width = embedded.shape
         h = embedded.reshape(batch * length, width).index_select(0, index)
         eager = written_out(getattr(model.config, "_attn_implementation", None), length)
+        starts = varlen.starts_of(mask)
         for layer in model.encoder.layer:
-            h = packed_layer(layer, h, index, mask, eager)
+            h = packed_layer(layer, h, index, mask, starts, eager)
         hidden = scatter(h, index, batch * length).view(batch, length, -1)
         pooled = model.pooler(hidden) if model.pooler is not None else None
         return self.output(last_hidden_state=hidden, pooler_output=pooled)

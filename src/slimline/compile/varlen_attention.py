@@ -1,0 +1,148 @@
+"""Attention over packed sequences of different lengths: one C call, no padding (``unpad``).
+
+The ``unpad`` step runs a BERT-like encoder's layers on the real tokens of a padded batch,
+packed into one (tokens, hidden) matrix (ByteTransformer, Zhai et al., arXiv 2210.03052). Its
+attention used to scatter queries, keys and values back to the padded (batch, heads, length,
+head) layout, multiply there, mask the padded keys and gather the result back: on the built-in
+``minilm``'s test batch (633 real tokens of 32 × 46) that was as much time as all of its int8
+GEMMs. ``csrc/varlen_attention.c`` attends within each sequence's own rows of the packed
+matrices instead (the varlen attention of FlashAttention's and ByteTransformer's GPU kernels):
+the work is Σ_b n_b² per head rather than batch · length², and nothing is scattered.
+
+It is a custom op (``torch.ops.slimline.varlen_attention``), opaque to ``torch.compile``, which
+calls it between the fused kernels around it. Built as the other C kernels are
+(:mod:`slimline.core.native`) and loaded with ctypes; :func:`unsupported` says when it cannot
+run (no C compiler, not x86 with AVX2, a dtype other than float32 / bfloat16, autograd
+asked for), and the caller then computes attention in torch.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import register_flop_formula
+
+from slimline.core import native
+
+SOURCE = Path(__file__).with_name("csrc") / "varlen_attention.c"
+_OP = "slimline::varlen_attention"
+_KINDS = {torch.float32: 0, torch.bfloat16: 1}
+_X86 = frozenset({"x86_64", "amd64"})
+
+
+@functools.cache
+def _library() -> Any:
+    """The loaded library, or a string saying why there is none."""
+    if platform.machine().lower() not in _X86:
+        return f"the varlen attention kernel is x86 only (this CPU: {platform.machine()})"
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return "the varlen attention kernel needs AVX2 + FMA, which this CPU lacks"
+    compiler = native.compiler()
+    if compiler is None:
+        return "no C compiler to build the varlen attention kernel: install gcc (or set $CC)"
+    try:
+        lib = ctypes.CDLL(str(native.build_library(compiler, "varlen_attention", (SOURCE,))))
+    except (OSError, subprocess.SubprocessError) as err:
+        return f"building the varlen attention kernel with {compiler} failed: {err}"
+    pointer, size = ctypes.c_void_p, ctypes.c_int64
+    lib.slimline_varlen_attention.restype = ctypes.c_int
+    lib.slimline_varlen_attention.argtypes = [
+        pointer, pointer, pointer, size, size, size, pointer, size, size, size, ctypes.c_float,
+        ctypes.c_int, pointer, size,
+    ]  # fmt: skip
+    _register_op()
+    return lib
+
+
+@torch.compiler.assume_constant_result  # a fact of the machine: a constant when compiling
+def library_problem() -> str:
+    """Why the kernel cannot run on this machine ("" when it can); builds it if needed."""
+    found = _library()
+    return found if isinstance(found, str) else ""
+
+
+def unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_size: int) -> str:
+    """Why :func:`varlen_attention` cannot take these projections, heads of ``head_size``
+    columns ("" when it can)."""
+    problem = library_problem()
+    if problem:
+        return problem
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in _KINDS:
+        return (f"queries, keys and values are {q.dtype}, {k.dtype}, {v.dtype} (float32 or "
+                "bfloat16)")
+    if any(t.device.type != "cpu" or t.dim() != 2 or t.stride(-1) != 1 for t in (q, k, v)):
+        return ("queries, keys and values must be (tokens, width) CPU matrices with unit "
+                "column stride")
+    if head_size % 8 or q.shape[-1] % head_size:
+        return f"heads of {head_size} columns (the kernel takes multiples of 8)"
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        return "autograd through the C kernel is not supported (torch computes it instead)"
+    return ""
+
+
+def starts_of(mask: torch.Tensor) -> torch.Tensor:
+    """(batch + 1,) int64 offsets of each row's real tokens in the packed order of a 0/1
+    ``mask`` (batch, length): row b holds packed rows ``starts[b]`` to ``starts[b + 1] - 1``."""
+    counts = (mask != 0).sum(dim=1)
+    return torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: torch.Tensor,
+                     heads: int, scale: float) -> torch.Tensor:
+    """Softmax attention (Vaswani et al., arXiv 1706.03762) of packed sequences: ``q``, ``k``,
+    ``v`` (T, heads · D), sequence b in rows ``starts[b]`` to ``starts[b + 1] - 1``, each head's
+    queries attending over its own sequence's keys only; returns (T, heads · D) in ``q``'s
+    dtype. Check :func:`unsupported` first."""
+    problem = library_problem()  # also defines the op, on first use
+    if problem:
+        raise RuntimeError(problem)
+    out: torch.Tensor = torch.ops.slimline.varlen_attention(q, k, v, starts, heads, scale)
+    return out
+
+
+def _varlen_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: torch.Tensor,
+               heads: int, scale: float) -> torch.Tensor:
+    found = _library()
+    width = q.shape[1]
+    if width % heads or width // heads % 8 or k.shape[1] != width or v.shape[1] != width:
+        raise ValueError(f"varlen attention: widths {q.shape[1]}, {k.shape[1]}, {v.shape[1]} "
+                         f"are not the same multiple of {heads} heads of a multiple of 8")
+    bounds = starts.to(torch.int64).contiguous()
+    if bounds.dim() != 1 or int(bounds[-1]) != q.shape[0]:
+        raise ValueError(f"varlen attention: the offsets end at {int(bounds[-1])}, not at the "
+                         f"{q.shape[0]} packed rows")
+    out = torch.empty(q.shape, dtype=q.dtype)
+    failed = found.slimline_varlen_attention(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), q.stride(0), k.stride(0), v.stride(0),
+        bounds.data_ptr(), bounds.numel() - 1, heads, width // heads, scale, _KINDS[q.dtype],
+        out.data_ptr(), out.stride(0),
+    )  # fmt: skip
+    if failed:
+        raise MemoryError("varlen attention: no memory for the per-thread scratch rows")
+    return out
+
+
+@functools.cache
+def _register_op() -> None:
+    """Define ``torch.ops.slimline.varlen_attention`` (once, when the library loads)."""
+    op = torch.library.custom_op(_OP, mutates_args=())(_varlen_op)
+
+    def fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: torch.Tensor,
+             heads: int, scale: float) -> torch.Tensor:
+        return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+    op.register_fake(fake)
+
+    @register_flop_formula(torch.ops.slimline.varlen_attention, get_raw=True)
+    def flops(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: torch.Tensor,
+              heads: int, scale: float, *_: Any, **__: Any) -> int:
+        # Two (n × D) · (D × n) products a head and sequence, counted as FlopCounterMode
+        # counts bmm: 2 flops a multiply-add.
+        lengths = starts[1:] - starts[:-1]
+        return int(4 * int((lengths * lengths).sum()) * q.shape[1])

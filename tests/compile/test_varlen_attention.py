@@ -1,0 +1,109 @@
+"""The packed varlen attention kernel against each sequence's softmax attention written out in
+torch (the textbook answer), and what it refuses."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from slimline.compile import varlen_attention as varlen
+
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    pytest.mark.skipif(bool(varlen.library_problem()), reason=varlen.library_problem()),
+]
+
+
+def textbook(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int],
+             heads: int, scale: float) -> torch.Tensor:
+    """softmax(q kᵀ · scale) v for each sequence and head, in float64."""
+    out, start = [], 0
+    for n in lengths:
+        rows = slice(start, start + n)
+        q1, k1, v1 = (t[rows].double().unflatten(-1, (heads, -1)).transpose(0, 1)
+                      for t in (q, k, v))
+        probs = torch.softmax(q1 @ k1.transpose(1, 2) * scale, dim=-1)
+        out.append((probs @ v1).transpose(0, 1).flatten(1))
+        start += n
+    return torch.cat(out)
+
+
+def packed(lengths: list[int], width: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    total = sum(lengths)
+    q, k, v = (torch.randn(total, width, generator=g) for _ in range(3))
+    starts = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    return q, k, v, starts
+
+
+@pytest.mark.parametrize(("lengths", "heads", "head"), [
+    ([7, 1, 12, 3], 4, 8),
+    ([46, 15, 38, 9, 1, 33], 12, 32),  # minilm's heads
+    ([130, 17, 64, 0, 5], 2, 64),      # past 128 keys; an empty row
+    ([20, 9], 3, 40),                  # a head of 32 + 8 columns
+])
+def test_float32_equals_the_textbook(lengths: list[int], heads: int, head: int) -> None:
+    q, k, v, starts = packed(lengths, heads * head)
+    scale = head ** -0.5
+    got = varlen.varlen_attention(q, k, v, starts, heads, scale)
+    want = textbook(q, k, v, lengths, heads, scale)
+    assert got.dtype == torch.float32 and got.shape == q.shape
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_rows_and_strided_views() -> None:
+    """q, k, v as column blocks of one fused (T, 3W) projection, in bfloat16: read in place,
+    arithmetic in float32, the output rounded once."""
+    lengths, heads, head = [11, 30, 4], 4, 16
+    width = heads * head
+    fused = torch.randn(sum(lengths), 3 * width).bfloat16()
+    q, k, v = fused.split(width, dim=1)
+    starts = torch.tensor([0, 11, 41, 45])
+    got = varlen.varlen_attention(q, k, v, starts, heads, 0.25)
+    want = textbook(q, k, v, lengths, heads, 0.25)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.double(), want.bfloat16().double(), rtol=0, atol=2 ** -7)
+
+
+def test_offsets_from_any_mask_and_the_flop_count() -> None:
+    mask = torch.tensor([[1, 1, 0, 0], [0, 1, 1, 1], [0, 0, 0, 0], [1, 0, 1, 0]])
+    starts = varlen.starts_of(mask)
+    assert starts.tolist() == [0, 2, 5, 5, 7]
+    q, k, v, _ = packed([2, 3, 0, 2], 16)
+    with FlopCounterMode(display=False) as counter:
+        varlen.varlen_attention(q, k, v, starts, 2, 0.5)
+    # two n × D · D × n products per sequence and head, 2 flops a multiply-add
+    assert counter.get_total_flops() == sum(4 * n * n * 16 for n in (2, 3, 0, 2))
+
+
+def test_under_torch_compile_with_tokens_of_any_count() -> None:
+    run = torch.compile(lambda q, k, v, s: varlen.varlen_attention(q, k, v, s, 2, 0.5) * 2,
+                        dynamic=True)
+    for lengths in ([5, 3], [9, 1, 6]):
+        q, k, v, starts = packed(lengths, 16, seed=len(lengths))
+        torch.testing.assert_close(run(q, k, v, starts),
+                                   2 * textbook(q, k, v, lengths, 2, 0.5).float(),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_nan_stays_in_its_sequence() -> None:
+    q, k, v, starts = packed([4, 6], 16)
+    q[5, 3] = float("nan")  # the second sequence's second query, first head
+    got = varlen.varlen_attention(q, k, v, starts, 2, 0.5)
+    want = textbook(q, k, v, [4, 6], 2, 0.5)
+    assert torch.equal(got.isnan(), want.isnan())
+    assert bool(got[5, :8].isnan().all()) and not bool(got[:4].isnan().any())
+
+
+def test_what_it_does_not_take() -> None:
+    q, k, v, _ = packed([3, 2], 24)
+    assert "multiples of 8" in varlen.unsupported(q, k, v, 12)
+    assert "float32 or bfloat16" in varlen.unsupported(q.half(), k.half(), v.half(), 8)
+    assert "(tokens, width)" in varlen.unsupported(q.t(), k, v, 8)
+    grad = q.clone().requires_grad_()
+    assert "autograd" in varlen.unsupported(grad, k, v, 8)
+    with torch.no_grad():
+        assert varlen.unsupported(grad, k, v, 8) == ""
+    with pytest.raises(ValueError, match="offsets end at 4"):
+        varlen.varlen_attention(q, k, v, torch.tensor([0, 4]), 3, 0.5)
