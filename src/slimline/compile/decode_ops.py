@@ -25,6 +25,8 @@ from slimline.core import native
 SOURCE = Path(__file__).with_name("csrc") / "decode_ops.c"
 # A whole block's step (slimline.compile.decode_block), linked with the gemv kernels it calls.
 BLOCK_SOURCE = Path(__file__).with_name("csrc") / "decode_block.c"
+# The vectorised exp that decode_block.c and varlen_attention.c include.
+EXP_HEADER = Path(__file__).with_name("csrc") / "vector_exp.h"
 
 
 @functools.cache
@@ -39,7 +41,8 @@ def _library() -> Any:
         return None
     try:
         sources = (SOURCE, BLOCK_SOURCE, kernels_gemv.SOURCE, kernels_gemv.SOURCE_A8)
-        lib = ctypes.CDLL(str(native.build_library(compiler, "decode_ops", sources)))
+        lib = ctypes.CDLL(str(native.build_library(compiler, "decode_ops", sources,
+                                                   (EXP_HEADER,))))
     except (OSError, subprocess.SubprocessError):
         return None
     pointer, size, real = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float

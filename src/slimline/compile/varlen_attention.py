@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
+from slimline.compile.decode_ops import EXP_HEADER
 from slimline.core import native
 
 SOURCE = Path(__file__).with_name("csrc") / "varlen_attention.c"
@@ -47,7 +48,8 @@ def _library() -> Any:
     if compiler is None:
         return "no C compiler to build the varlen attention kernel: install gcc (or set $CC)"
     try:
-        lib = ctypes.CDLL(str(native.build_library(compiler, "varlen_attention", (SOURCE,))))
+        path = native.build_library(compiler, "varlen_attention", (SOURCE,), (EXP_HEADER,))
+        lib = ctypes.CDLL(str(path))
     except (OSError, subprocess.SubprocessError) as err:
         return f"building the varlen attention kernel with {compiler} failed: {err}"
     pointer, size = ctypes.c_void_p, ctypes.c_int64

@@ -28,15 +28,17 @@ def compiler() -> str | None:
     return shutil.which(os.environ.get("CC", "cc"))
 
 
-def build_library(compiler: str, name: str, sources: tuple[Path, ...]) -> Path:
+def build_library(compiler: str, name: str, sources: tuple[Path, ...],
+                  headers: tuple[Path, ...] = ()) -> Path:
     """A shared library of ``sources`` compiled with :data:`FLAGS`, cached under the slimline
-    cache (``kernels/NAME-DIGEST.so``) by a digest of the sources, flags, compiler and
-    machine; compiled first if missing (atomic rename, so concurrent builds are safe)."""
+    cache (``kernels/NAME-DIGEST.so``) by a digest of the sources, the ``headers`` they
+    include, flags, compiler and machine; compiled first if missing (atomic rename, so
+    concurrent builds are safe)."""
     version = subprocess.run(
         [compiler, "--version"], capture_output=True, text=True, check=True, timeout=60
     ).stdout
     digest = hashlib.sha256(
-        b"".join(source.read_bytes() for source in sources) + " ".join(FLAGS).encode()
+        b"".join(path.read_bytes() for path in (*sources, *headers)) + " ".join(FLAGS).encode()
         + version.encode() + platform.machine().encode()
     ).hexdigest()[:16]  # fmt: skip
     directory = cache_root() / "kernels"

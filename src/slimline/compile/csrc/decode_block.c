@@ -16,7 +16,7 @@
  * (Ainslie et al., arXiv 2305.13245): query head h reads key/value head h / (H / KV).
  * Attention keeps scores and softmax in float32, one task per key/value head and group of up
  * to 8 of its query heads (each key and value row read once for the group); exp is a
- * polynomial (Cephes' expf: range reduction by ln 2, degree-5 minimax polynomial, ~1 ulp).
+ * polynomial (vector_exp.h: Cephes' expf, ~1 ulp).
  * Results differ from torch's ops in the last bits (other summation orders).
  */
 #include <math.h>
@@ -24,6 +24,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <immintrin.h>
+
+#include "vector_exp.h"
 
 /* from the gemv sources and decode_ops.c, compiled into the same library */
 int slimline_gemv(const float *x, int64_t M, int64_t K, const uint8_t *qweight, int64_t N,
@@ -56,33 +58,14 @@ struct slimline_block {
 #define AVX2 __attribute__((target("avx2,fma")))
 #define GROUP_HEADS 8 /* query heads sharing one pass over a key/value head's rows */
 
-/* e^x for x <= 0 (softmax after the maximum is taken off; silu's e^-|g|), 8 lanes. */
-AVX2 static inline __m256 exp_avx2(__m256 x) {
-    x = _mm256_max_ps(_mm256_set1_ps(-87.33654f), x); /* NaN stays NaN */
-    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n),
-                                                         _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
-
 /* e^x for n values x <= 0, in place. */
 AVX2 static void exp_in_place(float *x, int64_t n) {
     int64_t i = 0;
-    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, exp_avx2(_mm256_loadu_ps(x + i)));
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, slimline_exp_nonpositive(_mm256_loadu_ps(x + i)));
     if (i < n) {
         float tail[8] = {0, 0, 0, 0, 0, 0, 0, 0};
         memcpy(tail, x + i, (size_t)(n - i) * sizeof(float));
-        _mm256_storeu_ps(tail, exp_avx2(_mm256_loadu_ps(tail)));
+        _mm256_storeu_ps(tail, slimline_exp_nonpositive(_mm256_loadu_ps(tail)));
         memcpy(x + i, tail, (size_t)(n - i) * sizeof(float));
     }
 }
@@ -93,7 +76,7 @@ AVX2 static void silu_times(float *gate, const float *up, int64_t n) {
     int64_t i = 0;
     for (; i + 8 <= n; i += 8) {
         const __m256 g = _mm256_loadu_ps(gate + i);
-        const __m256 e = exp_avx2(_mm256_or_ps(g, sign)); /* e^-|g| */
+        const __m256 e = slimline_exp_nonpositive(_mm256_or_ps(g, sign)); /* e^-|g| */
         /* sigmoid(g) = 1 / (1 + e^-g): for g < 0 it is e^g / (1 + e^g) = e / (1 + e) */
         const __m256 negative = _mm256_cmp_ps(g, _mm256_setzero_ps(), _CMP_LT_OQ);
         const __m256 sig = _mm256_div_ps(_mm256_blendv_ps(one, e, negative), _mm256_add_ps(one, e));

@@ -8,10 +8,12 @@
  *
  * so no padded position is ever scattered, multiplied or masked: the work is sum_b n_b^2, not
  * batch * length^2. One task per (sequence, head), shared among the OpenMP threads (the libgomp
- * torch has loaded, so its thread count). A task copies its keys transposed, (D, n), so that a
- * query's n scores are D axpys over contiguous keys; the softmax subtracts the row maximum and
- * runs a vectorised exp; the output is the probability-weighted sum of the value rows, scaled
- * by 1 / sum once at the end.
+ * torch has loaded, so its thread count). A task copies its keys transposed, (D, n), computes
+ * the scores of four queries by sixteen keys at a time (eight independent FMA chains), takes
+ * each row's softmax (maximum off, a vectorised exp: vector_exp.h), and sums the value rows
+ * weighted by the probabilities for two queries at a time (eight accumulators, written out
+ * rather than looped: a loop over an array of them ran 1.2-1.3x slower), scaled by 1 / sum
+ * once at the end.
  *
  * Rows are float32 or bfloat16 (kind 0 / 1: read into float32, the output rounded to nearest
  * even), any row stride; all arithmetic is float32. Sums run in another order than torch's
@@ -23,26 +25,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* exp(x) for x <= 0 in eight lanes: x = n ln2 + r with |r| <= ln2 / 2, exp(r) by the degree-7
- * minimax polynomial of the Cephes library (relative error ~1e-7), times 2^n built in the
- * exponent bits. x below -87.3 (exp < 2^-126) is taken as -87.3; NaN gives NaN. */
-static inline __m256 exp_nonpositive(__m256 x) {
-    x = _mm256_max_ps(_mm256_set1_ps(-87.3f), x); /* NaN stays NaN: maxps returns its second operand */
-    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n),
-                                                         _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
+#include "vector_exp.h"
 
 static inline float read_value(const void *base, int64_t index, int kind) {
     if (kind == 0) return ((const float *)base)[index];
@@ -166,7 +149,7 @@ static void attend_head(const void *q, const void *k, const void *v, int64_t q_s
         const __m256 shift = _mm256_set1_ps(top);
         __m256 total = _mm256_setzero_ps();
         for (int64_t j = 0; j < padded; j += 8) {
-            __m256 p = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(row + j), shift));
+            __m256 p = slimline_exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(row + j), shift));
             if (j + 8 == padded) p = _mm256_and_ps(p, live); /* lanes past n are not keys */
             _mm256_storeu_ps(row + j, p);
             total = _mm256_add_ps(total, p);
