@@ -105,5 +105,8 @@ def test_what_it_does_not_take() -> None:
     assert "autograd" in varlen.unsupported(grad, k, v, 8)
     with torch.no_grad():
         assert varlen.unsupported(grad, k, v, 8) == ""
-    with pytest.raises(ValueError, match="offsets end at 4"):
-        varlen.varlen_attention(q, k, v, torch.tensor([0, 4]), 3, 0.5)
+    for starts in ([0, 4], [0, 4, 3, 5], [1, 5]):  # past the rows, falling, not from 0
+        with pytest.raises(ValueError, match="must rise from 0 to the 5 packed rows"):
+            varlen.varlen_attention(q, k, v, torch.tensor(starts), 3, 0.5)
+    with pytest.raises(ValueError, match="one dtype"):
+        varlen.varlen_attention(q, k.double(), v, torch.tensor([0, 5]), 3, 0.5)

@@ -111,14 +111,19 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: 
 def _varlen_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: torch.Tensor,
                heads: int, scale: float) -> torch.Tensor:
     found = _library()
+    if any(t.dim() != 2 or t.stride(-1) != 1 or t.shape[0] != q.shape[0] or t.dtype != q.dtype
+           or t.device.type != "cpu" for t in (q, k, v)) or q.dtype not in _KINDS:  # fmt: skip
+        raise ValueError("varlen attention: q, k, v must be CPU (tokens, width) matrices of "
+                         "one dtype (float32 or bfloat16), rows of unit column stride")
     width = q.shape[1]
     if width % heads or width // heads % 8 or k.shape[1] != width or v.shape[1] != width:
         raise ValueError(f"varlen attention: widths {q.shape[1]}, {k.shape[1]}, {v.shape[1]} "
                          f"are not the same multiple of {heads} heads of a multiple of 8")
     bounds = starts.to(torch.int64).contiguous()
-    if bounds.dim() != 1 or int(bounds[-1]) != q.shape[0]:
-        raise ValueError(f"varlen attention: the offsets end at {int(bounds[-1])}, not at the "
-                         f"{q.shape[0]} packed rows")
+    if (bounds.dim() != 1 or len(bounds) < 2 or int(bounds[0]) != 0
+            or int(bounds[-1]) != q.shape[0] or bool((bounds[1:] < bounds[:-1]).any())):
+        raise ValueError(f"varlen attention: offsets {bounds.tolist()[:8]}... must rise from 0 "
+                         f"to the {q.shape[0]} packed rows")
     out = torch.empty(q.shape, dtype=q.dtype)
     failed = found.slimline_varlen_attention(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), q.stride(0), k.stride(0), v.stride(0),
