@@ -122,6 +122,29 @@ def test_each_real_token_equals_its_sentence_run_alone(attn: str, left: bool,
     assert len(kernel_calls) == (2 if path == "varlen kernel" else 0)
 
 
+@pytest.mark.skipif(bool(varlen.library_problem()), reason=varlen.library_problem())
+def test_long_rows_with_little_padding_take_the_padded_attention(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from transformers import BertConfig, BertModel
+
+    model = BertModel(BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+                                 num_attention_heads=4, intermediate_size=64,
+                                 max_position_embeddings=320)).eval()
+    fast = unpadded(model)
+    calls: list[int] = []
+    run = varlen.varlen_attention
+    monkeypatch.setattr(varlen, "varlen_attention", lambda *a: calls.append(1) or run(*a))
+    for lengths, kernel in (([300, 296], False), ([300, 5, 17], True)):
+        calls.clear()
+        batch = _batch(lengths)
+        keep = batch["attention_mask"].bool()
+        with torch.no_grad():
+            got = fast(**batch).last_hidden_state[keep]
+            want = model(**batch).last_hidden_state[keep]
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert len(calls) == (2 if kernel else 0), lengths
+
+
 def test_a_head_model_and_positional_arguments() -> None:
     """RoBERTa (positions counted from its padding token) under a classification head."""
     model = _roberta()

@@ -110,3 +110,17 @@ def test_what_it_does_not_take() -> None:
             varlen.varlen_attention(q, k, v, torch.tensor(starts), 3, 0.5)
     with pytest.raises(ValueError, match="one dtype"):
         varlen.varlen_attention(q, k.double(), v, torch.tensor([0, 5]), 3, 0.5)
+
+
+def test_it_pays_on_short_rows_and_on_padding() -> None:
+    def mask(lengths: list[int], width: int) -> torch.Tensor:
+        return (torch.arange(width)[None] < torch.tensor(lengths)[:, None]).long()
+
+    assert varlen.pays(mask([46, 3], 46))
+    assert varlen.pays(mask([256] * 4, 256))  # short rows: always
+    # past ALWAYS: by the real work Σ n² against the padded batch · length²
+    assert not varlen.pays(mask([512, 505, 500, 510], 512))
+    assert varlen.pays(mask([512, 20, 31, 8], 512))
+    rows = [512, 400, 400, 400]
+    share = sum(n * n for n in rows) / (4 * 512 * 512)
+    assert varlen.pays(mask(rows, 512)) == (share <= varlen.WORK_SHARE)

@@ -10,9 +10,10 @@ embeddings run on the batch as given, the real tokens are gathered into one (tok
 matrix, and each layer's query/key/value projections, attention output, feed-forward and norms
 run on that matrix, and so does attention: each sentence's queries over its own keys, one C
 call a layer (:mod:`slimline.compile.varlen_attention`). Where that kernel cannot run (no C
-compiler, autograd, heads not a multiple of 8 columns wide, neither float32 nor bfloat16) the
-packed rows are scattered to the padded (batch, heads, length, head) layout for one attention
-with the key padding mask and gathered back. The model's own submodules run on the packed
+compiler, autograd, heads not a multiple of 8 columns wide, neither float32 nor bfloat16), or
+would be slower (long rows with little padding: ``varlen_attention.pays``), the packed rows
+are scattered to the padded (batch, heads, length, head) layout for one attention with the key
+padding mask and gathered back. The model's own submodules run on the packed
 tokens (so quantized, cast or hooked layers run as they are); a real token's output equals the
 padded model's to float rounding, since every step but attention is per token and attention
 sees the real keys only.
@@ -184,17 +185,18 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Ten
 
 
 def packed_layer(layer: Any, h: torch.Tensor, index: torch.Tensor, keep: torch.Tensor,
-                 starts: torch.Tensor, eager: bool) -> torch.Tensor:
+                 starts: torch.Tensor | None, eager: bool) -> torch.Tensor:
     """One BERT layer on the packed tokens ``h`` (T, hidden): post-norm self-attention and
     feed-forward (Devlin et al., arXiv 1810.04805) through the layer's own submodules
     (``layer``: a BertLayer-shaped module, checked by :func:`encoders`). Attention runs on the
     packed rows (:mod:`slimline.compile.varlen_attention`, sequence b in rows ``starts[b]`` to
-    ``starts[b + 1] - 1``) where its C kernel takes them, else in the padded layout."""
+    ``starts[b + 1] - 1``) where its C kernel takes them, else (or ``starts`` None: the kernel
+    would not pay on this batch) in the padded layout."""
     block = layer.attention.self
     batch, length = keep.shape
     size = int(block.attention_head_size)
     q, k, v = block.query(h), block.key(h), block.value(h)
-    if not varlen.unsupported(q, k, v, size):
+    if starts is not None and not varlen.unsupported(q, k, v, size):
         mixed = varlen.varlen_attention(q, k, v, starts, q.shape[-1] // size,
                                         float(block.scaling))
     else:
@@ -230,14 +232,14 @@ class UnpaddedForward:
         plan = self._plan(args, kwargs)
         if plan is None:
             return type(self.model).forward(self.model, *args, **kwargs)
-        inputs, index = plan
+        inputs, index, kernel = plan
         mask = inputs.pop("attention_mask")
         model: Any = self.model
         embedded = model.embeddings(**inputs)
         batch, length, width = embedded.shape
         h = embedded.reshape(batch * length, width).index_select(0, index)
         eager = written_out(getattr(model.config, "_attn_implementation", None), length)
-        starts = varlen.starts_of(mask)
+        starts = varlen.starts_of(mask) if kernel else None
         for layer in model.encoder.layer:
             h = packed_layer(layer, h, index, mask, starts, eager)
         hidden = scatter(h, index, batch * length).view(batch, length, -1)
@@ -246,16 +248,19 @@ class UnpaddedForward:
 
     @torch.compiler.disable  # type: ignore[misc]
     def _plan(self, args: tuple[Any, ...], kwargs: dict[str, Any]
-              ) -> tuple[dict[str, Any], torch.Tensor] | None:  # fmt: skip
-        """The embedding inputs with the mask, and the real tokens' positions, when this call
-        is one the packed path runs. Not traced by torch.compile: whether a batch has padding,
-        and how many tokens it keeps, depend on the data, and the compiled layers take the
-        positions as an input of dynamic size."""
+              ) -> tuple[dict[str, Any], torch.Tensor, bool] | None:  # fmt: skip
+        """The embedding inputs with the mask, the real tokens' positions, and whether the
+        varlen kernel pays on this batch (:func:`slimline.compile.varlen_attention.pays`),
+        when this call is one the packed path runs. Not traced by torch.compile: whether a
+        batch has padding, how many tokens it keeps and how long its sentences are depend on
+        the data; the compiled layers take the positions as an input of dynamic size, and
+        the choice of attention as a constant (two graphs at most)."""
         inputs = self._inputs(args, kwargs)
         if inputs is None:
             return None
         self.calls += 1
-        return inputs, pack_index(inputs["attention_mask"])
+        mask = inputs["attention_mask"]
+        return inputs, pack_index(mask), varlen.pays(mask)
 
     def _inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any] | None:
         """The embedding inputs and the mask when this call is one the packed path runs."""

@@ -5,9 +5,11 @@ packed into one (tokens, hidden) matrix (ByteTransformer, Zhai et al., arXiv 221
 attention used to scatter queries, keys and values back to the padded (batch, heads, length,
 head) layout, multiply there, mask the padded keys and gather the result back: on the built-in
 ``minilm``'s test batch (633 real tokens of 32 × 46) under ``recipes/encoder-cpu-fast.yaml``
-that took about as long as all of its int8 GEMMs at 1 thread (~37 ms of ~80). ``csrc/varlen_attention.c`` attends within each sequence's own rows of the packed
-matrices instead (the varlen attention of FlashAttention's and ByteTransformer's GPU kernels):
-the work is Σ_b n_b² per head rather than batch · length², and nothing is scattered.
+that took about as long as all of its int8 GEMMs at 1 thread (~37 ms of ~80).
+``csrc/varlen_attention.c`` attends within each sequence's own rows of the packed matrices
+instead (the varlen attention of FlashAttention's and ByteTransformer's GPU kernels): the work
+is Σ_b n_b² per head rather than batch · length², and nothing is scattered. On long rows with
+little padding torch's fused kernel is faster, and :func:`pays` says when to use it.
 
 It is a custom op (``torch.ops.slimline.varlen_attention``), opaque to ``torch.compile``, which
 calls it between the fused kernels around it. Built as the other C kernels are
@@ -86,6 +88,27 @@ def unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_size: in
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         return "autograd through the C kernel is not supported (torch computes it instead)"
     return ""
+
+
+# When the kernel beats torch's fused attention on the padded layout (SDPA), measured at 1 thread
+# on the 2-core AMD EPYC (Zen 4) here, 12 heads, kernel ÷ SDPA time: rows of up to 256
+# positions, always faster (46: 0.13; 8 × 128-256: 0.80); 512 positions, half padding: 0.80 at
+# head width 32, 0.97 at 64; nearly no padding (500-512 of 512, width 64): 1.25; 768 and more:
+# 1.2-1.7 (its scores are held whole, n² floats a head, past the caches). So the kernel runs
+# rows of up to ALWAYS positions, and longer batches when their real work Σ n_b² is at most
+# WORK_SHARE of the padded batch · length².
+ALWAYS = 256
+WORK_SHARE = 0.75
+
+
+def pays(mask: torch.Tensor) -> bool:
+    """Whether the kernel is expected to beat attention on the padded layout for a batch with
+    this 0/1 ``mask`` (batch, length) (the measurements above)."""
+    batch, length = mask.shape
+    if length <= ALWAYS:
+        return True
+    counts = (mask != 0).sum(dim=1)
+    return int((counts * counts).sum()) <= WORK_SHARE * batch * length * length
 
 
 def starts_of(mask: torch.Tensor) -> torch.Tensor:
