@@ -59,6 +59,15 @@ def calls(model: nn.Module) -> int:
     return found[0].calls
 
 
+def real_tokens(fast: nn.Module, model: nn.Module, batch: dict[str, torch.Tensor]
+                ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The real tokens' last_hidden_state (T, hidden) from ``fast`` and from the padded
+    ``model``."""
+    keep = batch["attention_mask"].bool()
+    with torch.no_grad():
+        return fast(**batch).last_hidden_state[keep], model(**batch).last_hidden_state[keep]
+
+
 def alone(model: nn.Module, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
     """Each row's real tokens run by themselves: last_hidden_state (n, hidden) per row."""
     out = []
@@ -136,12 +145,8 @@ def test_long_rows_with_little_padding_take_the_padded_attention(
     monkeypatch.setattr(varlen, "varlen_attention", lambda *a: calls.append(1) or run(*a))
     for lengths, kernel in (([300, 296], False), ([300, 5, 17], True)):
         calls.clear()
-        batch = _batch(lengths)
-        keep = batch["attention_mask"].bool()
-        with torch.no_grad():
-            got = fast(**batch).last_hidden_state[keep]
-            want = model(**batch).last_hidden_state[keep]
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(*real_tokens(fast, model, _batch(lengths)), rtol=1e-5,
+                                   atol=1e-5)
         assert len(calls) == (2 if kernel else 0), lengths
 
 
@@ -223,12 +228,8 @@ def test_compiled_over_batches_of_other_shapes() -> None:
     compiled = sl.compress(model, {"steps": [{"method": "unpad"}, {"method": "compile"}]}).model
     keep_calls = 0
     for lengths in ([7, 1, 12], [3, 5], [9, 9, 2, 4]):
-        batch = _batch(lengths)
-        keep = batch["attention_mask"].bool()
-        with torch.no_grad():
-            got = compiled(**batch).last_hidden_state[keep]
-            want = model(**batch).last_hidden_state[keep]
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(*real_tokens(compiled, model, _batch(lengths)), rtol=1e-4,
+                                   atol=1e-4)
         keep_calls += 1
     assert calls(compiled) == keep_calls
 
