@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -36,14 +35,9 @@ def _library() -> Any:
 
     if kernels_gemv.library_problem():  # same compiler and instruction-set needs
         return None
-    compiler = native.compiler()
-    if compiler is None:
-        return None
-    try:
-        sources = (SOURCE, BLOCK_SOURCE, kernels_gemv.SOURCE, kernels_gemv.SOURCE_A8)
-        lib = ctypes.CDLL(str(native.build_library(compiler, "decode_ops", sources,
-                                                   (EXP_HEADER,))))
-    except (OSError, subprocess.SubprocessError):
+    sources = (SOURCE, BLOCK_SOURCE, kernels_gemv.SOURCE, kernels_gemv.SOURCE_A8)
+    lib = native.load_library("decode operations", "decode_ops", sources, (EXP_HEADER,))
+    if isinstance(lib, str):
         return None
     pointer, size, real = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
     lib.slimline_rms_norm.restype = None

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import platform
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -36,24 +34,15 @@ from slimline.core import native
 SOURCE = Path(__file__).with_name("csrc") / "varlen_attention.c"
 _OP = "slimline::varlen_attention"
 _KINDS = {torch.float32: 0, torch.bfloat16: 1}
-_X86 = frozenset({"x86_64", "amd64"})
 
 
 @functools.cache
 def _library() -> Any:
     """The loaded library, or a string saying why there is none."""
-    if platform.machine().lower() not in _X86:
-        return f"the varlen attention kernel is x86 only (this CPU: {platform.machine()})"
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        return "the varlen attention kernel needs AVX2 + FMA, which this CPU lacks"
-    compiler = native.compiler()
-    if compiler is None:
-        return "no C compiler to build the varlen attention kernel: install gcc (or set $CC)"
-    try:
-        path = native.build_library(compiler, "varlen_attention", (SOURCE,), (EXP_HEADER,))
-        lib = ctypes.CDLL(str(path))
-    except (OSError, subprocess.SubprocessError) as err:
-        return f"building the varlen attention kernel with {compiler} failed: {err}"
+    lib = native.load_library("varlen attention kernel", "varlen_attention", (SOURCE,),
+                              (EXP_HEADER,))
+    if isinstance(lib, str):
+        return lib
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     lib.slimline_varlen_attention.restype = ctypes.c_int
     lib.slimline_varlen_attention.argtypes = [

@@ -37,8 +37,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import math
-import platform
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,7 +59,6 @@ _A8_ISA_CODES = {name: code for code, name in A8_ISAS.items()}
 _FLOAT_ISA_CODES = {name: code for code, name in FLOAT_ISAS.items()}
 GEMV_BITS = (4, 8)
 _SCALE_KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-_X86 = frozenset({"x86_64", "amd64"})
 _OP = "slimline_kernels::gemv"
 
 
@@ -111,20 +108,9 @@ def library_problem() -> str:
 
 @functools.cache
 def _library() -> Library:
-    if platform.machine().lower() not in _X86:
-        return Library(None, f"the gemv kernel is x86 only (this CPU: {platform.machine()})")
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        return Library(None, "the gemv kernel needs AVX2 + FMA, which this CPU lacks")
-    compiler = native.compiler()
-    if compiler is None:
-        return Library(None, "no C compiler to build the gemv kernel: install gcc (or set $CC)")
-    try:
-        path = native.build_library(compiler, "gemv_weight_only", (SOURCE, SOURCE_A8))
-        lib = ctypes.CDLL(str(path))
-    except (OSError, subprocess.SubprocessError) as err:
-        detail = (getattr(err, "stderr", None) or str(err)).strip().splitlines()[-3:]
-        return Library(None, f"building the gemv kernel with {compiler} failed: "
-                             + " / ".join(detail))
+    lib = native.load_library("gemv kernel", "gemv_weight_only", (SOURCE, SOURCE_A8))
+    if isinstance(lib, str):
+        return Library(None, lib)
     function = lib.slimline_gemv
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     function.restype = ctypes.c_int
