@@ -1,11 +1,12 @@
 """slimline's own C libraries: found compiler, compiled once, cached by digest.
 
 The hand-written kernels (``quantize/csrc``: the gemv kernels; ``compile/csrc``: the decode
-step's small operations and unpad's varlen attention) are compiled at first use with the system C compiler (``$CC``, else
-``cc``) for AVX2 + FMA + F16C with OpenMP (wider instruction sets by target attributes inside
-the sources), cached under the slimline cache (``kernels/NAME-DIGEST.so``) by a digest of the
-sources, flags, compiler and machine, and loaded with ctypes (:func:`load_library`). OpenMP
-resolves to the ``libgomp`` torch has already loaded, so its threads are torch's.
+step's small operations and unpad's varlen attention) are compiled at first use with the system
+C compiler (``$CC``, else ``cc``) for AVX2 + FMA + F16C with OpenMP (wider instruction sets by
+target attributes inside the sources), cached under the slimline cache
+(``kernels/NAME-DIGEST.so``) by a digest of the sources, flags, compiler and machine, and
+loaded with ctypes (:func:`load_library`). OpenMP resolves to the ``libgomp`` torch has
+already loaded, so its threads are torch's.
 """
 
 from __future__ import annotations
