@@ -4,8 +4,9 @@ Every recovered row stands beside its unrecovered row, all in one process:
 
 * **minilm**: structured 50% (``--sparsity``) heads + neurons, then ``distill`` (pooled-embedding cosine, plus
   TinyBERT hidden-state matching with ``--hidden-weight``); both again followed by
-  ``int8_dynamic`` + ``compile`` (TorchInductor, with the model's attention and with
-  ``attention: eager``; with ``--unpad`` also with the padding removed inside the encoder; with
+  ``int8_dynamic`` + ``compile`` (TorchInductor, with its default attention — slimline's
+  kernel over each row's real keys for these encoders —, with the model's own ``sdpa`` and
+  with ``attention: eager``; with ``--unpad`` also with the padding removed inside the encoder; with
   ``--onnxruntime`` also ONNX Runtime's integer GEMMs). Latency interleaved with fp32 on one test batch
   (MEASURING.md); quality is the mean cosine of mask-aware mean-pooled embeddings to fp32 on
   the held-out test sentences (``benchmarks.pruning.cosine_quality``, as the structured
@@ -54,6 +55,9 @@ STRUCTURED = {"method": "structured", "sparsity": 0.5, "units": ["heads", "neuro
 GPTQ3 = {"method": "gptq", "bits": 3, "group_size": 128}
 RTN3 = {"method": "rtn", "bits": 3, "group_size": 128}
 FAST = [{"method": "int8_dynamic"}, {"method": "compile"}]
+# the model's own attention (torch's fused SDPA with the padding mask): compile's default before
+# its attention: auto picked slimline's kernel for encoders
+FAST_SDPA = [{"method": "int8_dynamic"}, {"method": "compile", "attention": "model"}]
 # transformers' matmul + softmax attention, fused by inductor: faster at sentence lengths
 FAST_EAGER = [{"method": "int8_dynamic"}, {"method": "compile", "attention": "eager"}]
 FAST_ORT = [{"method": "int8_dynamic"}, {"method": "compile", "backend": "onnxruntime"}]  # integer GEMMs
@@ -242,7 +246,7 @@ def minilm_structured(run: MinilmRun) -> None:
     pruned = run.add(pct, [structured], calibration=calib, timed=True)
     recovered = run.add(f"{pct} + distill", [structured, distill_step(args)], calibration=calib,
                         timed=True)
-    fast_note = "int8_dynamic + compile applied to the row above"
+    fast_note = "int8_dynamic + compile (default attention: slimline kernel) applied to the row above"
     run.add("fp32 + int8_dynamic + compile", FAST, timed=True, note="the int8 gain alone")
     run.add(f"{pct} + int8_dynamic + compile", FAST, start=pruned, timed=True,
             note=f"int8_dynamic + compile applied to the {pct} row")
@@ -250,6 +254,9 @@ def minilm_structured(run: MinilmRun) -> None:
             note=fast_note)
     run.add(f"{pct} + distill + half + compile", HALF, start=recovered, timed=True,
             note="half (bf16) + compile applied to the distilled row, beside the int8 one")
+    sdpa_note = "compile with attention: model (the model's own sdpa attention, padding masked)"
+    run.add(f"{pct} + distill + int8_dynamic + compile, sdpa attention", FAST_SDPA, start=recovered,
+            timed=True, note=f"{sdpa_note}, applied to the distilled row")
     eager_note = "compile with attention: eager (matmul + softmax fused by inductor; slower on long inputs)"
     run.add("fp32 + int8_dynamic + compile, eager attention", FAST_EAGER, timed=True, note=eager_note)
     run.add(f"{pct} + distill + int8_dynamic + compile, eager attention", FAST_EAGER, start=recovered,

@@ -124,3 +124,117 @@ def test_it_pays_on_short_rows_and_on_padding() -> None:
     rows = [512, 400, 400, 400]
     share = sum(n * n for n in rows) / (4 * 512 * 512)
     assert varlen.pays(mask(rows, 512)) == (share <= varlen.WORK_SHARE)
+
+
+# --- the padded layout: every query of a row over that row's real keys --------------------
+
+
+def padded_textbook(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                    heads: int, scale: float) -> torch.Tensor:
+    """Each row's queries (padded ones too) over its keys the mask keeps, in float64."""
+    batch, length = mask.shape
+    out = []
+    for b in range(batch):
+        keep = mask[b] != 0
+        rows = slice(b * length, (b + 1) * length)
+        q1 = q[rows].double().unflatten(-1, (heads, -1)).transpose(0, 1)
+        k1, v1 = (t[rows][keep].double().unflatten(-1, (heads, -1)).transpose(0, 1)
+                  for t in (k, v))
+        probs = torch.softmax(q1 @ k1.transpose(1, 2) * scale, dim=-1)
+        out.append((probs @ v1).transpose(0, 1).flatten(1))
+    return torch.cat(out)
+
+
+def padded(mask: torch.Tensor, width: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(mask.numel(), width, generator=g) for _ in range(3))
+
+
+def runs_mask(spans: list[tuple[int, int]], length: int) -> torch.Tensor:
+    """A (batch, length) 0/1 mask whose row b keeps positions first .. first + n - 1."""
+    positions = torch.arange(length)[None]
+    first, count = (torch.tensor(c)[:, None] for c in zip(*spans, strict=True))
+    return ((positions >= first) & (positions < first + count)).long()
+
+
+def calls_of_the_kernel(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls: list[int] = []
+    real = varlen._attend
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(varlen, "_attend", counted)
+    return calls
+
+
+@pytest.mark.parametrize(("spans", "heads", "head"), [
+    ([(0, 9), (0, 4), (0, 1)], 4, 8),         # right padding, a one-token row
+    ([(5, 4), (0, 9), (8, 1)], 2, 32),        # left padding
+    ([(0, 46), (0, 15), (0, 38), (0, 3)], 12, 32),  # minilm's heads
+])
+def test_padded_rows_equal_the_textbook(spans: list[tuple[int, int]], heads: int, head: int,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    length = max(first + n for first, n in spans)
+    mask = runs_mask(spans, length)
+    q, k, v = padded(mask, heads * head)
+    calls = calls_of_the_kernel(monkeypatch)
+    got = varlen.padded_attention(q, k, v, mask, heads, head ** -0.5)
+    assert calls == [1] and got.shape == q.shape
+    torch.testing.assert_close(got.double(), padded_textbook(q, k, v, mask, heads, head ** -0.5),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_padded_masks_the_kernel_does_not_take_run_torch(monkeypatch: pytest.MonkeyPatch
+                                                         ) -> None:  # fmt: skip
+    """A hole in a row's keys, or a long nearly full batch (not paying): torch's masked
+    attention, the same answer; a row with no key at all: what torch answers for it."""
+    hole = torch.tensor([[1, 1, 0, 1, 0], [1, 1, 1, 0, 0]])
+    q, k, v = padded(hole, 16)
+    calls = calls_of_the_kernel(monkeypatch)
+    got = varlen.padded_attention(q, k, v, hole, 2, 0.25)
+    torch.testing.assert_close(got.double(), padded_textbook(q, k, v, hole, 2, 0.25),
+                               rtol=1e-5, atol=1e-5)
+    full = runs_mask([(0, 300), (0, 299)], 300)
+    assert not varlen.pays_padded(full.sum(1), 300)
+    q, k, v = padded(full, 16)
+    got = varlen.padded_attention(q, k, v, full, 2, 0.25)
+    torch.testing.assert_close(got.double(), padded_textbook(q, k, v, full, 2, 0.25),
+                               rtol=1e-5, atol=1e-5)
+    assert calls == []
+    empty = torch.tensor([[1, 1, 0], [0, 0, 0]])
+    q, k, v = padded(empty, 16)
+    keep = (empty != 0)[:, None, None, :]
+    want = torch.nn.functional.scaled_dot_product_attention(
+        *(t.view(2, 3, 2, 8).transpose(1, 2) for t in (q, k, v)), attn_mask=keep, scale=0.25)
+    torch.testing.assert_close(varlen.padded_attention(q, k, v, empty, 2, 0.25),
+                               want.transpose(1, 2).reshape(6, 16), equal_nan=True)
+
+
+def test_padded_pays_by_the_work_of_long_rows() -> None:
+    assert varlen.pays_padded(torch.tensor([256, 256]), 256)
+    assert varlen.pays_padded(torch.tensor([512, 30, 40, 20]), 512)
+    assert not varlen.pays_padded(torch.tensor([512, 500, 505, 510]), 512)
+
+
+def test_padded_bfloat16_strided_compiled_and_counted() -> None:
+    mask = runs_mask([(0, 7), (2, 5)], 7)
+    fused = torch.randn(14, 3 * 32).bfloat16()
+    q, k, v = fused.split(32, dim=1)
+    got = varlen.padded_attention(q, k, v, mask, 2, 0.25)
+    want = padded_textbook(q, k, v, mask, 2, 0.25)
+    torch.testing.assert_close(got.double(), want.bfloat16().double(), rtol=0, atol=2 ** -7)
+    run = torch.compile(lambda q, k, v, m: varlen.padded_attention(q, k, v, m, 2, 0.25) + 1,
+                        dynamic=True)
+    for spans in ([(0, 5), (0, 2)], [(0, 3), (1, 8), (0, 9)]):
+        mask = runs_mask(spans, max(a + n for a, n in spans))
+        q, k, v = padded(mask, 16, seed=len(spans))
+        torch.testing.assert_close(run(q, k, v, mask),
+                                   padded_textbook(q, k, v, mask, 2, 0.25).float() + 1,
+                                   rtol=1e-5, atol=1e-5)
+    with FlopCounterMode(display=False) as counter:
+        varlen.padded_attention(q, k, v, mask, 2, 0.25)
+    assert counter.get_total_flops() == 4 * 9 * int(mask.sum()) * 16  # length · Σ n a head
+    with pytest.raises(ValueError, match="mask for 27 rows"):
+        varlen.padded_attention(q, k, v, mask[:, :5], 2, 0.25)

@@ -12,6 +12,7 @@ from typing import ClassVar, Literal
 
 from torch import nn
 
+from slimline.compile import encoder_attention
 from slimline.compile.runtime import install
 from slimline.core.config import MethodConfig
 from slimline.core.families import Family
@@ -55,21 +56,25 @@ class CompileConfig(MethodConfig):
     # (cosine >= 0.999, else refused); CPUs without them compute in float32. Measured on
     # minilm (AMX, 1 thread): 3.8x torch fp32 eager at cosine 0.99999 (BENCHMARKS cpu-deploy).
     precision: Literal["f32", "bf16"] = "f32"
-    # A transformers model's attention: "model" keeps its own (usually torch's
-    # scaled_dot_product_attention); "eager" switches it to transformers' matmul + softmax,
-    # which inductor fuses with what surrounds it. Which is faster depends on the sequence
-    # length. minilm, 2 threads, AVX-512 VNNI, x torch fp32 eager, model -> eager attention:
-    # 32 sentences x 46 tokens, int8_dynamic + compile 2.31x -> 2.82x, smoothquant static
-    # 2.69x -> 3.09x (torch's fused SDPA kernel spent 12 of 58 ms at head size 32 after
-    # structured 50%); 4 x 256 tokens, 1.76x -> 1.08x and 1.76x -> 1.06x. So "eager" is for
-    # short inputs (sentences, not passages), and not the default.
-    attention: Literal["model", "eager"] = "model"
+    # A transformers model's attention. "model" keeps its own (usually torch's
+    # scaled_dot_product_attention, "sdpa"). "eager" switches it to transformers' matmul +
+    # softmax, which inductor fuses with what surrounds it; faster on short inputs only (minilm,
+    # 2 threads, AVX-512 VNNI, x torch fp32 eager: 32 sentences x 46 tokens, int8_dynamic +
+    # compile 2.31x -> 2.82x; 4 x 256 tokens, 1.76x -> 1.08x). "slimline" runs an encoder's
+    # self-attention on slimline's C kernel over each row's real keys only
+    # (compile/encoder_attention.py; the same answers as "sdpa", padded positions included);
+    # "auto" (the default) picks "slimline" for the encoders it is written for, under backend
+    # inductor, where the kernel builds, and "model" for everything else.
+    attention: Literal["auto", "model", "eager", "slimline"] = "auto"
 
     def check(self) -> None:
         if self.targets.include or self.targets.exclude:
             self.fail("targets", "compile applies to the whole model; remove targets")
         if self.precision != "f32" and self.backend != "openvino":
             self.fail("precision", f"only applies to backend openvino, not {self.backend}")
+        if self.attention == "slimline" and self.backend != "inductor":
+            self.fail("attention", f"'slimline' is a kernel torch.compile calls; backend "
+                      f"{self.backend} exports the model's own attention")
         if self.backend == "inductor":
             if self.freezing and self.mode != "default":
                 self.fail("freezing", f"torch.compile takes inductor options or a mode, not "
@@ -85,15 +90,31 @@ class CompileConfig(MethodConfig):
                       "sequence axes")
 
     def applies_to(self, model: nn.Module) -> bool:
-        return self.attention == "model" or has_attention_switch(model)
+        if self.attention == "slimline":
+            return encoder_attention.why_not(model) is None
+        return self.attention in ("auto", "model") or has_attention_switch(model)
 
     def select_modules(self, model: nn.Module, *, step: str = "") -> list[tuple[str, nn.Module]]:
         """Nothing by name (the whole model); refuses ``attention`` on a model without one."""
-        if not self.applies_to(model):
+        if self.attention == "slimline":
+            reason = encoder_attention.why_not(model)
+            if reason is not None:
+                self.fail("attention", f"'slimline' cannot run this model: {reason}; leave "
+                          "attention at 'auto'")
+        elif not self.applies_to(model):
             self.fail("attention", f"{self.attention!r} applies to a transformers model "
                       f"(set_attn_implementation); {type(model).__name__} has none, so leave "
-                      "attention at 'model'")
+                      "attention at 'auto'")
         return []
+
+    def attention_for(self, model: nn.Module) -> str:
+        """The attention implementation this step gives ``model`` ("model": left as it is)."""
+        if self.attention != "auto":
+            return self.attention
+        if self.backend != "inductor" or encoder_attention.why_not(model) is not None:
+            return "model"
+        current = getattr(getattr(model, "config", None), "_attn_implementation", None)
+        return "slimline" if current == "sdpa" else "model"  # a user's own choice is kept
 
 
 def has_attention_switch(model: nn.Module) -> bool:
@@ -110,10 +131,14 @@ def has_attention_switch(model: nn.Module) -> bool:
 @register(CompileConfig)
 def apply_compile(model: nn.Module, cfg: CompileConfig, ctx: StepContext) -> StepOutcome:
     notes = []
-    if cfg.attention != "model":
-        cfg.select_modules(model)  # refuses a model without an attention switch
-        model.set_attn_implementation(cfg.attention)  # type: ignore[operator]
-        notes.append(f"attention: {cfg.attention}")
+    cfg.select_modules(model)  # refuses an attention the model cannot take
+    chosen = cfg.attention_for(model)
+    if chosen == "slimline":
+        encoder_attention.install(model)
+        notes.append("attention: slimline (C kernel over each row's real keys)")
+    elif chosen != "model":
+        model.set_attn_implementation(chosen)  # type: ignore[operator]
+        notes.append(f"attention: {chosen}")
     if cfg.backend != "inductor":
         install(model, cfg.backend, cfg.precision)  # refuses what the runtime cannot run
         computes = " in bf16 where the CPU has bf16 units" if cfg.precision == "bf16" else ""

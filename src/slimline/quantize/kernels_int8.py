@@ -88,6 +88,8 @@ def quantize_per_token(
     hi = xf.amax(dim=-1, keepdim=True).clamp(min=0.0)
     scale = ((hi - lo) / float(2**bits - 3)).clamp(min=1e-12)
     zero = torch.round(-lo / scale) + 1.0
+    if torch.compiler.is_compiling():  # inductor converts to uint8 in vector registers
+        return (xf * scale.reciprocal() + zero).round().to(torch.uint8), scale, zero
     signed = (xf * scale.reciprocal()).add_(zero - U8_OFFSET).round_().to(torch.int8)
     codes = signed.view(torch.uint8).bitwise_xor_(U8_OFFSET)  # u = (u - 128) + 128
     return codes, scale, zero
@@ -312,6 +314,9 @@ def quantize_static(
     whose int8 GEMM would saturate on 8-bit codes (module doc).
     """
     top = 2**bits - 1 - U8_OFFSET
+    if torch.compiler.is_compiling():  # inductor converts to uint8 in vector registers
+        unsigned = (x.float() * multiplier + zero).round().clamp(0, top + U8_OFFSET)
+        return unsigned.to(torch.uint8)
     signed = (x.float() * multiplier).add_(zero - U8_OFFSET).round_().clamp_(-U8_OFFSET, top)
     return signed.to(torch.int8).view(torch.uint8).bitwise_xor_(U8_OFFSET)
 

@@ -1,12 +1,17 @@
-/* Softmax attention over packed sequences of different lengths, on the CPU.
+/* Softmax attention over sequences of different lengths, on the CPU.
  *
- * A padded batch's real tokens packed into one (T, H*D) matrix per projection (the unpad step,
- * after ByteTransformer, arXiv 2210.03052): sequence b holds rows starts[b] .. starts[b+1]-1.
- * Each (sequence, head) attends within its own rows only,
+ * Each sequence b has its queries in rows ranges[b] = {q_start, m, k_start, n}: queries
+ * q_start .. q_start+m-1 of q, keys and values k_start .. k_start+n-1 of k and v. Two callers:
+ * - packed (the unpad step, after ByteTransformer, arXiv 2210.03052): a padded batch's real
+ *   tokens in one (T, H*D) matrix per projection, q_start = k_start, m = n;
+ * - padded (compile's attention for encoders): the (B*L, H*D) padded rows, all L queries of
+ *   a row over its n real keys (one run of the key-padding mask), as the masked attention of
+ *   the padded model computes them.
+ * Each (sequence, head) attends over its own keys only,
  *
- *     out[i] = sum_j softmax_j(scale * q_i . k_j) v_j        (i, j in the sequence),
+ *     out[i] = sum_j softmax_j(scale * q_i . k_j) v_j        (j among the sequence's keys),
  *
- * so no padded position is ever scattered, multiplied or masked: the work is sum_b n_b^2, not
+ * so no padded key is ever multiplied or masked: the work is sum_b m_b n_b, not
  * batch * length^2. One task per (sequence, head), shared among the OpenMP threads (the libgomp
  * torch has loaded, so its thread count). A task copies its keys transposed, (D, n), computes
  * the scores of four queries by sixteen keys at a time (eight independent FMA chains), takes
@@ -68,32 +73,33 @@ static inline void store8(void *base, int64_t index, int kind, __m256 values) {
     for (int l = 0; l < 8; l++) write_value(base, index + l, kind, lanes[l]);
 }
 
-/* One (sequence, head): rows [start, start + n) of q, k, v at column offset col, dim a multiple
- * of 8. scratch: SCRATCH_FLOATS(n rounded up to 8, dim) floats. Scores are computed for four queries at a time and
- * sixteen keys at a time (eight independent accumulators: the FMA chains overlap), the output
- * for two queries at a time over 32 dims. */
-#define SCRATCH_FLOATS(padded, dim) \
-    ((size_t)((dim) * (padded) + ((padded) + 4) * (padded) + 4 * (dim) + (padded)))
+/* One (sequence, head): query rows [q_start, q_start + m) of q, key and value rows
+ * [k_start, k_start + n) of k and v (n >= 1), at column offset col, dim a multiple of 8.
+ * scratch: SCRATCH_FLOATS(m, n rounded up to 8, dim) floats. Scores are computed for four
+ * queries at a time and sixteen keys at a time (eight independent accumulators: the FMA
+ * chains overlap), the output for two queries at a time over 32 dims. */
+#define SCRATCH_FLOATS(m, padded, dim) \
+    ((size_t)((dim) * (padded) + ((m) + 4) * (padded) + 4 * (dim) + (m) + 1))
 
 static void attend_head(const void *q, const void *k, const void *v, int64_t q_stride,
-                        int64_t k_stride, int64_t v_stride, int64_t start, int64_t n,
-                        int64_t col, int64_t dim, float scale, int kind, void *out,
-                        int64_t out_stride, float *scratch) {
+                        int64_t k_stride, int64_t v_stride, int64_t q_start, int64_t m,
+                        int64_t k_start, int64_t n, int64_t col, int64_t dim, float scale,
+                        int kind, void *out, int64_t out_stride, float *scratch) {
     const int64_t padded = (n + 7) & ~(int64_t)7;
     float *keys = scratch;                          /* (dim, padded): the keys transposed */
-    float *scores = keys + dim * padded;            /* (n rounded up to 4, padded) */
-    float *query = scores + (padded + 4) * padded;  /* (4, dim): four scaled queries */
-    float *inverse = query + 4 * dim;               /* (padded): 1 / each row's sum */
+    float *scores = keys + dim * padded;            /* (m rounded up to 4, padded) */
+    float *query = scores + (m + 4) * padded;       /* (4, dim): four scaled queries */
+    float *inverse = query + 4 * dim;               /* (m): 1 / each row's sum */
     for (int64_t j = 0; j < n; j++)
         for (int64_t d = 0; d < dim; d++)
-            keys[d * padded + j] = read_value(k, (start + j) * k_stride + col + d, kind);
+            keys[d * padded + j] = read_value(k, (k_start + j) * k_stride + col + d, kind);
     for (int64_t d = 0; d < dim; d++)
         for (int64_t j = n; j < padded; j++) keys[d * padded + j] = 0.0f;
-    for (int64_t i0 = 0; i0 < n; i0 += 4) {
+    for (int64_t i0 = 0; i0 < m; i0 += 4) {
         for (int64_t r = 0; r < 4; r++)
             for (int64_t d = 0; d < dim; d++)
-                query[r * dim + d] = i0 + r < n
-                    ? scale * read_value(q, (start + i0 + r) * q_stride + col + d, kind) : 0.0f;
+                query[r * dim + d] = i0 + r < m
+                    ? scale * read_value(q, (q_start + i0 + r) * q_stride + col + d, kind) : 0.0f;
         float *row = scores + i0 * padded;
         int64_t j = 0;
         for (; j + 16 <= padded; j += 16) {
@@ -142,7 +148,7 @@ static void attend_head(const void *q, const void *k, const void *v, int64_t q_s
     const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     const __m256 live = _mm256_castsi256_ps(
         _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(n - (padded - 8))), lane));
-    for (int64_t i = 0; i < n; i++) { /* each row's softmax, less its 1 / sum */
+    for (int64_t i = 0; i < m; i++) { /* each row's softmax, less its 1 / sum */
         float *row = scores + i * padded;
         float top = row[0];
         for (int64_t j = 1; j < n; j++) top = row[j] > top ? row[j] : top;
@@ -160,15 +166,15 @@ static void attend_head(const void *q, const void *k, const void *v, int64_t q_s
         for (int l = 0; l < 8; l++) sum += lanes[l];
         inverse[i] = 1.0f / sum;
     }
-    for (int64_t i0 = 0; i0 < n; i0 += 2) { /* out = P V / sum, two rows at a time */
-        const int64_t pair = i0 + 1 < n;
+    for (int64_t i0 = 0; i0 < m; i0 += 2) { /* out = P V / sum, two rows at a time */
+        const int64_t pair = i0 + 1 < m;
         const float *pa = scores + i0 * padded, *pb = pair ? pa + padded : pa;
         for (int64_t d0 = 0; d0 < dim; d0 += 32) {
             const int64_t width = dim - d0 < 32 ? dim - d0 : 32;
             __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
             __m256 b0 = a0, b1 = a0, b2 = a0, b3 = a0;
             for (int64_t t = 0; t < n; t++) {
-                const int64_t at = (start + t) * v_stride + col + d0;
+                const int64_t at = (k_start + t) * v_stride + col + d0;
                 const __m256 x = _mm256_broadcast_ss(pa + t), y = _mm256_broadcast_ss(pb + t);
                 const __m256 v0 = load8(v, at, kind);
                 a0 = _mm256_fmadd_ps(x, v0, a0);
@@ -194,22 +200,26 @@ static void attend_head(const void *q, const void *k, const void *v, int64_t q_s
             const __m256 rows[2][4] = {{a0, a1, a2, a3}, {b0, b1, b2, b3}};
             for (int64_t r = 0; r <= pair; r++)
                 for (int64_t c = 0; c < width / 8; c++)
-                    store8(out, (start + i0 + r) * out_stride + col + d0 + 8 * c, kind,
+                    store8(out, (q_start + i0 + r) * out_stride + col + d0 + 8 * c, kind,
                            _mm256_mul_ps(rows[r][c], r ? ib : ia));
         }
     }
 }
 
-/* Returns 0, or 1 when scratch memory could not be had (out is then incomplete). */
+/* ranges: (batch, 4) int64 rows {q_start, m, k_start, n}; a sequence with m == 0 or n == 0 is
+ * skipped (its output rows are left as they were). Returns 0, or 1 when scratch memory could
+ * not be had (out is then incomplete). */
 int slimline_varlen_attention(const void *q, const void *k, const void *v, int64_t q_stride,
-                              int64_t k_stride, int64_t v_stride, const int64_t *starts,
+                              int64_t k_stride, int64_t v_stride, const int64_t *ranges,
                               int64_t batch, int64_t heads, int64_t dim, float scale, int kind,
                               void *out, int64_t out_stride) {
-    int64_t longest = 0;
-    for (int64_t b = 0; b < batch; b++)
-        if (starts[b + 1] - starts[b] > longest) longest = starts[b + 1] - starts[b];
-    const int64_t padded = (longest + 7) & ~(int64_t)7;
-    const size_t floats = SCRATCH_FLOATS(padded, dim);
+    int64_t most_queries = 0, most_keys = 0;
+    for (int64_t b = 0; b < batch; b++) {
+        if (ranges[4 * b + 1] > most_queries) most_queries = ranges[4 * b + 1];
+        if (ranges[4 * b + 3] > most_keys) most_keys = ranges[4 * b + 3];
+    }
+    const int64_t padded = (most_keys + 7) & ~(int64_t)7;
+    const size_t floats = SCRATCH_FLOATS(most_queries, padded, dim);
     int failed = 0;
 #pragma omp parallel reduction(| : failed)
     {
@@ -217,12 +227,12 @@ int slimline_varlen_attention(const void *q, const void *k, const void *v, int64
 #pragma omp for schedule(dynamic)
         for (int64_t task = 0; task < batch * heads; task++) {
             const int64_t b = task / heads, h = task % heads;
-            const int64_t n = starts[b + 1] - starts[b];
+            const int64_t *range = ranges + 4 * b;
             if (scratch == NULL)
                 failed = 1;
-            else if (n > 0)
-                attend_head(q, k, v, q_stride, k_stride, v_stride, starts[b], n, h * dim, dim,
-                            scale, kind, out, out_stride, scratch);
+            else if (range[1] > 0 && range[3] > 0)
+                attend_head(q, k, v, q_stride, k_stride, v_stride, range[0], range[1], range[2],
+                            range[3], h * dim, dim, scale, kind, out, out_stride, scratch);
         }
         free(scratch);
     }
