@@ -13,7 +13,9 @@ Rows: plain ``generate``; transformers ``prompt_lookup_num_tokens``; slimline ``
 slimline ``self`` (half the blocks skipped, chosen by Block Influence on train data); the
 draft model (``layer_drop`` of half the blocks, then ``distill`` from the target on the train
 split: built here and saved by ``sl.save`` under ``$SLIMLINE_CACHE``) through slimline
-``draft`` mode and through transformers' ``assistant_model``. Every row's output is compared
+``draft`` mode and through transformers' ``assistant_model``; with ``--fast-decode`` also
+``fast_decode`` alone and under ``prompt_lookup`` / ``self`` (each verification round one
+written-out call). Every row's output is compared
 token for token with plain greedy output. Rows run interleaved, one full pass over the prompts
 per row per round; tokens/s is the median over rounds; acceptance and tokens per target
 forward come from ``model.speculative_stats``.
@@ -73,8 +75,15 @@ def build_draft(built: Any, args: argparse.Namespace) -> Path:
     return directory
 
 
-def speculative(model: nn.Module, calibration: list[Any], **fields: Any) -> nn.Module:
-    return sl.compress(model, {"steps": [{"method": "speculative", **fields}]}, calibration=calibration).model
+def speculative(model: nn.Module, calibration: list[Any], fast: bool = False, **fields: Any) -> nn.Module:
+    steps = [{"method": "speculative", **fields}] if fields else []
+    steps += [{"method": "fast_decode"}] if fast else []
+    return sl.compress(model, {"steps": steps}, calibration=calibration).model
+
+
+def base_of(name: str) -> str:
+    """The row a variant is compared with in the "× its base" column."""
+    return "slimline fast_decode" if name.endswith("+ fast_decode") else "plain generate"
 
 
 def main() -> None:
@@ -87,6 +96,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--draft-steps", type=int, default=200)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--fast-decode", action="store_true",
+                        help="also fast_decode alone and under prompt_lookup / self (verify rounds written out)")
+    parser.add_argument("--section-suffix", default="")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -106,8 +118,13 @@ def main() -> None:
         "slimline draft": (speculative(target, calibration, mode="draft", draft=str(draft_dir), gamma=gamma), {}),
         "transformers assistant_model": (target, {"assistant_model": draft}),
     }
-    header = ["prompts", "variant", "tokens/s (median)", "× plain", "acceptance", "tokens / target forward",
-              "output = plain greedy"]
+    if args.fast_decode:
+        models["slimline fast_decode"] = (speculative(target, calibration, fast=True), {})
+        for mode in ("prompt_lookup", "self"):
+            models[f"slimline {mode} + fast_decode"] = (
+                speculative(target, calibration, fast=True, mode=mode, gamma=gamma), {})
+    header = ["prompts", "variant", "tokens/s (median)", "× plain", "× its base", "acceptance",
+              "tokens / target forward", "output = plain greedy"]
     rows: list[list[Any]] = []
     for kind in ("free", "repeat"):
         inputs = prompts(built, kind, args.prompts, args.prompt_len)
@@ -142,8 +159,10 @@ def main() -> None:
             stats = getattr(m, "speculative_stats", None)
             accept = f"{stats.acceptance_rate:.2f}" if stats is not None else "-"
             per_forward = f"{stats.tokens_per_round:.2f}" if stats is not None else "-"
+            base = generated / statistics.median(seconds[base_of(name)])
             rows.append(["free completion" if kind == "free" else "repeating context", name, f"{speed:.1f}",
-                         f"{speed / plain:.2f}", accept, per_forward, "yes" if identical[name] else "**no**"])
+                         f"{speed / plain:.2f}", f"{speed / base:.2f}", accept, per_forward,
+                         "yes" if identical[name] else "**no**"])
         print_table(TITLE, header, rows)
     if args.no_write:
         return
@@ -157,10 +176,12 @@ def main() -> None:
         f"Draft: `layer_drop(n_layers={layers // 2}) → distill(steps={args.draft_steps}, lr=0.001)` from the "
         "target on the train split, saved with `sl.save`; the same draft for slimline `draft` mode and "
         "transformers' `assistant_model`. slimline `self` skips half the blocks (Block Influence on 4 train "
-        f"batches). Fixed gamma {gamma}; transformers' assisted decoding adapts its own draft length.",
+        f"batches). Fixed gamma {gamma}; transformers' assisted decoding adapts its own draft length. "
+        "× its base: a `+ fast_decode` row against slimline fast_decode alone, every other row against "
+        "plain generate.",
         markdown_table(header, rows),
     ])
-    write_section(SECTION + isa_suffix(), TITLE, body)
+    write_section(SECTION + args.section_suffix + isa_suffix(), TITLE, body)
 
 
 if __name__ == "__main__":

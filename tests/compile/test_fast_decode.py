@@ -97,6 +97,55 @@ def test_decode_steps_match_the_models_forward(kind: str, tiny_llama: nn.Module)
         torch.testing.assert_close(g.float(), e.float(), rtol=tol, atol=tol)
 
 
+def chunk_logits(model: nn.Module, ids: torch.Tensor, chunks: list[torch.Tensor],
+                 keep: int = 0) -> list[torch.Tensor]:
+    """Prefill ``ids``, then calls of several tokens each (a speculative round's verification),
+    the cache cropped back by one token after each (a rejected draft token), as
+    ``slimline.speculative.hf.run`` makes them."""
+    from transformers import DynamicCache
+
+    from slimline.speculative.hf import cache_name, crop_cache
+
+    name = cache_name(model) or "cache"
+    cache = DynamicCache(config=model.config)  # type: ignore[union-attr]
+    model(input_ids=ids, use_cache=True, **{name: cache})
+    logits = []
+    for chunk in chunks:
+        out = model(input_ids=chunk.view(1, -1), use_cache=True, logits_to_keep=keep,
+                    **{name: cache})
+        logits.append(out.logits[0])
+        crop_cache(cache, cache.get_seq_length() - 1)
+    return logits
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "rtn-int4", "int8-activations", "bf16"])
+def test_calls_of_several_tokens_match_the_models_forward(kind: str, tiny_llama: nn.Module
+                                                          ) -> None:  # fmt: skip
+    base = tiny_qwen2() if kind == "qwen2" else tiny_llama
+    steps: dict[str, list[dict[str, Any]]] = {
+        "rtn-int4": [{"method": "rtn", "bits": 4, "group_size": 32}],
+        "int8-activations": [{"method": "rtn", "bits": 4, "group_size": 32,
+                              "decode_activations": "int8"}],
+        "bf16": [{"method": "half", "dtype": "bfloat16"}]}
+    reference = sl.compress(base, {"steps": steps.get(kind, [])}).model if kind in steps else base
+    model = fast(base, *steps.get(kind, []))
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 128, (1, 9), generator=g)
+    chunks = [torch.randint(0, 128, (n,), generator=g) for n in (6, 2, 1, 16, 4)]
+    tol = {"bf16": 2e-2, "int8-activations": 1e-3}.get(kind, 1e-5)
+    for keep in (0, 3):
+        with torch.no_grad():
+            expected = chunk_logits(reference, ids, chunks, keep)
+            got = chunk_logits(model, ids, chunks, keep)
+        for e, o in zip(expected, got, strict=True):
+            assert o.shape == e.shape
+            torch.testing.assert_close(o.float(), e.float(), rtol=tol, atol=tol)
+    assert calls(model) == 2 * len(chunks)
+    with torch.no_grad():  # past MOST_TOKENS new tokens: the model's forward
+        chunk_logits(model, ids, [torch.zeros(17, dtype=torch.long)])
+    assert calls(model) == 2 * len(chunks)
+
+
 def test_append_in_place_is_concatenation_and_never_rewrites_a_handed_out_tensor() -> None:
     from transformers.cache_utils import DynamicLayer
 
@@ -193,6 +242,25 @@ def test_with_a_quantized_kv_cache_and_self_speculation(tiny_llama: nn.Module,
     drafted = fast(tiny_llama, {"method": "speculative", "mode": "self", "skip_layers": [1]})
     assert torch.equal(drafted.generate(ids, **greedy), tiny_llama.generate(ids, **greedy))
     assert calls(drafted) > 0  # the self-draft's one-token steps, its skipped block passed
+
+
+def test_prompt_lookup_verifies_its_drafts_written_out(tiny_llama: nn.Module,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from slimline.compile import fast_decode
+
+    sizes: list[int] = []
+    real = fast_decode.decode_step
+
+    def counted(model: nn.Module, token: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        sizes.append(token.shape[-1])
+        return real(model, token, *args, **kwargs)
+
+    monkeypatch.setattr(fast_decode, "decode_step", counted)
+    model = fast(tiny_llama, {"method": "speculative", "mode": "prompt_lookup", "gamma": 4})
+    ids = torch.arange(1, 9).repeat(3)[None]  # a context that repeats: drafts to verify
+    greedy = dict(max_new_tokens=24, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(ids, **greedy), tiny_llama.generate(ids, **greedy))
+    assert max(sizes) > 1  # a draft verified in one written-out call
 
 
 def test_refused_before_anything_changes(tiny_gpt2: nn.Module, tiny_llama: nn.Module) -> None:

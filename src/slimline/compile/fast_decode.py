@@ -11,16 +11,19 @@ it here (BENCHMARKS, issue 13 notes).
 
 This step replaces the model's ``forward`` (on the instance; class, parameters and
 ``state_dict`` unchanged, ``sl.load`` applies it again) by one that runs a decode step — one
-new token of one sequence on top of a dynamic KV cache, no gradient — as a short loop over
+new token of one sequence on top of a dynamic KV cache, no gradient, or up to
+:data:`MOST_TOKENS` of them on a filled cache, as a speculative round verifies its draft
+(attention then causal among the new positions) — as a short loop over
 the blocks calling the model's own submodules (so quantized, cast or hooked layers run as
 they are) with the maths of the block inlined: RMSNorm, rotary embedding (the model's own
 ``rotary_emb``, so its scaling applies), the new key and value appended to the cache (in
 place into room kept behind transformers' dynamic layers, through the cache's public
-``update`` for any other layer), attention of one query over the cached keys with grouped heads (no
-repeated keys, no mask: one query sees every cached position), SwiGLU MLP. A block whose seven
-projections are slimline's packed layers on its gemv kernels (float32 activations, no hooks)
-runs as one C call instead (:mod:`slimline.compile.decode_block`: the same maths, the Python
-between the kernels gone). Every other call
+``update`` for any other layer), attention over the cached keys with grouped heads (no
+repeated keys; one query sees every cached position, several a causal mask), SwiGLU MLP. A
+block whose seven projections are slimline's packed layers on its gemv kernels (float32
+activations, no hooks) runs a one-token step as one C call instead
+(:mod:`slimline.compile.decode_block`: the same maths, the Python between the kernels gone).
+Every other call
 — prefill, batches, padding, a static cache, training, attention weights or hidden states
 asked for — runs the model's own forward unchanged. The step follows the dense Llama block
 (Touvron et al., arXiv 2302.13971) exactly; decode is memory-bound (Pope et al., arXiv
@@ -55,7 +58,8 @@ class FastDecodeConfig(MethodConfig):
     method: ClassVar[str] = "fast_decode"
     family: ClassVar[Family] = Family.COMPILE
     summary: ClassVar[str] = (
-        "one-token decode steps of a Llama-family LM without the framework's per-token Python"
+        "decode steps (one token, or a speculative draft's few) of a Llama-family LM without "
+        "the framework's per-token Python"
     )
     paper: ClassVar[str] = "Pope et al., arXiv 2211.05102 (decode is memory-bound)"
     reapply_on_load: ClassVar[bool] = True
@@ -136,8 +140,9 @@ def rms_norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary position embedding of heads ``x`` (..., D) at one position (RoFormer, arXiv
-    2104.09864), halves rotated as Llama's ``rotate_half`` does."""
+    """Rotary position embedding of heads ``x`` (..., D) at the positions ``cos`` / ``sin``
+    broadcast to (RoFormer, arXiv 2104.09864), halves rotated as Llama's ``rotate_half``
+    does."""
     half = x.shape[-1] // 2
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
@@ -158,34 +163,37 @@ def attend_one(
 
 def append_in_place(layer: Any, key: torch.Tensor, value: torch.Tensor) -> tuple[
         torch.Tensor, torch.Tensor]:
-    """Append one position's ``key`` / ``value`` (1, KV, 1, D) to a transformers ``DynamicLayer``
-    and return its keys and values, as its ``update`` does, without concatenating the whole
-    cache: the layer keeps room behind its cached positions (grown by doubling), a step writes
-    the new position there, and ``keys`` / ``values`` become views of the cached length. At 256
-    new tokens ``update`` copies every block's keys and values each step (~17 MB a token on
-    ``llama-1b-random``); this copies one position.
+    """Append the new positions' ``key`` / ``value`` (1, KV, m, D) to a transformers
+    ``DynamicLayer`` and return its keys and values, as its ``update`` does, without
+    concatenating the whole cache: the layer keeps room behind its cached positions (grown by
+    doubling), a step writes the new positions there, and ``keys`` / ``values`` become views of
+    the cached length. At 256 new tokens ``update`` copies every block's keys and values each
+    step (~17 MB a token on ``llama-1b-random``); this copies the new positions.
 
     Memory that a tensor the layer handed out before covers is never written: a step writes
-    one position past the current views, and when ``keys`` is no longer the view the layer
-    last made (the model's own forward concatenated, the cache was cropped or copied) the room
-    is made anew from the current tensors."""
-    room = reserve(layer)
+    past the current views, and when ``keys`` is no longer the view the layer last made (the
+    model's own forward concatenated, the cache was cropped or copied) the room is made anew
+    from the current tensors."""
+    count = key.shape[-2]
+    room = reserve(layer, count)
     length = layer.keys.shape[-2]
-    room[0][..., length, :] = key[..., 0, :]
-    room[1][..., length, :] = value[..., 0, :]
-    return advance(layer, room)
+    room[0][..., length:length + count, :] = key
+    room[1][..., length:length + count, :] = value
+    return advance(layer, room, count)
 
 
-def reserve(layer: Any) -> tuple[torch.Tensor, torch.Tensor]:
+def reserve(layer: Any, count: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """The room behind ``layer``'s cached keys and values (:func:`append_in_place`): two
-    tensors (1, KV, room, D) holding the cached positions first, with space for one more."""
+    tensors (1, KV, room, D) holding the cached positions first, with space for ``count``
+    more."""
     keys, values = layer.keys, layer.values
     length = keys.shape[-2]
     room = getattr(layer, "_slimline_room", None)
-    if (room is None or length >= room[0].shape[-2] or keys.data_ptr() != room[0].data_ptr()
+    if (room is None or length + count > room[0].shape[-2]
+            or keys.data_ptr() != room[0].data_ptr()
             or values.data_ptr() != room[1].data_ptr() or keys.shape != room[2]):
         size = list(keys.shape)
-        size[-2] = max(2 * length, length + 64)
+        size[-2] = max(2 * length, length + max(64, count))
         room_keys, room_values = keys.new_empty(size), values.new_empty(size)
         room_keys[..., :length, :] = keys
         room_values[..., :length, :] = values
@@ -194,30 +202,49 @@ def reserve(layer: Any) -> tuple[torch.Tensor, torch.Tensor]:
     return room[0], room[1]
 
 
-def advance(layer: Any, room: tuple[torch.Tensor, torch.Tensor]) -> tuple[
+def advance(layer: Any, room: tuple[torch.Tensor, torch.Tensor], count: int = 1) -> tuple[
         torch.Tensor, torch.Tensor]:
-    """Make ``layer``'s keys and values the views of its room one position longer (the new
-    position written there by :func:`append_in_place` or the C block step)."""
-    length = layer.keys.shape[-2] + 1
+    """Make ``layer``'s keys and values the views of its room ``count`` positions longer (the
+    new positions written there by :func:`append_in_place` or the C block step)."""
+    length = layer.keys.shape[-2] + count
     layer.keys, layer.values = room[0][..., :length, :], room[1][..., :length, :]
     layer._slimline_room = (room[0], room[1], layer.keys.shape)
     return layer.keys, layer.values
 
 
+def attend_rows(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                scale: float) -> torch.Tensor:
+    """Causal softmax attention of the last m positions' queries ``q`` (m, H, D) over the
+    cache ``keys`` / ``values`` (KV, T, D) that ends with them: query i sees positions up to
+    T - m + i; grouped heads as in :func:`attend_one`. Returns (m, H·D)."""
+    m, total = q.shape[0], keys.shape[1]
+    visible = (torch.arange(total, device=q.device)[None, :]
+               <= torch.arange(total - m, total, device=q.device)[:, None])  # fmt: skip
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1)[None], keys[None], values[None], attn_mask=visible, scale=scale,
+        enable_gqa=True)  # (1, H, m, D)
+    return out[0].transpose(0, 1).reshape(m, -1)
+
+
 def decode_step(model: nn.Module, token: torch.Tensor, cache: Any,
                 dynamic_layer: type | None = None, c_ops: bool = False,
-                natives: dict[int, Any] | None = None) -> torch.Tensor:
-    """The logits (1, 1, V) of one new token ``token`` (1, 1) of one sequence, its key and value
-    appended to ``cache`` in every block; the model's own forward computes the same. Layers of
-    type ``dynamic_layer`` (transformers' ``DynamicLayer``) are appended in place
+                natives: dict[int, Any] | None = None, keep: int = 0) -> torch.Tensor:
+    """The logits (1, keep or m, V) of the new tokens ``token`` (1, m) of one sequence — one
+    at a time in decode, a few when a speculative round verifies its draft — their keys and
+    values appended to ``cache`` in every block; the model's own forward computes the same.
+    ``keep``: logits of the last ``keep`` positions only (0: all). Layers of type
+    ``dynamic_layer`` (transformers' ``DynamicLayer``) are appended in place
     (:func:`append_in_place`), any other through the cache's ``update``. ``c_ops``: float32
-    norms and rotary embedding run as one C call each
-    (:mod:`slimline.compile.decode_ops`), other dtypes as torch ops. ``natives``: a dict
-    this call may keep each block's C step in (:mod:`slimline.compile.decode_block`, for
-    blocks of packed layers appended in place), None for none."""
+    norms and rotary embedding of one token run as one C call each
+    (:mod:`slimline.compile.decode_ops`), other dtypes and several tokens as torch ops.
+    ``natives``: a dict this call may keep each block's C step in
+    (:mod:`slimline.compile.decode_block`, for one token through blocks of packed layers
+    appended in place), None for none."""
     base: Any = model.model  # type: ignore[union-attr]
-    if natives is not None and not _natives_may_run():
+    m = token.shape[-1]
+    if natives is not None and (m != 1 or not _natives_may_run()):
         natives = None
+    c_ops = c_ops and m == 1
     owned = False  # whether x is a tensor this step made (the C step writes into it)
 
     def norm(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
@@ -227,9 +254,10 @@ def decode_step(model: nn.Module, token: torch.Tensor, cache: Any,
         return rms_norm(x, module)
 
     position = int(cache.get_seq_length())
-    x = base.embed_tokens(token).view(1, -1)
-    cos, sin = base.rotary_emb(x, position_ids=torch.tensor([[position]], device=x.device))
-    cos, sin = cos.view(1, -1), sin.view(1, -1)
+    x = base.embed_tokens(token).view(m, -1)
+    positions = torch.arange(position, position + m, device=x.device)[None]
+    cos, sin = base.rotary_emb(x, position_ids=positions)
+    cos, sin = cos.view(m, 1, -1), sin.view(m, 1, -1)  # (m, 1, D): every head of a position
     for i, block in enumerate(base.layers):
         if not hasattr(block, "self_attn"):  # a block a self-draft skips (layer_skip)
             continue
@@ -240,26 +268,35 @@ def decode_step(model: nn.Module, token: torch.Tensor, cache: Any,
             if not owned:
                 x, owned = x.clone(), True
             keys, values = reserve(layer)
-            native.step(x, keys, values, layer.keys.shape[-2], cos, sin)
+            native.step(x, keys, values, layer.keys.shape[-2], cos.view(1, -1),
+                        sin.view(1, -1))
             advance(layer, (keys, values))
             continue
         attn, mlp = block.self_attn, block.mlp
         h = norm(x, block.input_layernorm)
         dim = attn.head_dim
-        q, k = attn.q_proj(h).view(-1, dim), attn.k_proj(h).view(-1, dim)
-        in_c = c_ops and decode_ops.reads(q, k, cos, sin)
-        q, k = (decode_ops.rotate(q, cos, sin), decode_ops.rotate(k, cos, sin)) if in_c else (
-            rotate(q, cos, sin), rotate(k, cos, sin))
-        v = attn.v_proj(h).view(-1, dim)
+        q, k = attn.q_proj(h).view(m, -1, dim), attn.k_proj(h).view(m, -1, dim)
+        if c_ops and decode_ops.reads(q, k, cos, sin):
+            one = cos.view(1, -1), sin.view(1, -1)
+            q, k = (decode_ops.rotate(q.view(-1, dim), *one),
+                    decode_ops.rotate(k.view(-1, dim), *one))
+        else:
+            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        v = attn.v_proj(h).view(m, -1, dim)
+        new_k, new_v = (t.view(m, -1, dim).transpose(0, 1)[None] for t in (k, v))  # (1, KV, m, D)
         if in_place:
-            keys, values = append_in_place(layer, k.view(1, -1, 1, dim), v.view(1, -1, 1, dim))
+            keys, values = append_in_place(layer, new_k, new_v)
         else:  # slimline's quantized layer (or an empty one): its own update
-            keys, values = cache.update(k.view(1, -1, 1, dim), v.view(1, -1, 1, dim), i)
-        x, owned = x + attn.o_proj(attend_one(q, keys[0], values[0], attn.scaling)), True
+            keys, values = cache.update(new_k, new_v, i)
+        mixed = (attend_one(q.view(-1, dim), keys[0], values[0], attn.scaling) if m == 1
+                 else attend_rows(q.view(m, -1, dim), keys[0], values[0], attn.scaling))
+        x, owned = x + attn.o_proj(mixed), True
         h = norm(x, block.post_attention_layernorm)
         x = x + mlp.down_proj(mlp.act_fn(mlp.gate_proj(h)) * mlp.up_proj(h))
+    if 0 < keep < m:
+        x = x[m - keep:]
     logits: torch.Tensor = model.lm_head(norm(x, base.norm))  # type: ignore[operator]
-    return logits.view(1, 1, -1)
+    return logits.view(1, x.shape[0], -1)
 
 
 def _filled(layer: Any) -> bool:
@@ -295,6 +332,11 @@ def _native(natives: dict[int, Any], i: int, block: nn.Module, model: nn.Module)
     return native
 
 
+# The most new tokens a call may bring and still run written out: one in decode, a few where a
+# speculative round verifies its draft (gamma + 1); longer inputs are prefills, which the
+# model's forward batches better.
+MOST_TOKENS = 16
+
 # Keyword arguments the written-out step understands; any other one sends the call to the
 # model's own forward.
 _KNOWN = frozenset({"input_ids", "attention_mask", "position_ids", "cache", "past_key_values",
@@ -303,7 +345,7 @@ _KNOWN = frozenset({"input_ids", "attention_mask", "position_ids", "cache", "pas
 
 
 class FastForward:
-    """The replacement ``forward``: one-token steps through :func:`decode_step`, every other
+    """The replacement ``forward``: decode steps through :func:`decode_step`, every other
     call through the class's forward. Holds the model, so ``copy.deepcopy`` of the model
     points the copy's at the copy."""
 
@@ -334,8 +376,9 @@ class FastForward:
         cache = self._decode_cache(args, kwargs)
         if cache is None:
             return type(self.model).forward(self.model, *args, **kwargs)
+        keep = kwargs.get("logits_to_keep") or 0
         logits = decode_step(self.model, kwargs["input_ids"], cache, self.dynamic_layer,
-                             self.c_ops, self.natives if self.c_ops else None)
+                             self.c_ops, self.natives if self.c_ops else None, int(keep))
         self.calls += 1
         return self.output(logits=logits, **{self.output_cache: cache})
 
@@ -346,7 +389,8 @@ class FastForward:
         ids = kwargs.get("input_ids")
         # transformers 5.24 renamed past_key_values to cache and still takes the old name
         cache: Any = kwargs.get(self.cache_name or "cache", kwargs.get("past_key_values"))
-        if not isinstance(ids, torch.Tensor) or ids.shape != (1, 1) or not self.dynamic(cache):
+        if (not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[0] != 1
+                or not 1 <= ids.shape[1] <= MOST_TOKENS or not self.dynamic(cache)):
             return None
         if kwargs.get("use_cache") is False or kwargs.get("return_dict") is False:
             return None
@@ -356,22 +400,26 @@ class FastForward:
             return None
         if isinstance(kwargs.get("logits_to_keep"), torch.Tensor):
             return None
-        position = int(cache.get_seq_length())
-        if not _at(kwargs.get("position_ids"), position) or not _at(
-                kwargs.get("cache_position"), position):
+        position, count = int(cache.get_seq_length()), ids.shape[1]
+        if count > 1 and position == 0:
+            return None  # a prefill: the model's forward
+        if not _at(kwargs.get("position_ids"), position, count) or not _at(
+                kwargs.get("cache_position"), position, count):
             return None
         mask = kwargs.get("attention_mask")
-        if mask is not None and (mask.shape != (1, position + 1) or not bool(mask.all())):
+        if mask is not None and (mask.shape != (1, position + count) or not bool(mask.all())):
             return None
         return cache
 
 
-def _at(positions: Any, position: int) -> bool:
-    """Whether optional ``position_ids`` / ``cache_position`` name exactly ``position``."""
+def _at(positions: Any, position: int, count: int = 1) -> bool:
+    """Whether optional ``position_ids`` / ``cache_position`` name exactly ``position`` to
+    ``position + count - 1``."""
     if positions is None:
         return True
-    return isinstance(positions, torch.Tensor) and positions.numel() == 1 and int(
-        positions.item()) == position
+    if not isinstance(positions, torch.Tensor) or positions.numel() != count:
+        return False
+    return bool((positions.reshape(-1).cpu() == torch.arange(position, position + count)).all())
 
 
 def _dynamic_layer_class() -> type | None:
@@ -416,5 +464,6 @@ def apply_fast_decode(model: nn.Module, cfg: FastDecodeConfig, ctx: StepContext)
     """Give ``model`` the written-out decode step (idempotent: ``sl.load`` runs it again)."""
     model.forward = FastForward(model)  # type: ignore[method-assign]
     return StepOutcome(modules=[""], notes=[
-        "one-token steps of one sequence on a dynamic cache run the written-out block loop; "
+        "decode steps of one sequence on a dynamic cache (one token, or up to "
+        f"{MOST_TOKENS} after a prefill) run the written-out block loop; "
         "every other call runs the model's forward"])
