@@ -170,3 +170,39 @@ def test_an_export_traces_the_models_own_attention(tmp_path) -> None:
     compiled = sl.compress(model, {"steps": [{"method": "compile"}]}).model
     sl.export(compiled, tmp_path / "onnx", format="onnx", example=_batch(RIGHT))
     assert _onnx_vs_torch(model, tmp_path / "onnx", _batch(RIGHT[[2, 0, 1]], seed=3)) < 1e-4
+
+
+def test_the_transformers_model_inside_a_sentence_transformer(tmp_path,
+                                                             monkeypatch: pytest.MonkeyPatch
+                                                             ) -> None:  # fmt: skip
+    pytest.importorskip("sentence_transformers")
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers import models as st_models
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["code", "runs", "fast", "slow", "model", "layer", "token", "key", "query", "the"]
+    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.train_from_iterator(words, trainers.WordPieceTrainer(
+        vocab_size=60, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]))
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]",
+                                      pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
+                                      mask_token="[MASK]")  # fmt: skip
+    _encoder("bert").save_pretrained(tmp_path / "bert")
+    wrapped.save_pretrained(tmp_path / "bert")
+    body = st_models.Transformer(str(tmp_path / "bert"))
+    st = SentenceTransformer(modules=[body, st_models.Pooling(body.get_word_embedding_dimension())],
+                             device="cpu")
+    sentences = ["the code runs fast", "token", "the model layer key query runs slow the end"]
+    want = st.encode(sentences, convert_to_tensor=True)
+    result = sl.compress(st, {"steps": [{"method": "compile", "attention": "slimline"}]})
+    inner = result.model[0].auto_model
+    assert inner.config._attn_implementation == encoder_attention.NAME
+    assert st[0].auto_model.config._attn_implementation == "sdpa"
+    calls = _kernel_calls(monkeypatch)
+    with torch.no_grad():
+        features = result.model.tokenize(sentences)
+        got = result.model.forward(features)["sentence_embedding"]  # eager, as compiled runs it
+    assert len(calls) == 2
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -18,7 +18,8 @@ traced, a dtype or head width the kernel refuses) runs transformers' ``sdpa`` fu
 that mask, so answers equal the model's ``sdpa`` implementation.
 
 Used by ``compile`` (``attention: auto``, its default, picks it for the encoder families in
-:data:`ENCODER_TYPES`; ``attention: slimline`` asks for it). Measured in BENCHMARKS
+:data:`ENCODER_TYPES`, the model itself or the transformers model inside a sentence-transformers
+one; ``attention: slimline`` asks for it). Measured in BENCHMARKS
 (``recovery-*``, ``cpu-deploy-*``).
 """
 
@@ -57,6 +58,26 @@ def why_not(model: nn.Module) -> str | None:
         return f"{kind} is configured as a decoder (causal or cross attention)"
     problem = varlen.library_problem()
     return f"the attention kernel cannot run here: {problem}" if problem else None
+
+
+def encoders(model: nn.Module) -> list[nn.Module]:
+    """``model`` itself when its attention can be switched (:func:`why_not`), else the
+    outermost modules inside it whose can (the transformers model a sentence-transformers
+    model wraps); empty when there is none."""
+    if why_not(model) is None:
+        return [model]
+    found: list[tuple[str, nn.Module]] = []
+    for name, module in model.named_modules():
+        inside = any(name.startswith(f"{outer}.") for outer, _ in found)
+        if name and not inside and has_switch(module) and why_not(module) is None:
+            found.append((name, module))
+    return [module for _, module in found]
+
+
+def has_switch(module: nn.Module) -> bool:
+    from slimline.compile.inductor import has_attention_switch
+
+    return has_attention_switch(module)
 
 
 def install(model: nn.Module) -> None:

@@ -94,30 +94,32 @@ class CompileConfig(MethodConfig):
 
     def applies_to(self, model: nn.Module) -> bool:
         if self.attention == "slimline":
-            return encoder_attention.why_not(model) is None
+            return bool(encoder_attention.encoders(model))
         return self.attention in ("auto", "model") or has_attention_switch(model)
 
     def select_modules(self, model: nn.Module, *, step: str = "") -> list[tuple[str, nn.Module]]:
         """Nothing by name (the whole model); refuses ``attention`` on a model without one."""
         if self.attention == "slimline":
-            reason = encoder_attention.why_not(model)
-            if reason is not None:
-                self.fail("attention", f"'slimline' cannot run this model: {reason}; leave "
-                          "attention at 'auto'")
+            if not encoder_attention.encoders(model):
+                self.fail("attention", "'slimline' cannot run this model: "
+                          f"{encoder_attention.why_not(model)}; leave attention at 'auto'")
         elif not self.applies_to(model):
             self.fail("attention", f"{self.attention!r} applies to a transformers model "
                       f"(set_attn_implementation); {type(model).__name__} has none, so leave "
                       "attention at 'auto'")
         return []
 
-    def attention_for(self, model: nn.Module) -> str:
-        """The attention implementation this step gives ``model`` ("model": left as it is)."""
-        if self.attention != "auto":
-            return self.attention
-        if self.backend != "inductor" or encoder_attention.why_not(model) is not None:
-            return "model"
-        current = getattr(getattr(model, "config", None), "_attn_implementation", None)
-        return "slimline" if current == "sdpa" else "model"  # a user's own choice is kept
+    def slimline_targets(self, model: nn.Module) -> list[nn.Module]:
+        """The models whose attention this step switches to slimline's kernel: with
+        ``attention: slimline`` every one :func:`encoder_attention.encoders` finds; with
+        ``auto``, under backend inductor, those still on torch's ``sdpa`` (a user's own
+        choice is kept)."""
+        if self.attention == "slimline":
+            return encoder_attention.encoders(model)
+        if self.attention != "auto" or self.backend != "inductor":
+            return []
+        return [m for m in encoder_attention.encoders(model)
+                if getattr(getattr(m, "config", None), "_attn_implementation", None) == "sdpa"]
 
 
 def has_attention_switch(model: nn.Module) -> bool:
@@ -135,13 +137,14 @@ def has_attention_switch(model: nn.Module) -> bool:
 def apply_compile(model: nn.Module, cfg: CompileConfig, ctx: StepContext) -> StepOutcome:
     notes = []
     cfg.select_modules(model)  # refuses an attention the model cannot take
-    chosen = cfg.attention_for(model)
-    if chosen == "slimline":
-        encoder_attention.install(model)
+    targets = cfg.slimline_targets(model)
+    for target in targets:
+        encoder_attention.install(target)
+    if targets:
         notes.append("attention: slimline (C kernel over each row's real keys)")
-    elif chosen != "model":
-        model.set_attn_implementation(chosen)  # type: ignore[operator]
-        notes.append(f"attention: {chosen}")
+    elif cfg.attention == "eager":
+        model.set_attn_implementation("eager")  # type: ignore[operator]
+        notes.append("attention: eager")
     if cfg.backend != "inductor":
         install(model, cfg.backend, cfg.precision)  # refuses what the runtime cannot run
         computes = " in bf16 where the CPU has bf16 units" if cfg.precision == "bf16" else ""
