@@ -13,6 +13,7 @@ from torch import nn
 import slimline as sl
 from slimline.compile import encoder_attention
 from slimline.compile import varlen_attention as varlen
+from tests.compile.test_varlen_attention import calls_of_the_kernel
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),
@@ -46,18 +47,6 @@ RIGHT = torch.tensor([[1] * 9, [1] * 5 + [0] * 4, [1] * 2 + [0] * 7])
 LEFT = RIGHT.flip(1)
 
 
-def _kernel_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    calls: list[int] = []
-    real = varlen._attend
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(varlen, "_attend", counted)
-    return calls
-
-
 def _hidden(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     with torch.no_grad():
         return model.forward(**batch).last_hidden_state  # the eager forward: no compilation
@@ -74,7 +63,7 @@ def test_auto_runs_the_kernel_with_the_models_answers(kind: str, mask: torch.Ten
     result = sl.compress(model, {"steps": [{"method": "compile"}]})
     assert any("attention: slimline" in n for n in result.steps[0].notes)
     assert model.config._attn_implementation == "sdpa"  # the input model is left as it was
-    calls = _kernel_calls(monkeypatch)
+    calls = calls_of_the_kernel(monkeypatch)
     got = _hidden(result.model, batch)
     assert len(calls) == 2  # one a layer
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # padded positions included
@@ -83,7 +72,7 @@ def test_auto_runs_the_kernel_with_the_models_answers(kind: str, mask: torch.Ten
 def test_compiled_bert_equals_sdpa_over_changing_lengths(monkeypatch: pytest.MonkeyPatch) -> None:
     model = _encoder("bert")
     compiled = sl.compress(model, {"steps": [{"method": "compile", "dynamic": True}]}).model
-    calls = _kernel_calls(monkeypatch)
+    calls = calls_of_the_kernel(monkeypatch)
     for mask in (RIGHT, RIGHT[:, :6], LEFT):
         batch = _batch(mask)
         with torch.no_grad():
@@ -98,7 +87,7 @@ def test_calls_the_kernel_does_not_take_run_sdpa(monkeypatch: pytest.MonkeyPatch
     model = _encoder("bert")
     switched = sl.compress(model, {"steps": [{"method": "compile", "attention": "slimline"}]}
                            ).model  # fmt: skip
-    calls = _kernel_calls(monkeypatch)
+    calls = calls_of_the_kernel(monkeypatch)
     ids = _batch(RIGHT)["input_ids"]
     hole = torch.tensor([[1, 1, 0, 1, 1, 1, 0, 1, 1]] * 3)
     for batch in ({"input_ids": ids}, {"input_ids": ids, "attention_mask": hole}):
@@ -200,7 +189,7 @@ def test_the_transformers_model_inside_a_sentence_transformer(tmp_path,
     inner = result.model[0].auto_model
     assert inner.config._attn_implementation == encoder_attention.NAME
     assert st[0].auto_model.config._attn_implementation == "sdpa"
-    calls = _kernel_calls(monkeypatch)
+    calls = calls_of_the_kernel(monkeypatch)
     with torch.no_grad():
         features = result.model.tokenize(sentences)
         got = result.model.forward(features)["sentence_embedding"]  # eager, as compiled runs it

@@ -36,6 +36,22 @@ def tiny_qwen2() -> nn.Module:
     return Qwen2ForCausalLM(config).eval()
 
 
+# What each kind of model compared with fast_decode is made with (beside the plain Llama).
+KINDS: dict[str, list[dict[str, Any]]] = {
+    "rtn-int4": [{"method": "rtn", "bits": 4, "group_size": 32}],
+    "int8-activations": [{"method": "rtn", "bits": 4, "group_size": 32,
+                          "decode_activations": "int8"}],
+    "bf16": [{"method": "half", "dtype": "bfloat16"}]}
+
+
+def reference_and_fast(kind: str, tiny_llama: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """The model of ``kind`` without and with fast_decode."""
+    base = tiny_qwen2() if kind == "qwen2" else tiny_llama
+    steps = KINDS.get(kind, [])
+    reference = sl.compress(base, {"steps": steps}).model if steps else base
+    return reference, fast(base, *steps)
+
+
 def step_logits(model: nn.Module, ids: torch.Tensor, tokens: torch.Tensor) -> list[torch.Tensor]:
     """Prefill ``ids``, then one-token calls on ``tokens`` (the same ones for every model
     compared, so a near tie cannot send two models down different sequences), as ``generate``
@@ -78,14 +94,7 @@ def test_rotate_turns_each_pair_by_its_angle() -> None:
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "rtn-int4", "int8-activations", "bf16"])
 def test_decode_steps_match_the_models_forward(kind: str, tiny_llama: nn.Module) -> None:
-    base = tiny_qwen2() if kind == "qwen2" else tiny_llama
-    steps: dict[str, list[dict[str, Any]]] = {
-        "rtn-int4": [{"method": "rtn", "bits": 4, "group_size": 32}],
-        "int8-activations": [{"method": "rtn", "bits": 4, "group_size": 32,
-                              "decode_activations": "int8"}],
-        "bf16": [{"method": "half", "dtype": "bfloat16"}]}
-    reference = sl.compress(base, {"steps": steps.get(kind, [])}).model if kind in steps else base
-    model = fast(base, *steps.get(kind, []))
+    reference, model = reference_and_fast(kind, tiny_llama)
     ids, tokens = torch.randint(0, 128, (1, 9)), torch.randint(0, 128, (6,))
     with torch.no_grad():
         expected, got = step_logits(reference, ids, tokens), step_logits(model, ids, tokens)
@@ -121,14 +130,7 @@ def chunk_logits(model: nn.Module, ids: torch.Tensor, chunks: list[torch.Tensor]
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "rtn-int4", "int8-activations", "bf16"])
 def test_calls_of_several_tokens_match_the_models_forward(kind: str, tiny_llama: nn.Module
                                                           ) -> None:  # fmt: skip
-    base = tiny_qwen2() if kind == "qwen2" else tiny_llama
-    steps: dict[str, list[dict[str, Any]]] = {
-        "rtn-int4": [{"method": "rtn", "bits": 4, "group_size": 32}],
-        "int8-activations": [{"method": "rtn", "bits": 4, "group_size": 32,
-                              "decode_activations": "int8"}],
-        "bf16": [{"method": "half", "dtype": "bfloat16"}]}
-    reference = sl.compress(base, {"steps": steps.get(kind, [])}).model if kind in steps else base
-    model = fast(base, *steps.get(kind, []))
+    reference, model = reference_and_fast(kind, tiny_llama)
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(0, 128, (1, 9), generator=g)
     chunks = [torch.randint(0, 128, (n,), generator=g) for n in (6, 2, 1, 16, 4)]
