@@ -76,6 +76,9 @@ OPENVINO_BF16 = {**OPENVINO, "precision": "bf16"}
 INDUCTOR = {"method": "compile"}
 ONNXRUNTIME = {"method": "compile", "backend": "onnxruntime"}
 EAGER_ATTENTION = {"method": "compile", "attention": "eager"}  # transformers models only
+# the model's own attention (torch's SDPA with the padding mask): compile's default for
+# encoders is slimline's kernel over each row's real keys (compile/encoder_attention.py)
+SDPA_ATTENTION = {"method": "compile", "attention": "model"}
 UNPAD = {"method": "unpad"}  # BERT-like encoders only
 SLIMLINE_ROWS: dict[str, list[dict[str, Any]]] = {
     "slimline compile (inductor)": [INDUCTOR],
@@ -87,6 +90,8 @@ SLIMLINE_ROWS: dict[str, list[dict[str, Any]]] = {
     "slimline smoothquant static + compile": [SQ_STATIC, INDUCTOR],
     "slimline int8_dynamic + compile, eager attention": [{"method": "int8_dynamic"}, EAGER_ATTENTION],
     "slimline smoothquant static + compile, eager attention": [SQ_STATIC, EAGER_ATTENTION],
+    "slimline int8_dynamic + compile, sdpa attention": [{"method": "int8_dynamic"}, SDPA_ATTENTION],
+    "slimline smoothquant static + compile, sdpa attention": [SQ_STATIC, SDPA_ATTENTION],
     "slimline compile backend openvino": [OPENVINO],
     "slimline compile backend onnxruntime": [ONNXRUNTIME],
     "slimline int8_dynamic + compile openvino": [{"method": "int8_dynamic"}, OPENVINO],
