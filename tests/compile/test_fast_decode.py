@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 import slimline as sl
-from slimline.compile.fast_decode import FastForward, append_in_place, attend_one, rotate
+from slimline.compile.fast_decode import FastForward, attend_one, rotate
+from slimline.compile.kv_room import append_in_place
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

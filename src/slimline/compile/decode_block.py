@@ -8,7 +8,7 @@ beyond the kernels' own time. When all seven projections of a block run slimline
 kernels (``QuantLinear`` with a prepared decode call, no hooks) on float32 activations,
 ``csrc/decode_block.c`` runs the whole block in one call: the same kernels, the norms and
 rotary of ``decode_ops``, the new key and value written into the room kept behind the cache
-layer (:func:`slimline.compile.fast_decode.append_in_place`'s), attention in float32 and the
+layer (:func:`slimline.compile.kv_room.append_in_place`'s), attention in float32 and the
 SwiGLU MLP. Any other block — float or cast projections, hooks, a quantized KV cache, a
 FLOP counter watching — runs the Python step.
 """

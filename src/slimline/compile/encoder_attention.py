@@ -43,10 +43,19 @@ ENCODER_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "electra", "dist
 _OTHER_MATHS = ("position_bias", "softcap", "s_aux", "sliding_window", "sinks")
 
 
+def has_attention_switch(model: nn.Module) -> bool:
+    """Whether ``model`` is a transformers model whose attention implementation can be set.
+
+    ``config._attn_implementation`` is the property transformers' attention docs read the
+    implementation from (5.x; tests/compile/test_compile.py checks it on 5.24); a model
+    without it is refused, not guessed at."""
+    config = getattr(model, "config", None)
+    return (callable(getattr(model, "set_attn_implementation", None))
+            and getattr(config, "_attn_implementation", None) is not None)
+
+
 def why_not(model: nn.Module) -> str | None:
     """Why ``model``'s attention cannot be switched to :func:`attention` (None when it can)."""
-    from slimline.compile.inductor import has_attention_switch
-
     kind = type(model).__name__
     if not has_attention_switch(model):
         return f"{kind} is not a transformers model whose attention implementation can be set"
@@ -69,15 +78,9 @@ def encoders(model: nn.Module) -> list[nn.Module]:
     found: list[tuple[str, nn.Module]] = []
     for name, module in model.named_modules():
         inside = any(name.startswith(f"{outer}.") for outer, _ in found)
-        if name and not inside and has_switch(module) and why_not(module) is None:
+        if name and not inside and why_not(module) is None:
             found.append((name, module))
     return [module for _, module in found]
-
-
-def has_switch(module: nn.Module) -> bool:
-    from slimline.compile.inductor import has_attention_switch
-
-    return has_attention_switch(module)
 
 
 def install(model: nn.Module) -> None:
@@ -125,8 +128,8 @@ def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: 
 
     batch, heads, length, size = query.shape
     scale = float(scaling) if scaling is not None else size ** -0.5
-    if _kernel_call(module, query, key, value, attention_mask, dropout, kwargs):
-        assert attention_mask is not None
+    if attention_mask is not None and _kernel_call(module, query, key, value, attention_mask,
+                                                   dropout, kwargs):
 
         def rows(t: torch.Tensor) -> torch.Tensor:
             return t.transpose(1, 2).reshape(batch * length, heads * size)
@@ -143,11 +146,10 @@ def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: 
 
 
 def _kernel_call(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                 attention_mask: torch.Tensor | None, dropout: float,
-                 kwargs: dict[str, Any]) -> bool:
+                 attention_mask: torch.Tensor, dropout: float, kwargs: dict[str, Any]) -> bool:
     """Whether this call is self-attention of an encoder under a 2-D padding mask, outside an
     export, that the kernel computes as the model would."""
-    if attention_mask is None or attention_mask.dim() != 2 or dropout:
+    if attention_mask.dim() != 2 or dropout:
         return False
     if _causal(module, kwargs) or any(kwargs.get(name) is not None for name in _OTHER_MATHS):
         return False

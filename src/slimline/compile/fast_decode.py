@@ -17,9 +17,10 @@ new token of one sequence on top of a dynamic KV cache, no gradient, or up to
 the blocks calling the model's own submodules (so quantized, cast or hooked layers run as
 they are) with the maths of the block inlined: RMSNorm, rotary embedding (the model's own
 ``rotary_emb``, so its scaling applies), the new key and value appended to the cache (in
-place into room kept behind transformers' dynamic layers, through the cache's public
-``update`` for any other layer), attention over the cached keys with grouped heads (no
-repeated keys; one query sees every cached position, several a causal mask), SwiGLU MLP. A
+place into room kept behind transformers' dynamic layers, :mod:`slimline.compile.kv_room`;
+through the cache's public ``update`` for any other layer), attention over the cached keys
+with grouped heads (no repeated keys; one query sees every cached position, several a causal
+mask), SwiGLU MLP. A
 block whose seven projections are slimline's packed layers on its gemv kernels (float32
 activations, no hooks) runs a one-token step as one C call instead
 (:mod:`slimline.compile.decode_block`: the same maths, the Python between the kernels gone).
@@ -41,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimline.compile import decode_block, decode_ops
+from slimline.compile.kv_room import advance, append_in_place, filled, reserve
 from slimline.core.config import MethodConfig
 from slimline.core.families import Family
 from slimline.core.registry import StepContext, StepOutcome, register
@@ -161,57 +163,6 @@ def attend_one(
     return torch.bmm(weights, values).reshape(1, -1)
 
 
-def append_in_place(layer: Any, key: torch.Tensor, value: torch.Tensor) -> tuple[
-        torch.Tensor, torch.Tensor]:
-    """Append the new positions' ``key`` / ``value`` (1, KV, m, D) to a transformers
-    ``DynamicLayer`` and return its keys and values, as its ``update`` does, without
-    concatenating the whole cache: the layer keeps room behind its cached positions (grown by
-    doubling), a step writes the new positions there, and ``keys`` / ``values`` become views of
-    the cached length. At 256 new tokens ``update`` copies every block's keys and values each
-    step (~17 MB a token on ``llama-1b-random``); this copies the new positions.
-
-    Memory that a tensor the layer handed out before covers is never written: a step writes
-    past the current views, and when ``keys`` is no longer the view the layer last made (the
-    model's own forward concatenated, the cache was cropped or copied) the room is made anew
-    from the current tensors."""
-    count = key.shape[-2]
-    room = reserve(layer, count)
-    length = layer.keys.shape[-2]
-    room[0][..., length:length + count, :] = key
-    room[1][..., length:length + count, :] = value
-    return advance(layer, room, count)
-
-
-def reserve(layer: Any, count: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """The room behind ``layer``'s cached keys and values (:func:`append_in_place`): two
-    tensors (1, KV, room, D) holding the cached positions first, with space for ``count``
-    more."""
-    keys, values = layer.keys, layer.values
-    length = keys.shape[-2]
-    room = getattr(layer, "_slimline_room", None)
-    if (room is None or length + count > room[0].shape[-2]
-            or keys.data_ptr() != room[0].data_ptr()
-            or values.data_ptr() != room[1].data_ptr() or keys.shape != room[2]):
-        size = list(keys.shape)
-        size[-2] = max(2 * length, length + max(64, count))
-        room_keys, room_values = keys.new_empty(size), values.new_empty(size)
-        room_keys[..., :length, :] = keys
-        room_values[..., :length, :] = values
-        room = (room_keys, room_values, keys.shape)
-        layer._slimline_room = room
-    return room[0], room[1]
-
-
-def advance(layer: Any, room: tuple[torch.Tensor, torch.Tensor], count: int = 1) -> tuple[
-        torch.Tensor, torch.Tensor]:
-    """Make ``layer``'s keys and values the views of its room ``count`` positions longer (the
-    new positions written there by :func:`append_in_place` or the C block step)."""
-    length = layer.keys.shape[-2] + count
-    layer.keys, layer.values = room[0][..., :length, :], room[1][..., :length, :]
-    layer._slimline_room = (room[0], room[1], layer.keys.shape)
-    return layer.keys, layer.values
-
-
 def attend_rows(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                 scale: float) -> torch.Tensor:
     """Causal softmax attention of the last m positions' queries ``q`` (m, H, D) over the
@@ -258,18 +209,18 @@ def decode_step(model: nn.Module, token: torch.Tensor, cache: Any,
     positions = torch.arange(position, position + m, device=x.device)[None]
     cos, sin = base.rotary_emb(x, position_ids=positions)
     cos, sin = cos.view(m, 1, -1), sin.view(m, 1, -1)  # (m, 1, D): every head of a position
+    one = cos.view(1, -1), sin.view(1, -1)  # a one-token step's (1, D), as the C calls take
     for i, block in enumerate(base.layers):
         if not hasattr(block, "self_attn"):  # a block a self-draft skips (layer_skip)
             continue
         layer: Any = cache.layers[i] if i < len(cache.layers) else None
-        in_place = type(layer) is dynamic_layer and _filled(cache.layers[i])
+        in_place = type(layer) is dynamic_layer and filled(cache.layers[i])
         native = _native(natives, i, block, model) if in_place and natives is not None else None
         if native is not None and decode_ops.reads(x, cos, sin) and native.takes(layer):
             if not owned:
                 x, owned = x.clone(), True
             keys, values = reserve(layer)
-            native.step(x, keys, values, layer.keys.shape[-2], cos.view(1, -1),
-                        sin.view(1, -1))
+            native.step(x, keys, values, layer.keys.shape[-2], *one)
             advance(layer, (keys, values))
             continue
         attn, mlp = block.self_attn, block.mlp
@@ -277,7 +228,6 @@ def decode_step(model: nn.Module, token: torch.Tensor, cache: Any,
         dim = attn.head_dim
         q, k = attn.q_proj(h).view(m, -1, dim), attn.k_proj(h).view(m, -1, dim)
         if c_ops and decode_ops.reads(q, k, cos, sin):
-            one = cos.view(1, -1), sin.view(1, -1)
             q, k = (decode_ops.rotate(q.view(-1, dim), *one),
                     decode_ops.rotate(k.view(-1, dim), *one))
         else:
@@ -297,11 +247,6 @@ def decode_step(model: nn.Module, token: torch.Tensor, cache: Any,
         x = x[m - keep:]
     logits: torch.Tensor = model.lm_head(norm(x, base.norm))  # type: ignore[operator]
     return logits.view(1, x.shape[0], -1)
-
-
-def _filled(layer: Any) -> bool:
-    """Whether a dynamic cache layer holds positions (a prefill ran through it)."""
-    return bool(layer.is_initialized and layer.keys.numel() > 0)
 
 
 def _natives_may_run() -> bool:

@@ -13,6 +13,7 @@ from typing import ClassVar, Literal
 from torch import nn
 
 from slimline.compile import encoder_attention
+from slimline.compile.encoder_attention import has_attention_switch
 from slimline.compile.runtime import install
 from slimline.core.config import MethodConfig
 from slimline.core.families import Family
@@ -120,17 +121,6 @@ class CompileConfig(MethodConfig):
             return []
         return [m for m in encoder_attention.encoders(model)
                 if getattr(getattr(m, "config", None), "_attn_implementation", None) == "sdpa"]
-
-
-def has_attention_switch(model: nn.Module) -> bool:
-    """Whether ``model`` is a transformers model whose attention implementation can be set.
-
-    ``config._attn_implementation`` is the property transformers' attention docs read the
-    implementation from (5.x; tests/compile/test_compile.py checks it on 5.24); a model
-    without it is refused, not guessed at."""
-    config = getattr(model, "config", None)
-    return (callable(getattr(model, "set_attn_implementation", None))
-            and getattr(config, "_attn_implementation", None) is not None)
 
 
 @register(CompileConfig)
