@@ -293,3 +293,21 @@ def test_the_cache_under_its_old_name_runs_written_out(tiny_llama: nn.Module) ->
     assert calls(model) == 3
     for e, g in zip(expected, got, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+
+
+def test_float_activations_are_noted_with_the_int8_fix(tiny_llama: nn.Module) -> None:
+    """Packed layers left on float32 decode activations get a note naming the faster
+    arithmetic, where this CPU has the int8-activation kernel; int8 ones and float models none."""
+    from slimline.quantize import kernels_gemv
+
+    def notes(*steps: dict[str, Any]) -> list[str]:
+        recipe = {"steps": [*steps, {"method": "fast_decode"}]}
+        return sl.compress(tiny_llama, recipe).steps[-1].notes
+
+    has_a8 = not kernels_gemv.library_problem() and bool(kernels_gemv._library().isa)
+    float_notes = [n for n in notes(*KINDS["rtn-int4"]) if "decode_activations: int8" in n]
+    assert len(float_notes) == has_a8
+    if has_a8:  # seven projections a block, two blocks
+        assert float_notes[0].startswith("14 packed layers decode on exact float32 activations")
+    for kind in ("int8-activations", "bf16"):
+        assert not [n for n in notes(*KINDS[kind]) if "decode_activations: int8" in n], kind

@@ -71,7 +71,8 @@ def _layer(n: int, k: int, bits: int, group_size: int | None, symmetric: bool,
     [(37, 200, 4, 128, False), (64, 256, 4, 128, True), (5, 98, 4, 34, True),
      (33, 100, 8, None, True), (17, 130, 8, 64, False), (40, 66, 4, None, False),
      (48, 320, 4, 32, True), (9, 72, 8, 24, True),
-     (38, 384, 4, 64, False)],  # one row of x: outputs four at a time, then a tail of two
+     (38, 384, 4, 64, False),  # one row of x: outputs four at a time, then a tail of two
+     (38, 384, 4, 128, False), (21, 256, 4, None, True)],  # the same, with 128-column loads
 )  # fmt: skip
 @pytest.mark.parametrize("rows", [1, 3, 6])
 @pytest.mark.parametrize("isa", FLOAT_ISAS)

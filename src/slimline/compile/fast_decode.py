@@ -411,4 +411,26 @@ def apply_fast_decode(model: nn.Module, cfg: FastDecodeConfig, ctx: StepContext)
     return StepOutcome(modules=[""], notes=[
         "decode steps of one sequence on a dynamic cache (one token, or up to "
         f"{MOST_TOKENS} after a prefill) run the written-out block loop; "
-        "every other call runs the model's forward"])
+        "every other call runs the model's forward", *float_activation_notes(model)])
+
+
+def float_activation_notes(model: nn.Module) -> list[str]:
+    """The fix, where packed layers decode on exact float32 activations and this CPU has the
+    int8-activation kernel, which runs the same layers faster: llama.cpp's arithmetic (x
+    rounded to int8 in blocks of 32, integer sums; Q4_0 and Q8_0 dot products). A float32 fused
+    multiply-add does 16 products an instruction, a VNNI dot product 64 (BENCHMARKS
+    ``decode-*-avx512``: 1.7-1.9x a 4-bit layer at one thread on a Zen 4 EPYC), so float32
+    activations cannot keep pace with llama.cpp's Q4_0 there however the codes are read."""
+    from slimline.quantize.qlinear import QuantLinear
+
+    if kernels_gemv.library_problem():
+        return []
+    isa = kernels_gemv._library().isa
+    layers = [module for module in model.modules()
+              if isinstance(module, QuantLinear) and module.decode_activations == "float"
+              and not kernels_gemv.a8_unsupported(module.bits, module.in_features, module.group)]
+    if not isa or not layers:
+        return []
+    return [f"{len(layers)} packed layers decode on exact float32 activations; "
+            "`decode_activations: int8` on their quantize step (llama.cpp's arithmetic: x "
+            f"rounded to int8 in blocks of 32) decodes faster on this CPU ({isa} kernel)"]
