@@ -197,7 +197,7 @@ def test_padded_masks_the_kernel_does_not_take_run_torch(monkeypatch: pytest.Mon
     torch.testing.assert_close(got.double(), padded_textbook(q, k, v, hole, 2, 0.25),
                                rtol=1e-5, atol=1e-5)
     full = runs_mask([(0, 300), (0, 299)], 300)
-    assert not varlen.pays_padded(full.sum(1), 300)
+    assert not varlen.pays_padded(int(full.sum()), 2, 300)
     q, k, v = padded(full, 16)
     got = varlen.padded_attention(q, k, v, full, 2, 0.25)
     torch.testing.assert_close(got.double(), padded_textbook(q, k, v, full, 2, 0.25),
@@ -213,9 +213,41 @@ def test_padded_masks_the_kernel_does_not_take_run_torch(monkeypatch: pytest.Mon
 
 
 def test_padded_pays_by_the_work_of_long_rows() -> None:
-    assert varlen.pays_padded(torch.tensor([256, 256]), 256)
-    assert varlen.pays_padded(torch.tensor([512, 30, 40, 20]), 512)
-    assert not varlen.pays_padded(torch.tensor([512, 500, 505, 510]), 512)
+    assert varlen.pays_padded(512, 2, 256)
+    assert varlen.pays_padded(512 + 30 + 40 + 20, 4, 512)
+    assert not varlen.pays_padded(512 + 500 + 505 + 510, 4, 512)
+
+
+def brute_force_ranges(mask: torch.Tensor) -> tuple[list[list[int]], int] | None:
+    """key_ranges by hand: each row's real positions, one run or None."""
+    ranges, total = [], 0
+    length = mask.shape[1]
+    for b, row in enumerate(mask.tolist()):
+        real = [i for i, m in enumerate(row) if m]
+        if not real or real != list(range(real[0], real[0] + len(real))):
+            return None
+        ranges.append([b * length, length, b * length + real[0], len(real)])
+        total += len(real)
+    return ranges, total
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.int64, torch.uint8, torch.float32])
+def test_key_ranges_are_each_rows_run_of_real_keys(dtype: torch.dtype) -> None:
+    """Runs (right and left padding, full rows), holes, empty rows, random masks and a
+    non-contiguous view, against the brute-force scan."""
+    g = torch.Generator().manual_seed(0)
+    masks = [runs_mask([(0, 5), (2, 3), (0, 1), (4, 1)], 5), torch.ones(3, 7, dtype=torch.long),
+             torch.tensor([[1, 0, 1]]), torch.tensor([[1, 1], [0, 0]]),
+             runs_mask([(1, 6), (0, 9)], 9).t().contiguous().t()[:, :8]]
+    masks += [(torch.rand(4, 6, generator=g) < 0.7).long() for _ in range(20)]
+    for mask in masks:
+        mask = mask.to(dtype) * (3 if dtype == torch.uint8 else 1)  # any nonzero is real
+        found = varlen.key_ranges(mask)
+        want = brute_force_ranges(mask)
+        if want is None:
+            assert found is None, mask
+        else:
+            assert found is not None and found[0].tolist() == want[0] and found[1] == want[1]
 
 
 def test_padded_bfloat16_strided_compiled_and_counted() -> None:

@@ -58,6 +58,8 @@ def _library() -> Any:
         pointer, pointer, pointer, size, size, size, pointer, size, size, size, ctypes.c_float,
         ctypes.c_int, pointer, size,
     ]  # fmt: skip
+    lib.slimline_key_runs.restype = size
+    lib.slimline_key_runs.argtypes = [pointer, size, size, pointer]
     _register_op()
     return lib
 
@@ -109,26 +111,25 @@ def pays(mask: torch.Tensor) -> bool:
     return int((counts * counts).sum()) <= WORK_SHARE * batch * length * length
 
 
-def pays_padded(counts: torch.Tensor, length: int) -> bool:
-    """:func:`pays` for the padded layout: every one of ``length`` queries of row b over its
-    ``counts[b]`` real keys (work length · Σ counts, scores of length × n floats a head)."""
+def pays_padded(real_keys: int, batch: int, length: int) -> bool:
+    """:func:`pays` for the padded layout: every one of ``length`` queries of a row over its
+    real keys, ``real_keys`` in all over ``batch`` rows (work length · real_keys, scores of
+    length × n floats a head)."""
     if length <= ALWAYS:
         return True
-    return length * int(counts.sum()) <= WORK_SHARE * len(counts) * length * length
+    return length * real_keys <= WORK_SHARE * batch * length * length
 
 
-def key_runs(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(first, count) (batch,) int64 of each row's real keys in a 0/1 ``mask`` (batch, length)
-    when they form one run (right or left padding) in every row and no row is empty; None for
-    any other mask."""
-    real = mask != 0
-    counts = real.sum(dim=1)
-    first = real.to(torch.int8).argmax(dim=1)
-    positions = torch.arange(mask.shape[1], device=mask.device)
-    run = (positions >= first[:, None]) & (positions < (first + counts)[:, None])
-    if bool((counts == 0).any()) or not torch.equal(run, real):
-        return None
-    return first.to(torch.int64), counts.to(torch.int64)
+def key_ranges(mask: torch.Tensor) -> tuple[torch.Tensor, int] | None:
+    """The kernel's (batch, 4) ranges of a padded batch under a key-padding ``mask`` (batch,
+    length) — row b's length queries over its real keys — and the count of real keys; None
+    when some row has no real key or its real keys are not one run (right or left padding)."""
+    real = mask if mask.dtype in (torch.bool, torch.uint8, torch.int8) else mask != 0
+    real = real.contiguous()
+    ranges = torch.empty(mask.shape[0], 4, dtype=torch.int64)
+    total = int(_library().slimline_key_runs(real.data_ptr(), mask.shape[0], mask.shape[1],
+                                             ranges.data_ptr()))
+    return None if total < 0 else (ranges, total)
 
 
 def starts_of(mask: torch.Tensor) -> torch.Tensor:
@@ -216,13 +217,10 @@ def _padded_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Te
         raise ValueError(f"padded attention: a (batch, length) mask for {q.shape[0]} rows, "
                          f"not {tuple(mask.shape)}")
     batch, length = mask.shape
-    runs = key_runs(mask)
-    if runs is None or not pays_padded(runs[1], length):
+    found = key_ranges(mask)
+    if found is None or not pays_padded(found[1], batch, length):
         return _masked(q, k, v, mask, heads, scale)
-    first, counts = runs
-    rows = torch.arange(batch, dtype=torch.int64) * length
-    ranges = torch.stack([rows, torch.full_like(rows, length), rows + first, counts], dim=1)
-    return _attend(q, k, v, ranges, heads, dim, scale)
+    return _attend(q, k, v, found[0], heads, dim, scale)
 
 
 def _masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,

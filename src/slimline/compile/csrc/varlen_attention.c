@@ -238,3 +238,30 @@ int slimline_varlen_attention(const void *q, const void *k, const void *v, int64
     }
     return failed;
 }
+
+/* The ranges {q_start, m, k_start, n} of a padded batch under a key-padding mask (batch,
+ * length), one byte a position, nonzero where real: row b's length queries at rows b · length
+ * on, over its real keys, which must form one run. Returns the count of real keys, or -1
+ * (ranges then unset) when some row has none or its real keys are not one run: the mask the
+ * kernel does not take. One pass over the mask; computing the same with torch's ops took ~13
+ * dispatches, ~0.2 ms a layer on the 2-core EPYC here. */
+int64_t slimline_key_runs(const uint8_t *mask, int64_t batch, int64_t length, int64_t *ranges) {
+    int64_t total = 0;
+    for (int64_t b = 0; b < batch; b++) {
+        const uint8_t *row = mask + b * length;
+        int64_t first = 0;
+        while (first < length && !row[first]) first++;
+        int64_t end = first;
+        while (end < length && row[end]) end++;
+        if (end == first) return -1;
+        for (int64_t l = end; l < length; l++)
+            if (row[l]) return -1;
+        int64_t *range = ranges + 4 * b;
+        range[0] = b * length;
+        range[1] = length;
+        range[2] = b * length + first;
+        range[3] = end - first;
+        total += end - first;
+    }
+    return total;
+}
