@@ -419,17 +419,22 @@ def float_activation_notes(model: nn.Module) -> list[str]:
     int8-activation kernel, which runs the same layers faster: llama.cpp's arithmetic (x
     rounded to int8 in blocks of 32, integer sums; Q4_0 and Q8_0 dot products). A float32 fused
     multiply-add does 16 products an instruction, a VNNI dot product 64 (BENCHMARKS
-    ``decode-*-avx512``: 1.7-1.9x a 4-bit layer at one thread on a Zen 4 EPYC), so float32
-    activations cannot keep pace with llama.cpp's Q4_0 there however the codes are read."""
+    ``decode-*-avx512``: 1.7-1.9x a 4-bit layer at one thread on a Zen 4 EPYC; the AVX2
+    tables, ~2x), so float32 activations cannot keep pace with llama.cpp's Q4_0 there
+    however the codes are read. A model cast to another dtype decodes on its own path."""
     from slimline.quantize.qlinear import QuantLinear
 
-    if kernels_gemv.library_problem():
+    embeddings: Any = getattr(model, "get_input_embeddings", lambda: None)()
+    weight = getattr(embeddings, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dtype != torch.float32:
         return []
-    isa = kernels_gemv._library().isa
     layers = [module for module in model.modules()
               if isinstance(module, QuantLinear) and module.decode_activations == "float"
               and not kernels_gemv.a8_unsupported(module.bits, module.in_features, module.group)]
-    if not isa or not layers:
+    if not layers or kernels_gemv.library_problem():
+        return []
+    isa = kernels_gemv._library().isa
+    if not isa:
         return []
     return [f"{len(layers)} packed layers decode on exact float32 activations; "
             "`decode_activations: int8` on their quantize step (llama.cpp's arithmetic: x "

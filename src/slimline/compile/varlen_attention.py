@@ -216,6 +216,8 @@ def _padded_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Te
     if mask.dim() != 2 or mask.shape[0] * mask.shape[1] != q.shape[0]:
         raise ValueError(f"padded attention: a (batch, length) mask for {q.shape[0]} rows, "
                          f"not {tuple(mask.shape)}")
+    if mask.device.type != "cpu":
+        raise ValueError(f"padded attention: the mask is on {mask.device}, q, k, v on the CPU")
     batch, length = mask.shape
     found = key_ranges(mask)
     if found is None or not pays_padded(found[1], batch, length):

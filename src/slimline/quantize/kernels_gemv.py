@@ -24,9 +24,9 @@ runs instead: int4 codes become the group's dequantized values by one table look
 times both instruction sets); at one row of x with groups of 128 columns, a 64-byte load of
 a row's codes feeds eight lookups, each after one shift, with no widening. For one row of
 x (a decode step) both kernels' AVX-512 loops compute four int4 outputs a pass, loading each
-chunk of x once for four weight rows, with each output's sums in the one-row loop's order
-(the same bits); so does the int8-activation kernel's AVX2 loop, for int4 (64 columns a
-32-byte load) and int8.
+chunk of x once for four weight rows, with each output's sums in the order the same call's
+outputs taken one at a time use (the same bits); so does the int8-activation kernel's AVX2
+loop, for int4 (64 columns a 32-byte load) and int8.
 
 It is compiled at first use (:mod:`slimline.core.native`: the system C compiler, AVX2 + FMA
 + F16C with the AVX-512 functions by target attributes, cached by digest) and loaded with

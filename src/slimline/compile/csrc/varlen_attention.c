@@ -244,7 +244,7 @@ int slimline_varlen_attention(const void *q, const void *k, const void *v, int64
  * on, over its real keys, which must form one run. Returns the count of real keys, or -1
  * (ranges then unset) when some row has none or its real keys are not one run: the mask the
  * kernel does not take. One pass over the mask; computing the same with torch's ops took ~13
- * dispatches, ~0.2 ms a layer on the 2-core EPYC here. */
+ * dispatches, ~0.1 ms a layer on minilm's batch of 32 x 46 (1 thread, the 2-core EPYC here). */
 int64_t slimline_key_runs(const uint8_t *mask, int64_t batch, int64_t length, int64_t *ranges) {
     int64_t total = 0;
     for (int64_t b = 0; b < batch; b++) {
