@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import slimline as sl
@@ -145,3 +146,39 @@ def test_config_round_trip_and_zero_rows() -> None:
     w = torch.zeros(3, 8)
     w8, scale = fp8_quantize_weight(w, "e4m3", "channel")
     assert torch.equal(scale, torch.ones(3, 1)) and bool((w8.float() == 0).all())
+
+
+@pytest.mark.skipif(not hasattr(torch, "_scaled_mm"), reason="torch without _scaled_mm")
+@pytest.mark.parametrize(("mode", "dtype"), [("tensor", torch.float32), ("tensor", torch.bfloat16),
+                                             ("channel", torch.bfloat16)])
+def test_scaled_mm_path_is_the_textbook_fp8_product(mode: str, dtype: torch.dtype) -> None:
+    """The FP8 tensor-core call (CUDA only in ``forward``) run through torch's own CPU
+    ``_scaled_mm`` (torch 2.13 has one): x rounded to E4M3 per tensor or per row, times the
+    stored weight and scales, plus the bias, against the same product in float64."""
+    from slimline.quantize.fp8 import _scaled_mm_linear
+
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 48)
+    layer = Fp8Linear.from_float(linear, "e4m3", mode)  # type: ignore[arg-type]
+    x = (torch.randn(2, 5, 64) * 3).to(dtype)
+    try:
+        got = _scaled_mm_linear(layer, x)
+    except (RuntimeError, NotImplementedError) as error:  # a torch build without the CPU kernel
+        pytest.skip(f"torch {torch.__version__} runs no _scaled_mm here: {error}")
+    rows = x.reshape(-1, 64).double()
+    top = 448.0  # E4M3's largest finite value
+    amax = rows.abs().amax() if mode == "tensor" else rows.abs().amax(dim=1, keepdim=True)
+    x_scale = (amax.float() / top).clamp_min(1e-12).double()
+    x8 = (rows / x_scale).clamp(-top, top).float().to(torch.float8_e4m3fn).double() * x_scale
+    want = x8 @ layer.dequantized_weight(torch.float64).t() + linear.bias.double()
+    assert got.dtype == dtype and got.shape == (2, 5, 48)
+    # the output's own rounding (bf16: the product, then its sum with the bias), bounded by
+    # the sizes of the terms summed
+    tolerance = 2.0**-7 if dtype == torch.bfloat16 else 1e-5
+    weight = layer.dequantized_weight(torch.float64)
+    terms = x8.abs() @ weight.abs().t() + linear.bias.double().abs()
+    err = (got.reshape(-1, 48).double() - want).abs()
+    assert bool((err <= tolerance * terms).all()), err.max()
+    upcast = F.linear(rows, layer.dequantized_weight(torch.float64), linear.bias.double())
+    # x's rounding to E4M3 is what tells the two apart, far above the output's rounding
+    assert (want - upcast).abs().mean() > 3 * err.mean()

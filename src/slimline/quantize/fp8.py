@@ -114,7 +114,9 @@ def _scaled_mm_ok(layer: Fp8Linear, x: torch.Tensor) -> bool:
 
 
 def _scaled_mm_linear(layer: Fp8Linear, x: torch.Tensor) -> torch.Tensor:
-    """``x · (w8·s)ᵀ + b`` on FP8 tensor cores, ``x`` quantized to E4M3 per tensor or row."""
+    """``x · (w8·s)ᵀ + b`` on FP8 tensor cores, ``x`` quantized to E4M3 per tensor or row.
+    ``forward`` calls it on CUDA only; the suite runs it through torch's CPU ``_scaled_mm``
+    (torch 2.13 has one) against the textbook product."""
     top = fp8_max("e4m3")
     x2 = x.reshape(-1, layer.in_features)  # (M, K)
     if layer.scale.shape[0] == 1:
