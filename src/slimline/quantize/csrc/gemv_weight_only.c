@@ -666,33 +666,23 @@ int slimline_gemv(const float *x, int64_t M, int64_t K, const uint8_t *qweight, 
         return -1;
     const int64_t G = (K + group - 1) / group;
     const struct layer L = {qweight, scales, zeros, N, K, group, bits, scale_kind, G};
+    const int avx512 = isa == 2 && (group % 32 == 0 || G == 1); /* the AVX-512 loops below */
     /* the AVX-512 int4 loops read zero points through their tables, not the sums */
-    if (zeros && !(isa == 2 && bits == 4 && (group % 32 == 0 || G == 1)))
+    if (zeros && !(avx512 && bits == 4))
         group_sums(x, M, K, group, xsum);
     float *xp = NULL;
 #if defined(__x86_64__) || defined(_M_X64)
-    if (isa == 2 && bits == 4 && M == 1 && group % 128 == 0 && K % group == 0) {
-        xp = malloc((size_t)K * sizeof(float)); /* one row of x: the octets' loop */
-        if (!xp)
-            return -1;
-        permute_octets(x, K, xp);
-        const int64_t block = 16; /* outputs per task (a multiple of QUAD) */
-#pragma omp parallel for schedule(static) if (N * K >= PARALLEL_MIN_WORK)
-        for (int64_t n0 = 0; n0 < N; n0 += block) {
-            const int64_t n1 = n0 + block < N ? n0 + block : N;
-            int64_t n = n0;
-            for (; n + QUAD <= n1; n += QUAD) int4_octets_quad(&L, xp, n, out + n);
-            for (; n < n1; n++) int4_octets_one(&L, xp, n, out + n);
-        }
-        free(xp);
-        return 0;
-    }
-    if (isa == 2 && (group % 32 == 0 || G == 1)) {
+    if (avx512) {
+        /* one row of x in groups of whole 128-column chunks: the octets' loop */
+        const int octets = bits == 4 && M == 1 && group % 128 == 0 && K % group == 0;
         if (bits == 4) {
             xp = malloc((size_t)(M * K) * sizeof(float));
             if (!xp)
                 return -1;
-            permute_pairs(x, M, K, xp);
+            if (octets)
+                permute_octets(x, K, xp);
+            else
+                permute_pairs(x, M, K, xp);
         }
         for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) {
             const int64_t rows = M - m0 < MAX_ROWS ? M - m0 : MAX_ROWS;
@@ -704,6 +694,11 @@ int slimline_gemv(const float *x, int64_t M, int64_t K, const uint8_t *qweight, 
                 const int64_t n1 = n0 + block < N ? n0 + block : N;
                 const int64_t row_bytes = K * bits / 8;
                 int64_t n = n0;
+                if (octets) { /* four outputs a pass, the rest one by one */
+                    for (; n + QUAD <= n1; n += QUAD) int4_octets_quad(&L, xk, n, out + n);
+                    for (; n < n1; n++) int4_octets_one(&L, xk, n, out + n);
+                    continue;
+                }
                 if (quad) /* one row of x: four outputs a pass, the rest one by one */
                     for (; n + QUAD <= n1; n += QUAD) int4_quad_512(&L, xk, n, out + m0 * N + n);
                 for (; n < n1; n++) {
