@@ -33,13 +33,16 @@ def dequant_linear(
     return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
 
 
-def int4pack_group(out_features: int, in_features: int, group: int) -> int | None:
+def int4pack_group(
+    out_features: int, in_features: int, group: int, *, n_multiple: int = 16
+) -> int | None:
     """The group size torch's CPU int4 kernel would run this layer with, or None.
 
     A per-channel layer (``group == K``) runs with the largest supported group dividing
-    ``K``, its one scale repeated over the groups.
+    ``K``, its one scale repeated over the groups. ``n_multiple``: what ``N`` must be a
+    multiple of (16 on the CPU; tinygemm on CUDA takes 8).
     """
-    if out_features % 16 or in_features % 2:
+    if out_features % n_multiple or in_features % 2:
         return None
     if group in INT4PACK_GROUPS and in_features % group == 0:
         return group

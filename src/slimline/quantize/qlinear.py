@@ -32,6 +32,7 @@ from torch import nn
 from slimline.core.modules import register_module
 from slimline.core.targets import linear_weight
 from slimline.models.cpu import cpu_bf16_supported
+from slimline.quantize import kernels_cuda as cuda
 from slimline.quantize import kernels_gemv as gemv
 from slimline.quantize import kernels_weight_only as kernels
 from slimline.quantize.packing import (
@@ -72,6 +73,7 @@ _INT8PACK_MAX_ROWS = {torch.bfloat16: 32, torch.float32: 1}
 DECODE_ACTIVATIONS = ("float", "int8")
 _WARNED: set[str] = set()  # fallback reasons already reported (once per process)
 _NATIVE_BF16: dict[str, bool] = {}  # whether the CPU runs bf16 natively, asked once
+_CUDA_OPERATORS: dict[str, bool] = {}  # which weight-only operators have CUDA kernels, asked once
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -287,13 +289,19 @@ class QuantLinear(LogicalWeightCounts, _KernelCacheMixin):
         return dequantize(self.centred_codes(), self.scales, None, self.group_size, dtype=dtype)
 
     def kernel_path(self, x: torch.Tensor) -> str:
-        """Which matmul ``forward`` uses for ``x``: "gemv", "gemv_a8", "int4pack", "int8pack"
-        or "dequant".
+        """Which matmul ``forward`` uses for ``x``: "gemv", "gemv_a8", "int4pack", "int8pack",
+        "int4pack_cuda", "int8pack_cuda" or "dequant".
 
         Few rows (decode) run slimline's gemv kernel, which reads the packed codes as stored
         ("gemv_a8": with int8 activations, where ``decode_activations`` asks for them); where
-        it cannot run, a warning (once per reason) names the fix.
+        it cannot run, a warning (once per reason) names the fix. On a GPU, torch's CUDA
+        weight-only kernels run where they fit (:func:`kernels_cuda.cuda_path`), else a
+        warning names why.
         """
+        if x.device.type == "cuda":
+            path, problem = self._cuda_path(x)
+            _warn_cuda_once(problem)
+            return path
         if x.device.type != "cpu":
             return "dequant"
         rows = x.numel() // max(self.in_features, 1)
@@ -306,6 +314,18 @@ class QuantLinear(LogicalWeightCounts, _KernelCacheMixin):
         if rows <= GEMV_MAX_ROWS:
             _warn_once(self._gemv_problem(x.dtype), path)
         return path
+
+    def _cuda_path(self, x: torch.Tensor) -> tuple[str, str]:
+        if not _CUDA_OPERATORS:
+            for operator in ("_weight_int4pack_mm", "_weight_int8pack_mm"):
+                _CUDA_OPERATORS[operator] = cuda.registered_on_cuda(operator)
+        return cuda.cuda_path(
+            bits=self.bits, symmetric=self.symmetric, per_channel=self.scales.shape[1] == 1,
+            out_features=self.out_features, in_features=self.in_features, group=self.group,
+            dtype=x.dtype, rows=x.numel() // max(self.in_features, 1),
+            capability=torch.cuda.get_device_capability(x.device),
+            registered=_CUDA_OPERATORS,
+        )  # fmt: skip
 
     def _torch_kernel_path(self, dtype: torch.dtype, rows: int) -> str:
         int4 = self.bits == 4 and self._int4_group() is not None
@@ -354,7 +374,9 @@ class QuantLinear(LogicalWeightCounts, _KernelCacheMixin):
             )  # fmt: skip
         if path == "int4pack":
             group = self._int4_group()
-            table = self._derive(f"int4_table_{x.dtype}", lambda: self._int4_table(x.dtype))
+            table = self._derive(
+                f"int4_table_{x.dtype}", lambda: self._int4_table(x.dtype, group or 1)
+            )
             packed = self._derive(
                 "int4_weight", lambda: kernels.int4pack_weight(self.stored_codes())
             )
@@ -362,6 +384,16 @@ class QuantLinear(LogicalWeightCounts, _KernelCacheMixin):
         if path == "int8pack":
             weight = self._derive("int8_weight", self._int8_weight)
             return kernels.int8pack_linear(x, weight, self.scales[:, 0], self.bias)
+        if path == "int4pack_cuda":
+            group = cuda.int4_group(self.out_features, self.in_features, self.group) or 0
+            table = self._derive(
+                "int4_cuda_table", lambda: self._int4_table(torch.bfloat16, group)
+            )
+            packed = self._derive("int4_cuda_weight", lambda: cuda.int4_weight(self.stored_codes()))
+            return cuda.int4_linear(x, packed, group, table, self.bias)
+        if path == "int8pack_cuda":
+            weight = self._derive("int8_weight", self._int8_weight)
+            return cuda.int8_linear(x, weight, self.scales[:, 0], self.bias)
         if self._tiles_run(x):
             return gemv.tiled_linear(
                 x, self.qweight, self.scales, self.zeros, self.bias, bits=self.bits,
@@ -439,8 +471,9 @@ class QuantLinear(LogicalWeightCounts, _KernelCacheMixin):
     def _int4_group(self) -> int | None:
         return kernels.int4pack_group(self.out_features, self.in_features, self.group)
 
-    def _int4_table(self, dtype: torch.dtype) -> torch.Tensor:
-        groups = self.in_features // (self._int4_group() or 1)
+    def _int4_table(self, dtype: torch.dtype, group: int) -> torch.Tensor:
+        """The int4 kernels' (K/group, N, 2) scale and offset table, CPU's and CUDA's alike."""
+        groups = self.in_features // group
         return kernels.int4pack_scales_zeros(self.scales, self.zero_points(), groups, dtype)
 
     def _int8_weight(self) -> torch.Tensor:
@@ -506,6 +539,19 @@ def _warn_once(problem: str, path: str) -> None:
         f"QuantLinear: {problem}; decode-sized calls run the {path!r} path instead, which on "
         "CPUs without AVX-512 is slower than float32 at batch 1. Fix: quantize with bits 4 "
         "(even group_size) or 8, on an x86 CPU with AVX2 and a C compiler (gcc, or $CC).",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def _warn_cuda_once(problem: str) -> None:
+    """Warn, once per reason, that a GPU call dequantizes the whole weight instead of reading
+    the codes with one of torch's weight-only CUDA kernels."""
+    if problem == "" or problem in _WARNED:
+        return
+    _WARNED.add(problem)
+    warnings.warn(
+        f"QuantLinear on CUDA: {problem}; the layer dequantizes its weight every call.",
         RuntimeWarning,
         stacklevel=3,
     )
