@@ -21,6 +21,8 @@ warm-up rounds; ``--warmup-tokens`` shortens those):
   the same float32 weights, written by ``sl.export(format="gguf")`` (cached under
   ``$SLIMLINE_CACHE/gguf``; ``llama-1b-random`` takes code-llama-tiny's tokenizer, which
   decode never uses), greedy (top_k 1), the same prompt ids, thread count and token count;
+- ``int8-half`` / ``gptq4-half``: rtn int8 per-channel / gptq int4 g128 then ``half``
+  (bfloat16 activations: on a GPU, what torch's weight-only CUDA kernels take);
 - ``--speculative MODE``: each slimline row again with a ``speculative`` step appended
   (greedy output unchanged; ``self`` mode picks its skipped blocks on train batches);
 - ``--fast-decode``: each slimline row (speculative ones too) again with a ``fast_decode``
@@ -49,6 +51,14 @@ Columns:
   high-water mark over one ``generate`` (model resident, interpreter included), after the
   heap freed while making the row is handed back (``malloc_trim``); a twin's is its base
   row's ("with base").
+
+Device (``--device cuda``): each row is made on the CPU, then moved to the GPU; the prompt
+and the KV cache live there, every clock read follows a device synchronisation, the streaming
+read is of GPU memory (``--bandwidth-mib``: make it many times the L2 cache), and peak memory
+(``--memory``) is ``torch.cuda.max_memory_allocated`` over one ``generate`` in a child process.
+Packed layers run torch's CUDA weight-only kernels where they fit
+(``slimline.quantize.kernels_cuda``: int4 needs bfloat16 activations, hence the ``-half``
+rows). llama.cpp rows and ``--fast-decode`` (slimline's CPU decode loop) are CPU-only.
 
 Cache (``--modes``): ``default`` leaves the cache to the model's ``generation_config``
 (transformers' dynamic one unless it names another; the column says which); ``dynamic`` /
@@ -88,7 +98,7 @@ from slimline.evaluate.bandwidth import (
     decode_bytes_per_token,
     streaming_read_bandwidth,
 )
-from slimline.evaluate.bench import peak_rss_during
+from slimline.evaluate.bench import peak_memory_during
 from slimline.quantize.qlinear import QuantLinear
 
 MiB = 2**20
@@ -126,6 +136,8 @@ VARIANTS: dict[str, Variant] = {
                            ({**RTN4, "group_size": 32, **A8},)),
     "gptq8-a8": Variant("slimline gptq int8 per-channel, int8 activations", ({**GPTQ8, **A8},)),
     "gptq4-a8": Variant("slimline gptq int4 g128, int8 activations", ({**GPTQ4, **A8},)),
+    "int8-half": Variant("slimline rtn int8 per-channel + half bf16", (RTN8, HALF)),
+    "gptq4-half": Variant("slimline gptq int4 g128 + half bf16", (GPTQ4, HALF)),
     "llama.cpp-f16": Variant("llama.cpp f16", gguf="f16"),
     "llama.cpp-q8_0": Variant("llama.cpp Q8_0", gguf="q8_0"),
     "llama.cpp-q4_0": Variant("llama.cpp Q4_0", gguf="q4_0"),
@@ -156,6 +168,8 @@ class StepClock:
         self.lengths: list[int] = []
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **_: Any) -> torch.Tensor:
+        if input_ids.is_cuda:
+            torch.cuda.synchronize(input_ids.device)  # the step's kernels have finished
         self.times.append(time.perf_counter())
         self.lengths.append(input_ids.shape[1])
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
@@ -205,11 +219,11 @@ def prepare(row: str, model: nn.Module, args: argparse.Namespace) -> nn.Module:
         steps.append(speculative_step(args))
     if fast_of(row):
         steps.append({"method": "fast_decode"})
-    if not steps:
-        return model
-    calibrated = any(step["method"] == "gptq" for step in steps)
-    return sl.compress(model, {"steps": steps}, calibration=calibration(args, calibrated),
-                       inplace=True).model
+    if steps:
+        calibrated = any(step["method"] == "gptq" for step in steps)
+        model = sl.compress(model, {"steps": steps}, calibration=calibration(args, calibrated),
+                            inplace=True).model
+    return model.to(args.device)
 
 
 def speculative_step(args: argparse.Namespace) -> dict[str, Any]:
@@ -377,6 +391,7 @@ def build_row(args: argparse.Namespace, row: str, mode: str) -> Row:
         del model
         return llama_cpp_row(args, variant.gguf, prompt)
     model = prepare(row, model, args).eval()
+    prompt = prompt.to(args.device)
     kwargs = generate_kwargs(model, args, mode)
     eager = generate_kwargs(model, args, "dynamic")  # hooks see eager calls only
     def decode(n: int) -> tuple[float, float]:
@@ -484,6 +499,7 @@ def child_peak(args: argparse.Namespace, row: str, mode: str) -> int | str:
         command += ["--layers", str(args.layers)]
     if args.quantize_head:
         command.append("--quantize-head")
+    command += ["--device", args.device]
     done = subprocess.run(command, capture_output=True, text=True, check=False,
                           cwd=Path(__file__).resolve().parents[1])  # fmt: skip
     if done.returncode != 0:
@@ -497,7 +513,7 @@ def run_child(args: argparse.Namespace) -> None:
     built = build_row(args, row, mode)
     built.decode(2)  # warm-up
     settle_memory()  # the float32 model this row was made from is gone: hand its heap back
-    peak = peak_rss_during(lambda: built.decode(args.new_tokens))
+    peak = peak_memory_during(lambda: built.decode(args.new_tokens), torch.device(args.device))
     print(json.dumps({"peak_rss": peak.bytes, "method": peak.method}))
 
 
@@ -508,7 +524,7 @@ def table(args: argparse.Namespace, results: dict[tuple[str, str], dict[str, Any
     if args.speculative:
         header += ["drafts accepted", "tokens/forward"]
     if peaks:
-        header.append("peak RSS MiB")
+        header.append("peak RSS MiB" if args.device == "cpu" else "peak CUDA memory MiB")
     base = {m: statistics.median(r["tps"]) for (row, m), r in results.items() if row == "fp32"}
     base["llama.cpp"] = base.get("default", float("nan"))  # against transformers as it comes
     rows: list[list[Any]] = []
@@ -558,6 +574,8 @@ def main() -> None:
     parser.add_argument("--adaptive", action="store_true",
                         help="speculative rows choose their draft length from what they measure")
     parser.add_argument("--bandwidth-mib", type=int, default=512)
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                        help="where the rows run (llama.cpp rows and --fast-decode: cpu only)")
     parser.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
     parser.add_argument("--section-suffix", default="",
                         help="write BENCHMARKS section decode-MODEL<SUFFIX>-Nt (e.g. -speculative), beside the full table")
@@ -571,13 +589,19 @@ def main() -> None:
     if "compile" in args.modes and (args.warmup < 1 or args.warmup_tokens != args.new_tokens):
         raise SystemExit("static+compile needs a full-length warm-up (--warmup >= 1, no "
                          "--warmup-tokens): the first generate of each length compiles")
+    if args.device == "cuda":
+        cpu_only = [r for r in args.rows.split(",") if r.strip().startswith("llama.cpp")]
+        if cpu_only or args.fast_decode:
+            raise SystemExit(f"--device cuda: {cpu_only or '--fast-decode'} run(s) on the CPU only")
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: torch sees no GPU")
     torch.set_num_threads(args.threads)
     if args.child:
         run_child(args)
         return
-    reads = streaming_read_bandwidth(args.bandwidth_mib * MiB)
+    reads = streaming_read_bandwidth(args.bandwidth_mib * MiB, device=args.device)
     results = measure_rows(args)
-    again = streaming_read_bandwidth(args.bandwidth_mib * MiB)  # the machine may have changed
+    again = streaming_read_bandwidth(args.bandwidth_mib * MiB, device=args.device)  # may have changed
     bandwidth = max(reads.best_bytes_per_s, again.best_bytes_per_s)
     # A twin is its base row's instance with a step switched on: measured with its base.
     peaks = {key: "with base" if r["twin"] else child_peak(args, *key)
@@ -587,15 +611,18 @@ def main() -> None:
     print_table(title, header, rows)
     medians = ", ".join(f"{r.median_bytes_per_s / 1e9:.1f}" for r in (reads, again))
     shape = "" if args.layers is None else f" ({args.layers} layers)"
-    notes = (f"{conditions_line(args.threads, batch_size=1, prompt=args.prompt, new_tokens=args.new_tokens, runs=args.runs)}.\n\n"
+    where = f"{args.threads} threads" if args.device == "cpu" else "GPU memory"
+    notes = (f"{conditions_line(args.threads, args.device, batch_size=1, prompt=args.prompt, new_tokens=args.new_tokens, runs=args.runs)}.\n\n"
              f"Model: {args.model}{shape}" + (" — random weights: speed and memory only, never quality" if args.model == "llama-1b-random" else "")
              + (". llama.cpp rows: GGUF files written with the parity check off (random weights read back at cosine 0.9991 under q8_0, 0.856 under q4_0)" if args.model == "llama-1b-random" else "")
-             + f". Streaming read (sum of {args.bandwidth_mib} MiB, {args.threads} threads): best {bandwidth / 1e9:.1f} GB/s"
+             + f". Streaming read (sum of {args.bandwidth_mib} MiB, {where}): best {bandwidth / 1e9:.1f} GB/s"
              f" (medians {medians} GB/s, before and after the rows); the bound divides it by each row's weight bytes per token.\n")
     print(notes)
     if not args.no_write:
-        write_section(f"decode-{args.model}{args.section_suffix}-{args.threads}t{isa_suffix()}",
-                      f"{title}{args.section_suffix.replace('-', ' ')}, {args.threads} thread(s)",
+        place = f"{args.threads}t{isa_suffix()}" if args.device == "cpu" else "cuda"
+        on = f"{args.threads} thread(s)" if args.device == "cpu" else "CUDA"
+        write_section(f"decode-{args.model}{args.section_suffix}-{place}",
+                      f"{title}{args.section_suffix.replace('-', ' ')}, {on}",
                       notes + "\n" + markdown_table(header, rows))
 
 

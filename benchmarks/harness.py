@@ -24,12 +24,15 @@ BENCHMARKS_MD = ROOT / "BENCHMARKS.md"
 HEADER = "# slimline benchmarks\n\nEvery table names the command that produced it. Figures are medians of interleaved runs in one process (see `../shared/design/MEASURING.md` in the design notes); ratios are against fp32 / the original model in the same run.\n"
 
 
-def conditions_line(threads: int, **extra: Any) -> str:
-    """One Markdown line stating the machine, torch, threads and the run's settings."""
-    cond = machine_conditions(torch.device("cpu"), threads)
+def conditions_line(threads: int, device: str = "cpu", **extra: Any) -> str:
+    """One Markdown line stating the machine (and the GPU, for ``device="cuda"``), torch,
+    threads and the run's settings."""
+    cond = machine_conditions(torch.device(device), threads)
     features = ", ".join(cond["cpu_features"]) or "none reported"
     parts = [f"CPU: {cond['cpu']} ({cond['cores']} cores; features: {features})",
              f"threads: {threads}", f"torch {cond['torch']}"]
+    if "gpu" in cond:
+        parts.insert(1, f"GPU: {cond['gpu']} (CUDA {cond['cuda']})")
     parts += [f"{k.replace('_', ' ')}: {v}" for k, v in extra.items()]
     return "; ".join(parts)
 

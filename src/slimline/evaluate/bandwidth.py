@@ -47,13 +47,19 @@ class Bandwidth:
 
 
 def streaming_read_bandwidth(
-    n_bytes: int = DEFAULT_BYTES, *, runs: int = 5, warmup: int = 1
+    n_bytes: int = DEFAULT_BYTES,
+    *,
+    runs: int = 5,
+    warmup: int = 1,
+    device: torch.device | str = "cpu",
 ) -> Bandwidth:
     """Time ``runs`` sums of an ``n_bytes`` float32 tensor (after ``warmup`` untimed ones).
 
     The tensor is written once first, so its pages are resident and the timed reads measure
     memory, not page faults. ``torch.sum`` is vectorised and uses ``torch.get_num_threads()``
-    threads: set the thread count of the measurement it is compared with.
+    threads: set the thread count of the measurement it is compared with. On a GPU
+    (``device``) the tensor lives in its memory and each read is timed between device
+    synchronisations; make it several times the GPU's last-level cache.
     """
     if isinstance(n_bytes, bool) or not isinstance(n_bytes, int) or n_bytes < _FLOAT32:
         raise ValueError(f"n_bytes must be an int of at least {_FLOAT32}, got {n_bytes!r}")
@@ -61,11 +67,14 @@ def streaming_read_bandwidth(
         raise ValueError(f"runs must be >= 1, got {runs}")
     if warmup < 0:
         raise ValueError(f"warmup must be >= 0, got {warmup}")
-    data = torch.ones(n_bytes // _FLOAT32)
+    data = torch.ones(n_bytes // _FLOAT32, device=device)
+    sync = torch.cuda.synchronize if data.device.type == "cuda" else (lambda: None)
     seconds: list[float] = []
     for index in range(warmup + runs):
+        sync()
         start = time.perf_counter()
         data.sum()
+        sync()
         elapsed = time.perf_counter() - start
         if index >= warmup:
             seconds.append(elapsed)
