@@ -144,3 +144,32 @@ def test_quant_linear_takes_the_cuda_path_for_a_cuda_input(monkeypatch) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # once per reason
             assert layer.kernel_path(on_cuda(torch.float32, 1)) == "dequant"
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_the_cuda_branches_of_forward_compute_the_layer(bits, monkeypatch) -> None:
+    """``forward``'s CUDA branches, run on the CPU: the int4 one with the packing and matmul
+    swapped for their CPU twins (same table, same group), the int8 one as it is (torch's
+    ``_weight_int8pack_mm`` has a CPU kernel); a bias and a 3-D input as a model gives them."""
+    torch.manual_seed(1)
+    model = sl.compress(nn.Sequential(nn.Linear(256, 48)), {"steps": [
+        {"method": "rtn", "bits": bits, "group_size": 64 if bits == 4 else None,
+         "targets": {"include": ["*"]}}]}).model  # fmt: skip
+    layer = model[0]
+    assert isinstance(layer, QuantLinear) and layer.bias is not None
+    monkeypatch.setattr(layer, "kernel_path", lambda x: f"int{bits}pack_cuda")
+    monkeypatch.setattr(
+        cuda, "int4_weight",
+        lambda codes: torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1))
+    monkeypatch.setattr(
+        cuda, "int4_linear",
+        lambda x, packed, group, table, bias: torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x.reshape(-1, x.shape[-1]), packed, group, table).reshape(*x.shape[:-1], -1)
+        + bias.to(x.dtype))  # fmt: skip
+    x = torch.randn(2, 3, 256).to(torch.bfloat16)
+    out = layer(x)
+    ref = x.float() @ layer.dequantized_weight().t() + layer.bias
+    assert out.shape == (2, 3, 48) and out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+    assert set(layer._derived) == ({"int4_cuda_table", "int4_cuda_weight"} if bits == 4
+                                   else {"int8_weight"})  # fmt: skip

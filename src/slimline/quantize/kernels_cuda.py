@@ -89,9 +89,14 @@ def int4_linear(
 def int8_linear(
     x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
-    """``x @ (weight · scales).T + bias`` for an (N, K) int8 weight and (N,) scales."""
+    """``x @ (weight · scales).T + bias`` for an (N, K) int8 weight and (N,) scales.
+
+    The CUDA kernel widens x and the scales to float32 itself, so the scales go in exact;
+    the operator's CPU kernel (which the suite runs this through) wants them in x's dtype.
+    """
     rows = x.reshape(-1, x.shape[-1]).contiguous()
-    out = torch.ops.aten._weight_int8pack_mm(rows, weight, scales.float())
+    exact = scales.float() if x.is_cuda else scales.to(x.dtype)
+    out = torch.ops.aten._weight_int8pack_mm(rows, weight, exact)
     if bias is not None:
         out = out + bias.to(out.dtype)
     return out.reshape(*x.shape[:-1], out.shape[-1])
