@@ -74,6 +74,7 @@ DECODE_ACTIVATIONS = ("float", "int8")
 _WARNED: set[str] = set()  # fallback reasons already reported (once per process)
 _NATIVE_BF16: dict[str, bool] = {}  # whether the CPU runs bf16 natively, asked once
 _CUDA_OPERATORS: dict[str, bool] = {}  # which weight-only operators have CUDA kernels, asked once
+_CAPABILITIES: dict[int, tuple[int, int]] = {}  # compute capability by CUDA device index
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -323,7 +324,7 @@ class QuantLinear(LogicalWeightCounts, _KernelCacheMixin):
             bits=self.bits, symmetric=self.symmetric, per_channel=self.scales.shape[1] == 1,
             out_features=self.out_features, in_features=self.in_features, group=self.group,
             dtype=x.dtype, rows=x.numel() // max(self.in_features, 1),
-            capability=torch.cuda.get_device_capability(x.device),
+            capability=_capability(x.device),
             registered=_CUDA_OPERATORS,
         )  # fmt: skip
 
@@ -542,6 +543,14 @@ def _warn_once(problem: str, path: str) -> None:
         RuntimeWarning,
         stacklevel=3,
     )
+
+
+def _capability(device: torch.device) -> tuple[int, int]:
+    """The GPU's compute capability, asked once per device (every packed layer asks per call)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _CAPABILITIES:
+        _CAPABILITIES[index] = torch.cuda.get_device_capability(index)
+    return _CAPABILITIES[index]
 
 
 def _warn_cuda_once(problem: str) -> None:
