@@ -11,7 +11,14 @@ import pytest
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    BertConfig,
+    BertModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
+)
 
 import slimline as sl
 from slimline.models.digits_cnn import DigitsCNN
@@ -28,6 +35,15 @@ def _llama(layers: int = 2, kv: int = 2) -> LlamaForCausalLM:
                          num_hidden_layers=layers, num_attention_heads=4,
                          num_key_value_heads=kv, max_position_embeddings=64)
     return LlamaForCausalLM(config).eval()
+
+
+def _phi3(layers: int = 2, kv: int = 2) -> Phi3ForCausalLM:
+    """Phi-3's fused layout: one qkv_proj (query, key, value rows), one gate_up_proj."""
+    torch.manual_seed(0)
+    config = Phi3Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=kv,
+                        max_position_embeddings=64, pad_token_id=0)  # fmt: skip
+    return Phi3ForCausalLM(config).eval()
 
 
 def _bert() -> BertModel:
@@ -144,17 +160,18 @@ def test_refit_consumer_matches_least_squares_and_beats_cutting() -> None:
 # ---------------------------------------------------------------- surgery correctness
 
 
-@pytest.mark.parametrize("case", ["llama-kv", "llama-q", "bert", "cnn"])
+@pytest.mark.parametrize("case", ["llama-kv", "llama-q", "phi3-kv", "phi3-q", "bert", "cnn"])
 def test_slicing_every_unit_kept_is_identity(case: str) -> None:
     model, batch = {
         "llama-kv": (_llama(), _tokens(1)[0]), "llama-q": (_llama(), _tokens(1)[0]),
+        "phi3-kv": (_phi3(), _tokens(1)[0]), "phi3-q": (_phi3(), _tokens(1)[0]),
         "bert": (_bert(), _tokens(1)[0]), "cnn": (_convnet(), _images(1)[0]),
     }[case]
     reference = _out(model, batch)
     kinds = ["channels", "neurons"] if case == "cnn" else ["heads", "neurons"]
     for kind in kinds:
-        for group in _groups(model, kind, "queries" if case == "llama-q" else "kv_groups"):
-            prune_group(model, group.specs, torch.arange(group.n_units))
+        for group in _groups(model, kind, "queries" if case.endswith("-q") else "kv_groups"):
+            prune_group(model, group.specs, torch.arange(group.n_units), group.n_units)
     torch.testing.assert_close(_out(model, batch), reference, rtol=0, atol=0)
 
 
@@ -163,7 +180,7 @@ def _zero_unit(model: nn.Module, group: UnitGroup, units: list[int]) -> None:
     with torch.no_grad():
         for piece in group.slices:
             layer = model.get_submodule(piece.module)
-            idx = unit_features(torch.tensor(units), piece.width)
+            idx = piece.offset + unit_features(torch.tensor(units), piece.width)
             if piece.axis == "out":
                 layer.weight[idx] = 0
                 if layer.bias is not None:
@@ -179,6 +196,9 @@ ZERO_CASES = [
     ("llama", "heads", "kv_groups", 0.5, [1]),
     ("llama", "heads", "queries", 0.5, [0, 3]),  # one query head in each of the 2 KV groups
     ("llama", "neurons", "kv_groups", 2 / 128, [5, 77]),
+    ("phi3", "heads", "kv_groups", 0.5, [1]),  # k and v rows of group 1 in the fused qkv_proj
+    ("phi3", "heads", "queries", 0.5, [1, 2]),
+    ("phi3", "neurons", "kv_groups", 2 / 128, [5, 77]),  # gate and up rows of gate_up_proj
     ("bert", "heads", "kv_groups", 0.25, [2]),
     ("bert", "neurons", "kv_groups", 1 / 128, [40]),
     ("cnn", "channels", "kv_groups", 0.1, [3]),  # round(0.8)=1 of 8, round(1.2)=1 of 12
@@ -193,7 +213,7 @@ ZERO_CASES = [
 def test_removing_zero_contributing_units_keeps_outputs(
     arch: str, kind: str, gqa: str, sparsity: float, units: list[int], importance: str
 ) -> None:
-    model = {"llama": _llama, "bert": _bert, "cnn": _convnet}[arch]()
+    model = {"llama": _llama, "phi3": _phi3, "bert": _bert, "cnn": _convnet}[arch]()
     batches = _images() if arch == "cnn" else _tokens()
     for group in _groups(model, kind, gqa):
         _zero_unit(model, group, units)
@@ -232,6 +252,46 @@ def test_llama_gqa_groups_shapes_config_params_flops() -> None:
     assert _params(fresh) == _params(pruned)
     assert _flops(pruned, batch) == _flops(fresh, batch) < _flops(model, batch)
     assert torch.isfinite(_out(pruned, batch)).all()
+
+
+@pytest.mark.parametrize("gqa", ["kv_groups", "queries"])
+def test_phi3_fused_heads_and_neurons_shapes_config_params_flops(gqa: str) -> None:
+    """The fused layers lose every run of the removed units: the pruned model is the one
+    Phi-3's own config describes at the new sizes (parameters, FLOPs), and it runs."""
+    model, batch = _phi3(), _tokens(1)[0]
+    step = {"method": "structured", "sparsity": 0.5, "importance": "magnitude",
+            "reconstruct": False, "gqa": gqa}
+    pruned = sl.compress(model, {"steps": [step]}).model
+    c = pruned.config
+    heads, kv = (2, 1) if gqa == "kv_groups" else (2, 2)
+    assert (c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.intermediate_size) == (
+        heads, kv, 16, 64)
+    attn, mlp = pruned.model.layers[0].self_attn, pruned.model.layers[0].mlp
+    assert attn.qkv_proj.weight.shape == ((heads + 2 * kv) * 16, 64)
+    assert attn.o_proj.weight.shape == (64, heads * 16)
+    assert mlp.gate_up_proj.weight.shape == (128, 64) and mlp.down_proj.weight.shape == (64, 64)
+    fresh = Phi3ForCausalLM(Phi3Config.from_dict(c.to_dict())).eval()
+    assert _params(fresh) == _params(pruned) < _params(model)
+    assert _flops(pruned, batch) == _flops(fresh, batch) < _flops(model, batch)
+    assert torch.isfinite(_out(pruned, batch)).all()
+
+
+def test_phi3_kept_rows_are_the_kept_units_of_each_run() -> None:
+    """Brute force on the fused qkv_proj: the rows left are exactly the kept group's query,
+    key and value rows, in order."""
+    model = _phi3()
+    step = {"method": "structured", "sparsity": 0.5, "units": ["heads"], "importance": "magnitude",
+            "reconstruct": False}
+    pruned = sl.compress(model, {"steps": [step]}).model
+    for before, after in zip(model.model.layers, pruned.model.layers, strict=True):
+        w, cut = before.self_attn.qkv_proj.weight, after.self_attn.qkv_proj.weight
+        q, k, v = w[:64].reshape(2, 32, 64), w[64:96].reshape(2, 16, 64), w[96:].reshape(2, 16, 64)
+        kept = [g for g in range(2) if torch.equal(q[g], cut[:32])]
+        assert len(kept) == 1
+        g = kept[0]
+        torch.testing.assert_close(cut, torch.cat([q[g], k[g], v[g]]), rtol=0, atol=0)
+        o = before.self_attn.o_proj.weight[:, 32 * g:32 * (g + 1)]
+        torch.testing.assert_close(after.self_attn.o_proj.weight, o, rtol=0, atol=0)
 
 
 def test_llama_neuron_flops_drop_by_the_removed_matmuls() -> None:
@@ -283,14 +343,14 @@ def test_cnn_channels_with_batchnorm_and_flatten() -> None:
 # ---------------------------------------------------------------- save / load and generation
 
 
-@pytest.mark.parametrize("arch", ["llama", "bert", "digits"])
+@pytest.mark.parametrize("arch", ["llama", "phi3", "bert", "digits"])
 def test_save_load_gives_identical_outputs(arch: str, tmp_path) -> None:
     if arch == "digits":
         torch.manual_seed(0)
         model, batches = DigitsCNN().eval(), [torch.rand(4, 1, 8, 8) for _ in range(2)]
         step = {"method": "structured", "sparsity": 0.5, "units": ["channels", "neurons"]}
     else:
-        model, batches = (_llama() if arch == "llama" else _bert()), _tokens()
+        model, batches = {"llama": _llama, "phi3": _phi3, "bert": _bert}[arch](), _tokens()
         step = {"method": "structured", "sparsity": 0.5}
     pruned = sl.compress(model, {"steps": [step]}, calibration=batches).model
     sl.save(pruned, tmp_path / "ck")
@@ -307,8 +367,10 @@ def _greedy_without_cache(model: nn.Module, ids: torch.Tensor, steps: int) -> to
     return ids
 
 
-def test_pruned_llama_generates_with_kv_cache() -> None:
-    pruned = sl.compress(_llama(), {"steps": [{"method": "structured", "sparsity": 0.5}]},
+@pytest.mark.parametrize("arch", ["llama", "phi3"])
+def test_pruned_model_generates_with_kv_cache(arch: str) -> None:
+    model = _llama() if arch == "llama" else _phi3()
+    pruned = sl.compress(model, {"steps": [{"method": "structured", "sparsity": 0.5}]},
                          calibration=_tokens()).model
     ids = _tokens(1)[0]["input_ids"][:1, :5]
     cached = pruned.generate(ids, max_new_tokens=6, do_sample=False, use_cache=True)

@@ -11,6 +11,8 @@ Layouts are recognised by structure (attribute names), not class names:
 * Llama-style blocks (Llama, Mistral, Qwen2...): ``self_attn.{q,k,v,o}_proj`` and
   ``mlp.{gate,up,down}_proj``; heads are GQA-aware (whole KV groups, or query heads evenly
   within every group, so ``num_attention_heads % num_key_value_heads == 0`` still holds);
+* their fused form (Phi-3): ``self_attn.qkv_proj`` + ``o_proj`` and ``mlp.gate_up_proj`` +
+  ``down_proj``, the same units cut from each run of rows of the fused layer;
 * BERT-style blocks: ``attention.self.{query,key,value}``, ``attention.output.dense``,
   ``intermediate.dense``, ``output.dense``;
 * plain feed-forward nets traced with ``torch.fx`` (the ``digits-cnn`` pattern): a Conv2d whose
@@ -21,6 +23,7 @@ Layouts are recognised by structure (attribute names), not class names:
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -45,6 +48,11 @@ class TensorSlice:
     axis: Axis
     width: int
     record_shape: bool = False  # the config cannot describe the new shape (surgery.SlicedLinear)
+    offset: int = 0  # where the units' run starts: a fused layer has several (Phi-3 qkv_proj)
+
+    def __post_init__(self) -> None:
+        if self.axis == "in" and self.offset:  # consumers' columns are ranked and refit whole
+            raise ValueError(f"{self.module}: an input-axis slice must start at feature 0")
 
 
 @dataclass(frozen=True)
@@ -58,13 +66,17 @@ class UnitGroup:
     partitions: int = 1  # equal runs of units that must each lose the same count (GQA queries)
     uniform: bool = False  # one config value for every block: all blocks must be pruned alike
     finish: Finish | None = None
+    # Config values that blocks read at forward time, written once every block is cut (the
+    # block's own module gets them at ``finish``): Phi-3 splits qkv_proj's output at
+    # config.num_attention_heads · head_dim, so the shared config must not change earlier.
+    settle: Finish | None = None
 
     @property
     def specs(self) -> list[SliceSpec]:
-        return [(s.module, s.axis, s.width, s.record_shape) for s in self.slices]
+        return [(s.module, s.axis, s.width, s.record_shape, s.offset) for s in self.slices]
 
     def producers(self) -> list[str]:
-        return [s.module for s in self.slices if s.axis == "out"]
+        return list(dict.fromkeys(s.module for s in self.slices if s.axis == "out"))
 
     def consumers(self) -> list[TensorSlice]:
         return [s for s in self.slices if s.axis == "in"]
@@ -150,6 +162,72 @@ def _llama_neurons(name: str, mlp: nn.Module) -> UnitGroup:
     return UnitGroup(name, "neurons", n, slices, uniform=True, finish=finish)
 
 
+def _fused_heads(name: str, attn: nn.Module, gqa: GqaMode) -> UnitGroup:
+    """Phi-3's attention: one ``qkv_proj`` whose rows are the query heads, then the key heads,
+    then the value heads (``H·hd | KV·hd | KV·hd``); the same units as :func:`_llama_heads`,
+    each a slice of every run it has rows in.
+
+    The forward splits ``qkv_proj``'s output at ``config.num_attention_heads · head_dim`` and
+    ``self.num_key_value_heads · head_dim``, so both are updated with the kept counts.
+    """
+    hd, r = int(getattr(attn, "head_dim")), int(getattr(attn, "num_key_value_groups"))  # noqa: B009
+    n_kv = int(getattr(attn, "num_key_value_heads"))  # noqa: B009
+    qkv, o = f"{name}.qkv_proj", f"{name}.o_proj"
+    queries = n_kv * r * hd
+    slices: tuple[TensorSlice, ...]
+    if gqa == "kv_groups":
+        slices = (TensorSlice(qkv, "out", r * hd), TensorSlice(qkv, "out", hd, offset=queries),
+                  TensorSlice(qkv, "out", hd, offset=queries + n_kv * hd),
+                  TensorSlice(o, "in", r * hd))  # fmt: skip
+
+        def finish_groups(model: nn.Module, kept: int) -> None:
+            module = model.get_submodule(name)
+            _own_config(module, num_attention_heads=kept * r, num_key_value_heads=kept)
+            _set(module, "num_key_value_heads", kept)
+
+        def settle_groups(model: nn.Module, kept: int) -> None:
+            set_config(model, num_key_value_heads=kept, num_attention_heads=kept * r, head_dim=hd)
+
+        return UnitGroup(name, "heads", n_kv, slices, uniform=True, finish=finish_groups,
+                         settle=settle_groups)  # fmt: skip
+
+    slices = (TensorSlice(qkv, "out", hd), TensorSlice(o, "in", hd))
+
+    def finish_queries(model: nn.Module, kept: int) -> None:
+        module = model.get_submodule(name)
+        _own_config(module, num_attention_heads=kept)
+        _set(module, "num_key_value_groups", kept // n_kv)
+
+    def settle_queries(model: nn.Module, kept: int) -> None:
+        set_config(model, num_attention_heads=kept, head_dim=hd)
+
+    return UnitGroup(name, "heads", n_kv * r, slices, n_kv, uniform=True, finish=finish_queries,
+                     settle=settle_queries)  # fmt: skip
+
+
+def _own_config(module: nn.Module, **values: int) -> None:
+    """Give ``module`` a copy of its config with ``values``, so that it runs at its new sizes
+    while the blocks not yet cut keep reading the shared one."""
+    config = copy.copy(getattr(module, "config"))  # noqa: B009
+    for key, value in values.items():
+        setattr(config, key, value)
+    module.config = config
+
+
+def _fused_neurons(name: str, mlp: nn.Module) -> UnitGroup:
+    """Phi-3's MLP: ``gate_up_proj`` holds the gate rows then the up rows (the forward
+    ``chunk``s its output in two), ``down_proj`` reads the neurons."""
+    n = _linear(mlp, "down_proj").in_features
+    fused = f"{name}.gate_up_proj"
+    slices = (TensorSlice(fused, "out", 1), TensorSlice(fused, "out", 1, offset=n),
+              TensorSlice(f"{name}.down_proj", "in", 1))  # fmt: skip
+
+    def finish(model: nn.Module, kept: int) -> None:
+        set_config(model, intermediate_size=kept)
+
+    return UnitGroup(name, "neurons", n, slices, uniform=True, finish=finish)
+
+
 def _bert_heads(name: str, attn: nn.Module) -> UnitGroup:
     """query/key/value rows and the output dense's columns, ``attention_head_size`` each.
 
@@ -189,6 +267,9 @@ def _block_group(name: str, block: nn.Module, kind: UnitKind, gqa: GqaMode) -> U
         if attn is not None and _has(attn, ("q_proj", "k_proj", "v_proj", "o_proj"),
                                      ("head_dim", "num_key_value_groups")):
             return _llama_heads(f"{name}.self_attn", attn, gqa)
+        if attn is not None and _has(attn, ("qkv_proj", "o_proj"),
+                                     ("head_dim", "num_key_value_groups", "num_key_value_heads")):
+            return _fused_heads(f"{name}.self_attn", attn, gqa)
         bert_linears = ("self.query", "self.key", "self.value", "output.dense")
         head_size = _has(_child(bert, "self"), (), ("attention_head_size",))
         if bert is not None and _has(bert, bert_linears) and head_size:
@@ -197,6 +278,8 @@ def _block_group(name: str, block: nn.Module, kind: UnitKind, gqa: GqaMode) -> U
         mlp = _child(block, "mlp")
         if mlp is not None and _has(mlp, ("gate_proj", "up_proj", "down_proj")):
             return _llama_neurons(f"{name}.mlp", mlp)
+        if mlp is not None and _has(mlp, ("gate_up_proj", "down_proj")):
+            return _fused_neurons(f"{name}.mlp", mlp)
         if _has(block, ("intermediate.dense", "output.dense")):
             return _bert_neurons(name, block)
     return None
@@ -229,8 +312,9 @@ def transformer_groups(model: nn.Module, kind: UnitKind, gqa: GqaMode) -> list[U
             what = "attention" if kind == "heads" else "MLP"
             raise ValueError(
                 f"block {prefix}.{i} ({type(block).__name__}) has no supported {what} "
-                "layout (Llama-style q/k/v/o_proj + gate/up/down_proj, or BERT-style "
-                "attention.self.query/key/value + intermediate/output.dense)"
+                "layout (Llama-style q/k/v/o_proj + gate/up/down_proj, fused Phi-3-style "
+                "qkv_proj + gate_up_proj, or BERT-style attention.self.query/key/value + "
+                "intermediate/output.dense)"
             )
         groups.append(group)
     return groups

@@ -170,7 +170,7 @@ def _groups_of_kind(
     if found is not None:
         return found
     if kind == "heads":
-        cfg.fail("units", f"'heads': {model_name} has no Llama- or BERT-style attention "
+        cfg.fail("units", f"'heads': {model_name} has no Llama-, Phi-3- or BERT-style attention "
                  f"blocks{describe_blocks(model)}")
     try:
         layers = sequential_groups(model, kind)
@@ -235,11 +235,16 @@ def _layer_producers(model: nn.Module, group: UnitGroup) -> list[str]:
 # ---------------------------------------------------------------- importance (pure maths)
 
 
-def unit_rows(weight: torch.Tensor, axis: str, n_units: int) -> torch.Tensor:
-    """The weight regrouped per unit: (out, in, *k) → (n_units, width·rest) along ``axis``."""
+def unit_rows(
+    weight: torch.Tensor, axis: str, n_units: int, run: tuple[int, int] | None = None
+) -> torch.Tensor:
+    """The weight regrouped per unit: (out, in, *k) → (n_units, width·rest) along ``axis``;
+    ``run`` (offset, width) takes the units' run of a fused layer (all features without)."""
     w = weight.detach().float()
     if axis == "in":
         w = w.transpose(0, 1)  # (in, out, *k): input features first
+    if run is not None:
+        w = w.narrow(0, run[0], n_units * run[1])
     return w.reshape(n_units, -1)
 
 
@@ -267,9 +272,10 @@ def unit_scores(
         parts = [wanda_unit_score(layer_weight(m), norms[s.module], group.n_units)
                  for s, m in layers if s.axis == "in"]
         return torch.stack(parts).sum(0)
-    rows = [unit_rows(layer_weight(m), s.axis, group.n_units) for s, m in layers]
-    biases = [layer_bias(m) for s, m in layers if s.axis == "out"]
-    rows += [b.detach().float().reshape(group.n_units, -1) for b in biases if b is not None]
+    n = group.n_units
+    rows = [unit_rows(layer_weight(m), s.axis, n, (s.offset, s.width)) for s, m in layers]
+    biases = [(s, layer_bias(m)) for s, m in layers if s.axis == "out"]
+    rows += [unit_rows(b, "out", n, (s.offset, s.width)) for s, b in biases if b is not None]
     return group_l2(rows)
 
 
@@ -366,7 +372,7 @@ def prune_groups(
                 layer = model.get_submodule(piece.module)
                 if isinstance(layer, nn.Linear) and xxt is not None:  # Conv2d: cut, no repair
                     refit_linear_(layer, unit_features(keep, piece.width), xxt)
-        changed += prune_group(model, planned.group.specs, keep)
+        changed += prune_group(model, planned.group.specs, keep, planned.group.n_units)
         if planned.group.finish is not None:
             planned.group.finish(model, int(keep.numel()))
     return changed
@@ -429,6 +435,9 @@ def apply_structured(model: nn.Module, cfg: StructuredConfig, ctx: StepContext) 
         changed = _prune_with_data(model, plan, cfg, ctx.calibration)
     else:
         changed = prune_groups(model, plan, cfg)
+    for planned in plan:  # config values blocks read at forward time: once all are cut
+        if planned.group.settle is not None:
+            planned.group.settle(model, planned.group.n_units - planned.n_remove)
     return StepOutcome(modules=list(dict.fromkeys(changed)), notes=_notes(plan, before, model))
 
 

@@ -158,21 +158,53 @@ def slice_layer(
     raise ValueError(f"surgery: cannot slice a {type(module).__name__} along its {axis!r} axis")
 
 
-SliceSpec = tuple[str, Axis, int, bool]  # (module name, axis, features per unit, record shape)
+# (module name, axis, features per unit, record shape, offset of the units' run)
+SliceSpec = tuple[str, Axis, int, bool, int]
 
 
-def prune_group(model: nn.Module, slices: list[SliceSpec], keep_units: torch.Tensor) -> list[str]:
-    """Keep only ``keep_units`` in every tensor of one coupled group; returns the names changed.
+def kept_features(
+    size: int, runs: list[tuple[int, int]], keep_units: torch.Tensor, n_units: int
+) -> torch.Tensor:
+    """Feature indices a layer keeps, ascending, when ``keep_units`` of ``n_units`` stay.
 
-    Each slice is ``(module name, axis, width, record_shape)``: the unit ``u`` owns features
-    ``[u·width, (u+1)·width)`` of that module along ``axis``.
+    ``runs``: ``(offset, width)`` of each run of units in the layer's ``size`` features —
+    unit ``u`` owns ``[offset + u·width, offset + (u+1)·width)`` of each run. One run at
+    offset 0 is a plain layer; several are a fused one (Phi-3's ``qkv_proj`` holds a query,
+    a key and a value run). Features outside every run are kept.
     """
-    changed = []
-    for name, axis, width, record_shape in slices:
+    outside = torch.ones(size, dtype=torch.bool, device=keep_units.device)
+    kept = []
+    for offset, width in runs:
+        if offset < 0 or offset + n_units * width > size:
+            raise ValueError(f"surgery: a run of {n_units}×{width} at {offset} exceeds {size}")
+        outside[offset : offset + n_units * width] = False
+        kept.append(offset + unit_features(keep_units, width))
+    return torch.cat([outside.nonzero().flatten(), *kept]).sort().values
+
+
+def prune_group(
+    model: nn.Module, slices: list[SliceSpec], keep_units: torch.Tensor, n_units: int
+) -> list[str]:
+    """Keep only ``keep_units`` (of ``n_units``) in every tensor of one coupled group;
+    returns the names changed.
+
+    Each slice is ``(module name, axis, width, record_shape, offset)``: the unit ``u`` owns
+    features ``[offset + u·width, offset + (u+1)·width)`` of that module along ``axis``; the
+    slices naming one module (a fused projection) are cut together (:func:`kept_features`).
+    """
+    runs: dict[tuple[str, Axis], list[tuple[int, int]]] = {}
+    record: dict[tuple[str, Axis], bool] = {}
+    for name, axis, width, record_shape, offset in slices:
+        runs.setdefault((name, axis), []).append((offset, width))
+        record[(name, axis)] = record.get((name, axis), False) or record_shape
+    changed: list[str] = []
+    for (name, axis), layer_runs in runs.items():
         module = model.get_submodule(name)
-        keep = unit_features(keep_units.to(_device(module)), width)
-        model.set_submodule(name, slice_layer(module, axis, keep, record_shape=record_shape))
-        changed.append(name)
+        size = layer_weight(module).shape[0 if axis == "out" else 1]
+        keep = kept_features(size, layer_runs, keep_units.to(_device(module)), n_units)
+        sliced = slice_layer(module, axis, keep, record_shape=record[(name, axis)])
+        model.set_submodule(name, sliced)
+        changed += [] if name in changed else [name]
     return changed
 
 
