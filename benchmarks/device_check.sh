@@ -6,7 +6,8 @@
 #
 # Each part has its own time limit and writes its log under $OUT, and a part that fails does
 # not stop the next one. BENCHMARKS.md comes back whole in $OUT: copy its new sections
-# (quant-kernels-cuda, decode-llama-1b-random-cuda, decode-llama-1b-random-speculative-cuda)
+# (quant-kernels-cuda, decode-llama-1b-random-cuda, decode-llama-1b-random-speculative-cuda,
+# train-throughput-code-llama-tiny-cuda)
 # into the checkout's. Runs from the repository root; slimline from src/ (not installed).
 set -u
 OUT=${OUT:-/tmp/slimline-device}
@@ -32,17 +33,23 @@ torch.cuda.get_device_capability(0))"
 } 2>&1 | tee "$OUT/env.log"
 
 # 1. Kernels: every CUDA path against the textbook product (error column), then timed.
-part kernels 120 $PY -m benchmarks.cuda_check --runs 20
+part kernels 100 $PY -m benchmarks.cuda_check --runs 20
 
 # 2. Issue 13's decode table on CUDA: 256 new tokens, batch 1, greedy, llama-1b-random.
-part decode 180 $PY -m benchmarks.decode --device cuda --model llama-1b-random \
+part decode 170 $PY -m benchmarks.decode --device cuda --model llama-1b-random \
   --rows fp32,bf16,int8,int8-half,int4,int4-half --quantize-head --new-tokens 256 \
   --runs 3 --bandwidth-mib 8192 --memory
 
 # 3. The same rows with their prompt-lookup speculative twins (a section of their own, so
 #    that a failure here leaves part 2's table).
-part speculative 120 $PY -m benchmarks.decode --device cuda --model llama-1b-random \
+part speculative 100 $PY -m benchmarks.decode --device cuda --model llama-1b-random \
   --rows bf16,int8-half,int4-half --quantize-head --speculative prompt_lookup \
   --new-tokens 256 --runs 3 --bandwidth-mib 8192 --section-suffix=-speculative
+
+# 4. Issue 10 on one GPU: the training loop on CUDA (fp32 / bf16 autocast, with and without
+#    checkpointing) on code-llama-tiny's small size (built there in seconds): a check that the
+#    loop runs on the GPU, not a throughput figure (the model is tiny). NCCL and FSDP2 need two
+#    GPUs or more; this machine has one.
+part train 60 $PY -m benchmarks.train_throughput --device cuda --size small --steps 4 --rounds 2
 
 cp BENCHMARKS.md "$OUT/BENCHMARKS.md"

@@ -15,6 +15,9 @@ over the rounds:
   the model and data loaded: the step's own working memory (activations, gradients, optimizer
   state, teacher outputs, the student copy).
 
+``--device cuda`` trains on the GPU (the model moved there; batches follow it); peak memory is
+then ``torch.cuda.max_memory_allocated`` during the step minus the memory allocated before.
+
 Without BF16 instructions (``avx512_bf16``/AMX) the CPU emulates bfloat16 matmuls, so autocast
 is expected to be slower there; the conditions line names the CPU's features.
 """
@@ -34,7 +37,7 @@ import torch
 
 import slimline as sl
 from benchmarks.harness import conditions_line, markdown_table, print_table, write_section
-from slimline.evaluate.bench import current_rss, peak_rss_during
+from slimline.evaluate.bench import current_rss, peak_memory_during
 from slimline.models import load_builtin
 from slimline.train.data import count_tokens
 
@@ -51,13 +54,18 @@ CONFIGS = {
 def measure(model: torch.nn.Module, train: list[Any], step: dict[str, Any]) -> tuple[float, int]:
     """(tokens/s, the step's own peak memory in bytes) of one distill run."""
     seconds: list[float] = []
+    device = next(model.parameters()).device
 
     def work() -> None:
         result = sl.compress(model, {"steps": [step]}, training=train)
         seconds.append(sum(r.seconds for r in result.steps if r.method == "distill"))
 
-    before = current_rss()
-    peak = peak_rss_during(work)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+    else:
+        before = current_rss()
+    peak = peak_memory_during(work, device)
     tokens = sum(count_tokens(b) for b in train[: step["steps"]])
     return tokens / seconds[0], peak.bytes - before
 
@@ -66,7 +74,7 @@ def child_memory(args: argparse.Namespace, name: str) -> int:
     """The step's own peak memory for configuration ``name``, in a fresh process."""
     argv = [sys.executable, "-m", "benchmarks.train_throughput", "--child", name, "--model", args.model,
             "--size", args.size, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-            "--threads", str(args.threads)]
+            "--threads", str(args.threads), "--device", args.device]
     out = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
     return int(json.loads(out.strip().splitlines()[-1])["peak_bytes"])
 
@@ -79,6 +87,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--child", choices=list(CONFIGS), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -89,6 +98,7 @@ def main() -> None:
         built = load_builtin("code-llama-tiny", size=args.size)
     else:
         built = load_builtin("minilm")
+    built.model.to(args.device)
     train = built.batches("train", batch_size=args.batch_size, limit=args.steps)
     if len(train) < args.steps:
         raise SystemExit(f"--steps {args.steps}: the train split has only {len(train)} batches")
@@ -118,17 +128,20 @@ def main() -> None:
     label = f"code-llama-tiny ({args.size})" if args.model == "code-llama-tiny" else "minilm"
     params = sum(p.numel() for p in built.model.parameters())
     body = "\n\n".join([
-        conditions_line(args.threads, model=label, parameters=f"{params / 1e6:.1f} M",
+        conditions_line(args.threads, args.device, model=label, parameters=f"{params / 1e6:.1f} M",
                         batch=f"{shape[0]} × {shape[1]} tokens", steps_per_run=args.steps, rounds=args.rounds),
         f"Run started {started}; 1-min load average {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at "
         "the end (the 2 cores are shared with other jobs).",
         "`distill` with `trainable: all`, AdamW, teacher = the model before the recipe. tokens/s counts the "
         "non-padding tokens trained over the step's wall time (teacher forward and optimizer included); peak "
-        "memory is the resident-set high-water mark during the step minus the resident set before it. "
+        + ("memory is the resident-set high-water mark during the step minus the resident set before it. "
+           if args.device == "cpu" else "memory is torch.cuda.max_memory_allocated during the step minus the "
+           "memory allocated before it. ") +
         "Configurations interleaved in rounds; medians over rounds after one unrecorded warm-up round.",
         markdown_table(header, rows),
     ])
-    write_section(f"{SECTION}-{args.model}", f"{TITLE}: {label}", body)
+    where = "" if args.device == "cpu" else f"-{args.device}"
+    write_section(f"{SECTION}-{args.model}{where}", f"{TITLE}: {label}{where.replace('-', ', ')}", body)
 
 
 if __name__ == "__main__":
