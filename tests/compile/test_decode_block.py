@@ -111,6 +111,39 @@ def test_biases_and_one_key_value_head() -> None:
     assert all(entry[2] is not None for entry in natives.values())
 
 
+def tiny_qwen3() -> nn.Module:
+    """Qwen3: RMSNorms over each query and key head (weights not all ones, so they count)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(3)
+    config = Qwen3Config(vocab_size=128, hidden_size=64, intermediate_size=96,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         head_dim=16, max_position_embeddings=64)  # fmt: skip
+    model = Qwen3ForCausalLM(config).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_norm.weight.uniform_(0.5, 1.5)
+            layer.self_attn.k_norm.weight.uniform_(0.5, 1.5)
+    return model
+
+
+def test_qwen3_head_norms_in_the_block_step() -> None:
+    """The C block applies Qwen3's per-head q/k RMSNorms as the Python step does, and greedy
+    generate through it is the packed model's own."""
+    base = tiny_qwen3()
+    reference = sl.compress(copy.deepcopy(base), {"steps": [
+        {"method": "rtn", "bits": 4, "group_size": 32}]}).model  # fmt: skip
+    model = packed(base)
+    caches, natives = two_caches(model, 5), {}
+    for python, native in steps(model, caches, [1, 2, 3], natives):
+        torch.testing.assert_close(native, python, rtol=1e-5, atol=1e-5)
+    assert all(entry[2] is not None for entry in natives.values())
+    ids = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(6))
+    greedy = dict(max_new_tokens=10, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(ids, **greedy), reference.generate(ids, **greedy))
+    assert vars(model)["forward"].calls == 9
+
+
 def test_greedy_generate_is_the_models_own(tiny_llama: nn.Module) -> None:
     reference = sl.compress(copy.deepcopy(tiny_llama), {"steps": [
         {"method": "rtn", "bits": 4, "group_size": 32}]}).model  # fmt: skip

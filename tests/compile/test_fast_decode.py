@@ -37,6 +37,21 @@ def tiny_qwen2() -> nn.Module:
     return Qwen2ForCausalLM(config).eval()
 
 
+def tiny_qwen3() -> nn.Module:
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(3)
+    config = Qwen3Config(vocab_size=128, hidden_size=64, intermediate_size=96,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         head_dim=16, max_position_embeddings=64)  # fmt: skip
+    model = Qwen3ForCausalLM(config).eval()
+    with torch.no_grad():  # per-head q/k norms that are not the identity
+        for layer in model.model.layers:
+            layer.self_attn.q_norm.weight.uniform_(0.5, 1.5)
+            layer.self_attn.k_norm.weight.uniform_(0.5, 1.5)
+    return model
+
+
 # What each kind of model compared with fast_decode is made with (beside the plain Llama).
 KINDS: dict[str, list[dict[str, Any]]] = {
     "rtn-int4": [{"method": "rtn", "bits": 4, "group_size": 32}],
@@ -47,7 +62,7 @@ KINDS: dict[str, list[dict[str, Any]]] = {
 
 def reference_and_fast(kind: str, tiny_llama: nn.Module) -> tuple[nn.Module, nn.Module]:
     """The model of ``kind`` without and with fast_decode."""
-    base = tiny_qwen2() if kind == "qwen2" else tiny_llama
+    base = {"qwen2": tiny_qwen2, "qwen3": tiny_qwen3}.get(kind, lambda: tiny_llama)()
     steps = KINDS.get(kind, [])
     reference = sl.compress(base, {"steps": steps}).model if steps else base
     return reference, fast(base, *steps)
@@ -93,7 +108,8 @@ def test_rotate_turns_each_pair_by_its_angle() -> None:
     torch.testing.assert_close(rotate(x, cos, sin), torch.cat([z.real, z.imag], dim=-1))
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "rtn-int4", "int8-activations", "bf16"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "rtn-int4", "int8-activations",
+                                  "bf16"])
 def test_decode_steps_match_the_models_forward(kind: str, tiny_llama: nn.Module) -> None:
     reference, model = reference_and_fast(kind, tiny_llama)
     ids, tokens = torch.randint(0, 128, (1, 9)), torch.randint(0, 128, (6,))
@@ -128,7 +144,8 @@ def chunk_logits(model: nn.Module, ids: torch.Tensor, chunks: list[torch.Tensor]
     return logits
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "rtn-int4", "int8-activations", "bf16"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "rtn-int4", "int8-activations",
+                                  "bf16"])
 def test_calls_of_several_tokens_match_the_models_forward(kind: str, tiny_llama: nn.Module
                                                           ) -> None:  # fmt: skip
     reference, model = reference_and_fast(kind, tiny_llama)

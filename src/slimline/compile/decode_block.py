@@ -1,4 +1,5 @@
-"""A Llama block's one-token decode step as one C call (``fast_decode``, packed layers).
+"""A Llama block's one-token decode step as one C call (``fast_decode``, packed layers);
+Qwen3's per-head q/k RMSNorms included.
 
 Through :func:`slimline.compile.fast_decode.decode_step` a block is ~20 Python-level calls —
 seven packed projections (each a module call and a kernel call), norms, rotary, the cache
@@ -45,7 +46,8 @@ class _Block(ctypes.Structure):
     _fields_ = [*((name, _Linear) for name in PROJECTIONS), ("attn_norm", _POINTER),
                 ("mlp_norm", _POINTER), ("attn_eps", _REAL), ("mlp_eps", _REAL),
                 ("scaling", _REAL), ("hidden", _SIZE), ("heads", _SIZE), ("kv_heads", _SIZE),
-                ("head_dim", _SIZE), ("intermediate", _SIZE)]  # fmt: skip
+                ("head_dim", _SIZE), ("intermediate", _SIZE), ("q_norm", _POINTER),
+                ("k_norm", _POINTER), ("q_eps", _REAL), ("k_eps", _REAL)]  # fmt: skip
 
 
 def _child(module: Any, name: str) -> Any:
@@ -94,6 +96,7 @@ class NativeBlock:
     calls: tuple[kernels_gemv.GemvCall, ...]
     norms: tuple[torch.Tensor, torch.Tensor]
     struct: _Block
+    head_norms: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)  # Qwen3 q/k
 
     def current(self, parts: tuple[nn.Module, ...]) -> bool:
         """Whether the block still has the norms, and ``parts`` (its :func:`projections`) the
@@ -104,6 +107,11 @@ class NativeBlock:
             module = _child(block, name)
             weight = getattr(module, "_parameters", {}).get("weight")
             if (weight if weight is not None else getattr(module, "weight", None)) is not norm:
+                return False
+        attn = _child(block, "self_attn")
+        for name, head_norm in zip(("q_norm", "k_norm"), self.head_norms, strict=True):
+            module = getattr(attn, "_modules", {}).get(name)
+            if getattr(module, "weight", None) is not head_norm:
                 return False
         return all(type(module) is QuantLinear and module.prepared_call(torch.float32) is call
                    for module, call in zip(parts, self.calls, strict=True))
@@ -146,8 +154,13 @@ def native_block(block: Any, config: Any) -> NativeBlock | None:
              _norm_weight(block.post_attention_layernorm, hidden))  # fmt: skip
     if any(f is None for f in fields) or norms[0] is None or norms[1] is None:
         return None
-    q, k, v, o, gate, up, down = (call.n for call in calls)  # type: ignore[union-attr]
     dim = int(attn.head_dim)
+    head_norms = tuple(_norm_weight(getattr(attn, n), dim) if hasattr(attn, n) else None
+                       for n in ("q_norm", "k_norm"))  # fmt: skip
+    if any(hasattr(attn, n) and w is None for n, w in zip(("q_norm", "k_norm"), head_norms,
+                                                          strict=True)):  # fmt: skip
+        return None  # a q/k norm the C step cannot read
+    q, k, v, o, gate, up, down = (call.n for call in calls)  # type: ignore[union-attr]
     heads, kv_heads = q // dim, k // dim
     shapes_ok = (q == heads * dim and k == v == kv_heads * dim and kv_heads > 0
                  and heads % kv_heads == 0 and widths[3] == heads * dim and o == hidden
@@ -161,5 +174,9 @@ def native_block(block: Any, config: Any) -> NativeBlock | None:
         float(block.input_layernorm.variance_epsilon),
         float(block.post_attention_layernorm.variance_epsilon),
         float(attn.scaling), hidden, heads, kv_heads, dim, widths[6],
+        *(None if w is None else w.data_ptr() for w in head_norms),
+        *(float(getattr(attn, n).variance_epsilon) if w is not None else 0.0
+          for n, w in zip(("q_norm", "k_norm"), head_norms, strict=True)),
     )  # fmt: skip
-    return NativeBlock(block, tuple(calls), (norms[0], norms[1]), struct)  # type: ignore[arg-type]
+    return NativeBlock(block, tuple(calls), (norms[0], norms[1]), struct,  # type: ignore[arg-type]
+                       (head_norms[0], head_norms[1]))

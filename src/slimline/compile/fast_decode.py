@@ -50,7 +50,7 @@ from slimline.quantize import kernels_gemv
 
 # Decoder-only families whose blocks are the dense Llama block (pre-norm RMSNorm, rotary
 # q/k, grouped-query attention, gated MLP); biases on q/k/v (Qwen2) live in the projections.
-SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -121,8 +121,10 @@ def _block_problem(block: nn.Module) -> str | None:
             return f"{type(attn).__name__} has no {name}"
     if getattr(attn, "sliding_window", None) is not None:
         return "sliding-window attention (a one-query step would see the whole cache)"
-    if hasattr(attn, "q_norm") or hasattr(attn, "k_norm"):
-        return "q/k norms are not part of the Llama block"
+    for name in ("q_norm", "k_norm"):  # Qwen3: an RMSNorm over each head before rotary
+        head_norm = getattr(attn, name, None)
+        if head_norm is not None and not hasattr(head_norm, "variance_epsilon"):
+            return f"{type(attn).__name__}.{name} is not an RMSNorm"
     for name in ("gate_proj", "up_proj", "down_proj", "act_fn"):
         if not hasattr(mlp, name):
             return f"{type(mlp).__name__} has no {name}"
@@ -227,6 +229,10 @@ def decode_step(model: nn.Module, token: torch.Tensor, cache: Any,
         h = norm(x, block.input_layernorm)
         dim = attn.head_dim
         q, k = attn.q_proj(h).view(m, -1, dim), attn.k_proj(h).view(m, -1, dim)
+        if "q_norm" in attn._modules:  # Qwen3 normalises each head before rotary
+            q = rms_norm(q, attn.q_norm)
+        if "k_norm" in attn._modules:
+            k = rms_norm(k, attn.k_norm)
         if c_ops and decode_ops.reads(q, k, cos, sin):
             q, k = (decode_ops.rotate(q.view(-1, dim), *one),
                     decode_ops.rotate(k.view(-1, dim), *one))

@@ -8,6 +8,7 @@
  * attention and the SwiGLU MLP run in one call:
  *
  *   h = rms_norm(x) * w1;  q, k, v = h Wq^T + bq, h Wk^T + bk, h Wv^T + bv
+ *   [Qwen3: q, k = rms_norm(q_head) * wq, rms_norm(k_head) * wk, each head of D]
  *   q, k = rope(q), rope(k);  keys[:, p] = k;  values[:, p] = v
  *   x += attention(q, keys[:, :p+1], values[:, :p+1]) Wo^T
  *   h = rms_norm(x) * w2;  x += (silu(h Wg^T) * (h Wu^T)) Wd^T
@@ -53,6 +54,8 @@ struct slimline_block {
     const float *attn_norm, *mlp_norm;
     double attn_eps, mlp_eps, scaling;
     int64_t hidden, heads, kv_heads, head_dim, intermediate;
+    const float *q_norm, *k_norm; /* per-head RMSNorm weights (D,) of q and k; NULL: none */
+    double q_eps, k_eps;
 };
 
 #define AVX2 __attribute__((target("avx2,fma")))
@@ -238,6 +241,10 @@ int slimline_decode_block(const struct slimline_block *B, float *x, float *keys,
     status |= linear(&B->k, h, k, xsum);
     status |= linear(&B->v, h, v, xsum);
     if (status) goto done;
+    for (int64_t j = 0; B->q_norm && j < H; j++)
+        slimline_rms_norm(q + j * D, B->q_norm, D, (float)B->q_eps, q + j * D);
+    for (int64_t j = 0; B->k_norm && j < KV; j++)
+        slimline_rms_norm(k + j * D, B->k_norm, D, (float)B->k_eps, k + j * D);
     slimline_rotate(q, H, D, cos, sin, qr);
     for (int64_t j = 0; j < KV; j++) {
         slimline_rotate(k + j * D, 1, D, cos, sin, keys + (j * room + position) * D);
