@@ -1,7 +1,10 @@
 """Batch-1 greedy decode: transformers fp32 / bf16 against slimline's packed int8 / int4 layers.
 
 Model: ``llama-1b-random`` (TinyLlama-1.1B's shapes, random weights: a table for speed and
-memory only, never quality; ``--layers`` keeps fewer blocks) or ``code-llama-tiny``. Rows (one
+memory only, never quality; ``--layers`` keeps fewer blocks), ``qwen3-0.6b-random`` (Qwen3-0.6B's
+shapes — per-head q/k RMSNorms, head_dim 128, the output head tied to the 151,936-row
+embedding — random weights the same way; no llama.cpp rows: slimline's GGUF writer is for
+Llama) or ``code-llama-tiny``. Rows (one
 process, each row a fresh copy of the model but twins (below), runs interleaved A B C … after
 warm-up rounds; ``--warmup-tokens`` shortens those):
 
@@ -175,8 +178,32 @@ class StepClock:
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
+def qwen3_random(layers: int | None) -> nn.Module:
+    """A ``Qwen3ForCausalLM`` with Qwen3-0.6B's shapes, filled as ``llama-1b-random`` is."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
+
+    from slimline.models.llama_random import fill_random
+
+    config = Qwen3Config(vocab_size=151936, hidden_size=1024, intermediate_size=3072,
+                         num_hidden_layers=layers or 28, num_attention_heads=16,
+                         num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+                         tie_word_embeddings=True, bos_token_id=151643, eos_token_id=151645,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})  # fmt: skip
+    with torch.device("meta"):
+        model = Qwen3ForCausalLM(config)
+    model.to_empty(device="cpu")
+    fill_random(model)
+    model.model.rotary_emb = Qwen3RotaryEmbedding(config)
+    return model.eval()
+
+
 def base_model(args: argparse.Namespace) -> tuple[nn.Module, torch.Tensor]:
     """A fresh float32 model and the (1, prompt) token ids."""
+    if args.model == "qwen3-0.6b-random":
+        from slimline.models.llama_random import random_tokens
+
+        return qwen3_random(args.layers), random_tokens(151936, sequences=1, length=args.prompt)["input_ids"]
     if args.model == "llama-1b-random":
         from slimline.models.llama_random import SHAPES, build_llama_random, random_tokens
 
@@ -552,7 +579,8 @@ def table(args: argparse.Namespace, results: dict[tuple[str, str], dict[str, Any
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="llama-1b-random", choices=("llama-1b-random", "code-llama-tiny"))
+    parser.add_argument("--model", default="llama-1b-random",
+                        choices=("llama-1b-random", "qwen3-0.6b-random", "code-llama-tiny"))
     parser.add_argument("--layers", type=int, default=None, help="llama-1b-random: keep this many blocks")
     parser.add_argument("--prompt", type=int, default=128, help="prompt tokens")
     parser.add_argument("--new-tokens", type=int, default=64)
@@ -589,6 +617,8 @@ def main() -> None:
     if "compile" in args.modes and (args.warmup < 1 or args.warmup_tokens != args.new_tokens):
         raise SystemExit("static+compile needs a full-length warm-up (--warmup >= 1, no "
                          "--warmup-tokens): the first generate of each length compiles")
+    if args.model == "qwen3-0.6b-random" and "llama.cpp" in args.rows:
+        raise SystemExit("qwen3-0.6b-random: no llama.cpp rows (slimline writes GGUF for Llama models)")
     if args.device == "cuda":
         cpu_only = [r for r in args.rows.split(",") if r.strip().startswith("llama.cpp")]
         if cpu_only or args.fast_decode:
@@ -613,7 +643,8 @@ def main() -> None:
     shape = "" if args.layers is None else f" ({args.layers} layers)"
     where = f"{args.threads} threads" if args.device == "cpu" else "GPU memory"
     notes = (f"{conditions_line(args.threads, args.device, batch_size=1, prompt=args.prompt, new_tokens=args.new_tokens, runs=args.runs)}.\n\n"
-             f"Model: {args.model}{shape}" + (" — random weights: speed and memory only, never quality" if args.model == "llama-1b-random" else "")
+             f"Model: {args.model}{shape}" + (" — random weights: speed and memory only, never quality" if args.model.endswith("-random") else "")
+             + (" (the output head tied to the embedding, kept float32 unless --quantize-head)" if args.model == "qwen3-0.6b-random" else "")
              + (". llama.cpp rows: GGUF files written with the parity check off (random weights read back at cosine 0.9991 under q8_0, 0.856 under q4_0)" if args.model == "llama-1b-random" else "")
              + f". Streaming read (sum of {args.bandwidth_mib} MiB, {where}): best {bandwidth / 1e9:.1f} GB/s"
              f" (medians {medians} GB/s, before and after the rows); the bound divides it by each row's weight bytes per token.\n")

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
@@ -99,14 +100,21 @@ def build_llama_random(shape: LlamaShape, seed: int = SEED) -> LlamaForCausalLM:
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     model.to_empty(device="cpu")
+    fill_random(model, seed)
+    _rebuild_rotary(model, config)
+    return model.eval()
+
+
+def fill_random(model: nn.Module, seed: int = SEED) -> None:
+    """Fill every parameter of ``model`` (made with ``to_empty``) as this module does: norm
+    weights 1, everything else N(0, 0.02²) from a generator seeded by ``seed`` and the
+    tensor's index in parameter order."""
     params = list(model.named_parameters())
     with ThreadPoolExecutor(max_workers=available_cores()) as pool:
         # normal_ runs on one core and releases the GIL: tensors fill side by side, each from
         # its own generator, so the weights do not depend on the thread count or timing.
         list(pool.map(lambda item: _fill(item[1][1], item[1][0], seed, item[0]),
                       enumerate(params)))  # fmt: skip
-    _rebuild_rotary(model, config)
-    return model.eval()
 
 
 @torch.no_grad()  # per thread: the caller's no_grad does not reach the pool's threads
