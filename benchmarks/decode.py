@@ -617,10 +617,10 @@ def main() -> None:
     if "compile" in args.modes and (args.warmup < 1 or args.warmup_tokens != args.new_tokens):
         raise SystemExit("static+compile needs a full-length warm-up (--warmup >= 1, no "
                          "--warmup-tokens): the first generate of each length compiles")
-    if args.model == "qwen3-0.6b-random" and "llama.cpp" in args.rows:
+    cpu_only = [r for r in args.rows.split(",") if r.strip().startswith("llama.cpp")]
+    if args.model == "qwen3-0.6b-random" and cpu_only and not args.child:
         raise SystemExit("qwen3-0.6b-random: no llama.cpp rows (slimline writes GGUF for Llama models)")
-    if args.device == "cuda":
-        cpu_only = [r for r in args.rows.split(",") if r.strip().startswith("llama.cpp")]
+    if args.device == "cuda" and not args.child:  # a child gets its one row by --child
         if cpu_only or args.fast_decode:
             raise SystemExit(f"--device cuda: {cpu_only or '--fast-decode'} run(s) on the CPU only")
         if not torch.cuda.is_available():
@@ -644,7 +644,7 @@ def main() -> None:
     where = f"{args.threads} threads" if args.device == "cpu" else "GPU memory"
     notes = (f"{conditions_line(args.threads, args.device, batch_size=1, prompt=args.prompt, new_tokens=args.new_tokens, runs=args.runs)}.\n\n"
              f"Model: {args.model}{shape}" + (" — random weights: speed and memory only, never quality" if args.model.endswith("-random") else "")
-             + (" (the output head tied to the embedding, kept float32 unless --quantize-head)" if args.model == "qwen3-0.6b-random" else "")
+             + ((" (the output head, tied to the embedding, " + ("packed by the quantized rows too)" if args.quantize_head else "kept float32)")) if args.model == "qwen3-0.6b-random" else "")
              + (". llama.cpp rows: GGUF files written with the parity check off (random weights read back at cosine 0.9991 under q8_0, 0.856 under q4_0)" if args.model == "llama-1b-random" else "")
              + f". Streaming read (sum of {args.bandwidth_mib} MiB, {where}): best {bandwidth / 1e9:.1f} GB/s"
              f" (medians {medians} GB/s, before and after the rows); the bound divides it by each row's weight bytes per token.\n")
