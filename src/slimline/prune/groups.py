@@ -13,6 +13,8 @@ Layouts are recognised by structure (attribute names), not class names:
   within every group, so ``num_attention_heads % num_key_value_heads == 0`` still holds);
 * their fused form (Phi-3): ``self_attn.qkv_proj`` + ``o_proj`` and ``mlp.gate_up_proj`` +
   ``down_proj``, the same units cut from each run of rows of the fused layer;
+* GPT-NeoX blocks (Pythia): ``attention.query_key_value`` (per-head ``[q | k | v]`` rows) +
+  ``attention.dense``, ``mlp.dense_h_to_4h`` + ``mlp.dense_4h_to_h``;
 * BERT-style blocks: ``attention.self.{query,key,value}``, ``attention.output.dense``,
   ``intermediate.dense``, ``output.dense``;
 * plain feed-forward nets traced with ``torch.fx`` (the ``digits-cnn`` pattern): a Conv2d whose
@@ -228,6 +230,29 @@ def _fused_neurons(name: str, mlp: nn.Module) -> UnitGroup:
     return UnitGroup(name, "neurons", n, slices, uniform=True, finish=finish)
 
 
+def _neox_heads(name: str, attn: nn.Module) -> UnitGroup:
+    """GPT-NeoX (Pythia): ``query_key_value``'s rows are per head, ``[q | k | v]`` of
+    ``head_size`` each, and ``dense`` reads the heads. The forward infers the head count
+    (``view(..., -1, 3·head_size)``), while the config can only say ``hidden / heads``: as for
+    BERT, the config keeps its head count and both layers record their shapes."""
+    hd = int(getattr(attn, "head_size"))  # noqa: B009
+    slices = (TensorSlice(f"{name}.query_key_value", "out", 3 * hd, True),
+              TensorSlice(f"{name}.dense", "in", hd, True))  # fmt: skip
+    n_heads = _linear(attn, "query_key_value").out_features // (3 * hd)
+    return UnitGroup(name, "heads", n_heads, slices, uniform=True)
+
+
+def _neox_neurons(name: str, mlp: nn.Module) -> UnitGroup:
+    slices = (TensorSlice(f"{name}.dense_h_to_4h", "out", 1),
+              TensorSlice(f"{name}.dense_4h_to_h", "in", 1))  # fmt: skip
+
+    def finish(model: nn.Module, kept: int) -> None:
+        set_config(model, intermediate_size=kept)
+
+    n = _linear(mlp, "dense_4h_to_h").in_features
+    return UnitGroup(name, "neurons", n, slices, uniform=True, finish=finish)
+
+
 def _bert_heads(name: str, attn: nn.Module) -> UnitGroup:
     """query/key/value rows and the output dense's columns, ``attention_head_size`` each.
 
@@ -270,6 +295,9 @@ def _block_group(name: str, block: nn.Module, kind: UnitKind, gqa: GqaMode) -> U
         if attn is not None and _has(attn, ("qkv_proj", "o_proj"),
                                      ("head_dim", "num_key_value_groups", "num_key_value_heads")):
             return _fused_heads(f"{name}.self_attn", attn, gqa)
+        neox = _child(block, "attention")
+        if neox is not None and _has(neox, ("query_key_value", "dense"), ("head_size",)):
+            return _neox_heads(f"{name}.attention", neox)
         bert_linears = ("self.query", "self.key", "self.value", "output.dense")
         head_size = _has(_child(bert, "self"), (), ("attention_head_size",))
         if bert is not None and _has(bert, bert_linears) and head_size:
@@ -280,6 +308,8 @@ def _block_group(name: str, block: nn.Module, kind: UnitKind, gqa: GqaMode) -> U
             return _llama_neurons(f"{name}.mlp", mlp)
         if mlp is not None and _has(mlp, ("gate_up_proj", "down_proj")):
             return _fused_neurons(f"{name}.mlp", mlp)
+        if mlp is not None and _has(mlp, ("dense_h_to_4h", "dense_4h_to_h")):
+            return _neox_neurons(f"{name}.mlp", mlp)
         if _has(block, ("intermediate.dense", "output.dense")):
             return _bert_neurons(name, block)
     return None
@@ -313,8 +343,8 @@ def transformer_groups(model: nn.Module, kind: UnitKind, gqa: GqaMode) -> list[U
             raise ValueError(
                 f"block {prefix}.{i} ({type(block).__name__}) has no supported {what} "
                 "layout (Llama-style q/k/v/o_proj + gate/up/down_proj, fused Phi-3-style "
-                "qkv_proj + gate_up_proj, or BERT-style attention.self.query/key/value + "
-                "intermediate/output.dense)"
+                "qkv_proj + gate_up_proj, GPT-NeoX query_key_value + dense_h_to_4h, or "
+                "BERT-style attention.self.query/key/value + intermediate/output.dense)"
             )
         groups.append(group)
     return groups

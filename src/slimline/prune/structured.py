@@ -170,8 +170,8 @@ def _groups_of_kind(
     if found is not None:
         return found
     if kind == "heads":
-        cfg.fail("units", f"'heads': {model_name} has no Llama-, Phi-3- or BERT-style attention "
-                 f"blocks{describe_blocks(model)}")
+        cfg.fail("units", f"'heads': {model_name} has no Llama-, Phi-3-, GPT-NeoX- or "
+                 f"BERT-style attention blocks{describe_blocks(model)}")
     try:
         layers = sequential_groups(model, kind)
     except ValueError as exc:
