@@ -150,8 +150,7 @@ def main() -> None:
                 x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(rows))
                 x = x.to(device=args.device, dtype=torch.bfloat16)
                 calls = calls_for(layers, x)
-                times = interleaved(calls, runs=args.runs, warmup=3, sync=sync) if sync else \
-                    interleaved(calls, runs=args.runs, warmup=3)
+                times = interleaved(calls, runs=args.runs, warmup=3, sync=sync)
                 base = times["bf16"].median_ms
                 for name, latency in times.items():
                     stack = layers[name.removesuffix(" dequant")]

@@ -193,8 +193,14 @@ def qwen3_random(layers: int | None) -> nn.Module:
     with torch.device("meta"):
         model = Qwen3ForCausalLM(config)
     model.to_empty(device="cpu")
+    model.tie_weights()  # to_empty made the head and the embedding separate tensors again
+    if model.lm_head.weight is not model.get_input_embeddings().weight:
+        raise RuntimeError("qwen3-0.6b-random: the output head is not tied to the embedding")
     fill_random(model)
     model.model.rotary_emb = Qwen3RotaryEmbedding(config)
+    unknown = [n for n, _ in model.named_buffers() if not n.startswith("model.rotary_emb.")]
+    if unknown:
+        raise RuntimeError(f"qwen3-0.6b-random: cannot initialise buffers {unknown} built on meta")
     return model.eval()
 
 
@@ -581,7 +587,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="llama-1b-random",
                         choices=("llama-1b-random", "qwen3-0.6b-random", "code-llama-tiny"))
-    parser.add_argument("--layers", type=int, default=None, help="llama-1b-random: keep this many blocks")
+    parser.add_argument("--layers", type=int, default=None, help="llama-1b-random / qwen3-0.6b-random: keep this many blocks")
     parser.add_argument("--prompt", type=int, default=128, help="prompt tokens")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
@@ -622,7 +628,8 @@ def main() -> None:
         raise SystemExit("qwen3-0.6b-random: no llama.cpp rows (slimline writes GGUF for Llama models)")
     if args.device == "cuda" and not args.child:  # a child gets its one row by --child
         if cpu_only or args.fast_decode:
-            raise SystemExit(f"--device cuda: {cpu_only or '--fast-decode'} run(s) on the CPU only")
+            what = ", ".join(cpu_only) or "--fast-decode"
+            raise SystemExit(f"--device cuda: {what} run(s) on the CPU only")
         if not torch.cuda.is_available():
             raise SystemExit("--device cuda: torch sees no GPU")
     torch.set_num_threads(args.threads)

@@ -48,9 +48,11 @@ def isa_suffix() -> str:
     return "-avx512" if "avx512f" in features else ""
 
 
-def interleaved(calls: Mapping[str, Callable[[], object]], *, runs: int, warmup: int) -> dict[str, Latency]:
-    """Median-ready samples of every call, alternating A B C A B C ... (bench.time_interleaved)."""
-    return time_interleaved(calls, runs=runs, warmup=warmup)
+def interleaved(calls: Mapping[str, Callable[[], object]], *, runs: int, warmup: int,
+                sync: Callable[[], None] | None = None) -> dict[str, Latency]:
+    """Median-ready samples of every call, alternating A B C A B C ... (bench.time_interleaved;
+    ``sync``, e.g. ``torch.cuda.synchronize``, before each clock read)."""
+    return time_interleaved(calls, runs=runs, warmup=warmup, sync=sync)
 
 
 def command_line() -> str:

@@ -285,6 +285,7 @@ def test_phi3_fused_heads_and_neurons_shapes_config_params_flops(gqa: str) -> No
     assert attn.qkv_proj.weight.shape == ((heads + 2 * kv) * 16, 64)
     assert attn.o_proj.weight.shape == (64, heads * 16)
     assert mlp.gate_up_proj.weight.shape == (128, 64) and mlp.down_proj.weight.shape == (64, 64)
+    assert all(layer.self_attn.config is c for layer in pruned.model.layers)  # shared again
     fresh = Phi3ForCausalLM(Phi3Config.from_dict(c.to_dict())).eval()
     assert _params(fresh) == _params(pruned) < _params(model)
     assert _flops(pruned, batch) == _flops(fresh, batch) < _flops(model, batch)

@@ -111,6 +111,9 @@ def test_cuda_path_choices() -> None:
     path, why = _path(bits=8, registered={"_weight_int4pack_mm": True})
     assert path == "dequant" and "int8" in why
     assert _path(bits=3) == ("dequant", "")
+    assert _path(needs_grad=True) == ("dequant", "")  # the kernels have no backward (QLoRA)
+    assert _path(bits=8, needs_grad=True) == ("dequant", "")
+    assert _path(rows=0) == ("dequant", "")
 
 
 def test_registered_on_cuda_follows_the_build() -> None:

@@ -111,7 +111,8 @@ class NativeBlock:
         attn = _child(block, "self_attn")
         for name, head_norm in zip(("q_norm", "k_norm"), self.head_norms, strict=True):
             module = getattr(attn, "_modules", {}).get(name)
-            if getattr(module, "weight", None) is not head_norm:
+            weight = None if module is None else module._parameters.get("weight")
+            if weight is not head_norm:
                 return False
         return all(type(module) is QuantLinear and module.prepared_call(torch.float32) is call
                    for module, call in zip(parts, self.calls, strict=True))

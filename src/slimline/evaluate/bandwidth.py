@@ -68,7 +68,10 @@ def streaming_read_bandwidth(
     if warmup < 0:
         raise ValueError(f"warmup must be >= 0, got {warmup}")
     data = torch.ones(n_bytes // _FLOAT32, device=device)
-    sync = torch.cuda.synchronize if data.device.type == "cuda" else (lambda: None)
+    def sync() -> None:
+        if data.device.type == "cuda":
+            torch.cuda.synchronize(data.device)
+
     seconds: list[float] = []
     for index in range(warmup + runs):
         sync()

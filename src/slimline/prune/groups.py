@@ -189,6 +189,7 @@ def _fused_heads(name: str, attn: nn.Module, gqa: GqaMode) -> UnitGroup:
 
         def settle_groups(model: nn.Module, kept: int) -> None:
             set_config(model, num_key_value_heads=kept, num_attention_heads=kept * r, head_dim=hd)
+            _shared_config(model, name)
 
         return UnitGroup(name, "heads", n_kv, slices, uniform=True, finish=finish_groups,
                          settle=settle_groups)  # fmt: skip
@@ -202,14 +203,23 @@ def _fused_heads(name: str, attn: nn.Module, gqa: GqaMode) -> UnitGroup:
 
     def settle_queries(model: nn.Module, kept: int) -> None:
         set_config(model, num_attention_heads=kept, head_dim=hd)
+        _shared_config(model, name)
 
     return UnitGroup(name, "heads", n_kv * r, slices, n_kv, uniform=True, finish=finish_queries,
                      settle=settle_queries)  # fmt: skip
 
 
+def _shared_config(model: nn.Module, name: str) -> None:
+    """Point the module back at the model's config (now with the new sizes), so that later
+    changes to it (``set_attn_implementation``) reach the module again."""
+    config = getattr(model, "config", None)
+    if config is not None:
+        model.get_submodule(name).config = config
+
+
 def _own_config(module: nn.Module, **values: int) -> None:
     """Give ``module`` a copy of its config with ``values``, so that it runs at its new sizes
-    while the blocks not yet cut keep reading the shared one."""
+    while the blocks not yet cut keep reading the shared one (until ``settle``)."""
     config = copy.copy(getattr(module, "config"))  # noqa: B009
     for key, value in values.items():
         setattr(config, key, value)

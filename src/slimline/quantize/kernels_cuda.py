@@ -10,7 +10,9 @@ the torch build has them and the layer fits them:
   16·innerKTiles. It computes ``w = (q - 8)·s + m`` per group, the same table as torch's CPU
   int4 kernel (:func:`~slimline.quantize.kernels_weight_only.int4pack_scales_zeros`);
 * :func:`int8_linear` — ``aten._weight_int8pack_mm`` on CUDA (newer torch builds register
-  one: a warp per output, x widened to float32), for 8-bit per-channel symmetric layers.
+  one: a warp per output, x widened to float32), for 8-bit per-channel symmetric layers. It
+  takes signed codes, so the layer keeps a signed copy beside its stored (offset) ones: on a
+  GPU an int8 layer holds its weight bytes twice, as on the CPU's int8 kernel.
 
 What is known without a GPU is tested on the CPU: the byte order the packing kernel reads
 (:func:`nibble_pairs`, from its documented layout), the scale/zero table through the CPU
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from slimline.quantize.kernels_weight_only import int4pack_group
+from slimline.quantize.kernels_weight_only import int4pack_group, rows_linear
 
 K_TILE = 16  # the k extent of one m16n8k16 tensor-core tile
 INNER_K_TILES = (8, 4, 2)  # k-tiles packed back to back (16/8/4-byte loads), widest first
@@ -79,11 +81,9 @@ def int4_linear(
 ) -> torch.Tensor:
     """``x @ W.T + bias`` with tinygemm; ``x`` bfloat16, ``scales_zeros`` the bfloat16
     ``(K/group, N, 2)`` table."""
-    rows = x.reshape(-1, x.shape[-1]).contiguous()  # (M, K)
-    out = torch.ops.aten._weight_int4pack_mm(rows, packed, group, scales_zeros)
-    if bias is not None:
-        out = out + bias.to(out.dtype)
-    return out.reshape(*x.shape[:-1], out.shape[-1])
+    return rows_linear(
+        x, bias, lambda rows: torch.ops.aten._weight_int4pack_mm(rows, packed, group, scales_zeros)
+    )
 
 
 def int8_linear(
@@ -94,12 +94,10 @@ def int8_linear(
     The CUDA kernel widens x and the scales to float32 itself, so the scales go in exact;
     the operator's CPU kernel (which the suite runs this through) wants them in x's dtype.
     """
-    rows = x.reshape(-1, x.shape[-1]).contiguous()
     exact = scales.float() if x.is_cuda else scales.to(x.dtype)
-    out = torch.ops.aten._weight_int8pack_mm(rows, weight, exact)
-    if bias is not None:
-        out = out + bias.to(out.dtype)
-    return out.reshape(*x.shape[:-1], out.shape[-1])
+    return rows_linear(
+        x, bias, lambda rows: torch.ops.aten._weight_int8pack_mm(rows, weight, exact)
+    )
 
 
 def registered_on_cuda(operator: str) -> bool:
@@ -126,14 +124,18 @@ def cuda_path(
     rows: int,
     capability: tuple[int, int],
     registered: dict[str, bool],
+    needs_grad: bool = False,
 ) -> tuple[str, str]:
     """(path, why not faster) for a CUDA call of ``rows`` rows: "int4pack_cuda",
     "int8pack_cuda" or "dequant"; the reason is "" where a packed kernel runs or none applies
-    (past :data:`INT4_MAX_ROWS` / :data:`INT8_MAX_ROWS` rows dequantizing is the fast path).
+    (past :data:`INT4_MAX_ROWS` / :data:`INT8_MAX_ROWS` rows dequantizing is the fast path;
+    a call that needs gradients, or has no rows, dequantizes: the kernels have no backward).
 
     ``registered`` says which torch operators have CUDA kernels in this build
     (:func:`registered_on_cuda`), ``capability`` the device's compute capability.
     """
+    if needs_grad or rows == 0:
+        return "dequant", ""
     if (bits == 4 and rows > INT4_MAX_ROWS) or (bits == 8 and rows > INT8_MAX_ROWS):
         return "dequant", ""
     if bits == 4:

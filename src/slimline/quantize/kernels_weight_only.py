@@ -20,6 +20,8 @@ The W8A8 kernels (int8 activations too) are in :mod:`slimline.quantize.kernels_i
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -81,11 +83,8 @@ def int4pack_linear(
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
     """``x @ W.T + bias`` with torch's CPU int4 kernel (tinygemm layout)."""
-    rows = x.reshape(-1, x.shape[-1]).contiguous()  # (M, K)
-    out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, packed, group, scales_zeros)
-    if bias is not None:
-        out = out + bias.to(out.dtype)
-    return out.reshape(*x.shape[:-1], out.shape[-1])
+    return rows_linear(x, bias, lambda rows: torch.ops.aten._weight_int4pack_mm_for_cpu(
+        rows, packed, group, scales_zeros))
 
 
 def int8pack_fits(in_features: int) -> bool:
@@ -97,8 +96,18 @@ def int8pack_linear(
     x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
     """``x @ (weight · scales).T + bias`` for an (N, K) int8 weight and (N,) scales."""
-    rows = x.reshape(-1, x.shape[-1]).contiguous()  # (M, K)
-    out = torch.ops.aten._weight_int8pack_mm(rows, weight, scales.to(x.dtype))
+    return rows_linear(x, bias, lambda rows: torch.ops.aten._weight_int8pack_mm(
+        rows, weight, scales.to(x.dtype)))
+
+
+def rows_linear(
+    x: torch.Tensor,
+    bias: torch.Tensor | None,
+    matmul: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """``matmul`` of x's rows as one contiguous (M, K) matrix, plus ``bias``, returned in x's
+    leading shape: how every packed kernel here is called."""
+    out = matmul(x.reshape(-1, x.shape[-1]).contiguous())  # (M, N)
     if bias is not None:
         out = out + bias.to(out.dtype)
     return out.reshape(*x.shape[:-1], out.shape[-1])

@@ -324,6 +324,7 @@ class QuantLinear(LogicalWeightCounts, _KernelCacheMixin):
             bits=self.bits, symmetric=self.symmetric, per_channel=self.scales.shape[1] == 1,
             out_features=self.out_features, in_features=self.in_features, group=self.group,
             dtype=x.dtype, rows=x.numel() // max(self.in_features, 1),
+            needs_grad=x.requires_grad and torch.is_grad_enabled(),
             capability=_capability(x.device),
             registered=_CUDA_OPERATORS,
         )  # fmt: skip
@@ -531,18 +532,21 @@ def _native_bf16() -> bool:
     return _NATIVE_BF16["cpu"]
 
 
-def _warn_once(problem: str, path: str) -> None:
-    """Warn, once per reason, that few-row (decode) calls miss the gemv kernel, and the fix."""
+def _warn_reason(problem: str, message: str) -> None:
+    """Warn ``message`` once per ``problem`` (none for "" or "native")."""
     if problem in ("", "native") or problem in _WARNED:
         return
     _WARNED.add(problem)
-    warnings.warn(
+    warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def _warn_once(problem: str, path: str) -> None:
+    """Warn, once per reason, that few-row (decode) calls miss the gemv kernel, and the fix."""
+    _warn_reason(problem, (
         f"QuantLinear: {problem}; decode-sized calls run the {path!r} path instead, which on "
         "CPUs without AVX-512 is slower than float32 at batch 1. Fix: quantize with bits 4 "
-        "(even group_size) or 8, on an x86 CPU with AVX2 and a C compiler (gcc, or $CC).",
-        RuntimeWarning,
-        stacklevel=3,
-    )
+        "(even group_size) or 8, on an x86 CPU with AVX2 and a C compiler (gcc, or $CC)."
+    ))
 
 
 def _capability(device: torch.device) -> tuple[int, int]:
@@ -556,14 +560,8 @@ def _capability(device: torch.device) -> tuple[int, int]:
 def _warn_cuda_once(problem: str) -> None:
     """Warn, once per reason, that a GPU call dequantizes the whole weight instead of reading
     the codes with one of torch's weight-only CUDA kernels."""
-    if problem == "" or problem in _WARNED:
-        return
-    _WARNED.add(problem)
-    warnings.warn(
-        f"QuantLinear on CUDA: {problem}; the layer dequantizes its weight every call.",
-        RuntimeWarning,
-        stacklevel=3,
-    )
+    _warn_reason(problem, f"QuantLinear on CUDA: {problem}; the layer dequantizes its weight "
+                 "every call.")
 
 
 def _check_version(meta: dict[str, Any]) -> None:
