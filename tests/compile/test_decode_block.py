@@ -13,6 +13,7 @@ from torch import nn
 import slimline as sl
 from slimline.compile import decode_ops
 from slimline.compile.fast_decode import FastForward, decode_step
+from tests.compile.test_fast_decode import tiny_qwen3
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.skipif(not decode_ops.available(),
@@ -109,22 +110,6 @@ def test_biases_and_one_key_value_head() -> None:
     for python, native in steps(model, caches, [1, 2, 3], natives):
         torch.testing.assert_close(native, python, rtol=1e-5, atol=1e-5)
     assert all(entry[2] is not None for entry in natives.values())
-
-
-def tiny_qwen3() -> nn.Module:
-    """Qwen3: RMSNorms over each query and key head (weights not all ones, so they count)."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    torch.manual_seed(3)
-    config = Qwen3Config(vocab_size=128, hidden_size=64, intermediate_size=96,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         head_dim=16, max_position_embeddings=64)  # fmt: skip
-    model = Qwen3ForCausalLM(config).eval()
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.q_norm.weight.uniform_(0.5, 1.5)
-            layer.self_attn.k_norm.weight.uniform_(0.5, 1.5)
-    return model
 
 
 def test_qwen3_head_norms_in_the_block_step() -> None:
