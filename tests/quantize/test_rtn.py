@@ -186,3 +186,21 @@ def test_forward_has_no_graph_break(bits: int, group_size) -> None:
     quant = _quantized(nn.Linear(256, 64), bits=bits, group_size=group_size)
     for x in (torch.randn(2, 256).bfloat16(), torch.randn(300, 256)):  # kernel, dequantize
         assert torch._dynamo.explain(quant)(x).graph_break_count == 0
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_reassigned_buffer_remakes_the_torch_kernels_layouts(bits: int) -> None:
+    """The torch kernels' derived layouts (int4 tiles, the int8 copy) follow the buffers: after
+    ``layer.qweight = ...`` the layer computes with the new codes, not the old layout."""
+    torch.manual_seed(0)
+    layer = _quantized(nn.Linear(256, 64), bits=bits, group_size=64 if bits == 4 else None)
+    x = torch.randn(3, 256).to(torch.bfloat16)
+    layer.kernel_path = lambda x: "int4pack" if bits == 4 else "int8pack"  # type: ignore[method-assign]
+    layer(x)  # the layouts of the first codes
+    q, scales, zeros = quantize_groups(torch.randn(64, 256), bits, layer.group_size, True)
+    other = QuantLinear.from_codes(q, scales, zeros, bias=layer.bias, bits=bits,
+                                   group_size=layer.group_size, symmetric=True)  # fmt: skip
+    layer.qweight, layer.scales = other.qweight.clone(), other.scales.clone()
+    ref = x.float() @ other.dequantized_weight().t() + layer.bias
+    torch.testing.assert_close(layer(x).float(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+

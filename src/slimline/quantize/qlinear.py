@@ -126,7 +126,7 @@ class _KernelCacheMixin(nn.Module):
     """Derived kernel layouts kept out of ``state_dict``, deepcopy and pickle."""
 
     def _init_cache(self) -> None:
-        self._derived: dict[str, torch.Tensor] = {}
+        self._derived: dict[str, Any] = {}  # layouts by name (QuantLinear: + "_sources")
         self._calls: dict[tuple[torch.dtype, str], gemv.GemvCall | None] = {}
         self.register_load_state_dict_post_hook(_refresh_after_load)
 
@@ -464,6 +464,14 @@ class QuantLinear(LogicalWeightCounts, _KernelCacheMixin):
         return buffers[name] if name in buffers else getattr(self, name)
 
     def _derive(self, key: str, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """A kernel layout of the buffers (made once); every layout is made again after a
+        buffer is replaced by assignment (``layer.qweight = ...``), as the decode calls are."""
+        buffers = self._buffers
+        sources = (buffers.get("qweight"), buffers.get("scales"), buffers.get("zeros"))
+        held = self._derived.get("_sources")
+        if not isinstance(held, tuple) or any(a is not b for a, b in zip(held, sources,
+                                                                          strict=True)):
+            self._derived = {"_sources": sources}
         tensor = self._derived.get(key)
         if tensor is None:
             tensor = make()
