@@ -183,25 +183,15 @@ def qwen3_random(layers: int | None) -> nn.Module:
     from transformers import Qwen3Config, Qwen3ForCausalLM
     from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
 
-    from slimline.models.llama_random import fill_random
+    from slimline.models.llama_random import build_random
 
     config = Qwen3Config(vocab_size=151936, hidden_size=1024, intermediate_size=3072,
                          num_hidden_layers=layers or 28, num_attention_heads=16,
                          num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
                          tie_word_embeddings=True, bos_token_id=151643, eos_token_id=151645,
                          rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})  # fmt: skip
-    with torch.device("meta"):
-        model = Qwen3ForCausalLM(config)
-    model.to_empty(device="cpu")
-    model.tie_weights()  # to_empty made the head and the embedding separate tensors again
-    if model.lm_head.weight is not model.get_input_embeddings().weight:
-        raise RuntimeError("qwen3-0.6b-random: the output head is not tied to the embedding")
-    fill_random(model)
-    model.model.rotary_emb = Qwen3RotaryEmbedding(config)
-    unknown = [n for n, _ in model.named_buffers() if not n.startswith("model.rotary_emb.")]
-    if unknown:
-        raise RuntimeError(f"qwen3-0.6b-random: cannot initialise buffers {unknown} built on meta")
-    return model.eval()
+    model: nn.Module = build_random(Qwen3ForCausalLM, config, Qwen3RotaryEmbedding)
+    return model
 
 
 def base_model(args: argparse.Namespace) -> tuple[nn.Module, torch.Tensor]:

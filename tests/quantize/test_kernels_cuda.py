@@ -11,6 +11,7 @@ from torch import nn
 
 import slimline as sl
 from slimline.quantize import kernels_cuda as cuda
+from slimline.quantize import kernels_weight_only as kernels
 from slimline.quantize import qlinear
 from slimline.quantize.qlinear import QuantLinear
 
@@ -61,7 +62,7 @@ def test_packed_shapes_through_the_operators_fake_kernels() -> None:
         assert packed.shape == (48 // 8, 512 // (16 * 8), 32, 4) and packed.dtype == torch.int32
         table = torch.empty(512 // 128, 48, 2, dtype=torch.bfloat16)
         x = torch.empty(2, 3, 512, dtype=torch.bfloat16)
-        out = cuda.int4_linear(x, packed, 128, table, torch.empty(48))
+        out = kernels.int4pack_linear(x, packed, 128, table, torch.empty(48))  # the CUDA op
         assert out.shape == (2, 3, 48) and out.dtype == torch.bfloat16
     with pytest.raises(ValueError, match="multiple of 32"):
         cuda.int4_weight(torch.zeros(8, 48, dtype=torch.uint8))
@@ -151,9 +152,10 @@ def test_quant_linear_takes_the_cuda_path_for_a_cuda_input(monkeypatch) -> None:
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_the_cuda_branches_of_forward_compute_the_layer(bits, monkeypatch) -> None:
-    """``forward``'s CUDA branches, run on the CPU: the int4 one with the packing and matmul
-    swapped for their CPU twins (same table, same group), the int8 one as it is (torch's
-    ``_weight_int8pack_mm`` has a CPU kernel); a bias and a 3-D input as a model gives them."""
+    """``forward``'s CUDA branches, run on the CPU: the int4 one with the packing swapped for
+    its CPU twin (the matmul follows the layout: same table, same group), the int8 one as it
+    is (torch's ``_weight_int8pack_mm`` has a CPU kernel); a bias and a 3-D input as a model
+    gives them."""
     torch.manual_seed(1)
     model = sl.compress(nn.Sequential(nn.Linear(256, 48)), {"steps": [
         {"method": "rtn", "bits": bits, "group_size": 64 if bits == 4 else None,
@@ -164,11 +166,6 @@ def test_the_cuda_branches_of_forward_compute_the_layer(bits, monkeypatch) -> No
     monkeypatch.setattr(
         cuda, "int4_weight",
         lambda codes: torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1))
-    monkeypatch.setattr(
-        cuda, "int4_linear",
-        lambda x, packed, group, table, bias: torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x.reshape(-1, x.shape[-1]), packed, group, table).reshape(*x.shape[:-1], -1)
-        + bias.to(x.dtype))  # fmt: skip
     x = torch.randn(2, 3, 256).to(torch.bfloat16)
     out = layer(x)
     ref = x.float() @ layer.dequantized_weight().t() + layer.bias

@@ -28,6 +28,7 @@ from slimline.quantize import kernels_gemv
 from slimline.quantize.qlinear import QuantLinear
 
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
+HEAD_NORMS = ("q_norm", "k_norm")  # Qwen3's RMSNorms over each query / key head
 _SIZE, _POINTER, _REAL = ctypes.c_int64, ctypes.c_void_p, ctypes.c_double
 
 
@@ -109,7 +110,7 @@ class NativeBlock:
             if (weight if weight is not None else getattr(module, "weight", None)) is not norm:
                 return False
         attn = _child(block, "self_attn")
-        for name, head_norm in zip(("q_norm", "k_norm"), self.head_norms, strict=True):
+        for name, head_norm in zip(HEAD_NORMS, self.head_norms, strict=True):
             module = getattr(attn, "_modules", {}).get(name)
             weight = None if module is None else module._parameters.get("weight")
             if weight is not head_norm:
@@ -156,10 +157,9 @@ def native_block(block: Any, config: Any) -> NativeBlock | None:
     if any(f is None for f in fields) or norms[0] is None or norms[1] is None:
         return None
     dim = int(attn.head_dim)
-    head_norms = tuple(_norm_weight(getattr(attn, n), dim) if hasattr(attn, n) else None
-                       for n in ("q_norm", "k_norm"))  # fmt: skip
-    if any(hasattr(attn, n) and w is None for n, w in zip(("q_norm", "k_norm"), head_norms,
-                                                          strict=True)):  # fmt: skip
+    modules_qk = [getattr(attn, n, None) for n in HEAD_NORMS]  # Qwen3's, else None
+    head_norms = [None if m is None else _norm_weight(m, dim) for m in modules_qk]
+    if any(m is not None and w is None for m, w in zip(modules_qk, head_norms, strict=True)):
         return None  # a q/k norm the C step cannot read
     q, k, v, o, gate, up, down = (call.n for call in calls)  # type: ignore[union-attr]
     heads, kv_heads = q // dim, k // dim
@@ -176,8 +176,7 @@ def native_block(block: Any, config: Any) -> NativeBlock | None:
         float(block.post_attention_layernorm.variance_epsilon),
         float(attn.scaling), hidden, heads, kv_heads, dim, widths[6],
         *(None if w is None else w.data_ptr() for w in head_norms),
-        *(float(getattr(attn, n).variance_epsilon) if w is not None else 0.0
-          for n, w in zip(("q_norm", "k_norm"), head_norms, strict=True)),
+        *(0.0 if m is None else float(m.variance_epsilon) for m in modules_qk),
     )  # fmt: skip
     return NativeBlock(block, tuple(calls), (norms[0], norms[1]), struct,  # type: ignore[arg-type]
                        (head_norms[0], head_norms[1]))

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -96,19 +96,33 @@ def build_llama_random(shape: LlamaShape, seed: int = SEED) -> LlamaForCausalLM:
     Matrices and embeddings ~ N(0, 0.02²), each from its own generator seeded by ``seed`` and
     its index in parameter order; norm weights 1. The caller's global RNG is left alone.
     """
-    config = shape.llama_config()
+    model: LlamaForCausalLM = build_random(LlamaForCausalLM, shape.llama_config(),
+                                           LlamaRotaryEmbedding, seed)  # fmt: skip
+    return model
+
+
+def build_random(
+    model_class: Any, config: Any, rotary_class: Any, seed: int = SEED
+) -> Any:
+    """A Hugging Face causal LM of ``model_class`` (Llama layout: ``model.rotary_emb``) built
+    as ``llama-1b-random`` is: on the meta device, then every parameter filled (norm weights
+    1, everything else N(0, 0.02²) from a generator seeded by ``seed`` and the tensor's index
+    in parameter order), the head tied back to the embedding where the config ties them
+    (``to_empty`` gives them separate storage), the rotary frequencies computed again."""
     with torch.device("meta"):
-        model = LlamaForCausalLM(config)
+        model = model_class(config)
     model.to_empty(device="cpu")
-    fill_random(model, seed)
-    _rebuild_rotary(model, config)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+        if model.get_output_embeddings().weight is not model.get_input_embeddings().weight:
+            raise RuntimeError(f"{type(model).__name__}: the output head is not tied to the "
+                               "embedding")
+    _fill_random(model, seed)
+    _rebuild_rotary(model, config, rotary_class)
     return model.eval()
 
 
-def fill_random(model: nn.Module, seed: int = SEED) -> None:
-    """Fill every parameter of ``model`` (made with ``to_empty``) as this module does: norm
-    weights 1, everything else N(0, 0.02²) from a generator seeded by ``seed`` and the
-    tensor's index in parameter order."""
+def _fill_random(model: nn.Module, seed: int) -> None:
     params = list(model.named_parameters())
     with ThreadPoolExecutor(max_workers=available_cores()) as pool:
         # normal_ runs on one core and releases the GIL: tensors fill side by side, each from
@@ -126,17 +140,17 @@ def _fill(tensor: torch.Tensor, name: str, seed: int, index: int) -> None:
     tensor.normal_(0.0, INIT_STD, generator=generator)
 
 
-def _rebuild_rotary(model: LlamaForCausalLM, config: LlamaConfig) -> None:
+def _rebuild_rotary(model: Any, config: Any, rotary_class: Any) -> None:
     """The rotary frequencies, the model's only buffers, computed again on the CPU.
 
     ``to_empty`` leaves buffers uninitialised; any other buffer would be a new transformers
     feature this builder does not know how to fill, so it is refused rather than left garbage.
     """
-    fresh = LlamaRotaryEmbedding(config)
-    model.model.rotary_emb = fresh
+    model.model.rotary_emb = rotary_class(config)
     unknown = [n for n, _ in model.named_buffers() if not n.startswith("model.rotary_emb.")]
     if unknown:
-        raise RuntimeError(f"{NAME}: cannot initialise buffers {unknown} built on meta")
+        raise RuntimeError(f"{type(model).__name__}: cannot initialise buffers {unknown} "
+                           "built on meta")
 
 
 def load_llama_random(size: Literal["full", "small"] = "full") -> Builtin:

@@ -119,6 +119,11 @@ def _has(owner: nn.Module | None, linears: tuple[str, ...], ints: tuple[str, ...
     ) and all(isinstance(getattr(owner, a, None), int) for a in ints)
 
 
+def _set_intermediate(model: nn.Module, kept: int) -> None:
+    """The ``finish`` of an MLP's neurons: the config's ``intermediate_size``."""
+    set_config(model, intermediate_size=kept)
+
+
 def _set(module: nn.Module, attribute: str, value: int) -> None:
     """Set a plain int attribute (a head count) that the module reads at forward time."""
     setattr(module, attribute, value)
@@ -158,7 +163,7 @@ def _llama_neurons(name: str, mlp: nn.Module) -> UnitGroup:
 
     def finish(model: nn.Module, kept: int) -> None:
         _set(model.get_submodule(name), "intermediate_size", kept)
-        set_config(model, intermediate_size=kept)
+        _set_intermediate(model, kept)
 
     n = _linear(mlp, "down_proj").in_features
     return UnitGroup(name, "neurons", n, slices, uniform=True, finish=finish)
@@ -177,36 +182,33 @@ def _fused_heads(name: str, attn: nn.Module, gqa: GqaMode) -> UnitGroup:
     qkv, o = f"{name}.qkv_proj", f"{name}.o_proj"
     queries = n_kv * r * hd
     slices: tuple[TensorSlice, ...]
-    if gqa == "kv_groups":
+    if gqa == "kv_groups":  # a unit: r query heads, their key head and value head
         slices = (TensorSlice(qkv, "out", r * hd), TensorSlice(qkv, "out", hd, offset=queries),
                   TensorSlice(qkv, "out", hd, offset=queries + n_kv * hd),
                   TensorSlice(o, "in", r * hd))  # fmt: skip
+        units, partitions = n_kv, 1
+    else:  # a unit: one query head, as many kept in every KV group
+        slices = (TensorSlice(qkv, "out", hd), TensorSlice(o, "in", hd))
+        units, partitions = n_kv * r, n_kv
 
-        def finish_groups(model: nn.Module, kept: int) -> None:
-            module = model.get_submodule(name)
-            _own_config(module, num_attention_heads=kept * r, num_key_value_heads=kept)
-            _set(module, "num_key_value_heads", kept)
+    def heads(kept: int) -> tuple[int, int]:
+        """(query heads, key/value heads) left when ``kept`` units stay."""
+        return (kept * r, kept) if gqa == "kv_groups" else (kept, n_kv)
 
-        def settle_groups(model: nn.Module, kept: int) -> None:
-            set_config(model, num_key_value_heads=kept, num_attention_heads=kept * r, head_dim=hd)
-            _shared_config(model, name)
-
-        return UnitGroup(name, "heads", n_kv, slices, uniform=True, finish=finish_groups,
-                         settle=settle_groups)  # fmt: skip
-
-    slices = (TensorSlice(qkv, "out", hd), TensorSlice(o, "in", hd))
-
-    def finish_queries(model: nn.Module, kept: int) -> None:
+    def finish(model: nn.Module, kept: int) -> None:
         module = model.get_submodule(name)
-        _own_config(module, num_attention_heads=kept)
-        _set(module, "num_key_value_groups", kept // n_kv)
+        h, kv = heads(kept)
+        _own_config(module, num_attention_heads=h, num_key_value_heads=kv)
+        _set(module, "num_key_value_heads", kv)
+        _set(module, "num_key_value_groups", h // kv)
 
-    def settle_queries(model: nn.Module, kept: int) -> None:
-        set_config(model, num_attention_heads=kept, head_dim=hd)
+    def settle(model: nn.Module, kept: int) -> None:
+        h, kv = heads(kept)
+        set_config(model, num_attention_heads=h, num_key_value_heads=kv, head_dim=hd)
         _shared_config(model, name)
 
-    return UnitGroup(name, "heads", n_kv * r, slices, n_kv, uniform=True, finish=finish_queries,
-                     settle=settle_queries)  # fmt: skip
+    return UnitGroup(name, "heads", units, slices, partitions, uniform=True, finish=finish,
+                     settle=settle)  # fmt: skip
 
 
 def _shared_config(model: nn.Module, name: str) -> None:
@@ -233,11 +235,7 @@ def _fused_neurons(name: str, mlp: nn.Module) -> UnitGroup:
     fused = f"{name}.gate_up_proj"
     slices = (TensorSlice(fused, "out", 1), TensorSlice(fused, "out", 1, offset=n),
               TensorSlice(f"{name}.down_proj", "in", 1))  # fmt: skip
-
-    def finish(model: nn.Module, kept: int) -> None:
-        set_config(model, intermediate_size=kept)
-
-    return UnitGroup(name, "neurons", n, slices, uniform=True, finish=finish)
+    return UnitGroup(name, "neurons", n, slices, uniform=True, finish=_set_intermediate)
 
 
 def _neox_heads(name: str, attn: nn.Module) -> UnitGroup:
@@ -255,12 +253,8 @@ def _neox_heads(name: str, attn: nn.Module) -> UnitGroup:
 def _neox_neurons(name: str, mlp: nn.Module) -> UnitGroup:
     slices = (TensorSlice(f"{name}.dense_h_to_4h", "out", 1),
               TensorSlice(f"{name}.dense_4h_to_h", "in", 1))  # fmt: skip
-
-    def finish(model: nn.Module, kept: int) -> None:
-        set_config(model, intermediate_size=kept)
-
     n = _linear(mlp, "dense_4h_to_h").in_features
-    return UnitGroup(name, "neurons", n, slices, uniform=True, finish=finish)
+    return UnitGroup(name, "neurons", n, slices, uniform=True, finish=_set_intermediate)
 
 
 def _bert_heads(name: str, attn: nn.Module) -> UnitGroup:
@@ -287,31 +281,27 @@ def _bert_heads(name: str, attn: nn.Module) -> UnitGroup:
 def _bert_neurons(name: str, block: nn.Module) -> UnitGroup:
     slices = (TensorSlice(f"{name}.intermediate.dense", "out", 1),
               TensorSlice(f"{name}.output.dense", "in", 1))
-
-    def finish(model: nn.Module, kept: int) -> None:
-        set_config(model, intermediate_size=kept)
-
     n = _linear(block, "intermediate.dense").out_features
-    return UnitGroup(f"{name}.intermediate", "neurons", n, slices, uniform=True, finish=finish)
+    return UnitGroup(f"{name}.intermediate", "neurons", n, slices, uniform=True,
+                     finish=_set_intermediate)  # fmt: skip
 
 
 def _block_group(name: str, block: nn.Module, kind: UnitKind, gqa: GqaMode) -> UnitGroup | None:
     """The group of ``kind`` in one block, for the layouts this module knows; else None."""
     if kind == "heads":
-        attn, bert = _child(block, "self_attn"), _child(block, "attention")
+        attn, attention = _child(block, "self_attn"), _child(block, "attention")
         if attn is not None and _has(attn, ("q_proj", "k_proj", "v_proj", "o_proj"),
                                      ("head_dim", "num_key_value_groups")):
             return _llama_heads(f"{name}.self_attn", attn, gqa)
         if attn is not None and _has(attn, ("qkv_proj", "o_proj"),
                                      ("head_dim", "num_key_value_groups", "num_key_value_heads")):
             return _fused_heads(f"{name}.self_attn", attn, gqa)
-        neox = _child(block, "attention")
-        if neox is not None and _has(neox, ("query_key_value", "dense"), ("head_size",)):
-            return _neox_heads(f"{name}.attention", neox)
+        if attention is not None and _has(attention, ("query_key_value", "dense"), ("head_size",)):
+            return _neox_heads(f"{name}.attention", attention)
         bert_linears = ("self.query", "self.key", "self.value", "output.dense")
-        head_size = _has(_child(bert, "self"), (), ("attention_head_size",))
-        if bert is not None and _has(bert, bert_linears) and head_size:
-            return _bert_heads(f"{name}.attention", bert)
+        head_size = _has(_child(attention, "self"), (), ("attention_head_size",))
+        if attention is not None and _has(attention, bert_linears) and head_size:
+            return _bert_heads(f"{name}.attention", attention)
     if kind == "neurons":
         mlp = _child(block, "mlp")
         if mlp is not None and _has(mlp, ("gate_proj", "up_proj", "down_proj")):

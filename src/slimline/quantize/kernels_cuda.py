@@ -4,15 +4,17 @@ slimline's own kernels are CPU code; on a GPU a packed layer runs torch's weight
 kernels, which read the codes as int4/int8 (the bytes that make decode memory-bound), where
 the torch build has them and the layer fits them:
 
-* :func:`int4_linear` — ``aten._weight_int4pack_mm``: tinygemm, the int4 kernel of gpt-fast
+* int4 — ``aten._weight_int4pack_mm``: tinygemm, the int4 kernel of gpt-fast
   and torchao's int4 weight-only path (tensor-core m16n8k16 tiles, sm_80+). bfloat16
   activations only; groups of 32/64/128/256; ``N % 8 == 0``; ``K`` a multiple of
   16·innerKTiles. It computes ``w = (q - 8)·s + m`` per group, the same table as torch's CPU
-  int4 kernel (:func:`~slimline.quantize.kernels_weight_only.int4pack_scales_zeros`);
-* :func:`int8_linear` — ``aten._weight_int8pack_mm`` on CUDA (newer torch builds register
+  int4 kernel (:func:`~slimline.quantize.kernels_weight_only.int4pack_scales_zeros`), and
+  ``kernels_weight_only.int4pack_linear`` calls it for a layer packed by :func:`int4_weight`;
+* int8 — ``aten._weight_int8pack_mm`` on CUDA (newer torch builds register
   one: a warp per output, x widened to float32), for 8-bit per-channel symmetric layers. It
   takes signed codes, so the layer keeps a signed copy beside its stored (offset) ones: on a
-  GPU an int8 layer holds its weight bytes twice, as on the CPU's int8 kernel.
+  GPU an int8 layer holds its weight bytes twice, as on the CPU's int8 kernel
+  (``kernels_weight_only.int8pack_linear`` serves both).
 
 What is known without a GPU is tested on the CPU: the byte order the packing kernel reads
 (:func:`nibble_pairs`, from its documented layout), the scale/zero table through the CPU
@@ -24,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from slimline.quantize.kernels_weight_only import int4pack_group, rows_linear
+from slimline.quantize.kernels_weight_only import int4pack_group
 
 K_TILE = 16  # the k extent of one m16n8k16 tensor-core tile
 INNER_K_TILES = (8, 4, 2)  # k-tiles packed back to back (16/8/4-byte loads), widest first
@@ -70,34 +72,6 @@ def int4_weight(codes: torch.Tensor) -> torch.Tensor:
     if tiles is None:
         raise ValueError(f"in_features {codes.shape[1]} is not a multiple of {2 * K_TILE}")
     return torch.ops.aten._convert_weight_to_int4pack(nibble_pairs(codes), tiles)
-
-
-def int4_linear(
-    x: torch.Tensor,
-    packed: torch.Tensor,
-    group: int,
-    scales_zeros: torch.Tensor,
-    bias: torch.Tensor | None,
-) -> torch.Tensor:
-    """``x @ W.T + bias`` with tinygemm; ``x`` bfloat16, ``scales_zeros`` the bfloat16
-    ``(K/group, N, 2)`` table."""
-    return rows_linear(
-        x, bias, lambda rows: torch.ops.aten._weight_int4pack_mm(rows, packed, group, scales_zeros)
-    )
-
-
-def int8_linear(
-    x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
-) -> torch.Tensor:
-    """``x @ (weight · scales).T + bias`` for an (N, K) int8 weight and (N,) scales.
-
-    The CUDA kernel widens x and the scales to float32 itself, so the scales go in exact;
-    the operator's CPU kernel (which the suite runs this through) wants them in x's dtype.
-    """
-    exact = scales.float() if x.is_cuda else scales.to(x.dtype)
-    return rows_linear(
-        x, bias, lambda rows: torch.ops.aten._weight_int8pack_mm(rows, weight, exact)
-    )
 
 
 def registered_on_cuda(operator: str) -> bool:

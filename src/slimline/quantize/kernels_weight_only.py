@@ -82,9 +82,13 @@ def int4pack_linear(
     scales_zeros: torch.Tensor,
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
-    """``x @ W.T + bias`` with torch's CPU int4 kernel (tinygemm layout)."""
-    return rows_linear(x, bias, lambda rows: torch.ops.aten._weight_int4pack_mm_for_cpu(
-        rows, packed, group, scales_zeros))
+    """``x @ W.T + bias`` with torch's int4 kernel (tinygemm) for the layout ``packed`` is in:
+    the CPU's 2-D one (:func:`int4pack_weight`) or the GPU's 4-D tiles
+    (:func:`slimline.quantize.kernels_cuda.int4_weight`, bfloat16 x); one scale table serves
+    both."""
+    mm = (torch.ops.aten._weight_int4pack_mm if packed.dim() == 4
+          else torch.ops.aten._weight_int4pack_mm_for_cpu)  # fmt: skip
+    return _rows_linear(x, bias, lambda rows: mm(rows, packed, group, scales_zeros))
 
 
 def int8pack_fits(in_features: int) -> bool:
@@ -95,12 +99,16 @@ def int8pack_fits(in_features: int) -> bool:
 def int8pack_linear(
     x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
-    """``x @ (weight · scales).T + bias`` for an (N, K) int8 weight and (N,) scales."""
-    return rows_linear(x, bias, lambda rows: torch.ops.aten._weight_int8pack_mm(
-        rows, weight, scales.to(x.dtype)))
+    """``x @ (weight · scales).T + bias`` for an (N, K) int8 weight and (N,) scales, on the
+    CPU or a GPU. The CUDA kernel widens x and the scales to float32 itself, so the scales go
+    in exact; the CPU kernel wants them in x's dtype."""
+    exact = scales.float() if x.is_cuda else scales.to(x.dtype)
+    return _rows_linear(
+        x, bias, lambda rows: torch.ops.aten._weight_int8pack_mm(rows, weight, exact)
+    )
 
 
-def rows_linear(
+def _rows_linear(
     x: torch.Tensor,
     bias: torch.Tensor | None,
     matmul: Callable[[torch.Tensor], torch.Tensor],

@@ -383,7 +383,7 @@ class QuantLinear(LogicalWeightCounts, _KernelCacheMixin):
                 "int4_weight", lambda: kernels.int4pack_weight(self.stored_codes())
             )
             return kernels.int4pack_linear(x, packed, group or 0, table, self.bias)
-        if path == "int8pack":
+        if path in ("int8pack", "int8pack_cuda"):  # one operator, CPU and CUDA kernels
             weight = self._derive("int8_weight", self._int8_weight)
             return kernels.int8pack_linear(x, weight, self.scales[:, 0], self.bias)
         if path == "int4pack_cuda":
@@ -392,10 +392,7 @@ class QuantLinear(LogicalWeightCounts, _KernelCacheMixin):
                 "int4_cuda_table", lambda: self._int4_table(torch.bfloat16, group)
             )
             packed = self._derive("int4_cuda_weight", lambda: cuda.int4_weight(self.stored_codes()))
-            return cuda.int4_linear(x, packed, group, table, self.bias)
-        if path == "int8pack_cuda":
-            weight = self._derive("int8_weight", self._int8_weight)
-            return cuda.int8_linear(x, weight, self.scales[:, 0], self.bias)
+            return kernels.int4pack_linear(x, packed, group, table, self.bias)
         if self._tiles_run(x):
             return gemv.tiled_linear(
                 x, self.qweight, self.scales, self.zeros, self.bias, bits=self.bits,
