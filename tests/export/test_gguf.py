@@ -15,7 +15,13 @@ import torch
 
 import slimline as sl
 from slimline.export.gguf import MODEL_FILE, read_gguf
-from slimline.export.gguf_layout import expected_shapes, gguf_name, rope_permute, rope_unpermute
+from slimline.export.gguf_layout import (
+    ARCHITECTURES,
+    expected_shapes,
+    gguf_name,
+    rope_permute,
+    rope_unpermute,
+)
 
 gguf = pytest.importorskip("gguf")
 
@@ -64,11 +70,9 @@ def test_f32_reads_back_to_the_same_logits(tmp_path, tiny_llama, token_batches):
     assert stored == report.to_dict() and stored["format"] == "gguf"
     assert stored["details"]["dtype"] == "f32" and stored["details"]["vocab"] == 128
     # Independently of the exporter: rebuild from the file, run on an unseen batch.
-    from transformers import LlamaForCausalLM
-
-    config, state = read_gguf(out / MODEL_FILE)
-    rebuilt = LlamaForCausalLM(config).eval()
-    rebuilt.load_state_dict(state)
+    contents = read_gguf(out / MODEL_FILE)
+    assert contents.architecture == "llama" and contents.rope_divisors is None
+    rebuilt = contents.model()
     torch.testing.assert_close(_logits(rebuilt, token_batches[1]),
                                _logits(tiny_llama, token_batches[1]), atol=1e-5, rtol=0)
     names = {t.name for t in _reader(out).tensors}
@@ -170,7 +174,7 @@ def test_blocks_are_textbook_and_parity_is_stored(tmp_path, code_llama, dtype, t
     types = {t.name: t.tensor_type.name for t in _reader(tmp_path / "out").tensors}
     assert (types["blk.0.ffn_up.weight"], types["output.weight"], types["output_norm.weight"]) \
         == (dtype.upper(), "Q8_0", "F32")
-    _, state = read_gguf(tmp_path / "out" / MODEL_FILE)
+    state = read_gguf(tmp_path / "out" / MODEL_FILE).state
     for name in ("model.layers.0.mlp.down_proj", "model.layers.1.self_attn.k_proj", "lm_head"):
         original = built.model.get_submodule(name).weight.detach().numpy()
         file = state[name + ".weight"].numpy()
@@ -191,7 +195,7 @@ def test_quantlinear_codes_are_written_exactly(tmp_path, tiny_llama, token_batch
                        tokenizer=_tokenizer())
     names = report.details["exact_codes"]
     assert "model.layers.0.self_attn.q_proj" in names and report.details["re_encoded"] == []
-    _, state = read_gguf(tmp_path / "out" / MODEL_FILE)
+    state = read_gguf(tmp_path / "out" / MODEL_FILE).state
     for name in names:
         assert torch.equal(state[name + ".weight"],
                            model.get_submodule(name).dequantized_weight(torch.float32)), name
@@ -208,7 +212,7 @@ def test_other_quant_grids_are_re_encoded(tmp_path, tiny_llama, token_batches):
 def test_refusals_write_nothing(tmp_path, tiny_llama, tiny_gpt2, token_batches):
     batch = token_batches[0]
     cases = [
-        (tiny_gpt2, {"tokenizer": _tokenizer()}, "Llama models only"),
+        (tiny_gpt2, {"tokenizer": _tokenizer()}, "this model's type is 'gpt2'"),
         (tiny_llama, {}, "needs the model's tokenizer"),
         (tiny_llama, {"tokenizer": _tokenizer(), "dtype": "q5_k"}, "dtype must be one of"),
         (tiny_llama, {"tokenizer": _tokenizer(200)}, "token id"),
@@ -220,7 +224,7 @@ def test_refusals_write_nothing(tmp_path, tiny_llama, tiny_gpt2, token_batches):
 
 
 def test_every_llama_tensor_has_a_distinct_llama_cpp_name(tiny_llama):
-    names = [gguf_name(n) for n in expected_shapes(tiny_llama.config)]
+    names = [gguf_name(n) for n in expected_shapes(tiny_llama.config, ARCHITECTURES["llama"])]
     assert len(set(names)) == len(names) == 2 + 1 + 9 * 2
 
 

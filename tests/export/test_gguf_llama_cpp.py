@@ -22,9 +22,9 @@ pytest.importorskip("gguf")
 llama_cpp = pytest.importorskip("llama_cpp")
 
 
-def _llama_cpp_logits(file: Path, tokens: list[int]) -> np.ndarray:
+def _llama_cpp_logits(file: Path, tokens: list[int], **options: int) -> np.ndarray:
     llm = llama_cpp.Llama(model_path=str(file), n_ctx=64, n_batch=64, n_threads=1,
-                          logits_all=True, verbose=False)
+                          logits_all=True, verbose=False, **options)
     llm.eval(tokens)
     return np.array(llm.scores[: len(tokens)], dtype=np.float32)
 
@@ -64,6 +64,42 @@ def test_llama_cpp_tokenizes_as_the_hugging_face_tokenizer(tmp_path, tiny_llama,
     llm = llama_cpp.Llama(model_path=str(tmp_path / "out" / MODEL_FILE), n_ctx=64,
                           vocab_only=True, verbose=False)
     for text in ["def add_7(x, y):\n    return x * 259 + y\n", "return  x\t* 3", "y = x + 1"]:
+        ours = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == ours, text
+        assert llm.detokenize(ours).decode() == tokenizer.decode(ours)
+
+
+@pytest.mark.parametrize("kind", ["mistral", "qwen2", "qwen3", "llama-tied", "llama3-rope",
+                                  "linear-rope"])
+def test_llama_cpp_runs_each_family_to_its_logits(tmp_path, kind):
+    from tests.export.test_gguf_families import _batch, byte_tokenizer, family
+
+    model = family(kind)
+    sl.export(model, tmp_path / "out", format="gguf", example=_batch(0), dtype="f32",
+              tokenizer=byte_tokenizer("qwen2" if kind.startswith("qwen") else "gpt-2"))
+    tokens = _batch(1, length=48)["input_ids"][0].tolist()  # past Llama 3's unscaled 16
+    # An f32 KV cache (llama.cpp's default is f16, which alone moves logits by ~1e-3 of scale).
+    theirs = _llama_cpp_logits(tmp_path / "out" / MODEL_FILE, tokens, type_k=0, type_v=0)
+    ours = _torch_logits(model, tokens)
+    scale = np.abs(ours).max()
+    assert np.abs(theirs - ours).max() <= 1e-3 * scale, (np.abs(theirs - ours).max(), scale)
+    assert (theirs.argmax(-1) == ours.argmax(-1)).all()
+
+
+TEXTS = ["def add_7(x, y):\n    return x * 259 + y\n", "I'M here, it's 1234567 o'clock!!\n\n",
+         "  two  spaces\tand\ttabs \r\n end", "naïve café — ünïcödé 42°", "x=1;y=22;z=333\n\n\n"]
+
+
+@pytest.mark.parametrize("split", ["gpt-2", "smollm", "llama-bpe", "qwen2"])
+def test_llama_cpp_tokenizes_each_pre_tokenizer_as_hugging_face(tmp_path, split):
+    from tests.export.test_gguf_families import _batch, byte_tokenizer, family
+
+    tokenizer = byte_tokenizer(split)
+    sl.export(family("qwen2" if split == "qwen2" else "llama-tied"), tmp_path / "out",
+              format="gguf", example=_batch(0), dtype="f32", tokenizer=tokenizer)
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "out" / MODEL_FILE), n_ctx=64,
+                          vocab_only=True, verbose=False)
+    for text in TEXTS:
         ours = tokenizer(text, add_special_tokens=False)["input_ids"]
         assert llm.tokenize(text.encode(), add_bos=False, special=False) == ours, text
         assert llm.detokenize(ours).decode() == tokenizer.decode(ours)

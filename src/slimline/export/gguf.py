@@ -1,8 +1,11 @@
-"""Export a Hugging Face Llama to GGUF, llama.cpp's file format, with its tokenizer.
+"""Export a Hugging Face Llama, Mistral, Qwen2 or Qwen3 to GGUF, llama.cpp's file format, with
+its tokenizer.
 
-The file is written with the ``gguf`` package (llama.cpp's own Python writer): the ``llama``
-architecture's metadata, the tokenizer (``export/gguf_vocab.py``), and the tensors under
-llama.cpp's names, the q and k rows in llama.cpp's rotary order (``export/gguf_layout.py``).
+The file is written with the ``gguf`` package (llama.cpp's own Python writer): the metadata of
+llama.cpp's ``llama``, ``qwen2`` or ``qwen3`` architecture, the tokenizer
+(``export/gguf_vocab.py``), and the tensors under llama.cpp's names, q and k rows in llama.cpp's
+rotary order, Llama 3's rotary frequency factors as ``rope_freqs`` (``export/gguf_layout.py``).
+A head tied to the embedding is not written twice (llama.cpp reads ``token_embd`` for it).
 
 ``dtype``: ``f32``, ``f16``, ``q8_0`` or ``q4_0`` (llama.cpp's blocks of 32 weights sharing an
 f16 scale: 8-bit codes, or 4-bit codes centred on 8). Norm weights stay f32, as llama.cpp keeps
@@ -14,7 +17,7 @@ A slimline ``QuantLinear`` whose grid *is* the block's (symmetric, groups of 32,
 any other is dequantized and re-encoded in ``dtype`` (rounding again), and ``export.json``
 names which layers were which.
 
-Parity without llama.cpp: the written file is read back with ``gguf.GGUFReader``, a Llama is
+Parity without llama.cpp: the written file is read back with ``gguf.GGUFReader``, a model is
 built from *its* metadata and dequantized tensors (the permutation undone), and its logits are
 compared with the torch model's on the example batches of ``export/parity.py``. This checks
 the metadata, names, layout and quantization the file holds; that llama.cpp itself loads it
@@ -23,6 +26,7 @@ and agrees is checked with llama.cpp (not a dependency of slimline).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeGuard
@@ -33,10 +37,15 @@ from torch import nn
 
 from slimline.core.batches import Batch
 from slimline.export.gguf_layout import (
+    ARCHITECTURES,
     BLOCK,
+    BY_NAME,
+    ROPE_FREQS,
+    Architecture,
     expected_shapes,
     gguf_name,
     head_counts,
+    llama3_rope_factors,
     rope_heads,
     rope_permute,
     rope_unpermute,
@@ -58,16 +67,15 @@ if TYPE_CHECKING:
 
 GgufDtype = Literal["f32", "f16", "q8_0", "q4_0"]
 MODEL_FILE = "model.gguf"
-# llama.cpp's name for GPT-2's byte-level split (llama-vocab.cpp matches "gpt-2"; "gpt2" is
-# its tokenizer *model* name, and as a pre-tokenizer it fails to load: "unknown pre-tokenizer").
-PRE_TOKENIZER = "gpt-2"
 # Default parity per dtype, against the float model. Measured on code-llama-tiny (small, logits
 # up to 7.3), as max abs diff of the logits' scale / 1 - cosine: f32 0 / 0 (the same floats);
 # f16 3e-4 / 6e-9; q8_0 8e-3 / 1.6e-6; q4_0 3.5e-2 / 3.3e-5. The defaults leave ~4x margin;
-# the quantized ones measure the rounding the user asked for, not a fault.
+# the quantized ones measure the rounding the user asked for, not a fault. f16 on tiny random
+# Llama/Mistral/Qwen models with larger weights (std 0.15, logits up to 5.1) measured up to
+# 2.4e-3 / 1e-6, so its bound is 1e-2: a tensor in the wrong place or order shows in the cosine.
 TOLERANCES: dict[str, Tolerance] = {
     "f32": STRICT,
-    "f16": Tolerance(atol=2e-3, min_cosine=0.99999),
+    "f16": Tolerance(atol=1e-2, min_cosine=0.99999),
     "q8_0": Tolerance(atol=3e-2, min_cosine=0.9999),
     "q4_0": Tolerance(atol=0.15, min_cosine=0.999),
 }
@@ -83,11 +91,12 @@ def export_gguf(
     atol: float | None = None,
     min_cosine: float | None = None,
 ) -> ExportReport:
-    """Write the Llama ``model`` to the directory ``path`` as ``model.gguf`` and check its
-    parity on ``example`` (one token batch). ``tokenizer``: the model's fast tokenizer (default:
-    the ``tokenizer.json`` of the directory the model came from). ``atol``, ``min_cosine``:
-    the parity to meet (default: :data:`TOLERANCES` of ``dtype``). Raises ValueError before
-    anything is written for what cannot be exported, and when the file fails parity."""
+    """Write the Llama, Mistral, Qwen2 or Qwen3 ``model`` to the directory ``path`` as
+    ``model.gguf`` and check its parity on ``example`` (one token batch). ``tokenizer``: the
+    model's fast tokenizer (default: the ``tokenizer.json`` of the directory the model came
+    from). ``atol``, ``min_cosine``: the parity to meet (default: :data:`TOLERANCES` of
+    ``dtype``). Raises ValueError before anything is written for what cannot be exported, and
+    when the file fails parity."""
     if dtype not in TOLERANCES:
         raise ValueError(f"export: gguf dtype must be one of {', '.join(TOLERANCES)}, "
                          f"got {dtype!r}")
@@ -96,13 +105,14 @@ def export_gguf(
     default = TOLERANCES[dtype]
     tol = Tolerance(default.atol if atol is None else atol,
                     default.min_cosine if min_cosine is None else min_cosine)
-    config = check_llama(model)
+    layout = check_model(model)
     from slimline.core.checkpoint import SOURCE_DIR_ATTR
 
     vocab = build_vocab(tokenizer_json(tokenizer, getattr(model, SOURCE_DIR_ATTR, None)),
-                        config.vocab_size, tokenizer)
+                        layout.config.vocab_size, tokenizer)
+
     def write(directory: Path) -> ExportReport:
-        details = _write_file(gguf, model, config, vocab, directory / MODEL_FILE, dtype)
+        details = _write_file(gguf, model, layout, vocab, directory / MODEL_FILE, dtype)
         checks, graph = _parity(model, directory / MODEL_FILE, batch, tol)
         if not all(c.passed for c in checks):
             raise ValueError("export: the GGUF file read back differs from the model: " + "; ".join(
@@ -119,52 +129,103 @@ def export_gguf(
         return write_atomically(path, write)
 
 
-def check_llama(model: nn.Module) -> Any:
-    """The model's config; ValueError naming what llama.cpp's ``llama`` architecture (as
-    written here) cannot hold: another family, biases, rope scaling, a layer slimline cannot
-    write, a shape that differs from the config's (a pruned model)."""
+@dataclass(frozen=True)
+class Layout:
+    """What :func:`check_model` found: the config, the architecture it is written as, whether
+    the head is the embedding, and the rotary scaling (``linear`` factor, or Llama 3's
+    per-frequency divisors)."""
+
+    config: Any
+    arch: Architecture
+    tied: bool
+    linear_factor: float | None
+    rope_divisors: torch.Tensor | None
+
+
+def check_model(model: nn.Module) -> Layout:
+    """How ``model`` is written; ValueError naming what the architecture (as written here)
+    cannot hold: another family, biases it has not, rope scaling, a sliding window, a layer
+    slimline cannot write, a shape that differs from the config's (a pruned model)."""
     config = getattr(model, "config", None)
-    if getattr(config, "model_type", None) != "llama":
-        raise ValueError(f"export: gguf writes Hugging Face Llama models only; this model's "
-                         f"type is {getattr(config, 'model_type', type(model).__name__)!r}")
-    for field, allowed in (("hidden_act", "silu"), ("attention_bias", False),
-                           ("mlp_bias", False)):
+    model_type = getattr(config, "model_type", None)
+    arch = ARCHITECTURES.get(str(model_type))
+    if arch is None:
+        raise ValueError(f"export: gguf writes Hugging Face {', '.join(ARCHITECTURES)} models; "
+                         f"this model's type is {model_type or type(model).__name__!r}")
+    checks: tuple[tuple[str, object], ...] = (("hidden_act", "silu"), ("mlp_bias", False),
+                                              ("use_sliding_window", False))
+    if not arch.qkv_bias:
+        checks += (("attention_bias", False),)
+    for field, allowed in checks:
         if getattr(config, field, allowed) != allowed:
             raise ValueError(f"export: gguf cannot write config.{field}="
-                             f"{getattr(config, field)!r} (llama needs {allowed!r})")
-    rope = _rope(config)
-    if rope.get("rope_type", "default") != "default":
-        raise ValueError(f"export: gguf does not write rope scaling {rope.get('rope_type')!r} yet")
-    for name, shape in expected_shapes(config).items():
-        module = _module(model, name)
-        got = _weight_shape(name, module)
+                             f"{getattr(config, field)!r} ({arch.name} needs {allowed!r})")
+    linear, divisors = _rope_scaling(config)
+    tied = _tied(model)
+    for key, shape in expected_shapes(config, arch, tied=tied).items():
+        got = _tensor_shape(model, key, arch)
         if got != shape:
-            raise ValueError(f"export: layer {name!r} has weight shape {got}, the config says "
-                             f"{shape}; gguf needs every block shaped as the config")
-    return config
+            raise ValueError(f"export: layer {key.rsplit('.', 1)[0]!r} has {key.rsplit('.')[-1]} "
+                             f"shape {got}, the config says {shape}; gguf needs every block "
+                             "shaped as the config")
+    return Layout(config, arch, tied, linear, divisors)
+
+
+def _rope_scaling(config: Any) -> tuple[float | None, torch.Tensor | None]:
+    rope = _rope(config)
+    kind = rope.get("rope_type", "default")
+    if kind == "linear":
+        return float(rope["factor"]), None
+    if kind == "llama3":
+        return None, llama3_rope_factors(
+            head_counts(config)[2], float(rope.get("rope_theta", 10000.0)), float(rope["factor"]),
+            float(rope["low_freq_factor"]), float(rope["high_freq_factor"]),
+            int(rope["original_max_position_embeddings"]))
+    if kind != "default":
+        raise ValueError(f"export: gguf writes rope scaling default, linear and llama3; this "
+                         f"model's is {kind!r}")
+    return None, None
+
+
+def _tied(model: nn.Module) -> bool:
+    """Whether the output head *is* the embedding (one tensor), so the file holds it once."""
+    head = getattr(model, "lm_head", None)
+    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+    return type(head) is nn.Linear and embed is not None and head.weight is embed.weight
 
 
 # -- writing ---------------------------------------------------------------------------------
 
-def _write_file(gguf: Any, model: nn.Module, config: Any, vocab: Vocab, file: Path,
+def _write_file(gguf: Any, model: nn.Module, layout: Layout, vocab: Vocab, file: Path,
                 dtype: GgufDtype) -> dict[str, Any]:
-    writer = gguf.GGUFWriter(str(file), "llama")
-    _write_metadata(gguf, writer, config, vocab, dtype)
+    writer = gguf.GGUFWriter(str(file), layout.arch.name)
+    _write_metadata(gguf, writer, layout, vocab, dtype)
     written: dict[str, list[str]] = {"exact_codes": [], "re_encoded": [], "f16_fallback": []}
-    for name in expected_shapes(config):
-        array, qtype, how = _encode(gguf, _module(model, name), name, config, dtype)
+    if layout.rope_divisors is not None:
+        writer.add_tensor(ROPE_FREQS, layout.rope_divisors.numpy(),
+                          raw_dtype=gguf.GGMLQuantizationType.F32)
+    for key in expected_shapes(layout.config, layout.arch, tied=layout.tied):
+        array, qtype, how = _encode(gguf, model, key, layout, dtype)
         if how:
-            written[how].append(name)
-        writer.add_tensor(gguf_name(name), array, raw_dtype=qtype)
+            written[how].append(key.rsplit(".", 1)[0])
+        writer.add_tensor(gguf_name(key), array, raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return {"dtype": dtype, "architecture": "llama", "tokenizer_pre": PRE_TOKENIZER,
-            "vocab": len(vocab.tokens), "merges": len(vocab.merges), **written}
+    notes: dict[str, int | str] = {}
+    window = getattr(layout.config, "sliding_window", None)
+    if layout.arch.name == "llama" and window:
+        notes["sliding_window_not_written"] = int(window)
+    if vocab.normalizer:
+        notes["normalizer_not_run_by_llama_cpp"] = vocab.normalizer
+    return {"dtype": dtype, "architecture": layout.arch.name, "tokenizer_pre": vocab.pre,
+            "vocab": len(vocab.tokens), "merges": len(vocab.merges), "tied_output": layout.tied,
+            **notes, **written}
 
 
-def _write_metadata(gguf: Any, writer: Any, config: Any, vocab: Vocab, dtype: str) -> None:
+def _write_metadata(gguf: Any, writer: Any, layout: Layout, vocab: Vocab, dtype: str) -> None:
+    config = layout.config
     heads, kv, d = head_counts(config)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
@@ -176,6 +237,9 @@ def _write_metadata(gguf: Any, writer: Any, config: Any, vocab: Vocab, dtype: st
     writer.add_value_length(d)
     writer.add_rope_dimension_count(d)
     writer.add_rope_freq_base(float(_rope(config).get("rope_theta", 10000.0)))
+    if layout.linear_factor is not None:
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(layout.linear_factor)
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     writer.add_vocab_size(config.vocab_size)
     file_types = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0",
@@ -183,7 +247,7 @@ def _write_metadata(gguf: Any, writer: Any, config: Any, vocab: Vocab, dtype: st
     writer.add_file_type(int(getattr(gguf.LlamaFileType, file_types[dtype])))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(PRE_TOKENIZER)
+    writer.add_tokenizer_pre(vocab.pre)
     writer.add_token_list(vocab.tokens)
     writer.add_token_types(vocab.types)
     writer.add_token_merges(vocab.merges)
@@ -195,12 +259,17 @@ def _write_metadata(gguf: Any, writer: Any, config: Any, vocab: Vocab, dtype: st
     writer.add_add_eos_token(False)
 
 
-def _encode(gguf: Any, module: nn.Module, name: str, config: Any, dtype: GgufDtype
+def _encode(gguf: Any, model: nn.Module, key: str, layout: Layout, dtype: GgufDtype
             ) -> tuple[np.ndarray, Any, str | None]:
-    """(array, GGML type, how) for one module's weight; ``how`` names an exception to the
-    plain float path: ``exact_codes``, ``re_encoded`` or ``f16_fallback``."""
+    """(array, GGML type, how) for one tensor; ``how`` names an exception to the plain float
+    path: ``exact_codes``, ``re_encoded`` or ``f16_fallback``."""
     types = gguf.GGMLQuantizationType
-    heads = rope_heads(name, config)
+    name, param = key.rsplit(".", 1)
+    module = _module(model, name)
+    heads = rope_heads(key, layout.config, layout.arch)
+    if param == "bias":
+        bias = _tensor(module, "bias").detach().float().cpu()
+        return (rope_permute(bias, heads) if heads else bias).numpy(), types.F32, None
     exact = _exact_blocks(module, dtype, heads)
     if exact is not None:
         return exact, types.Q8_0 if dtype == "q8_0" else types.Q4_0, "exact_codes"
@@ -218,8 +287,6 @@ def _encode(gguf: Any, module: nn.Module, name: str, config: Any, dtype: GgufDty
     outer = name in ("model.embed_tokens", "lm_head")
     qtype = types.Q8_0 if dtype == "q8_0" or outer else types.Q4_0
     return gguf.quants.quantize(weight.numpy(), qtype), qtype, how
-
-
 def _exact_blocks(module: nn.Module, dtype: str, heads: int) -> np.ndarray | None:
     """A QuantLinear's codes as Q8_0/Q4_0 blocks, when its grid is the block's; else None.
     Block layout (ggml): an f16 scale, then 32 int8 codes (Q8_0) or 16 bytes holding codes
@@ -243,46 +310,81 @@ def _exact_blocks(module: nn.Module, dtype: str, heads: int) -> np.ndarray | Non
 
 # -- reading back ----------------------------------------------------------------------------
 
-def read_gguf(file: str | Path) -> tuple[Any, dict[str, torch.Tensor]]:
-    """A LlamaForCausalLM config and HF state dict rebuilt from ``file``'s metadata and
-    dequantized tensors, the rope permutation undone."""
+@dataclass
+class GgufContents:
+    """A GGUF file as Hugging Face pieces: the config its metadata implies (the family llama.cpp
+    runs it as), the dequantized state dict (rotary permutation undone), and Llama 3's rotary
+    divisors when the file has ``rope_freqs``."""
+
+    architecture: str
+    config: Any
+    state: dict[str, torch.Tensor]
+    rope_divisors: torch.Tensor | None
+
+    def model(self) -> nn.Module:
+        """The transformers model these weights make, in eval mode."""
+        import transformers
+
+        cls = getattr(transformers, _HF_CLASSES[self.architecture] + "ForCausalLM")
+        rebuilt = cls(self.config).eval()
+        rebuilt.load_state_dict(self.state, strict=True)
+        if self.rope_divisors is not None:
+            rotary = rebuilt.model.rotary_emb
+            for buffer in ("inv_freq", "original_inv_freq"):
+                setattr(rotary, buffer, getattr(rotary, buffer) / self.rope_divisors)
+        return rebuilt
+
+
+_HF_CLASSES = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3"}
+
+
+def read_gguf(file: str | Path) -> GgufContents:
+    """What :func:`export_gguf` wrote to ``file``, read back with ``gguf``'s own reader."""
     gguf = _import_gguf()
-    from transformers import LlamaConfig
+    import transformers
 
     reader = gguf.GGUFReader(str(file))
+    name = str(reader.fields["general.architecture"].contents())
+    if name not in BY_NAME:
+        raise ValueError(f"read_gguf: architecture {name!r} is not one slimline writes")
 
-    def field(key: str) -> Any:
-        return reader.fields[f"llama.{key}"].contents()
+    def field(key: str, default: Any = None) -> Any:
+        found = reader.fields.get(f"{name}.{key}")
+        return default if found is None else found.contents()
 
+    stored = {t.name: t for t in reader.tensors}
     heads, kv = int(field("attention.head_count")), int(field("attention.head_count_kv"))
-    config = LlamaConfig(
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": float(field("rope.freq_base"))}
+    if field("rope.scaling.type") == "linear":
+        rope |= {"rope_type": "linear", "factor": float(field("rope.scaling.factor"))}
+    tied = "output.weight" not in stored
+    config = getattr(transformers, _HF_CLASSES[name] + "Config")(
         vocab_size=int(field("vocab_size")), hidden_size=int(field("embedding_length")),
         intermediate_size=int(field("feed_forward_length")),
         num_hidden_layers=int(field("block_count")), num_attention_heads=heads,
         num_key_value_heads=kv, head_dim=int(field("attention.key_length")),
         max_position_embeddings=int(field("context_length")),
         rms_norm_eps=float(field("attention.layer_norm_rms_epsilon")),
-        rope_parameters={"rope_type": "default", "rope_theta": float(field("rope.freq_base"))},
-        tie_word_embeddings=False,
+        rope_parameters=rope, tie_word_embeddings=tied,
     )
-    stored = {t.name: t for t in reader.tensors}
+    arch = BY_NAME[name]
     state = {}
-    for name, shape in expected_shapes(config).items():
-        t = stored[gguf_name(name)]
+    for key, shape in expected_shapes(config, arch, tied=tied).items():
+        t = stored[gguf_name(key)]
         w = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type),
                                       dtype=np.float32)).reshape(shape)
-        permuted = rope_heads(name, config)
-        state[name + ".weight"] = rope_unpermute(w, permuted) if permuted else w
-    return config, state
+        permuted = rope_heads(key, config, arch)
+        state[key] = rope_unpermute(w, permuted) if permuted else w
+    if tied:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    divisors = stored.get(ROPE_FREQS)
+    return GgufContents(name, config, state, None if divisors is None else
+                        torch.from_numpy(np.array(divisors.data, dtype=np.float32)))
 
 
 def _parity(model: nn.Module, file: Path, batch: Batch, tol: Tolerance
             ) -> tuple[list[ParityCheck], GraphForward]:
-    from transformers import LlamaForCausalLM
-
-    config, state = read_gguf(file)
-    rebuilt = LlamaForCausalLM(config).eval()
-    rebuilt.load_state_dict(state, strict=True)
+    rebuilt = read_gguf(file).model()
     graph = GraphForward(model, batch)
     examples, outputs = references(graph, parity_examples(batch))
     theirs = GraphForward(rebuilt, batch)
@@ -323,7 +425,7 @@ def _module(model: nn.Module, name: str) -> nn.Module:
     try:
         return model.get_submodule(name)
     except AttributeError:
-        raise ValueError(f"export: gguf expects a Llama layer {name!r}, which the model lacks") \
+        raise ValueError(f"export: gguf expects a layer {name!r}, which the model lacks") \
             from None
 
 
@@ -332,17 +434,25 @@ def _is_quant_linear(module: nn.Module) -> TypeGuard[QuantLinear]:
     return type(module).__name__ == "QuantLinear" and hasattr(module, "dequantized_weight")
 
 
-def _weight_shape(name: str, module: nn.Module) -> tuple[int, ...]:
+def _tensor_shape(model: nn.Module, key: str, arch: Architecture) -> tuple[int, ...]:
+    """The shape of ``key``'s tensor in ``model``; ValueError for a layer slimline cannot write
+    or a bias the architecture has not."""
+    name, param = key.rsplit(".", 1)
+    module = _module(model, name)
+    bias = getattr(module, "bias", None)
+    if param == "bias":
+        if not isinstance(bias, torch.Tensor):
+            raise ValueError(f"export: layer {name!r} has no bias, which {arch.name}'s gguf needs")
+        return tuple(bias.shape)
+    if bias is not None and not (arch.qkv_bias and name.rsplit(".", 1)[-1] in
+                                 ("q_proj", "k_proj", "v_proj")):
+        raise ValueError(f"export: layer {name!r} has a bias, which {arch.name}'s gguf has not")
     if _is_quant_linear(module):
-        if getattr(module, "bias", None) is not None:
-            raise ValueError(f"export: layer {name!r} has a bias, which llama's gguf has not")
         return (int(module.out_features), int(module.in_features))
     if type(module) not in (nn.Linear, nn.Embedding) and not name.endswith("norm") \
             and not name.endswith("layernorm"):
         raise ValueError(f"export: layer {name!r} ({type(module).__name__}) cannot be written "
                          "to GGUF: only nn.Linear and slimline's rtn/gptq/awq QuantLinear are")
-    if getattr(module, "bias", None) is not None:
-        raise ValueError(f"export: layer {name!r} has a bias, which llama's gguf has not")
     weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.Tensor):
         raise ValueError(f"export: layer {name!r} ({type(module).__name__}) has no weight")
@@ -352,7 +462,11 @@ def _weight_shape(name: str, module: nn.Module) -> tuple[int, ...]:
 def _float_weight(module: nn.Module) -> torch.Tensor:
     if _is_quant_linear(module):
         return module.dequantized_weight(torch.float32)
-    weight = module.weight
-    if not isinstance(weight, torch.Tensor):  # check_llama refuses such layers first
-        raise TypeError(f"export: {type(module).__name__} has no weight tensor")
-    return weight
+    return _tensor(module, "weight")
+
+
+def _tensor(module: nn.Module, param: str) -> torch.Tensor:
+    value = getattr(module, param, None)
+    if not isinstance(value, torch.Tensor):  # check_model refuses such layers first
+        raise TypeError(f"export: {type(module).__name__} has no {param} tensor")
+    return value

@@ -1,47 +1,88 @@
-"""Where a Hugging Face Llama's weights go in a GGUF file: llama.cpp's tensor names, the
-shapes the config implies, and the rotary-embedding row order of the q and k projections.
+"""Where a Hugging Face decoder's weights go in a GGUF file: the llama.cpp architecture each
+family is written as, llama.cpp's tensor names, the shapes the config implies, the rotary
+embedding's row order and its frequency factors.
 
-llama.cpp applies rotary embeddings (RoFormer, arXiv 2104.09864) to adjacent pairs of a head's
-dimensions, as the original Llama did (arXiv 2302.13971); Hugging Face's Llama pairs dimension
-``j`` with ``j + D/2`` (``rotate_half``). The same rotation on permuted rows gives the same
-attention scores: :func:`rope_permute` is the row order llama.cpp's converter writes.
+llama.cpp's ``llama`` architecture applies rotary embeddings (RoFormer, arXiv 2104.09864) to
+adjacent pairs of a head's dimensions, as the original Llama did (arXiv 2302.13971); Hugging
+Face's Llama pairs dimension ``j`` with ``j + D/2`` (``rotate_half``). The same rotation on
+permuted rows gives the same attention scores: :func:`rope_permute` is the row order llama.cpp's
+converter writes. Its ``qwen2`` and ``qwen3`` architectures rotate halves, as Hugging Face does,
+so their rows are written as they are.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 BLOCK = 32  # weights per Q8_0 / Q4_0 block
-_ATTN = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output"}
+_ATTN = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+         "q_norm": "attn_q_norm", "k_norm": "attn_k_norm"}
 _MLP = {"gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
 _NORMS = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+ROPE_FREQS = "rope_freqs.weight"
 
 
-def expected_shapes(config: Any) -> dict[str, tuple[int, ...]]:
-    """HF module path -> its weight's (out, in) shape under ``config``."""
+@dataclass(frozen=True)
+class Architecture:
+    """How a Hugging Face family is written as one of llama.cpp's architectures."""
+
+    name: str  # llama.cpp's ``general.architecture``
+    pairs: bool  # rotary on adjacent pairs: q and k rows are permuted from HF's halves
+    qkv_bias: bool  # q, k and v projections carry biases (Qwen2, arXiv 2407.10671)
+    qk_norm: bool  # per-head RMSNorm of q and k before the rotation (Qwen3, arXiv 2505.09388)
+
+
+# HF model_type -> how it is written. Mistral is written as ``llama``, as llama.cpp's converter
+# writes it; its sliding window is not written (llama.cpp's ``llama`` attends to the whole
+# context), which changes nothing up to the window's length.
+ARCHITECTURES = {
+    "llama": Architecture("llama", pairs=True, qkv_bias=False, qk_norm=False),
+    "mistral": Architecture("llama", pairs=True, qkv_bias=False, qk_norm=False),
+    "qwen2": Architecture("qwen2", pairs=False, qkv_bias=True, qk_norm=False),
+    "qwen3": Architecture("qwen3", pairs=False, qkv_bias=False, qk_norm=True),
+}
+BY_NAME = {a.name: a for a in ARCHITECTURES.values()}
+
+
+def expected_shapes(config: Any, arch: Architecture, *, tied: bool = False
+                    ) -> dict[str, tuple[int, ...]]:
+    """HF state-dict key -> its tensor's shape under ``config``, in writing order; ``tied``:
+    the output head is the embedding (no ``lm_head.weight`` is written; llama.cpp falls back
+    to ``token_embd``)."""
     h, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
     heads, kv, d = head_counts(config)
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens": (v, h), "model.norm": (h,),
-                                          "lm_head": (v, h)}
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h),
+                                          "model.norm.weight": (h,)}
+    if not tied:
+        shapes["lm_head.weight"] = (v, h)
     for i in range(config.num_hidden_layers):
-        p = f"model.layers.{i}"
-        shapes |= {f"{p}.self_attn.q_proj": (heads * d, h), f"{p}.self_attn.k_proj": (kv * d, h),
-                   f"{p}.self_attn.v_proj": (kv * d, h), f"{p}.self_attn.o_proj": (h, heads * d),
-                   f"{p}.mlp.gate_proj": (f, h), f"{p}.mlp.up_proj": (f, h),
-                   f"{p}.mlp.down_proj": (h, f), f"{p}.input_layernorm": (h,),
-                   f"{p}.post_attention_layernorm": (h,)}
+        a, m = f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp"
+        shapes |= {f"{a}.q_proj.weight": (heads * d, h), f"{a}.k_proj.weight": (kv * d, h),
+                   f"{a}.v_proj.weight": (kv * d, h), f"{a}.o_proj.weight": (h, heads * d)}
+        if arch.qkv_bias:
+            shapes |= {f"{a}.q_proj.bias": (heads * d,), f"{a}.k_proj.bias": (kv * d,),
+                       f"{a}.v_proj.bias": (kv * d,)}
+        if arch.qk_norm:
+            shapes |= {f"{a}.q_norm.weight": (d,), f"{a}.k_norm.weight": (d,)}
+        shapes |= {f"{m}.gate_proj.weight": (f, h), f"{m}.up_proj.weight": (f, h),
+                   f"{m}.down_proj.weight": (h, f),
+                   f"model.layers.{i}.input_layernorm.weight": (h,),
+                   f"model.layers.{i}.post_attention_layernorm.weight": (h,)}
     return shapes
 
 
-def gguf_name(module: str) -> str:
-    """llama.cpp's tensor name for the HF module path ``module`` (its ``.weight``)."""
+def gguf_name(key: str) -> str:
+    """llama.cpp's tensor name for the HF state-dict key ``key``."""
     fixed = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
+    module, param = key.rsplit(".", 1)
     if module in fixed:
-        return fixed[module] + ".weight"
+        return f"{fixed[module]}.{param}"
     parts = module.split(".")  # model.layers.<i>.<self_attn|mlp>.<proj> or .<norm>
-    return f"blk.{parts[2]}.{(_ATTN | _MLP | _NORMS)[parts[-1]]}.weight"
+    return f"blk.{parts[2]}.{(_ATTN | _MLP | _NORMS)[parts[-1]]}.{param}"
 
 
 def rope_permute(w: torch.Tensor, heads: int) -> torch.Tensor:
@@ -58,14 +99,35 @@ def rope_unpermute(w: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def head_counts(config: Any) -> tuple[int, int, int]:
-    """(attention heads, key/value heads, head dimension) of a Llama ``config``."""
+    """(attention heads, key/value heads, head dimension) of a Llama-family ``config``."""
     heads = config.num_attention_heads
     kv = getattr(config, "num_key_value_heads", None) or heads
     d = getattr(config, "head_dim", None) or config.hidden_size // heads
     return heads, kv, d
 
 
-def rope_heads(name: str, config: Any) -> int:
-    """The head count to permute ``name``'s rows by (q and k projections), else 0."""
+def rope_heads(key: str, config: Any, arch: Architecture) -> int:
+    """The head count to permute ``key``'s rows by (q and k projections of a pairs
+    architecture), else 0."""
+    if not arch.pairs:
+        return 0
     heads, kv, _ = head_counts(config)
-    return {"q_proj": heads, "k_proj": kv}.get(name.rsplit(".", 1)[-1], 0)
+    return {"q_proj": heads, "k_proj": kv}.get(key.rsplit(".", 2)[-2], 0)
+
+
+def llama3_rope_factors(head_dim: int, theta: float, factor: float, low_freq_factor: float,
+                        high_freq_factor: float, original_context: int) -> torch.Tensor:
+    """Llama 3.1's rotary frequency scaling (arXiv 2407.21783, section 3.3.2 and its reference
+    code) as the divisor of each of the ``head_dim / 2`` frequencies, llama.cpp's
+    ``rope_freqs`` tensor: wavelengths shorter than ``original_context / high_freq_factor``
+    keep their frequency (1), those longer than ``original_context / low_freq_factor`` are
+    divided by ``factor``, and those between are interpolated in ``1 / divisor``."""
+    freqs = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    wavelength = 2 * math.pi / freqs
+    smooth = (original_context / wavelength - low_freq_factor) \
+        / (high_freq_factor - low_freq_factor)
+    between = 1 / ((1 - smooth) / factor + smooth)
+    divisor = torch.where(wavelength < original_context / high_freq_factor, 1.0,
+                          torch.where(wavelength > original_context / low_freq_factor, factor,
+                                      between))
+    return divisor.float()

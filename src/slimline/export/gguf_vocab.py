@@ -2,9 +2,17 @@
 
 llama.cpp's own converter recognises a BPE pre-tokenizer by hashing what it makes of a fixed
 text and refuses one it has not seen ("BPE pre-tokenizer was not recognized"), which a locally
-trained tokenizer never is. slimline reads the pre-tokenizer from ``tokenizer.json`` instead: a
-``ByteLevel`` pre-tokenizer with its regex on is GPT-2's split, which llama.cpp knows as
-``tokenizer.ggml.pre = "gpt-2"``. Anything else is refused by name rather than guessed.
+trained tokenizer never is. slimline reads the pre-tokenizer from ``tokenizer.json`` instead and
+names the split llama.cpp runs for it (``tokenizer.ggml.pre``):
+
+- ``ByteLevel`` with its regex on: GPT-2's split, ``gpt-2``;
+- ``Digits`` (each digit alone), then GPT-2's ``ByteLevel``: SmolLM's, ``smollm``;
+- a ``Split`` on Llama 3's regex (tiktoken's cl100k: digits in runs of up to three) or on
+  Qwen2's (each digit alone), then ``ByteLevel`` without its regex: ``llama-bpe``, ``qwen2``.
+
+Anything else is refused by name rather than guessed. An NFC normalizer (Qwen2's) is accepted
+as llama.cpp's converter accepts it: llama.cpp does not normalize, so text that is not already
+in NFC may split differently there; ``export.json`` says so.
 """
 
 from __future__ import annotations
@@ -25,6 +33,8 @@ class Vocab:
     tokens: list[str]
     types: list[int]
     merges: list[str]  # "left right", in priority order
+    pre: str  # llama.cpp's pre-tokenizer name (tokenizer.ggml.pre)
+    normalizer: str | None  # the tokenizer's normalizer llama.cpp does not run (NFC), if any
     bos: int | None
     eos: int | None
     pad: int | None
@@ -55,7 +65,7 @@ def build_vocab(spec: dict[str, Any], vocab_size: int, tokenizer: Any | None) ->
     """llama.cpp's view of the tokenizer ``spec`` (tokenizer.json) for a model of
     ``vocab_size`` embedding rows: ids past the tokenizer's own are ``[PAD<id>]`` tokens of
     type UNUSED (llama.cpp requires one token per row)."""
-    check_bpe(spec)
+    pre = pre_tokenizer(spec)
     by_id: dict[int, str] = {int(i): t for t, i in spec["model"]["vocab"].items()}
     types = {i: NORMAL for i in by_id}
     for added in spec.get("added_tokens", []):
@@ -68,23 +78,49 @@ def build_vocab(spec: dict[str, Any], vocab_size: int, tokenizer: Any | None) ->
     kinds = [types.get(i, UNUSED) for i in range(vocab_size)]
     merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"].get("merges", [])]
     bos, eos, pad = (_special_id(tokenizer, spec, k) for k in ("bos", "eos", "pad"))
-    return Vocab(tokens, kinds, merges, bos, eos, pad, _adds_bos(tokenizer, bos))
+    normalizer = (spec.get("normalizer") or {}).get("type")
+    return Vocab(tokens, kinds, merges, pre, normalizer, bos, eos, pad,
+                 _adds_bos(tokenizer, bos))
 
 
-def check_bpe(spec: dict[str, Any]) -> None:
-    """ValueError naming the part of ``spec`` llama.cpp's ``gpt2`` BPE would not reproduce."""
+# The regexes of the Split pre-tokenizers llama.cpp knows, as tokenizer.json writes them.
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
+                r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
+_SPLITS = {LLAMA3_SPLIT: "llama-bpe", QWEN2_SPLIT: "qwen2"}
+
+
+def pre_tokenizer(spec: dict[str, Any]) -> str:
+    """llama.cpp's name for the split of ``spec`` (tokenizer.json); ValueError naming what
+    llama.cpp's BPE would not reproduce."""
     model = spec.get("model") or {}
     if model.get("type") != "BPE":
         raise ValueError(f"export: gguf writes byte-level BPE tokenizers only; this one's model "
                          f"is {model.get('type')!r}")
-    if spec.get("normalizer") is not None:
+    normalizer = spec.get("normalizer")
+    if normalizer is not None and normalizer.get("type") != "NFC":
         raise ValueError(f"export: gguf cannot write the tokenizer's normalizer "
-                         f"{spec['normalizer'].get('type')!r} (llama.cpp's gpt2 BPE has none)")
+                         f"{normalizer.get('type')!r} (llama.cpp's BPE has none)")
     pre = spec.get("pre_tokenizer") or {}
-    if pre.get("type") != "ByteLevel" or not pre.get("use_regex", True) \
-            or pre.get("add_prefix_space"):
-        raise ValueError(f"export: gguf writes the GPT-2 byte-level pre-tokenizer only "
-                         f"(ByteLevel, use_regex, no prefix space); this one is {pre!r}")
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    if len(steps) == 1 and _byte_level(steps[0], regex=True):
+        return "gpt-2"
+    if len(steps) == 2 and _byte_level(steps[1], regex=True) \
+            and steps[0] == {"type": "Digits", "individual_digits": True}:
+        return "smollm"
+    if len(steps) == 2 and _byte_level(steps[1], regex=False) \
+            and steps[0].get("type") == "Split" and not steps[0].get("invert") \
+            and steps[0].get("behavior") == "Isolated" \
+            and steps[0].get("pattern", {}).get("Regex") in _SPLITS:
+        return _SPLITS[steps[0]["pattern"]["Regex"]]
+    raise ValueError(f"export: gguf writes the byte-level pre-tokenizers llama.cpp knows "
+                     f"(GPT-2's, SmolLM's digits, Llama 3's and Qwen2's regex splits); this "
+                     f"one is {pre!r}")
+
+
+def _byte_level(step: dict[str, Any], *, regex: bool) -> bool:
+    return step.get("type") == "ByteLevel" and bool(step.get("use_regex", True)) == regex \
+        and not step.get("add_prefix_space")
 
 
 def _special_id(tokenizer: Any | None, spec: dict[str, Any], kind: str) -> int | None:

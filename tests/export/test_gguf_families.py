@@ -1,0 +1,204 @@
+"""``sl.export(format="gguf")`` beyond the plain Llama: Mistral, Qwen2 (q/k/v biases), Qwen3
+(per-head q/k norms), a head tied to the embedding, Llama 3's and linear rope scaling, and the
+pre-tokenizers of Llama 3, Qwen2 and SmolLM. Each file is read back with ``gguf``'s reader and
+rebuilt as the model llama.cpp runs; its logits are checked against the original on unseen
+tokens (llama.cpp itself runs them in ``test_gguf_llama_cpp.py``)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import slimline as sl
+from slimline.export.gguf import MODEL_FILE, read_gguf
+from slimline.export.gguf_layout import llama3_rope_factors
+from slimline.export.gguf_vocab import LLAMA3_SPLIT, QWEN2_SPLIT, pre_tokenizer
+
+gguf = pytest.importorskip("gguf")
+
+VOCAB = 320
+SHAPES = {"vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 96,
+          "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+          "max_position_embeddings": 64}
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+               "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16}
+
+
+def family(kind: str) -> torch.nn.Module:
+    """A tiny model of ``kind`` with every weight random (biases and norm gains included, so a
+    tensor written to the wrong place or order shows in the logits)."""
+    import transformers as tf
+
+    configs = {
+        "mistral": lambda: tf.MistralConfig(**SHAPES, sliding_window=4096),
+        "qwen2": lambda: tf.Qwen2Config(**SHAPES, tie_word_embeddings=True),
+        "qwen3": lambda: tf.Qwen3Config(**SHAPES, head_dim=32),
+        "llama-tied": lambda: tf.LlamaConfig(**SHAPES, tie_word_embeddings=True),
+        "llama3-rope": lambda: tf.LlamaConfig(**SHAPES, head_dim=32, rope_parameters=LLAMA3_ROPE),
+        "linear-rope": lambda: tf.LlamaConfig(**SHAPES, rope_parameters={
+            "rope_type": "linear", "rope_theta": 500.0, "factor": 4.0}),
+    }
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(configs[kind]()).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.3 * torch.randn_like(p))
+            else:
+                p.normal_(0.0, 0.3 if name.endswith("bias") else 0.15)
+    return model
+
+
+def byte_tokenizer(split: str, vocab: int = 300):
+    """A byte-level BPE trained here with the pre-tokenizer of one family: ``gpt-2``,
+    ``smollm`` (digits alone, then GPT-2's), ``llama-bpe`` or ``qwen2`` (their regex splits)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=split in
+                                          ("gpt-2", "smollm"))
+    first = {"smollm": pre_tokenizers.Digits(individual_digits=True),
+             "llama-bpe": pre_tokenizers.Split(Regex(LLAMA3_SPLIT), "isolated"),
+             "qwen2": pre_tokenizers.Split(Regex(QWEN2_SPLIT), "isolated")}.get(split)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = byte_level if first is None else pre_tokenizers.Sequence([first,
+                                                                                   byte_level])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    text = [f"def add_{i}(x, y):\n    return x * {i * 37} + y  # it's {i}\n" for i in range(300)]
+    tok.train_from_iterator(text, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+
+
+def _batch(seed: int, length: int = 24) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"input_ids": torch.randint(0, VOCAB, (2, length), generator=g),
+            "attention_mask": torch.ones(2, length, dtype=torch.long)}
+
+
+def _logits(model, batch) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**batch, use_cache=False).logits
+
+
+@pytest.mark.parametrize(("kind", "arch", "present", "absent"), [
+    ("mistral", "llama", [], ["blk.0.attn_q.bias"]),
+    ("qwen2", "qwen2", ["blk.1.attn_q.bias", "blk.1.attn_k.bias", "blk.1.attn_v.bias"],
+     ["output.weight", "blk.0.attn_output.bias"]),
+    ("qwen3", "qwen3", ["blk.1.attn_q_norm.weight", "blk.1.attn_k_norm.weight",
+                        "output.weight"], ["blk.0.attn_q.bias"]),
+    ("llama-tied", "llama", [], ["output.weight"]),
+    ("llama3-rope", "llama", ["rope_freqs.weight"], []),
+    ("linear-rope", "llama", [], ["rope_freqs.weight"]),
+])
+def test_each_family_reads_back_to_its_logits(tmp_path, kind, arch, present, absent):
+    model = family(kind)
+    report = sl.export(model, tmp_path / "out", format="gguf", example=_batch(0), dtype="f32",
+                       tokenizer=byte_tokenizer("gpt-2"))
+    assert report.passed and report.details["architecture"] == arch
+    contents = read_gguf(tmp_path / "out" / MODEL_FILE)
+    assert contents.architecture == arch
+    names = {t.name for t in gguf.GGUFReader(str(tmp_path / "out" / MODEL_FILE)).tensors}
+    assert set(present) <= names and not set(absent) & names
+    # The model llama.cpp would run, rebuilt from the file alone, on tokens it was not checked on
+    # and past the 16 positions Llama 3's scaling keeps unscaled.
+    batch = _batch(1, length=48)
+    torch.testing.assert_close(_logits(contents.model(), batch), _logits(model, batch),
+                               atol=1e-4, rtol=0)
+    stored = json.loads((tmp_path / "out" / "export.json").read_text())["details"]
+    assert stored["tied_output"] == (kind in ("qwen2", "llama-tied"))
+    assert ("sliding_window_not_written" in stored) == (kind == "mistral")
+
+
+def test_the_scaling_is_in_the_file_not_only_the_config(tmp_path):
+    """Without the rope factors (or the linear factor) the rebuilt model's logits differ: the
+    round trip above checks the scaling itself."""
+    for kind in ("llama3-rope", "linear-rope"):
+        model = family(kind)
+        sl.export(model, tmp_path / kind, format="gguf", example=_batch(0), dtype="f32",
+                  tokenizer=byte_tokenizer("gpt-2"))
+        contents = read_gguf(tmp_path / kind / MODEL_FILE)
+        contents.rope_divisors = None
+        contents.config.rope_parameters = {"rope_type": "default",
+                                           "rope_theta": contents.config.rope_parameters[
+                                               "rope_theta"]}
+        batch = _batch(1, length=48)
+        assert (_logits(contents.model(), batch) - _logits(model, batch)).abs().max() > 0.05
+
+
+def test_llama3_factors_give_transformers_frequencies():
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    for rope in (LLAMA3_ROPE, LLAMA3_ROPE | {"factor": 32.0, "high_freq_factor": 2.0,
+                                             "original_max_position_embeddings": 8192,
+                                             "rope_theta": 500000.0}):
+        config = LlamaConfig(**SHAPES, head_dim=128, rope_parameters=rope)
+        theirs, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+        base = rope["rope_theta"] ** (-torch.arange(0, 128, 2, dtype=torch.float64) / 128)
+        ours = base / llama3_rope_factors(128, rope["rope_theta"], rope["factor"],
+                                          rope["low_freq_factor"], rope["high_freq_factor"],
+                                          rope["original_max_position_embeddings"]).double()
+        torch.testing.assert_close(ours.float(), theirs.float(), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("split", ["gpt-2", "smollm", "llama-bpe", "qwen2"])
+def test_pre_tokenizer_is_named_from_tokenizer_json(tmp_path, split):
+    tokenizer = byte_tokenizer(split)
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    assert pre_tokenizer(spec) == split
+    model = family("qwen2" if split == "qwen2" else "llama-tied")
+    sl.export(model, tmp_path / "out", format="gguf", example=_batch(0), dtype="f32",
+              tokenizer=tokenizer)
+    fields = gguf.GGUFReader(str(tmp_path / "out" / MODEL_FILE)).fields
+    assert fields["tokenizer.ggml.pre"].contents() == split
+
+
+def test_unknown_pre_tokenizers_and_normalizers_are_refused():
+    spec = json.loads(byte_tokenizer("qwen2").backend_tokenizer.to_str())
+    other = json.loads(json.dumps(spec))
+    other["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = r"\p{L}+|\s+"
+    with pytest.raises(ValueError, match="pre-tokenizers llama.cpp knows"):
+        pre_tokenizer(other)
+    other = json.loads(json.dumps(spec)) | {"normalizer": {"type": "Lowercase"}}
+    with pytest.raises(ValueError, match="normalizer 'Lowercase'"):
+        pre_tokenizer(other)
+    nfc = json.loads(json.dumps(spec)) | {"normalizer": {"type": "NFC"}}
+    assert pre_tokenizer(nfc) == "qwen2"  # as Qwen2's tokenizer.json has it
+
+
+def test_qwen2_rtn_codes_and_biases_are_written_exactly(tmp_path):
+    model = sl.compress(family("qwen2"), {"steps": [{"method": "rtn", "bits": 4,
+                                                      "group_size": 32}]}).model
+    report = sl.export(model, tmp_path / "out", format="gguf", example=_batch(0), dtype="q4_0",
+                       tokenizer=byte_tokenizer("qwen2"))
+    assert report.passed and len(report.details["exact_codes"]) == 14
+    state = read_gguf(tmp_path / "out" / MODEL_FILE).state
+    layer = model.get_submodule("model.layers.1.self_attn.k_proj")
+    assert torch.equal(state["model.layers.1.self_attn.k_proj.weight"],
+                       layer.dequantized_weight(torch.float32))
+    assert torch.equal(state["model.layers.1.self_attn.k_proj.bias"], layer.bias.float())
+
+
+def test_family_refusals_write_nothing(tmp_path):
+    import transformers as tf
+
+    cases = [
+        (tf.Qwen2Config(**SHAPES, use_sliding_window=True), "use_sliding_window=True"),
+        (tf.LlamaConfig(**SHAPES, rope_parameters={"rope_type": "yarn", "factor": 4.0,
+                                                   "rope_theta": 10000.0,
+                                                   "original_max_position_embeddings": 16}),
+         "rope scaling default, linear and llama3; this model's is 'yarn'"),
+        (tf.LlamaConfig(**SHAPES, attention_bias=True), "attention_bias=True"),
+        (tf.Qwen3Config(**SHAPES, attention_bias=True), "attention_bias=True"),
+    ]
+    for config, message in cases:
+        model = tf.AutoModelForCausalLM.from_config(config).eval()
+        with pytest.raises(ValueError, match=message):
+            sl.export(model, tmp_path / "out", format="gguf", example=_batch(0),
+                      tokenizer=byte_tokenizer("gpt-2"))
+        assert list(tmp_path.iterdir()) == []
