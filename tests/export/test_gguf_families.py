@@ -36,6 +36,7 @@ def family(kind: str) -> torch.nn.Module:
         "mistral": lambda: tf.MistralConfig(**SHAPES, sliding_window=4096),
         "qwen2": lambda: tf.Qwen2Config(**SHAPES, tie_word_embeddings=True),
         "qwen3": lambda: tf.Qwen3Config(**SHAPES, head_dim=32),
+        "qwen3-128": lambda: tf.Qwen3Config(**SHAPES, head_dim=128),  # Qwen3's own head_dim
         "llama-tied": lambda: tf.LlamaConfig(**SHAPES, tie_word_embeddings=True),
         "llama3-rope": lambda: tf.LlamaConfig(**SHAPES, head_dim=32, rope_parameters=LLAMA3_ROPE),
         "linear-rope": lambda: tf.LlamaConfig(**SHAPES, rope_parameters={
@@ -112,6 +113,28 @@ def test_each_family_reads_back_to_its_logits(tmp_path, kind, arch, present, abs
     stored = json.loads((tmp_path / "out" / "export.json").read_text())["details"]
     assert stored["tied_output"] == (kind in ("qwen2", "llama-tied"))
     assert ("sliding_window_not_written" in stored) == (kind == "mistral")
+
+
+@pytest.mark.parametrize(("kind", "split"), [("mistral", "gpt-2"), ("qwen2", "qwen2"),
+                                           ("qwen3-128", "qwen2"), ("llama-tied", "llama-bpe")])
+def test_transformers_gguf_reader_loads_the_file(tmp_path, kind, split):
+    """transformers' own GGUF loader (``from_pretrained(..., gguf_file=...)``), a reader
+    independent of slimline's, rebuilds the model and tokenizer. (It takes Qwen3's head_dim
+    from its default, 128, and does not read ``rope_freqs``: the other kinds are checked by
+    slimline's reader above and by llama.cpp.)"""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model, tokenizer = family(kind), byte_tokenizer(split)
+    sl.export(model, tmp_path / "out", format="gguf", example=_batch(0), dtype="f32",
+              tokenizer=tokenizer)
+    theirs = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), gguf_file=MODEL_FILE,
+                                                  dtype=torch.float32).eval()
+    batch = _batch(1, length=48)
+    torch.testing.assert_close(_logits(theirs, batch), _logits(model, batch), atol=1e-4, rtol=0)
+    read = AutoTokenizer.from_pretrained(str(tmp_path / "out"), gguf_file=MODEL_FILE)
+    for text in ("def add_7(x, y):\n    return x * 259 + y\n", "I'M here, it's 1234567!!\n\n"):
+        assert read(text, add_special_tokens=False)["input_ids"] \
+            == tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def test_the_scaling_is_in_the_file_not_only_the_config(tmp_path):
