@@ -103,3 +103,34 @@ def test_llama_cpp_tokenizes_each_pre_tokenizer_as_hugging_face(tmp_path, split)
         ours = tokenizer(text, add_special_tokens=False)["input_ids"]
         assert llm.tokenize(text.encode(), add_bos=False, special=False) == ours, text
         assert llm.detokenize(ours).decode() == tokenizer.decode(ours)
+
+
+def test_eval_runs_the_export_in_llama_cpp_beside_the_model(tmp_path):
+    """``ExportedModel`` on a GGUF export: llama.cpp's logits on a padded batch, its greedy
+    decode, and ``sl.evaluate`` measuring it beside the torch model."""
+    from slimline.export.runtime import ExportedModel
+    from tests.export.test_gguf_families import _batch, byte_tokenizer, family
+
+    model = family("qwen2")
+    sl.export(model, tmp_path / "out", format="gguf", example=_batch(0), dtype="f32",
+              tokenizer=byte_tokenizer("qwen2"))
+    exported = ExportedModel(tmp_path / "out")
+    batch = _batch(1, length=20)
+    batch["attention_mask"][1, 13:] = 0  # a shorter row, right-padded
+    with torch.no_grad():
+        theirs, ours = exported(**batch).logits, model(**batch).logits
+    real = batch["attention_mask"].bool()
+    scale = float(ours[real].abs().max())
+    assert float((theirs[real] - ours[real]).abs().max()) <= 5e-3 * scale
+    prompt = batch["input_ids"][:1, :12]
+    with torch.no_grad():
+        want = model.generate(prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                              pad_token_id=0)
+    assert exported.generate(prompt, max_new_tokens=8).tolist() == want.tolist()
+    report = sl.evaluate(exported, [batch], baseline=model,
+                         metrics=["perplexity", "agreement", "generation"], runs=2)
+    figures = report["models"]
+    assert figures["model"]["perplexity"] == pytest.approx(figures["baseline"]["perplexity"],
+                                                           rel=1e-2)
+    assert figures["model"]["top1_agreement"] >= 0.95
+    assert figures["model"]["generate_tokens_per_s"] > 0

@@ -148,8 +148,11 @@ class _Run:
         usable = quality.applicable_metrics(kind, has_baseline="baseline" in self.models)
         if asked is None:
             extra = ["energy"] if _energy_available() else []
-            # decode speed by default where speculation is what the model changed
-            if any(hasattr(m, generation.STATS_ATTR) for m in self.models.values()):
+            # decode speed by default where speculation is what the model changed, or where
+            # the model runs in a decoding runtime (llama.cpp); if every model generates
+            if any(hasattr(m, generation.STATS_ATTR) or (_is_exported(m) and m.can_generate())
+                   for m in self.models.values()) \
+                    and all(generation.can_generate(m) for m in self.models.values()):
                 extra.append("generation")
             return [m for m in METRICS if m in (*_ALWAYS, *extra, *usable)]
         for metric in asked:

@@ -118,9 +118,10 @@ def export_gguf(
             raise ValueError("export: the GGUF file read back differs from the model: " + "; ".join(
                 f"max abs diff {c.max_abs_diff:.3g}, cosine {c.cosine:.6f} on {tuple(c.shape)}"
                 for c in checks) + f" (tolerance {tol.to_dict()})")
+        beside = _tokenizer_files(model, directory, tokenizer)
         report = ExportReport(Path(path), "gguf", f"gguf {metadata.version('gguf')}",
                               graph.input_names, [graph.output_name], {}, checks, False,
-                              [MODEL_FILE], tolerance=tol, details=details)
+                              [MODEL_FILE, *beside], tolerance=tol, details=details)
         describe_source(report, model)
         report.write(directory)
         return report
@@ -195,6 +196,22 @@ def _tied(model: nn.Module) -> bool:
 
 
 # -- writing ---------------------------------------------------------------------------------
+
+def _tokenizer_files(model: nn.Module, directory: Path, tokenizer: Any | None) -> list[str]:
+    """The Hugging Face tokenizer beside the file (the source directory's files, then the
+    ``tokenizer`` given), so that ``slimline eval`` can tokenize text for it; no config or
+    weights (llama.cpp reads the GGUF alone)."""
+    from slimline.core.checkpoint import SOURCE_DIR_ATTR
+    from slimline.export.source_files import copy_source_files
+
+    source = getattr(model, SOURCE_DIR_ATTR, None)
+    copied = copy_source_files(Path(source), directory) \
+        if source is not None and Path(source).is_dir() else []
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(directory))
+        copied.append("tokenizer")
+    return copied
+
 
 def _write_file(gguf: Any, model: nn.Module, layout: Layout, vocab: Vocab, file: Path,
                 dtype: GgufDtype) -> dict[str, Any]:

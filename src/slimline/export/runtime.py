@@ -1,4 +1,5 @@
-"""An exported directory (ONNX or OpenVINO IR) run by its runtime, called like a torch module.
+"""An exported directory (ONNX, OpenVINO IR or GGUF) run by its runtime, called like a torch
+module.
 
 ``slimline eval --model <exported dir>`` measures an export beside the torch model it came
 from: :class:`ExportedModel` takes the same batches (``model(**batch)``, ``model(tensor)``) and
@@ -8,7 +9,9 @@ a plain tensor), so the evaluator's latency, quality and comparison code runs un
 The runtime is opened on first call with ``torch.get_num_threads()`` threads (the evaluator
 sets the count it measures with), and again when that count changes. OpenVINO runs in
 float32 (its CPU plugin would pick bf16 on CPUs that have it), as the export's parity was
-checked; ``precision="bf16"`` asks for the runtime's bf16 instead.
+checked; ``precision="bf16"`` asks for the runtime's bf16 instead. A GGUF export runs in
+llama.cpp (``export/gguf_runtime.py``), which also generates: ``slimline eval`` times its greedy
+decode beside the torch model's.
 """
 
 from __future__ import annotations
@@ -24,8 +27,10 @@ from torch import nn
 
 from slimline.export.report import REPORT_FILE
 
-FORMATS = ("onnx", "openvino")
-_WEIGHT_FILES = {"onnx": ("model.onnx", "model.onnx.data"), "openvino": ("model.xml", "model.bin")}
+FORMATS = ("onnx", "openvino", "gguf")
+_WEIGHT_FILES = {"onnx": ("model.onnx", "model.onnx.data"), "openvino": ("model.xml", "model.bin"),
+                 "gguf": ("model.gguf",)}
+_RUNTIMES = {"onnx": "onnxruntime", "openvino": "openvino", "gguf": "llama_cpp"}
 
 
 def import_runtime(directory: str | Path) -> None:
@@ -34,7 +39,7 @@ def import_runtime(directory: str | Path) -> None:
     import importlib
 
     fmt = _read_report(Path(directory))["format"]
-    importlib.import_module("onnxruntime" if fmt == "onnx" else "openvino")
+    importlib.import_module(_RUNTIMES[fmt])
 
 
 def is_exported(path: str | Path) -> bool:
@@ -59,7 +64,8 @@ class ExportedOutput(dict):  # type: ignore[type-arg]
 
 
 class ExportedModel(nn.Module):
-    """The model exported to ``directory``, run by onnxruntime or OpenVINO on the CPU."""
+    """The model exported to ``directory``, run by onnxruntime, OpenVINO or llama.cpp on the
+    CPU."""
 
     def __init__(self, directory: str | Path, *, precision: str = "f32") -> None:
         super().__init__()
@@ -71,12 +77,41 @@ class ExportedModel(nn.Module):
         self.source: str | None = info.get("source")
         self.params: int | None = info.get("params")
         self.precision = precision
+        self.vocab: int | None = info.get("details", {}).get("vocab")
         self._runner: tuple[int, Any] | None = None  # (threads, session or compiled model)
+        self._llamas: dict[bool, tuple[int, int, Any]] = {}  # logits_all -> (threads, ctx, llm)
 
     def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> Any:
         feeds = self._feeds(args, kwargs)
+        if self.format == "gguf":
+            from slimline.export.gguf_runtime import score
+
+            ids = torch.from_numpy(feeds["input_ids"])
+            mask = feeds.get("attention_mask")
+            logits = score(self._llama(ids.shape[1], logits_all=True), ids,
+                           None if mask is None else torch.from_numpy(mask), int(self.vocab or 0))
+            return ExportedOutput({self.output_name: logits})
         out = torch.from_numpy(np.ascontiguousarray(self._run(feeds)))
         return out if self.output_name == "output" else ExportedOutput({self.output_name: out})
+
+    def can_generate(self) -> bool:
+        """Whether the runtime decodes (llama.cpp does; the ONNX and IR graphs here are one
+        forward without a cache)."""
+        return self.format == "gguf"
+
+    def generate(self, input_ids: torch.Tensor, *, max_new_tokens: int,
+                 do_sample: bool = False, **_: Any) -> torch.Tensor:
+        """Greedy decoding of ``max_new_tokens`` tokens per row by llama.cpp (GGUF exports
+        only; an end-of-sequence token does not stop it). The prompt rows are unpadded."""
+        if not self.can_generate():
+            raise ValueError(f"{self.directory}: a {self.format} export does not generate")
+        if do_sample:
+            raise ValueError(f"{self.directory}: llama.cpp runs greedy decoding here only")
+        from slimline.export.gguf_runtime import greedy
+
+        llm = self._llama(input_ids.shape[1] + max_new_tokens, logits_all=False)
+        rows = [row.tolist() + greedy(llm, row.tolist(), max_new_tokens) for row in input_ids]
+        return torch.tensor(rows, dtype=input_ids.dtype)
 
     def weight_bytes(self) -> int:
         """Bytes of the graph and weight files the runtime loads."""
@@ -103,6 +138,20 @@ class ExportedModel(nn.Module):
         if self.format == "onnx":
             return runner.run([self.output_name], feeds)[0]  # type: ignore[no-any-return]
         return runner(feeds)[runner.output(0)]  # type: ignore[no-any-return]
+
+    def _llama(self, tokens: int, *, logits_all: bool) -> Any:
+        """llama.cpp's model, opened again when the thread count changes or ``tokens`` do not
+        fit its cache (one for scoring every position, one for decoding)."""
+        from slimline.export.gguf_runtime import context_for, open_llama
+
+        threads = torch.get_num_threads()
+        held = self._llamas.get(logits_all)
+        if held is None or held[0] != threads or held[1] < tokens:
+            context = context_for(tokens)
+            held = (threads, context, open_llama(self.directory / "model.gguf", threads=threads,
+                                                 context=context, logits_all=logits_all))
+            self._llamas[logits_all] = held
+        return held[2]
 
     def _open(self, threads: int) -> Any:
         if self.format == "openvino":
