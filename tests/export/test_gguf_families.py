@@ -27,19 +27,21 @@ LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
                "original_max_position_embeddings": 16}
 
 
-def family(kind: str) -> torch.nn.Module:
+def family(kind: str, vocab: int = VOCAB) -> torch.nn.Module:
     """A tiny model of ``kind`` with every weight random (biases and norm gains included, so a
     tensor written to the wrong place or order shows in the logits)."""
     import transformers as tf
 
+    shapes = SHAPES | {"vocab_size": vocab}
+
     configs = {
-        "mistral": lambda: tf.MistralConfig(**SHAPES, sliding_window=4096),
-        "qwen2": lambda: tf.Qwen2Config(**SHAPES, tie_word_embeddings=True),
-        "qwen3": lambda: tf.Qwen3Config(**SHAPES, head_dim=32),
-        "qwen3-128": lambda: tf.Qwen3Config(**SHAPES, head_dim=128),  # Qwen3's own head_dim
-        "llama-tied": lambda: tf.LlamaConfig(**SHAPES, tie_word_embeddings=True),
-        "llama3-rope": lambda: tf.LlamaConfig(**SHAPES, head_dim=32, rope_parameters=LLAMA3_ROPE),
-        "linear-rope": lambda: tf.LlamaConfig(**SHAPES, rope_parameters={
+        "mistral": lambda: tf.MistralConfig(**shapes, sliding_window=4096),
+        "qwen2": lambda: tf.Qwen2Config(**shapes, tie_word_embeddings=True),
+        "qwen3": lambda: tf.Qwen3Config(**shapes, head_dim=32),
+        "qwen3-128": lambda: tf.Qwen3Config(**shapes, head_dim=128),  # Qwen3's own head_dim
+        "llama-tied": lambda: tf.LlamaConfig(**shapes, tie_word_embeddings=True),
+        "llama3-rope": lambda: tf.LlamaConfig(**shapes, head_dim=32, rope_parameters=LLAMA3_ROPE),
+        "linear-rope": lambda: tf.LlamaConfig(**shapes, rope_parameters={
             "rope_type": "linear", "rope_theta": 500.0, "factor": 4.0}),
     }
     torch.manual_seed(0)
@@ -225,3 +227,116 @@ def test_family_refusals_write_nothing(tmp_path):
             sl.export(model, tmp_path / "out", format="gguf", example=_batch(0),
                       tokenizer=byte_tokenizer("gpt-2"))
         assert list(tmp_path.iterdir()) == []
+
+
+def sentencepiece_tokenizer(style: str = "legacy", vocab: int = 300):
+    """A SentencePiece-style BPE as transformers writes Llama 2's (``legacy``: spaces made ``▁``
+    by a normalizer) or newer files (``metaspace``: by a Metaspace pre-tokenizer), trained here;
+    its merges are rebuilt as transformers' converter lists them: every split of every token
+    into two tokens, in the order of the tokens they make."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>"]
+    byte_tokens = [f"<0x{i:02X}>" for i in range(256)]
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    if style == "legacy":
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"),
+                                               normalizers.Replace(" ", "▁")])
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first",
+                                                     split=False)
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
+                                     decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    text = [f"def add_{i}(x, y):\n    return x * {i * 37} + y  # it's {i}" for i in range(300)]
+    tok.train_from_iterator(text, trainers.BpeTrainer(
+        vocab_size=vocab + len(byte_tokens), special_tokens=specials + byte_tokens))
+    spec = json.loads(tok.to_str())
+    pieces = spec["model"]["vocab"]
+    ordered = sorted((t for t in pieces if t not in specials and t not in byte_tokens),
+                     key=pieces.get)
+    spec["model"]["merges"] = [
+        [t[:k], t[k:]] for t in ordered
+        for k in sorted(range(1, len(t)), key=lambda k: (pieces.get(t[:k], 0), pieces.get(t[k:], 0)))
+        if t[:k] in pieces and t[k:] in pieces]
+    spec["added_tokens"] = [a for a in spec["added_tokens"] if a["content"] in specials]
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)),
+                                   bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def _spm_merge(text: str, vocab: dict[str, int], scores: list[float]) -> list[int]:
+    """llama.cpp's SentencePiece tokenizer written out as a textbook loop: spaces made ``▁`` with
+    one prepended, characters as the first symbols, then the adjacent pair whose concatenation
+    is a token with the highest score merged (leftmost on ties) until none is; a character
+    without a token is its UTF-8 bytes' ``<0xXX>`` tokens."""
+    symbols = list("▁" + text.replace(" ", "▁"))
+    while True:
+        best = None
+        for i in range(len(symbols) - 1):
+            merged = symbols[i] + symbols[i + 1]
+            if merged in vocab and (best is None or scores[vocab[merged]] > best[0]):
+                best = (scores[vocab[merged]], i)
+        if best is None:
+            break
+        i = best[1]
+        symbols[i:i + 2] = [symbols[i] + symbols[i + 1]]
+    ids: list[int] = []
+    for s in symbols:
+        ids += [vocab[s]] if s in vocab else [vocab[f"<0x{b:02X}>"] for b in s.encode()]
+    return ids
+
+
+SPM_TEXTS = ["def add_7(x, y):\n    return x * 259 + y\n", "I'M here, it's 1234567 o'clock!!",
+             "two  spaces\tand\ttabs \r\n end", "naïve café — ünïcödé 42°",
+             "return add_12(x, y) * 444", "trailing  ", "add_299", "return y * x"]
+
+
+def test_merge_scores_make_sentencepiece_merging_follow_the_merge_list():
+    """With each token scored minus the rank of its first merge, llama.cpp's merging (by score)
+    gives the Hugging Face tokenizer's tokens (by merge rank) on every text."""
+    from slimline.export.gguf_vocab import merge_scores
+
+    tokenizer = sentencepiece_tokenizer("legacy")
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    vocab = spec["model"]["vocab"]
+    ranks = merge_scores([" ".join(m) for m in spec["model"]["merges"]])
+    scores = [0.0] * len(vocab)
+    for token, i in vocab.items():
+        scores[i] = ranks.get(token, 0.0)
+    for text in SPM_TEXTS:
+        assert _spm_merge(text, vocab, scores) == \
+            tokenizer(text, add_special_tokens=False)["input_ids"], text
+    # The same loop with every score equal (llama.cpp's converter without tokenizer.model)
+    # merges leftmost first instead, and splits some texts differently ("add_299").
+    flat = [0.0] * len(vocab)
+    assert any(_spm_merge(t, vocab, flat) != tokenizer(t, add_special_tokens=False)["input_ids"]
+               for t in SPM_TEXTS)
+
+
+@pytest.mark.parametrize("style", ["legacy", "metaspace"])
+def test_sentencepiece_tokenizer_is_written_as_llamas(tmp_path, style):
+    tokenizer = sentencepiece_tokenizer(style)
+    report = sl.export(family("llama-tied", 576), tmp_path / "out", format="gguf",
+                       example=_batch(0), dtype="f32", tokenizer=tokenizer)
+    assert report.details["tokenizer"] == "llama" and report.details["tokenizer_pre"] is None
+    assert ("tokenizer_caveat" in report.details) == (style == "metaspace")
+    fields = gguf.GGUFReader(str(tmp_path / "out" / MODEL_FILE)).fields
+    assert fields["tokenizer.ggml.model"].contents() == "llama"
+    assert "tokenizer.ggml.merges" not in fields and "tokenizer.ggml.pre" not in fields
+    assert fields["tokenizer.ggml.add_space_prefix"].contents() is True
+    vocab = tokenizer.get_vocab()
+    types = fields["tokenizer.ggml.token_type"].contents()
+    scores = fields["tokenizer.ggml.scores"].contents()
+    assert len(types) == len(scores) == 576
+    assert types[vocab["<0x41>"]] == gguf.TokenType.BYTE
+    assert types[vocab["<unk>"]] == gguf.TokenType.UNKNOWN
+    assert types[vocab["<s>"]] == gguf.TokenType.CONTROL
+    assert types[vocab["▁def▁add_"]] == gguf.TokenType.NORMAL and scores[vocab["▁def▁add_"]] < 0
+    assert fields["tokenizer.ggml.unknown_token_id"].contents() == vocab["<unk>"]
+    # transformers' GGUF loader rebuilds a tokenizer from the tokens and scores alone.
+    from transformers import AutoTokenizer
+
+    read = AutoTokenizer.from_pretrained(str(tmp_path / "out"), gguf_file=MODEL_FILE)
+    for text in SPM_TEXTS:
+        assert read(text, add_special_tokens=False)["input_ids"] \
+            == tokenizer(text, add_special_tokens=False)["input_ids"], text

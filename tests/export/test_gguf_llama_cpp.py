@@ -134,3 +134,27 @@ def test_eval_runs_the_export_in_llama_cpp_beside_the_model(tmp_path):
                                                            rel=1e-2)
     assert figures["model"]["top1_agreement"] >= 0.95
     assert figures["model"]["generate_tokens_per_s"] > 0
+
+
+@pytest.mark.parametrize("style", ["legacy", "metaspace"])
+def test_llama_cpp_tokenizes_sentencepiece_style_as_hugging_face(tmp_path, style):
+    from tests.export.test_gguf_families import (
+        SPM_TEXTS,
+        _batch,
+        family,
+        sentencepiece_tokenizer,
+    )
+
+    tokenizer = sentencepiece_tokenizer(style)
+    sl.export(family("llama-tied", 576), tmp_path / "out", format="gguf", example=_batch(0),
+              dtype="f32", tokenizer=tokenizer)
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "out" / MODEL_FILE), n_ctx=64,
+                          vocab_only=True, verbose=False)
+    for text in [*SPM_TEXTS, *TEXTS]:
+        ours = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if style == "metaspace" and text.startswith(" "):
+            # The caveat export.json states: llama.cpp prepends a space even here.
+            ours = tokenizer(" " + text, add_special_tokens=False)["input_ids"]
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == ours, text
+        # llama-cpp-python's detokenize keeps the prepended space that Hugging Face strips.
+        assert llm.detokenize(ours).decode() == " " + tokenizer.decode(ours), text

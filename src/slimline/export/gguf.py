@@ -234,9 +234,10 @@ def _write_file(gguf: Any, model: nn.Module, layout: Layout, vocab: Vocab, file:
     window = getattr(layout.config, "sliding_window", None)
     if layout.arch.name == "llama" and window:
         notes["sliding_window_not_written"] = int(window)
-    if vocab.normalizer:
-        notes["normalizer_not_run_by_llama_cpp"] = vocab.normalizer
-    return {"dtype": dtype, "architecture": layout.arch.name, "tokenizer_pre": vocab.pre,
+    if vocab.caveat:
+        notes["tokenizer_caveat"] = vocab.caveat
+    return {"dtype": dtype, "architecture": layout.arch.name, "tokenizer": vocab.model,
+            "tokenizer_pre": vocab.pre,
             "vocab": len(vocab.tokens), "merges": len(vocab.merges), "tied_output": layout.tied,
             **notes, **written}
 
@@ -263,13 +264,18 @@ def _write_metadata(gguf: Any, writer: Any, layout: Layout, vocab: Vocab, dtype:
                   "q4_0": "MOSTLY_Q4_0"}
     writer.add_file_type(int(getattr(gguf.LlamaFileType, file_types[dtype])))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(vocab.pre)
+    writer.add_tokenizer_model(vocab.model)
+    if vocab.pre is not None:
+        writer.add_tokenizer_pre(vocab.pre)
     writer.add_token_list(vocab.tokens)
     writer.add_token_types(vocab.types)
-    writer.add_token_merges(vocab.merges)
+    if vocab.scores is not None:  # "llama": merges by score, with a space prepended
+        writer.add_token_scores(vocab.scores)
+        writer.add_add_space_prefix(True)
+    else:
+        writer.add_token_merges(vocab.merges)
     for ident, add in ((vocab.bos, writer.add_bos_token_id), (vocab.eos, writer.add_eos_token_id),
-                       (vocab.pad, writer.add_pad_token_id)):
+                       (vocab.pad, writer.add_pad_token_id), (vocab.unk, writer.add_unk_token_id)):
         if ident is not None:
             add(ident)
     writer.add_add_bos_token(vocab.add_bos)

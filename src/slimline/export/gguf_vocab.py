@@ -1,4 +1,5 @@
-"""A Hugging Face byte-level BPE tokenizer as llama.cpp's GGUF metadata (``tokenizer.ggml.*``).
+"""A Hugging Face BPE tokenizer as llama.cpp's GGUF metadata (``tokenizer.ggml.*``): byte-level
+(GPT-2's family, ``gpt2``) or SentencePiece-style with byte fallback (Llama 2's, ``llama``).
 
 llama.cpp's own converter recognises a BPE pre-tokenizer by hashing what it makes of a fixed
 text and refuses one it has not seen ("BPE pre-tokenizer was not recognized"), which a locally
@@ -13,6 +14,18 @@ names the split llama.cpp runs for it (``tokenizer.ggml.pre``):
 Anything else is refused by name rather than guessed. An NFC normalizer (Qwen2's) is accepted
 as llama.cpp's converter accepts it: llama.cpp does not normalize, so text that is not already
 in NFC may split differently there; ``export.json`` says so.
+
+A SentencePiece-style tokenizer (Llama 2, TinyLlama, Mistral, Phi-3: ``▁`` for spaces, one
+prepended, ``<0xXX>`` byte tokens for what the vocabulary lacks) is written as llama.cpp's
+``llama`` tokenizer, which has no merge list: it merges the adjacent pair whose result scores
+highest. ``tokenizer.json`` holds merges in priority order and no scores, so each token's score
+is minus the rank of the first merge that makes it, and llama.cpp merges in the order Hugging
+Face's BPE does. (llama.cpp's own converter gives every token -1000 when only
+``tokenizer.json`` is there.) A tokenizer converted from SentencePiece lists every split of
+every token as a merge, so the two agree on every text; one trained with merges that make a
+token one way only may still be merged another way by llama.cpp. With a ``Metaspace``
+pre-tokenizer, text that already starts with a space gets no second one from Hugging Face, and
+one from llama.cpp (``export.json`` says so).
 """
 
 from __future__ import annotations
@@ -23,21 +36,25 @@ from pathlib import Path
 from typing import Any
 
 # llama.cpp's token types (gguf.TokenType): kept here as ints so this module imports no gguf.
-NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+SPACE = "\u2581"  # SentencePiece's space, "▁"
 
 
 @dataclass(frozen=True)
 class Vocab:
     """What llama.cpp reads of a tokenizer: tokens by id, their types, merges, special ids."""
 
+    model: str  # llama.cpp's tokenizer model: "gpt2" (byte-level BPE) or "llama" (SentencePiece)
     tokens: list[str]
     types: list[int]
-    merges: list[str]  # "left right", in priority order
-    pre: str  # llama.cpp's pre-tokenizer name (tokenizer.ggml.pre)
-    normalizer: str | None  # the tokenizer's normalizer llama.cpp does not run (NFC), if any
+    merges: list[str]  # "left right", in priority order ("gpt2"; "llama" merges by score)
+    scores: list[float] | None  # "llama": the score of each token
+    pre: str | None  # llama.cpp's pre-tokenizer name (tokenizer.ggml.pre; "gpt2" only)
+    caveat: str | None  # where llama.cpp may split text differently (export.json says it)
     bos: int | None
     eos: int | None
     pad: int | None
+    unk: int | None
     add_bos: bool
 
 
@@ -65,12 +82,18 @@ def build_vocab(spec: dict[str, Any], vocab_size: int, tokenizer: Any | None) ->
     """llama.cpp's view of the tokenizer ``spec`` (tokenizer.json) for a model of
     ``vocab_size`` embedding rows: ids past the tokenizer's own are ``[PAD<id>]`` tokens of
     type UNUSED (llama.cpp requires one token per row)."""
-    pre = pre_tokenizer(spec)
+    spm = sentencepiece_style(spec)
+    pre = None if spm else pre_tokenizer(spec)
     by_id: dict[int, str] = {int(i): t for t, i in spec["model"]["vocab"].items()}
     types = {i: NORMAL for i in by_id}
     for added in spec.get("added_tokens", []):
         by_id[int(added["id"])] = added["content"]
         types[int(added["id"])] = CONTROL if added.get("special") else USER_DEFINED
+    unk = spec["model"]["vocab"].get(spec["model"].get("unk_token"))
+    if spm:  # byte tokens and the unknown token by their role, listed as added or not
+        types |= {i: BYTE for i, t in by_id.items() if _is_byte_token(t)}
+        if unk is not None:
+            types[int(unk)] = UNKNOWN
     if by_id and max(by_id) >= vocab_size:
         raise ValueError(f"export: the tokenizer has token id {max(by_id)} but the model has "
                          f"{vocab_size} embedding rows")
@@ -78,9 +101,52 @@ def build_vocab(spec: dict[str, Any], vocab_size: int, tokenizer: Any | None) ->
     kinds = [types.get(i, UNUSED) for i in range(vocab_size)]
     merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"].get("merges", [])]
     bos, eos, pad = (_special_id(tokenizer, spec, k) for k in ("bos", "eos", "pad"))
-    normalizer = (spec.get("normalizer") or {}).get("type")
-    return Vocab(tokens, kinds, merges, pre, normalizer, bos, eos, pad,
+    if spm:
+        ranks = merge_scores(merges)
+        caveat = None if spec.get("normalizer") else "llama.cpp prepends a space to every text, " \
+            "the tokenizer's Metaspace only to text that does not start with one"
+        return Vocab("llama", tokens, kinds, [], [ranks.get(t, 0.0) for t in tokens], None,
+                     caveat, bos, eos, pad, None if unk is None else int(unk),
+                     _adds_bos(tokenizer, bos))
+    caveat = "llama.cpp does not run the tokenizer's NFC normalizer: text not in NFC may " \
+        "split differently" if spec.get("normalizer") is not None else None
+    return Vocab("gpt2", tokens, kinds, merges, None, pre, caveat, bos, eos, pad, None,
                  _adds_bos(tokenizer, bos))
+
+
+def merge_scores(merges: list[str]) -> dict[str, float]:
+    """Each token a merge makes -> minus the rank of the first merge that makes it: llama.cpp's
+    SentencePiece merging (highest score first) then follows the merge list's priority."""
+    scores: dict[str, float] = {}
+    for rank, merge in enumerate(merges):
+        left, right = merge.split(" ", 1)
+        scores.setdefault(left + right, -float(rank))
+    return scores
+
+
+def sentencepiece_style(spec: dict[str, Any]) -> bool:
+    """Whether ``spec`` is a SentencePiece BPE as transformers writes it: byte fallback, and
+    spaces made ``▁`` with one prepended (a normalizer, as Llama 2's, or a ``Metaspace``
+    pre-tokenizer that does not split, as newer files have)."""
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE" or not model.get("byte_fallback"):
+        return False
+    normalizer, pre = spec.get("normalizer"), spec.get("pre_tokenizer")
+    legacy = normalizer == {"type": "Sequence", "normalizers": [
+        {"type": "Prepend", "prepend": SPACE},
+        {"type": "Replace", "pattern": {"String": " "}, "content": SPACE}]} and pre is None
+    metaspace = normalizer is None and isinstance(pre, dict) \
+        and pre.get("type") == "Metaspace" and pre.get("replacement") == SPACE \
+        and pre.get("prepend_scheme") in ("first", "always") and not pre.get("split", True)
+    if not (legacy or metaspace):
+        raise ValueError(f"export: gguf writes SentencePiece-style tokenizers that make spaces "
+                         f"'{SPACE}' and prepend one; this one has normalizer {normalizer!r} "
+                         f"and pre-tokenizer {pre!r}")
+    return True
+
+
+def _is_byte_token(token: str) -> bool:
+    return len(token) == 6 and token.startswith("<0x") and token.endswith(">")
 
 
 # The regexes of the Split pre-tokenizers llama.cpp knows, as tokenizer.json writes them.
