@@ -43,6 +43,12 @@ def family(kind: str, vocab: int = VOCAB) -> torch.nn.Module:
         "llama3-rope": lambda: tf.LlamaConfig(**shapes, head_dim=32, rope_parameters=LLAMA3_ROPE),
         "linear-rope": lambda: tf.LlamaConfig(**shapes, rope_parameters={
             "rope_type": "linear", "rope_theta": 500.0, "factor": 4.0}),
+        "phi3": lambda: tf.Phi3Config(**shapes, sliding_window=64, pad_token_id=0),
+        # Phi-4-mini's layout: 3/4 of each head rotated, the head tied to the embedding
+        "phi3-partial": lambda: tf.Phi3Config(**shapes, tie_word_embeddings=True, pad_token_id=0,
+                                              rope_parameters={"rope_type": "default",
+                                                               "rope_theta": 10000.0,
+                                                               "partial_rotary_factor": 0.75}),
     }
     torch.manual_seed(0)
     model = tf.AutoModelForCausalLM.from_config(configs[kind]()).eval()
@@ -97,6 +103,9 @@ def _logits(model, batch) -> torch.Tensor:
     ("llama-tied", "llama", [], ["output.weight"]),
     ("llama3-rope", "llama", ["rope_freqs.weight"], []),
     ("linear-rope", "llama", [], ["rope_freqs.weight"]),
+    ("phi3", "phi3", ["blk.1.attn_qkv.weight", "blk.1.ffn_up.weight", "output.weight"],
+     ["blk.1.attn_q.weight", "blk.1.ffn_gate.weight"]),
+    ("phi3-partial", "phi3", ["blk.0.attn_qkv.weight"], ["output.weight"]),
 ])
 def test_each_family_reads_back_to_its_logits(tmp_path, kind, arch, present, absent):
     model = family(kind)
@@ -113,8 +122,8 @@ def test_each_family_reads_back_to_its_logits(tmp_path, kind, arch, present, abs
     torch.testing.assert_close(_logits(contents.model(), batch), _logits(model, batch),
                                atol=1e-4, rtol=0)
     stored = json.loads((tmp_path / "out" / "export.json").read_text())["details"]
-    assert stored["tied_output"] == (kind in ("qwen2", "llama-tied"))
-    assert ("sliding_window_not_written" in stored) == (kind == "mistral")
+    assert stored["tied_output"] == (kind in ("qwen2", "llama-tied", "phi3-partial"))
+    assert ("sliding_window_not_written" in stored) == (kind in ("mistral", "phi3"))
 
 
 @pytest.mark.parametrize(("kind", "split"), [("mistral", "gpt-2"), ("qwen2", "qwen2"),
@@ -122,8 +131,9 @@ def test_each_family_reads_back_to_its_logits(tmp_path, kind, arch, present, abs
 def test_transformers_gguf_reader_loads_the_file(tmp_path, kind, split):
     """transformers' own GGUF loader (``from_pretrained(..., gguf_file=...)``), a reader
     independent of slimline's, rebuilds the model and tokenizer. (It takes Qwen3's head_dim
-    from its default, 128, and does not read ``rope_freqs``: the other kinds are checked by
-    slimline's reader above and by llama.cpp.)"""
+    from its default, 128, does not read ``rope_freqs``, and builds Phi-3 with its default
+    padding id 32000, past a tiny vocabulary: the other kinds are checked by slimline's reader
+    above and by llama.cpp.)"""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model, tokenizer = family(kind), byte_tokenizer(split)
@@ -340,3 +350,18 @@ def test_sentencepiece_tokenizer_is_written_as_llamas(tmp_path, style):
     for text in SPM_TEXTS:
         assert read(text, add_special_tokens=False)["input_ids"] \
             == tokenizer(text, add_special_tokens=False)["input_ids"], text
+
+
+def test_a_window_the_file_cannot_hold_bounds_the_parity_check(tmp_path):
+    """llama.cpp's phi3 attends past Phi-3's sliding window (the file cannot say it): parity is
+    checked on the window's first tokens, where the two agree, and export.json says so."""
+    model = family("phi3")  # window 64
+    report = sl.export(model, tmp_path / "out", format="gguf", example=_batch(0, length=100),
+                       dtype="f32", tokenizer=byte_tokenizer("gpt-2"))
+    assert report.passed and report.details["sliding_window_not_written"] == 64
+    assert all(p.shape[-1] <= 64 for p in report.parity)
+    rebuilt, batch = read_gguf(tmp_path / "out" / MODEL_FILE).model(), _batch(1, length=100)
+    inside = {k: v[:, :64] for k, v in batch.items()}
+    torch.testing.assert_close(_logits(rebuilt, inside), _logits(model, inside), atol=1e-4,
+                               rtol=0)
+    assert (_logits(rebuilt, batch) - _logits(model, batch)).abs().max() > 1e-2  # past it

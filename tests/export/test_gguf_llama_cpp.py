@@ -70,14 +70,15 @@ def test_llama_cpp_tokenizes_as_the_hugging_face_tokenizer(tmp_path, tiny_llama,
 
 
 @pytest.mark.parametrize("kind", ["mistral", "qwen2", "qwen3", "llama-tied", "llama3-rope",
-                                  "linear-rope"])
+                                  "linear-rope", "phi3", "phi3-partial"])
 def test_llama_cpp_runs_each_family_to_its_logits(tmp_path, kind):
     from tests.export.test_gguf_families import _batch, byte_tokenizer, family
 
     model = family(kind)
     sl.export(model, tmp_path / "out", format="gguf", example=_batch(0), dtype="f32",
               tokenizer=byte_tokenizer("qwen2" if kind.startswith("qwen") else "gpt-2"))
-    tokens = _batch(1, length=48)["input_ids"][0].tolist()  # past Llama 3's unscaled 16
+    # past Llama 3's unscaled 16 positions
+    tokens = _batch(1, length=48)["input_ids"][0].tolist()
     # An f32 KV cache (llama.cpp's default is f16, which alone moves logits by ~1e-3 of scale).
     theirs = _llama_cpp_logits(tmp_path / "out" / MODEL_FILE, tokens, type_k=0, type_v=0)
     ours = _torch_logits(model, tokens)

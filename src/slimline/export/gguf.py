@@ -1,8 +1,8 @@
-"""Export a Hugging Face Llama, Mistral, Qwen2 or Qwen3 to GGUF, llama.cpp's file format, with
-its tokenizer.
+"""Export a Hugging Face Llama, Mistral, Qwen2, Qwen3 or Phi-3 to GGUF, llama.cpp's file format,
+with its tokenizer.
 
 The file is written with the ``gguf`` package (llama.cpp's own Python writer): the metadata of
-llama.cpp's ``llama``, ``qwen2`` or ``qwen3`` architecture, the tokenizer
+llama.cpp's ``llama``, ``qwen2``, ``qwen3`` or ``phi3`` architecture, the tokenizer
 (``export/gguf_vocab.py``), and the tensors under llama.cpp's names, q and k rows in llama.cpp's
 rotary order, Llama 3's rotary frequency factors as ``rope_freqs`` (``export/gguf_layout.py``).
 A head tied to the embedding is not written twice (llama.cpp reads ``token_embd`` for it).
@@ -26,6 +26,7 @@ and agrees is checked with llama.cpp (not a dependency of slimline).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -91,7 +92,7 @@ def export_gguf(
     atol: float | None = None,
     min_cosine: float | None = None,
 ) -> ExportReport:
-    """Write the Llama, Mistral, Qwen2 or Qwen3 ``model`` to the directory ``path`` as
+    """Write the Llama, Mistral, Qwen2, Qwen3 or Phi-3 ``model`` to the directory ``path`` as
     ``model.gguf`` and check its parity on ``example`` (one token batch). ``tokenizer``: the
     model's fast tokenizer (default: the ``tokenizer.json`` of the directory the model came
     from). ``atol``, ``min_cosine``: the parity to meet (default: :data:`TOLERANCES` of
@@ -106,6 +107,9 @@ def export_gguf(
     tol = Tolerance(default.atol if atol is None else atol,
                     default.min_cosine if min_cosine is None else min_cosine)
     layout = check_model(model)
+    window = _unwritten_window(layout)
+    if window is not None:  # llama.cpp attends past it: compare where the two agree
+        batch = _within(batch, window)
     from slimline.core.checkpoint import SOURCE_DIR_ATTR
 
     vocab = build_vocab(tokenizer_json(tokenizer, getattr(model, SOURCE_DIR_ATTR, None)),
@@ -141,6 +145,7 @@ class Layout:
     tied: bool
     linear_factor: float | None
     rope_divisors: torch.Tensor | None
+    rope_dims: int  # dimensions of each head the rotation turns (Phi-4-mini: 3/4 of them)
 
 
 def check_model(model: nn.Module) -> Layout:
@@ -162,6 +167,11 @@ def check_model(model: nn.Module) -> Layout:
             raise ValueError(f"export: gguf cannot write config.{field}="
                              f"{getattr(config, field)!r} ({arch.name} needs {allowed!r})")
     linear, divisors = _rope_scaling(config)
+    d = head_counts(config)[2]
+    rope_dims = int(d * float(_rope(config).get("partial_rotary_factor", 1.0)))
+    if rope_dims != d and arch.pairs:
+        raise ValueError(f"export: gguf cannot write a partial rotation ({rope_dims} of {d} "
+                         f"dimensions) for {arch.name}")
     tied = _tied(model)
     for key, shape in expected_shapes(config, arch, tied=tied).items():
         got = _tensor_shape(model, key, arch)
@@ -169,7 +179,7 @@ def check_model(model: nn.Module) -> Layout:
             raise ValueError(f"export: layer {key.rsplit('.', 1)[0]!r} has {key.rsplit('.')[-1]} "
                              f"shape {got}, the config says {shape}; gguf needs every block "
                              "shaped as the config")
-    return Layout(config, arch, tied, linear, divisors)
+    return Layout(config, arch, tied, linear, divisors, rope_dims)
 
 
 def _rope_scaling(config: Any) -> tuple[float | None, torch.Tensor | None]:
@@ -186,6 +196,20 @@ def _rope_scaling(config: Any) -> tuple[float | None, torch.Tensor | None]:
         raise ValueError(f"export: gguf writes rope scaling default, linear and llama3; this "
                          f"model's is {kind!r}")
     return None, None
+
+
+def _unwritten_window(layout: Layout) -> int | None:
+    """The sliding window a Mistral or Phi-3 model attends within, which llama.cpp's ``llama``
+    and ``phi3`` do not (they attend to every earlier token)."""
+    window = getattr(layout.config, "sliding_window", None)
+    return int(window) if layout.arch.name in ("llama", "phi3") and window else None
+
+
+def _within(batch: Batch, window: int) -> Batch:
+    """``batch``'s token tensors cut to their first ``window`` positions."""
+    if not isinstance(batch, Mapping):
+        return batch
+    return {k: v[:, :window] if v.dim() == 2 else v for k, v in batch.items()}
 
 
 def _tied(model: nn.Module) -> bool:
@@ -231,9 +255,9 @@ def _write_file(gguf: Any, model: nn.Module, layout: Layout, vocab: Vocab, file:
     writer.write_tensors_to_file()
     writer.close()
     notes: dict[str, int | str] = {}
-    window = getattr(layout.config, "sliding_window", None)
-    if layout.arch.name == "llama" and window:
-        notes["sliding_window_not_written"] = int(window)
+    window = _unwritten_window(layout)
+    if window is not None:
+        notes["sliding_window_not_written"] = window  # parity checked on that many tokens
     if vocab.caveat:
         notes["tokenizer_caveat"] = vocab.caveat
     return {"dtype": dtype, "architecture": layout.arch.name, "tokenizer": vocab.model,
@@ -253,7 +277,7 @@ def _write_metadata(gguf: Any, writer: Any, layout: Layout, vocab: Vocab, dtype:
     writer.add_head_count_kv(kv)
     writer.add_key_length(d)
     writer.add_value_length(d)
-    writer.add_rope_dimension_count(d)
+    writer.add_rope_dimension_count(layout.rope_dims)
     writer.add_rope_freq_base(float(_rope(config).get("rope_theta", 10000.0)))
     if layout.linear_factor is not None:
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
@@ -358,7 +382,7 @@ class GgufContents:
         return rebuilt
 
 
-_HF_CLASSES = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3"}
+_HF_CLASSES = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "phi3": "Phi3"}
 
 
 def read_gguf(file: str | Path) -> GgufContents:
@@ -377,7 +401,10 @@ def read_gguf(file: str | Path) -> GgufContents:
 
     stored = {t.name: t for t in reader.tensors}
     heads, kv = int(field("attention.head_count")), int(field("attention.head_count_kv"))
+    d = int(field("attention.key_length"))
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": float(field("rope.freq_base"))}
+    if int(field("rope.dimension_count", d)) != d:
+        rope["partial_rotary_factor"] = int(field("rope.dimension_count")) / d
     if field("rope.scaling.type") == "linear":
         rope |= {"rope_type": "linear", "factor": float(field("rope.scaling.factor"))}
     tied = "output.weight" not in stored
@@ -385,10 +412,10 @@ def read_gguf(file: str | Path) -> GgufContents:
         vocab_size=int(field("vocab_size")), hidden_size=int(field("embedding_length")),
         intermediate_size=int(field("feed_forward_length")),
         num_hidden_layers=int(field("block_count")), num_attention_heads=heads,
-        num_key_value_heads=kv, head_dim=int(field("attention.key_length")),
+        num_key_value_heads=kv, head_dim=d,
         max_position_embeddings=int(field("context_length")),
         rms_norm_eps=float(field("attention.layer_norm_rms_epsilon")),
-        rope_parameters=rope, tie_word_embeddings=tied,
+        rope_parameters=rope, tie_word_embeddings=tied, pad_token_id=None,
     )
     arch = BY_NAME[name]
     state = {}

@@ -7,7 +7,8 @@ adjacent pairs of a head's dimensions, as the original Llama did (arXiv 2302.139
 Face's Llama pairs dimension ``j`` with ``j + D/2`` (``rotate_half``). The same rotation on
 permuted rows gives the same attention scores: :func:`rope_permute` is the row order llama.cpp's
 converter writes. Its ``qwen2`` and ``qwen3`` architectures rotate halves, as Hugging Face does,
-so their rows are written as they are.
+so their rows are written as they are, as are ``phi3``'s fused ``[q; k; v]`` and ``[gate; up]``
+projections (Phi-3, arXiv 2404.14219), which llama.cpp splits in the same order.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ import torch
 
 BLOCK = 32  # weights per Q8_0 / Q4_0 block
 _ATTN = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
-         "q_norm": "attn_q_norm", "k_norm": "attn_k_norm"}
-_MLP = {"gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
+         "q_norm": "attn_q_norm", "k_norm": "attn_k_norm", "qkv_proj": "attn_qkv"}
+_MLP = {"gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down",
+        "gate_up_proj": "ffn_up"}  # Phi-3's fused [gate; up]: llama.cpp's phi3 splits it so
 _NORMS = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
 ROPE_FREQS = "rope_freqs.weight"
 
@@ -34,16 +36,19 @@ class Architecture:
     pairs: bool  # rotary on adjacent pairs: q and k rows are permuted from HF's halves
     qkv_bias: bool  # q, k and v projections carry biases (Qwen2, arXiv 2407.10671)
     qk_norm: bool  # per-head RMSNorm of q and k before the rotation (Qwen3, arXiv 2505.09388)
+    fused: bool = False  # one qkv_proj and one gate_up_proj per block (Phi-3)
 
 
 # HF model_type -> how it is written. Mistral is written as ``llama``, as llama.cpp's converter
-# writes it; its sliding window is not written (llama.cpp's ``llama`` attends to the whole
-# context), which changes nothing up to the window's length.
+# writes it. A sliding window (Mistral's, Phi-3's) is not written: llama.cpp's ``llama`` and
+# ``phi3`` attend to the whole context (checked: a ``phi3`` file given one ran as without it),
+# which changes nothing up to the window's length; export.json notes it.
 ARCHITECTURES = {
     "llama": Architecture("llama", pairs=True, qkv_bias=False, qk_norm=False),
     "mistral": Architecture("llama", pairs=True, qkv_bias=False, qk_norm=False),
     "qwen2": Architecture("qwen2", pairs=False, qkv_bias=True, qk_norm=False),
     "qwen3": Architecture("qwen3", pairs=False, qkv_bias=False, qk_norm=True),
+    "phi3": Architecture("phi3", pairs=False, qkv_bias=False, qk_norm=False, fused=True),
 }
 BY_NAME = {a.name: a for a in ARCHITECTURES.values()}
 
@@ -61,15 +66,20 @@ def expected_shapes(config: Any, arch: Architecture, *, tied: bool = False
         shapes["lm_head.weight"] = (v, h)
     for i in range(config.num_hidden_layers):
         a, m = f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp"
-        shapes |= {f"{a}.q_proj.weight": (heads * d, h), f"{a}.k_proj.weight": (kv * d, h),
-                   f"{a}.v_proj.weight": (kv * d, h), f"{a}.o_proj.weight": (h, heads * d)}
+        if arch.fused:
+            shapes |= {f"{a}.qkv_proj.weight": ((heads + 2 * kv) * d, h),
+                       f"{a}.o_proj.weight": (h, heads * d)}
+        else:
+            shapes |= {f"{a}.q_proj.weight": (heads * d, h), f"{a}.k_proj.weight": (kv * d, h),
+                       f"{a}.v_proj.weight": (kv * d, h), f"{a}.o_proj.weight": (h, heads * d)}
         if arch.qkv_bias:
             shapes |= {f"{a}.q_proj.bias": (heads * d,), f"{a}.k_proj.bias": (kv * d,),
                        f"{a}.v_proj.bias": (kv * d,)}
         if arch.qk_norm:
             shapes |= {f"{a}.q_norm.weight": (d,), f"{a}.k_norm.weight": (d,)}
-        shapes |= {f"{m}.gate_proj.weight": (f, h), f"{m}.up_proj.weight": (f, h),
-                   f"{m}.down_proj.weight": (h, f),
+        mlp = {f"{m}.gate_up_proj.weight": (2 * f, h)} if arch.fused else \
+            {f"{m}.gate_proj.weight": (f, h), f"{m}.up_proj.weight": (f, h)}
+        shapes |= mlp | {f"{m}.down_proj.weight": (h, f),
                    f"model.layers.{i}.input_layernorm.weight": (h,),
                    f"model.layers.{i}.post_attention_layernorm.weight": (h,)}
     return shapes
