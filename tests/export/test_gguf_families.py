@@ -365,3 +365,35 @@ def test_a_window_the_file_cannot_hold_bounds_the_parity_check(tmp_path):
     torch.testing.assert_close(_logits(rebuilt, inside), _logits(model, inside), atol=1e-4,
                                rtol=0)
     assert (_logits(rebuilt, batch) - _logits(model, batch)).abs().max() > 1e-2  # past it
+
+
+TEMPLATE = "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+
+
+def saved_with_bos_and_template(directory, kind: str = "llama-tied"):
+    """A Hugging Face directory as users have them: a tokenizer that puts BOS first and
+    carries a chat template, saved beside the model."""
+    from tokenizers import processors
+
+    tokenizer = sentencepiece_tokenizer("legacy")
+    bos = tokenizer.convert_tokens_to_ids("<s>")
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
+    tokenizer.chat_template = TEMPLATE
+    family(kind, 576).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return tokenizer
+
+
+def test_a_saved_directory_exports_its_bos_rule_and_chat_template(tmp_path):
+    from slimline.cli import main
+
+    tokenizer = saved_with_bos_and_template(tmp_path / "hf")
+    (tmp_path / "text.txt").write_text("def add_3(x, y):\n\n  return x * 111 + y\nx\n")
+    assert main(["export", "--model", str(tmp_path / "hf"), "--format", "gguf", "--data",
+                 str(tmp_path / "text.txt"), "--out", str(tmp_path / "out")]) == 0
+    fields = gguf.GGUFReader(str(tmp_path / "out" / MODEL_FILE)).fields
+    assert fields["tokenizer.ggml.add_bos_token"].contents() is True
+    assert fields["tokenizer.ggml.bos_token_id"].contents() == tokenizer.bos_token_id
+    assert fields["tokenizer.ggml.eos_token_id"].contents() == tokenizer.eos_token_id
+    assert fields["tokenizer.chat_template"].contents() == TEMPLATE

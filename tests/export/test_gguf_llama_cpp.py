@@ -159,3 +159,18 @@ def test_llama_cpp_tokenizes_sentencepiece_style_as_hugging_face(tmp_path, style
         assert llm.tokenize(text.encode(), add_bos=False, special=False) == ours, text
         # llama-cpp-python's detokenize keeps the prepended space that Hugging Face strips.
         assert llm.detokenize(ours).decode() == " " + tokenizer.decode(ours), text
+
+
+def test_llama_cpp_puts_bos_first_and_reads_the_chat_template(tmp_path):
+    from slimline.cli import main
+    from tests.export.test_gguf_families import TEMPLATE, saved_with_bos_and_template
+
+    tokenizer = saved_with_bos_and_template(tmp_path / "hf")
+    (tmp_path / "text.txt").write_text("def add_3(x, y):\n  return x * 111 + y\n")
+    assert main(["export", "--model", str(tmp_path / "hf"), "--format", "gguf", "--data",
+                 str(tmp_path / "text.txt"), "--out", str(tmp_path / "out")]) == 0
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "out" / MODEL_FILE), n_ctx=64,
+                          vocab_only=True, verbose=False)
+    for text in TEXTS:
+        assert llm.tokenize(text.encode()) == tokenizer(text)["input_ids"], text
+    assert llm.metadata["tokenizer.chat_template"] == TEMPLATE

@@ -51,7 +51,7 @@ from slimline.export.gguf_layout import (
     rope_permute,
     rope_unpermute,
 )
-from slimline.export.gguf_vocab import Vocab, build_vocab, tokenizer_json
+from slimline.export.gguf_vocab import Vocab, build_vocab, source_tokenizer, tokenizer_json
 from slimline.export.graph import (
     GraphForward,
     check_example,
@@ -112,8 +112,11 @@ def export_gguf(
         batch = _within(batch, window)
     from slimline.core.checkpoint import SOURCE_DIR_ATTR
 
-    vocab = build_vocab(tokenizer_json(tokenizer, getattr(model, SOURCE_DIR_ATTR, None)),
-                        layout.config.vocab_size, tokenizer)
+    source_dir = getattr(model, SOURCE_DIR_ATTR, None)
+    if tokenizer is None:  # the source's own: special ids and the BOS rule as it applies them
+        tokenizer = source_tokenizer(source_dir)
+    vocab = build_vocab(tokenizer_json(tokenizer, source_dir), layout.config.vocab_size,
+                        tokenizer)
 
     def write(directory: Path) -> ExportReport:
         details = _write_file(gguf, model, layout, vocab, directory / MODEL_FILE, dtype)
@@ -304,6 +307,8 @@ def _write_metadata(gguf: Any, writer: Any, layout: Layout, vocab: Vocab, dtype:
             add(ident)
     writer.add_add_bos_token(vocab.add_bos)
     writer.add_add_eos_token(False)
+    if vocab.chat_template is not None:
+        writer.add_chat_template(vocab.chat_template)
 
 
 def _encode(gguf: Any, model: nn.Module, key: str, layout: Layout, dtype: GgufDtype

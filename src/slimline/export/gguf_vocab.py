@@ -56,6 +56,7 @@ class Vocab:
     pad: int | None
     unk: int | None
     add_bos: bool
+    chat_template: str | None  # the tokenizer's Jinja chat template (llama.cpp, ollama read it)
 
 
 def tokenizer_json(tokenizer: Any | None, source_dir: str | None) -> dict[str, Any]:
@@ -107,11 +108,11 @@ def build_vocab(spec: dict[str, Any], vocab_size: int, tokenizer: Any | None) ->
             "the tokenizer's Metaspace only to text that does not start with one"
         return Vocab("llama", tokens, kinds, [], [ranks.get(t, 0.0) for t in tokens], None,
                      caveat, bos, eos, pad, None if unk is None else int(unk),
-                     _adds_bos(tokenizer, bos))
+                     _adds_bos(tokenizer, bos), _chat_template(tokenizer))
     caveat = "llama.cpp does not run the tokenizer's NFC normalizer: text not in NFC may " \
         "split differently" if spec.get("normalizer") is not None else None
     return Vocab("gpt2", tokens, kinds, merges, None, pre, caveat, bos, eos, pad, None,
-                 _adds_bos(tokenizer, bos))
+                 _adds_bos(tokenizer, bos), _chat_template(tokenizer))
 
 
 def merge_scores(merges: list[str]) -> dict[str, float]:
@@ -197,6 +198,21 @@ def _special_id(tokenizer: Any | None, spec: dict[str, Any], kind: str) -> int |
              "pad": ("<pad>", "<|pad|>")}[kind]
     found = [a["id"] for a in spec.get("added_tokens", []) if a["content"] in names]
     return int(found[0]) if found else None
+
+
+def source_tokenizer(source_dir: str | None) -> Any | None:
+    """The fast tokenizer saved in the model's source directory, if there is one: its special
+    ids, BOS rule and chat template are read from it, not guessed from ``tokenizer.json``."""
+    if source_dir is None or not (Path(source_dir) / "tokenizer.json").is_file():
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(source_dir, local_files_only=True)
+
+
+def _chat_template(tokenizer: Any | None) -> str | None:
+    template = getattr(tokenizer, "chat_template", None)
+    return template if isinstance(template, str) and template else None
 
 
 def _adds_bos(tokenizer: Any | None, bos: int | None) -> bool:
