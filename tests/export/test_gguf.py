@@ -207,6 +207,7 @@ def test_other_quant_grids_are_re_encoded(tmp_path, tiny_llama, token_batches):
     report = sl.export(model, tmp_path / "out", format="gguf", example=token_batches[0],
                        dtype="q8_0", tokenizer=_tokenizer())
     assert report.details["exact_codes"] == [] and len(report.details["re_encoded"]) == 14
+    assert "14 packed layer(s) re-encoded as q8_0" in report.summary()  # the CLI prints it
 
 
 def test_refusals_write_nothing(tmp_path, tiny_llama, tiny_gpt2, token_batches):

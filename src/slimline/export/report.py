@@ -66,9 +66,19 @@ class ExportReport:
         return target
 
     def summary(self) -> str:
-        """One line per parity check, as the command line prints them."""
-        return "\n".join(
+        """One line per parity check, as the command line prints them, then what the format's
+        details say the user may want to know (GGUF: packed layers rounded again, notes)."""
+        lines = [
             f"parity {'ok' if p.passed else 'FAILED'} on input {tuple(p.shape)}: "
             f"max abs diff {p.max_abs_diff:.3g}, cosine {p.cosine:.6f}"
             for p in self.parity
-        )
+        ]
+        again = self.details.get("re_encoded") or []
+        if again:
+            lines.append(f"{len(again)} packed layer(s) re-encoded as {self.details.get('dtype')} "
+                         "(rounded again: their grid is not the file's; quantize symmetric with "
+                         "group_size: 32 to write their codes exactly)")
+        for key in ("sliding_window_not_written", "tokenizer_caveat"):
+            if key in self.details:
+                lines.append(f"note: {key.replace('_', ' ')}: {self.details[key]}")
+        return "\n".join(lines)
