@@ -49,9 +49,15 @@ def family(kind: str, vocab: int = VOCAB) -> torch.nn.Module:
                                               rope_parameters={"rope_type": "default",
                                                                "rope_theta": 10000.0,
                                                                "partial_rotary_factor": 0.75}),
+        "gemma": lambda: tf.GemmaConfig(**shapes, head_dim=16, pad_token_id=0),
+        # soft-caps low enough to bend these logits; a window the 48 tested tokens pass
+        "gemma2": lambda: tf.Gemma2Config(**shapes, head_dim=16, query_pre_attn_scalar=16,
+                                          sliding_window=32, attn_logit_softcapping=5.0,
+                                          final_logit_softcapping=3.0, pad_token_id=0),
     }
     torch.manual_seed(0)
-    model = tf.AutoModelForCausalLM.from_config(configs[kind]()).eval()
+    eager = {"attn_implementation": "eager"} if kind == "gemma2" else {}  # its soft-capping
+    model = tf.AutoModelForCausalLM.from_config(configs[kind](), **eager).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
@@ -106,6 +112,9 @@ def _logits(model, batch) -> torch.Tensor:
     ("phi3", "phi3", ["blk.1.attn_qkv.weight", "blk.1.ffn_up.weight", "output.weight"],
      ["blk.1.attn_q.weight", "blk.1.ffn_gate.weight"]),
     ("phi3-partial", "phi3", ["blk.0.attn_qkv.weight"], ["output.weight"]),
+    ("gemma", "gemma", ["blk.1.ffn_norm.weight"], ["output.weight"]),
+    ("gemma2", "gemma2", ["blk.1.post_attention_norm.weight", "blk.1.post_ffw_norm.weight",
+                          "blk.1.ffn_norm.weight"], ["output.weight"]),
 ])
 def test_each_family_reads_back_to_its_logits(tmp_path, kind, arch, present, absent):
     model = family(kind)
@@ -122,7 +131,8 @@ def test_each_family_reads_back_to_its_logits(tmp_path, kind, arch, present, abs
     torch.testing.assert_close(_logits(contents.model(), batch), _logits(model, batch),
                                atol=1e-4, rtol=0)
     stored = json.loads((tmp_path / "out" / "export.json").read_text())["details"]
-    assert stored["tied_output"] == (kind in ("qwen2", "llama-tied", "phi3-partial"))
+    assert stored["tied_output"] == (kind in ("qwen2", "llama-tied", "phi3-partial", "gemma",
+                                              "gemma2"))
     assert ("sliding_window_not_written" in stored) == (kind in ("mistral", "phi3"))
 
 
@@ -241,7 +251,8 @@ def test_family_refusals_write_nothing(tmp_path):
 
 def sentencepiece_tokenizer(style: str = "legacy", vocab: int = 300):
     """A SentencePiece-style BPE as transformers writes Llama 2's (``legacy``: spaces made ``▁``
-    by a normalizer) or newer files (``metaspace``: by a Metaspace pre-tokenizer), trained here;
+    by a normalizer), newer files (``metaspace``: by a Metaspace pre-tokenizer) or Gemma's
+    (``plain``: no space prepended), trained here;
     its merges are rebuilt as transformers' converter lists them: every split of every token
     into two tokens, in the order of the tokens they make."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
@@ -250,14 +261,19 @@ def sentencepiece_tokenizer(style: str = "legacy", vocab: int = 300):
     specials = ["<unk>", "<s>", "</s>"]
     byte_tokens = [f"<0x{i:02X}>" for i in range(256)]
     tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    strip = [decoders.Strip(" ", 1, 0)]
     if style == "legacy":
         tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"),
                                                normalizers.Replace(" ", "▁")])
-    else:
+    elif style == "metaspace":
         tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first",
                                                      split=False)
+    else:  # "plain", Gemma's: no space prepended
+        tok.normalizer = normalizers.Replace(" ", "▁")
+        tok.pre_tokenizer = pre_tokenizers.Split(" ", "merged_with_previous")
+        strip = []
     tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
-                                     decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+                                     decoders.Fuse(), *strip])
     text = [f"def add_{i}(x, y):\n    return x * {i * 37} + y  # it's {i}" for i in range(300)]
     tok.train_from_iterator(text, trainers.BpeTrainer(
         vocab_size=vocab + len(byte_tokens), special_tokens=specials + byte_tokens))
@@ -323,7 +339,7 @@ def test_merge_scores_make_sentencepiece_merging_follow_the_merge_list():
                for t in SPM_TEXTS)
 
 
-@pytest.mark.parametrize("style", ["legacy", "metaspace"])
+@pytest.mark.parametrize("style", ["legacy", "metaspace", "plain"])
 def test_sentencepiece_tokenizer_is_written_as_llamas(tmp_path, style):
     tokenizer = sentencepiece_tokenizer(style)
     report = sl.export(family("llama-tied", 576), tmp_path / "out", format="gguf",
@@ -333,7 +349,7 @@ def test_sentencepiece_tokenizer_is_written_as_llamas(tmp_path, style):
     fields = gguf.GGUFReader(str(tmp_path / "out" / MODEL_FILE)).fields
     assert fields["tokenizer.ggml.model"].contents() == "llama"
     assert "tokenizer.ggml.merges" not in fields and "tokenizer.ggml.pre" not in fields
-    assert fields["tokenizer.ggml.add_space_prefix"].contents() is True
+    assert fields["tokenizer.ggml.add_space_prefix"].contents() is (style != "plain")
     vocab = tokenizer.get_vocab()
     types = fields["tokenizer.ggml.token_type"].contents()
     scores = fields["tokenizer.ggml.scores"].contents()
@@ -341,7 +357,8 @@ def test_sentencepiece_tokenizer_is_written_as_llamas(tmp_path, style):
     assert types[vocab["<0x41>"]] == gguf.TokenType.BYTE
     assert types[vocab["<unk>"]] == gguf.TokenType.UNKNOWN
     assert types[vocab["<s>"]] == gguf.TokenType.CONTROL
-    assert types[vocab["▁def▁add_"]] == gguf.TokenType.NORMAL and scores[vocab["▁def▁add_"]] < 0
+    merged = vocab[tokenizer.tokenize("def add_7")[0]]  # a token some merge makes
+    assert types[merged] == gguf.TokenType.NORMAL and scores[merged] < 0
     assert fields["tokenizer.ggml.unknown_token_id"].contents() == vocab["<unk>"]
     # transformers' GGUF loader rebuilds a tokenizer from the tokens and scores alone.
     from transformers import AutoTokenizer

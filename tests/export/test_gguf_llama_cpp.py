@@ -70,7 +70,7 @@ def test_llama_cpp_tokenizes_as_the_hugging_face_tokenizer(tmp_path, tiny_llama,
 
 
 @pytest.mark.parametrize("kind", ["mistral", "qwen2", "qwen3", "llama-tied", "llama3-rope",
-                                  "linear-rope", "phi3", "phi3-partial"])
+                                  "linear-rope", "phi3", "phi3-partial", "gemma", "gemma2"])
 def test_llama_cpp_runs_each_family_to_its_logits(tmp_path, kind):
     from tests.export.test_gguf_families import _batch, byte_tokenizer, family
 
@@ -83,7 +83,9 @@ def test_llama_cpp_runs_each_family_to_its_logits(tmp_path, kind):
     theirs = _llama_cpp_logits(tmp_path / "out" / MODEL_FILE, tokens, type_k=0, type_v=0)
     ours = _torch_logits(model, tokens)
     scale = np.abs(ours).max()
-    assert np.abs(theirs - ours).max() <= 1e-3 * scale, (np.abs(theirs - ours).max(), scale)
+    # ggml's GELU reads an f16 table (Gemma's MLP): it alone moves logits by ~1e-3 of scale.
+    bound = 5e-3 if kind.startswith("gemma") else 1e-3
+    assert np.abs(theirs - ours).max() <= bound * scale, (np.abs(theirs - ours).max(), scale)
     assert (theirs.argmax(-1) == ours.argmax(-1)).all()
 
 
@@ -137,7 +139,7 @@ def test_eval_runs_the_export_in_llama_cpp_beside_the_model(tmp_path):
     assert figures["model"]["generate_tokens_per_s"] > 0
 
 
-@pytest.mark.parametrize("style", ["legacy", "metaspace"])
+@pytest.mark.parametrize("style", ["legacy", "metaspace", "plain"])
 def test_llama_cpp_tokenizes_sentencepiece_style_as_hugging_face(tmp_path, style):
     from tests.export.test_gguf_families import (
         SPM_TEXTS,
@@ -158,7 +160,8 @@ def test_llama_cpp_tokenizes_sentencepiece_style_as_hugging_face(tmp_path, style
             ours = tokenizer(" " + text, add_special_tokens=False)["input_ids"]
         assert llm.tokenize(text.encode(), add_bos=False, special=False) == ours, text
         # llama-cpp-python's detokenize keeps the prepended space that Hugging Face strips.
-        assert llm.detokenize(ours).decode() == " " + tokenizer.decode(ours), text
+        prefix = "" if style == "plain" else " "
+        assert llm.detokenize(ours).decode() == prefix + tokenizer.decode(ours), text
 
 
 def test_llama_cpp_puts_bos_first_and_reads_the_chat_template(tmp_path):

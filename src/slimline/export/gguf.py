@@ -1,10 +1,11 @@
-"""Export a Hugging Face Llama, Mistral, Qwen2, Qwen3 or Phi-3 to GGUF, llama.cpp's file format,
-with its tokenizer.
+"""Export a Hugging Face Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma or Gemma 2 to GGUF,
+llama.cpp's file format, with its tokenizer.
 
 The file is written with the ``gguf`` package (llama.cpp's own Python writer): the metadata of
-llama.cpp's ``llama``, ``qwen2``, ``qwen3`` or ``phi3`` architecture, the tokenizer
-(``export/gguf_vocab.py``), and the tensors under llama.cpp's names, q and k rows in llama.cpp's
-rotary order, Llama 3's rotary frequency factors as ``rope_freqs`` (``export/gguf_layout.py``).
+llama.cpp's ``llama``, ``qwen2``, ``qwen3``, ``phi3``, ``gemma`` or ``gemma2`` architecture, the
+tokenizer (``export/gguf_vocab.py``), and the tensors under llama.cpp's names, q and k rows in
+llama.cpp's rotary order, Llama 3's rotary frequency factors as ``rope_freqs``, Gemma's norm gains
+as llama.cpp applies them (``export/gguf_layout.py``).
 A head tied to the embedding is not written twice (llama.cpp reads ``token_embd`` for it).
 
 ``dtype``: ``f32``, ``f16``, ``q8_0`` or ``q4_0`` (llama.cpp's blocks of 32 weights sharing an
@@ -92,10 +93,10 @@ def export_gguf(
     atol: float | None = None,
     min_cosine: float | None = None,
 ) -> ExportReport:
-    """Write the Llama, Mistral, Qwen2, Qwen3 or Phi-3 ``model`` to the directory ``path`` as
-    ``model.gguf`` and check its parity on ``example`` (one token batch). ``tokenizer``: the
-    model's fast tokenizer (default: the ``tokenizer.json`` of the directory the model came
-    from). ``atol``, ``min_cosine``: the parity to meet (default: :data:`TOLERANCES` of
+    """Write the Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma or Gemma 2 ``model`` to the
+    directory ``path`` as ``model.gguf`` and check its parity on ``example`` (one token batch).
+    ``tokenizer``: the model's fast tokenizer (default: the one saved in the directory the model
+    came from). ``atol``, ``min_cosine``: the parity to meet (default: :data:`TOLERANCES` of
     ``dtype``). Raises ValueError before anything is written for what cannot be exported, and
     when the file fails parity."""
     if dtype not in TOLERANCES:
@@ -155,20 +156,27 @@ def check_model(model: nn.Module) -> Layout:
     """How ``model`` is written; ValueError naming what the architecture (as written here)
     cannot hold: another family, biases it has not, rope scaling, a sliding window, a layer
     slimline cannot write, a shape that differs from the config's (a pruned model)."""
-    config = getattr(model, "config", None)
+    config: Any = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     arch = ARCHITECTURES.get(str(model_type))
     if arch is None:
         raise ValueError(f"export: gguf writes Hugging Face {', '.join(ARCHITECTURES)} models; "
                          f"this model's type is {model_type or type(model).__name__!r}")
-    checks: tuple[tuple[str, object], ...] = (("hidden_act", "silu"), ("mlp_bias", False),
+    activation = "hidden_activation" if hasattr(config, "hidden_activation") else "hidden_act"
+    checks: tuple[tuple[str, object], ...] = ((activation, arch.activation), ("mlp_bias", False),
                                               ("use_sliding_window", False))
     if not arch.qkv_bias:
         checks += (("attention_bias", False),)
+    if arch.softcap:  # llama.cpp's gemma2 scales queries by head_dim and alternates windows
+        checks += (("query_pre_attn_scalar", head_counts(config)[2]),
+                   ("layer_types", _alternating(config.num_hidden_layers)))
     for field, allowed in checks:
         if getattr(config, field, allowed) != allowed:
             raise ValueError(f"export: gguf cannot write config.{field}="
                              f"{getattr(config, field)!r} ({arch.name} needs {allowed!r})")
+    if arch.softcap and None in (config.attn_logit_softcapping, config.final_logit_softcapping,
+                                 config.sliding_window):
+        raise ValueError("export: gguf's gemma2 needs both soft-caps and the sliding window")
     linear, divisors = _rope_scaling(config)
     d = head_counts(config)[2]
     rope_dims = int(d * float(_rope(config).get("partial_rotary_factor", 1.0)))
@@ -199,6 +207,11 @@ def _rope_scaling(config: Any) -> tuple[float | None, torch.Tensor | None]:
         raise ValueError(f"export: gguf writes rope scaling default, linear and llama3; this "
                          f"model's is {kind!r}")
     return None, None
+
+
+def _alternating(layers: int) -> list[str]:
+    """Gemma 2's layer types, as llama.cpp's gemma2 assumes them: even layers slide."""
+    return ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
 
 
 def _unwritten_window(layout: Layout) -> int | None:
@@ -252,7 +265,7 @@ def _write_file(gguf: Any, model: nn.Module, layout: Layout, vocab: Vocab, file:
         array, qtype, how = _encode(gguf, model, key, layout, dtype)
         if how:
             written[how].append(key.rsplit(".", 1)[0])
-        writer.add_tensor(gguf_name(key), array, raw_dtype=qtype)
+        writer.add_tensor(gguf_name(key, layout.arch), array, raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -281,6 +294,10 @@ def _write_metadata(gguf: Any, writer: Any, layout: Layout, vocab: Vocab, dtype:
     writer.add_key_length(d)
     writer.add_value_length(d)
     writer.add_rope_dimension_count(layout.rope_dims)
+    if layout.arch.softcap:
+        writer.add_attn_logit_softcapping(float(config.attn_logit_softcapping))
+        writer.add_final_logit_softcapping(float(config.final_logit_softcapping))
+        writer.add_sliding_window(int(config.sliding_window))
     writer.add_rope_freq_base(float(_rope(config).get("rope_theta", 10000.0)))
     if layout.linear_factor is not None:
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
@@ -298,7 +315,7 @@ def _write_metadata(gguf: Any, writer: Any, layout: Layout, vocab: Vocab, dtype:
     writer.add_token_types(vocab.types)
     if vocab.scores is not None:  # "llama": merges by score, with a space prepended
         writer.add_token_scores(vocab.scores)
-        writer.add_add_space_prefix(True)
+        writer.add_add_space_prefix(vocab.space_prefix)
     else:
         writer.add_token_merges(vocab.merges)
     for ident, add in ((vocab.bos, writer.add_bos_token_id), (vocab.eos, writer.add_eos_token_id),
@@ -328,6 +345,8 @@ def _encode(gguf: Any, model: nn.Module, key: str, layout: Layout, dtype: GgufDt
     weight = _float_weight(module).detach().float().cpu()
     if heads:
         weight = rope_permute(weight, heads)
+    if layout.arch.norm_offset and name.endswith("norm"):
+        weight = weight + 1.0  # Gemma's 1 + w, as llama.cpp applies the gain
     how = "re_encoded" if _is_quant_linear(module) else None
     if weight.dim() == 1 or dtype == "f32":
         return weight.numpy(), types.F32, how
@@ -378,7 +397,9 @@ class GgufContents:
         import transformers
 
         cls = getattr(transformers, _HF_CLASSES[self.architecture] + "ForCausalLM")
-        rebuilt = cls(self.config).eval()
+        # Gemma 2's soft-capped attention runs in transformers' eager attention only.
+        eager = {"attn_implementation": "eager"} if BY_NAME[self.architecture].softcap else {}
+        rebuilt = cls._from_config(self.config, **eager).eval()
         rebuilt.load_state_dict(self.state, strict=True)
         if self.rope_divisors is not None:
             rotary = rebuilt.model.rotary_emb
@@ -387,7 +408,8 @@ class GgufContents:
         return rebuilt
 
 
-_HF_CLASSES = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "phi3": "Phi3"}
+_HF_CLASSES = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "phi3": "Phi3",
+               "gemma": "Gemma", "gemma2": "Gemma2"}
 
 
 def read_gguf(file: str | Path) -> GgufContents:
@@ -413,7 +435,14 @@ def read_gguf(file: str | Path) -> GgufContents:
     if field("rope.scaling.type") == "linear":
         rope |= {"rope_type": "linear", "factor": float(field("rope.scaling.factor"))}
     tied = "output.weight" not in stored
-    config = getattr(transformers, _HF_CLASSES[name] + "Config")(
+    arch = BY_NAME[name]
+    extra: dict[str, Any] = {}
+    if arch.softcap:
+        extra = {"query_pre_attn_scalar": d,
+                 "sliding_window": int(field("attention.sliding_window")),
+                 "attn_logit_softcapping": float(field("attn_logit_softcapping")),
+                 "final_logit_softcapping": float(field("final_logit_softcapping"))}
+    config = getattr(transformers, _HF_CLASSES[name] + "Config")(**extra,
         vocab_size=int(field("vocab_size")), hidden_size=int(field("embedding_length")),
         intermediate_size=int(field("feed_forward_length")),
         num_hidden_layers=int(field("block_count")), num_attention_heads=heads,
@@ -422,14 +451,15 @@ def read_gguf(file: str | Path) -> GgufContents:
         rms_norm_eps=float(field("attention.layer_norm_rms_epsilon")),
         rope_parameters=rope, tie_word_embeddings=tied, pad_token_id=None,
     )
-    arch = BY_NAME[name]
     state = {}
     for key, shape in expected_shapes(config, arch, tied=tied).items():
-        t = stored[gguf_name(key)]
+        t = stored[gguf_name(key, arch)]
         w = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type),
                                       dtype=np.float32)).reshape(shape)
         permuted = rope_heads(key, config, arch)
         state[key] = rope_unpermute(w, permuted) if permuted else w
+        if arch.norm_offset and key.endswith("norm.weight"):
+            state[key] = state[key] - 1.0
     if tied:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     divisors = stored.get(ROPE_FREQS)
@@ -504,8 +534,10 @@ def _tensor_shape(model: nn.Module, key: str, arch: Architecture) -> tuple[int, 
         raise ValueError(f"export: layer {name!r} has a bias, which {arch.name}'s gguf has not")
     if _is_quant_linear(module):
         return (int(module.out_features), int(module.in_features))
-    if type(module) not in (nn.Linear, nn.Embedding) and not name.endswith("norm") \
-            and not name.endswith("layernorm"):
+    # Gemma's embedding scales by sqrt(hidden) in the module; llama.cpp's gemma does it itself.
+    scaled = arch.norm_offset and isinstance(module, nn.Embedding)
+    if type(module) not in (nn.Linear, nn.Embedding) and not scaled \
+            and not name.endswith("norm") and not name.endswith("layernorm"):
         raise ValueError(f"export: layer {name!r} ({type(module).__name__}) cannot be written "
                          "to GGUF: only nn.Linear and slimline's rtn/gptq/awq QuantLinear are")
     weight = getattr(module, "weight", None)

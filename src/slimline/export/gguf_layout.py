@@ -25,6 +25,11 @@ _ATTN = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "
 _MLP = {"gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down",
         "gate_up_proj": "ffn_up"}  # Phi-3's fused [gate; up]: llama.cpp's phi3 splits it so
 _NORMS = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+# Gemma 2's four norms: after attention and after the MLP too (its post_attention_layernorm is
+# the one after attention, where Llama's is the one before the MLP).
+_FOUR_NORMS = {"input_layernorm": "attn_norm", "post_attention_layernorm": "post_attention_norm",
+               "pre_feedforward_layernorm": "ffn_norm",
+               "post_feedforward_layernorm": "post_ffw_norm"}
 ROPE_FREQS = "rope_freqs.weight"
 
 
@@ -37,6 +42,12 @@ class Architecture:
     qkv_bias: bool  # q, k and v projections carry biases (Qwen2, arXiv 2407.10671)
     qk_norm: bool  # per-head RMSNorm of q and k before the rotation (Qwen3, arXiv 2505.09388)
     fused: bool = False  # one qkv_proj and one gate_up_proj per block (Phi-3)
+    activation: str = "silu"  # the gated MLP's (Gemma: GELU, tanh approximation)
+    # Gemma (arXiv 2403.08295): RMSNorm gains stored as w and applied as 1 + w; llama.cpp's
+    # gemma architectures apply the stored gain, so 1 is added when written.
+    norm_offset: bool = False
+    four_norms: bool = False  # Gemma 2 (arXiv 2408.00118): norms after attention and MLP too
+    softcap: bool = False  # Gemma 2: tanh soft-capping of attention and final logits
 
 
 # HF model_type -> how it is written. Mistral is written as ``llama``, as llama.cpp's converter
@@ -49,6 +60,11 @@ ARCHITECTURES = {
     "qwen2": Architecture("qwen2", pairs=False, qkv_bias=True, qk_norm=False),
     "qwen3": Architecture("qwen3", pairs=False, qkv_bias=False, qk_norm=True),
     "phi3": Architecture("phi3", pairs=False, qkv_bias=False, qk_norm=False, fused=True),
+    "gemma": Architecture("gemma", pairs=False, qkv_bias=False, qk_norm=False,
+                          activation="gelu_pytorch_tanh", norm_offset=True),
+    "gemma2": Architecture("gemma2", pairs=False, qkv_bias=False, qk_norm=False,
+                           activation="gelu_pytorch_tanh", norm_offset=True, four_norms=True,
+                           softcap=True),
 }
 BY_NAME = {a.name: a for a in ARCHITECTURES.values()}
 
@@ -79,20 +95,21 @@ def expected_shapes(config: Any, arch: Architecture, *, tied: bool = False
             shapes |= {f"{a}.q_norm.weight": (d,), f"{a}.k_norm.weight": (d,)}
         mlp = {f"{m}.gate_up_proj.weight": (2 * f, h)} if arch.fused else \
             {f"{m}.gate_proj.weight": (f, h), f"{m}.up_proj.weight": (f, h)}
-        shapes |= mlp | {f"{m}.down_proj.weight": (h, f),
-                   f"model.layers.{i}.input_layernorm.weight": (h,),
-                   f"model.layers.{i}.post_attention_layernorm.weight": (h,)}
+        norms = _FOUR_NORMS if arch.four_norms else _NORMS
+        shapes |= mlp | {f"{m}.down_proj.weight": (h, f)} \
+            | {f"model.layers.{i}.{norm}.weight": (h,) for norm in norms}
     return shapes
 
 
-def gguf_name(key: str) -> str:
-    """llama.cpp's tensor name for the HF state-dict key ``key``."""
+def gguf_name(key: str, arch: Architecture = ARCHITECTURES["llama"]) -> str:
+    """llama.cpp's tensor name for the HF state-dict key ``key`` under ``arch``."""
     fixed = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
     module, param = key.rsplit(".", 1)
     if module in fixed:
         return f"{fixed[module]}.{param}"
     parts = module.split(".")  # model.layers.<i>.<self_attn|mlp>.<proj> or .<norm>
-    return f"blk.{parts[2]}.{(_ATTN | _MLP | _NORMS)[parts[-1]]}.{param}"
+    norms = _FOUR_NORMS if arch.four_norms else _NORMS
+    return f"blk.{parts[2]}.{(_ATTN | _MLP | norms)[parts[-1]]}.{param}"
 
 
 def rope_permute(w: torch.Tensor, heads: int) -> torch.Tensor:

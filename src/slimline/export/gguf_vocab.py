@@ -57,6 +57,7 @@ class Vocab:
     unk: int | None
     add_bos: bool
     chat_template: str | None  # the tokenizer's Jinja chat template (llama.cpp, ollama read it)
+    space_prefix: bool  # "llama": a space is prepended to the text (Llama 2's; not Gemma's)
 
 
 def tokenizer_json(tokenizer: Any | None, source_dir: str | None) -> dict[str, Any]:
@@ -84,14 +85,14 @@ def build_vocab(spec: dict[str, Any], vocab_size: int, tokenizer: Any | None) ->
     ``vocab_size`` embedding rows: ids past the tokenizer's own are ``[PAD<id>]`` tokens of
     type UNUSED (llama.cpp requires one token per row)."""
     spm = sentencepiece_style(spec)
-    pre = None if spm else pre_tokenizer(spec)
+    pre = None if spm is not None else pre_tokenizer(spec)
     by_id: dict[int, str] = {int(i): t for t, i in spec["model"]["vocab"].items()}
     types = {i: NORMAL for i in by_id}
     for added in spec.get("added_tokens", []):
         by_id[int(added["id"])] = added["content"]
         types[int(added["id"])] = CONTROL if added.get("special") else USER_DEFINED
     unk = spec["model"]["vocab"].get(spec["model"].get("unk_token"))
-    if spm:  # byte tokens and the unknown token by their role, listed as added or not
+    if spm is not None:  # byte tokens and the unknown token by role, listed as added or not
         types |= {i: BYTE for i, t in by_id.items() if _is_byte_token(t)}
         if unk is not None:
             types[int(unk)] = UNKNOWN
@@ -102,17 +103,17 @@ def build_vocab(spec: dict[str, Any], vocab_size: int, tokenizer: Any | None) ->
     kinds = [types.get(i, UNUSED) for i in range(vocab_size)]
     merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"].get("merges", [])]
     bos, eos, pad = (_special_id(tokenizer, spec, k) for k in ("bos", "eos", "pad"))
-    if spm:
+    if spm is not None:
         ranks = merge_scores(merges)
-        caveat = None if spec.get("normalizer") else "llama.cpp prepends a space to every text, " \
-            "the tokenizer's Metaspace only to text that does not start with one"
+        caveat = "llama.cpp prepends a space to every text, the tokenizer's Metaspace only to " \
+            "text that does not start with one" if spm == "metaspace" else None
         return Vocab("llama", tokens, kinds, [], [ranks.get(t, 0.0) for t in tokens], None,
                      caveat, bos, eos, pad, None if unk is None else int(unk),
-                     _adds_bos(tokenizer, bos), _chat_template(tokenizer))
+                     _adds_bos(tokenizer, bos), _chat_template(tokenizer), spm != "plain")
     caveat = "llama.cpp does not run the tokenizer's NFC normalizer: text not in NFC may " \
         "split differently" if spec.get("normalizer") is not None else None
     return Vocab("gpt2", tokens, kinds, merges, None, pre, caveat, bos, eos, pad, None,
-                 _adds_bos(tokenizer, bos), _chat_template(tokenizer))
+                 _adds_bos(tokenizer, bos), _chat_template(tokenizer), False)
 
 
 def merge_scores(merges: list[str]) -> dict[str, float]:
@@ -125,25 +126,30 @@ def merge_scores(merges: list[str]) -> dict[str, float]:
     return scores
 
 
-def sentencepiece_style(spec: dict[str, Any]) -> bool:
-    """Whether ``spec`` is a SentencePiece BPE as transformers writes it: byte fallback, and
-    spaces made ``▁`` with one prepended (a normalizer, as Llama 2's, or a ``Metaspace``
-    pre-tokenizer that does not split, as newer files have)."""
+def sentencepiece_style(spec: dict[str, Any]) -> str | None:
+    """How ``spec`` makes a SentencePiece BPE, as transformers writes one (byte fallback, spaces
+    made ``▁``): ``legacy`` (Llama 2's normalizer: one space prepended), ``metaspace`` (a
+    Metaspace pre-tokenizer that prepends and does not split), ``plain`` (Gemma's: spaces
+    replaced, none prepended); None for a tokenizer without byte fallback."""
     model = spec.get("model") or {}
     if model.get("type") != "BPE" or not model.get("byte_fallback"):
-        return False
+        return None
     normalizer, pre = spec.get("normalizer"), spec.get("pre_tokenizer")
-    legacy = normalizer == {"type": "Sequence", "normalizers": [
-        {"type": "Prepend", "prepend": SPACE},
-        {"type": "Replace", "pattern": {"String": " "}, "content": SPACE}]} and pre is None
-    metaspace = normalizer is None and isinstance(pre, dict) \
-        and pre.get("type") == "Metaspace" and pre.get("replacement") == SPACE \
-        and pre.get("prepend_scheme") in ("first", "always") and not pre.get("split", True)
-    if not (legacy or metaspace):
-        raise ValueError(f"export: gguf writes SentencePiece-style tokenizers that make spaces "
-                         f"'{SPACE}' and prepend one; this one has normalizer {normalizer!r} "
-                         f"and pre-tokenizer {pre!r}")
-    return True
+    replace = {"type": "Replace", "pattern": {"String": " "}, "content": SPACE}
+    if normalizer == {"type": "Sequence", "normalizers": [
+            {"type": "Prepend", "prepend": SPACE}, replace]} and pre is None:
+        return "legacy"
+    if normalizer is None and isinstance(pre, dict) and pre.get("type") == "Metaspace" \
+            and pre.get("replacement") == SPACE \
+            and pre.get("prepend_scheme") in ("first", "always") and not pre.get("split", True):
+        return "metaspace"
+    # Gemma's Split on " " runs after every space became "▁": it never splits.
+    if normalizer == replace and (pre is None or (
+            pre.get("type") == "Split" and pre.get("pattern") == {"String": " "})):
+        return "plain"
+    raise ValueError(f"export: gguf writes SentencePiece-style tokenizers that make spaces "
+                     f"'{SPACE}' (Llama 2's, Metaspace, Gemma's); this one has normalizer "
+                     f"{normalizer!r} and pre-tokenizer {pre!r}")
 
 
 def _is_byte_token(token: str) -> bool:
