@@ -77,7 +77,7 @@ def resolve_model(spec: str) -> LoadedModel:
         )
     from slimline.export.runtime import ExportedModel, is_exported
 
-    if is_exported(path):  # sl.export's directory: run by onnxruntime or OpenVINO
+    if is_exported(path):  # sl.export's directory: run by onnxruntime, OpenVINO or llama.cpp
         exported = ExportedModel(path)
         return LoadedModel(exported, _tokenizer(path), exported.source, path)
     if (path / RECIPE_FILE).is_file():

@@ -240,6 +240,12 @@ def test_family_refusals_write_nothing(tmp_path):
          "rope scaling default, linear and llama3; this model's is 'yarn'"),
         (tf.LlamaConfig(**SHAPES, attention_bias=True), "attention_bias=True"),
         (tf.Qwen3Config(**SHAPES, attention_bias=True), "attention_bias=True"),
+        # llama.cpp's gemma reads no output tensor, and only its llama reads rope_freqs
+        (tf.GemmaConfig(**SHAPES, head_dim=16, tie_word_embeddings=False, pad_token_id=0),
+         "uses the embedding as the output head"),
+        (tf.Qwen2Config(**SHAPES, rope_parameters=LLAMA3_ROPE), "for llama models only"),
+        (tf.Gemma2Config(**SHAPES, head_dim=16, query_pre_attn_scalar=64, pad_token_id=0),
+         "query_pre_attn_scalar=64 \\(gemma2 needs 16\\)"),
     ]
     for config, message in cases:
         model = tf.AutoModelForCausalLM.from_config(config).eval()
@@ -414,3 +420,40 @@ def test_a_saved_directory_exports_its_bos_rule_and_chat_template(tmp_path):
     assert fields["tokenizer.ggml.bos_token_id"].contents() == tokenizer.bos_token_id
     assert fields["tokenizer.ggml.eos_token_id"].contents() == tokenizer.eos_token_id
     assert fields["tokenizer.chat_template"].contents() == TEMPLATE
+
+
+def test_gemma2_query_scale_is_the_one_llama_cpp_takes():
+    from slimline.export.gguf import gemma2_query_scalar
+
+    assert gemma2_query_scalar(46, 4608, 32, 128) == 144  # Gemma-2-27B: hidden / heads
+    assert gemma2_query_scalar(26, 2304, 8, 256) == 256  # Gemma-2-2B: the head dimension
+    assert gemma2_query_scalar(42, 3584, 16, 256) == 256  # Gemma-2-9B
+
+
+def test_a_tensor_example_is_cut_to_the_window_too():
+    from slimline.export.gguf import _within
+
+    ids = torch.arange(20).reshape(2, 10)
+    assert torch.equal(_within(ids, 4), ids[:, :4])
+    assert torch.equal(_within({"input_ids": ids}, 4)["input_ids"], ids[:, :4])
+
+
+def test_a_tokenizer_transformers_cannot_build_is_read_from_tokenizer_json(tmp_path,
+                                                                          monkeypatch):
+    """When transformers cannot build the saved tokenizer (a class it lacks, remote code), the
+    export reads tokenizer.json alone, and the BOS rule from its post-processor template."""
+    import transformers
+
+    from slimline.sources import resolve_model
+
+    saved_with_bos_and_template(tmp_path / "hf")
+    source = resolve_model(str(tmp_path / "hf"))
+
+    def cannot(*args, **kwargs):
+        raise ValueError("tokenizer class NoSuchTokenizerFast does not exist")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", cannot)
+    sl.export(source.model, tmp_path / "out", format="gguf", example=_batch(0), dtype="f32")
+    fields = gguf.GGUFReader(str(tmp_path / "out" / MODEL_FILE)).fields
+    assert fields["tokenizer.ggml.add_bos_token"].contents() is True
+    assert fields["tokenizer.ggml.bos_token_id"].contents() == 1

@@ -115,11 +115,12 @@ def test_eval_runs_the_export_in_llama_cpp_beside_the_model(tmp_path):
     from tests.export.test_gguf_families import _batch, byte_tokenizer, family
 
     model = family("qwen2")
-    sl.export(model, tmp_path / "out", format="gguf", example=_batch(0), dtype="f32",
-              tokenizer=byte_tokenizer("qwen2"))
+    # An example without a mask: the mask of later batches still says where the tokens are.
+    sl.export(model, tmp_path / "out", format="gguf", example={"input_ids": _batch(0)["input_ids"]},
+              dtype="f32", tokenizer=byte_tokenizer("qwen2"))
     exported = ExportedModel(tmp_path / "out")
     batch = _batch(1, length=20)
-    batch["attention_mask"][1, 13:] = 0  # a shorter row, right-padded
+    batch["attention_mask"][1, :7] = 0  # a shorter row, left-padded
     with torch.no_grad():
         theirs, ours = exported(**batch).logits, model(**batch).logits
     real = batch["attention_mask"].bool()
@@ -130,6 +131,10 @@ def test_eval_runs_the_export_in_llama_cpp_beside_the_model(tmp_path):
         want = model.generate(prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False,
                               pad_token_id=0)
     assert exported.generate(prompt, max_new_tokens=8).tolist() == want.tolist()
+    padded = torch.cat([torch.zeros(1, 3, dtype=prompt.dtype), prompt], 1)  # left padding
+    mask = torch.cat([torch.zeros(1, 3), torch.ones(1, 12)], 1).long()
+    assert exported.generate(padded, attention_mask=mask, max_new_tokens=8)[0, 3:].tolist() \
+        == want[0].tolist()
     report = sl.evaluate(exported, [batch], baseline=model,
                          metrics=["perplexity", "agreement", "generation"], runs=2)
     figures = report["models"]

@@ -167,9 +167,10 @@ def check_model(model: nn.Module) -> Layout:
                                               ("use_sliding_window", False))
     if not arch.qkv_bias:
         checks += (("attention_bias", False),)
-    if arch.softcap:  # llama.cpp's gemma2 scales queries by head_dim and alternates windows
-        checks += (("query_pre_attn_scalar", head_counts(config)[2]),
-                   ("layer_types", _alternating(config.num_hidden_layers)))
+    if arch.softcap:  # the query scale and the windows llama.cpp's gemma2 assumes
+        checks += (("query_pre_attn_scalar", gemma2_query_scalar(
+            config.num_hidden_layers, config.hidden_size, config.num_attention_heads,
+            head_counts(config)[2])), ("layer_types", _alternating(config.num_hidden_layers)))
     for field, allowed in checks:
         if getattr(config, field, allowed) != allowed:
             raise ValueError(f"export: gguf cannot write config.{field}="
@@ -177,7 +178,14 @@ def check_model(model: nn.Module) -> Layout:
     if arch.softcap and None in (config.attn_logit_softcapping, config.final_logit_softcapping,
                                  config.sliding_window):
         raise ValueError("export: gguf's gemma2 needs both soft-caps and the sliding window")
+    if arch.norm_offset and not _tied(model):
+        raise ValueError(f"export: llama.cpp's {arch.name} uses the embedding as the output "
+                         "head; this model's head is another tensor (untied, or quantized on its "
+                         "own): keep it tied to write it")
     linear, divisors = _rope_scaling(config)
+    if divisors is not None and arch.name != "llama":
+        raise ValueError(f"export: llama.cpp reads Llama 3's rope scaling for llama models "
+                         f"only, not {arch.name}")
     d = head_counts(config)[2]
     rope_dims = int(d * float(_rope(config).get("partial_rotary_factor", 1.0)))
     if rope_dims != d and arch.pairs:
@@ -209,6 +217,12 @@ def _rope_scaling(config: Any) -> tuple[float | None, torch.Tensor | None]:
     return None, None
 
 
+def gemma2_query_scalar(layers: int, hidden: int, heads: int, head_dim: int) -> int:
+    """The query scale llama.cpp's gemma2 uses: hidden / heads for a 46-layer model (it takes
+    that for Gemma-2-27B), else the head dimension (Gemma 2's 2B and 9B)."""
+    return hidden // heads if layers == 46 else head_dim
+
+
 def _alternating(layers: int) -> list[str]:
     """Gemma 2's layer types, as llama.cpp's gemma2 assumes them: even layers slide."""
     return ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
@@ -223,6 +237,8 @@ def _unwritten_window(layout: Layout) -> int | None:
 
 def _within(batch: Batch, window: int) -> Batch:
     """``batch``'s token tensors cut to their first ``window`` positions."""
+    if isinstance(batch, torch.Tensor):
+        return batch[:, :window] if batch.dim() == 2 else batch
     if not isinstance(batch, Mapping):
         return batch
     return {k: v[:, :window] if v.dim() == 2 else v for k, v in batch.items()}
@@ -438,7 +454,8 @@ def read_gguf(file: str | Path) -> GgufContents:
     arch = BY_NAME[name]
     extra: dict[str, Any] = {}
     if arch.softcap:
-        extra = {"query_pre_attn_scalar": d,
+        layers, hidden = int(field("block_count")), int(field("embedding_length"))
+        extra = {"query_pre_attn_scalar": gemma2_query_scalar(layers, hidden, heads, d),
                  "sliding_window": int(field("attention.sliding_window")),
                  "attn_logit_softcapping": float(field("attn_logit_softcapping")),
                  "final_logit_softcapping": float(field("final_logit_softcapping"))}

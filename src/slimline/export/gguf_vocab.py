@@ -24,8 +24,9 @@ Face's BPE does. (llama.cpp's own converter gives every token -1000 when only
 ``tokenizer.json`` is there.) A tokenizer converted from SentencePiece lists every split of
 every token as a merge, so the two agree on every text; one trained with merges that make a
 token one way only may still be merged another way by llama.cpp. With a ``Metaspace``
-pre-tokenizer, text that already starts with a space gets no second one from Hugging Face, and
-one from llama.cpp (``export.json`` says so).
+pre-tokenizer, Hugging Face prepends a space only at the start of a text that does not begin
+with one; llama.cpp prepends one to every text and after every special token (as for files its
+own converter writes), so chat-templated prompts split differently (``export.json`` says so).
 """
 
 from __future__ import annotations
@@ -105,15 +106,17 @@ def build_vocab(spec: dict[str, Any], vocab_size: int, tokenizer: Any | None) ->
     bos, eos, pad = (_special_id(tokenizer, spec, k) for k in ("bos", "eos", "pad"))
     if spm is not None:
         ranks = merge_scores(merges)
-        caveat = "llama.cpp prepends a space to every text, the tokenizer's Metaspace only to " \
-            "text that does not start with one" if spm == "metaspace" else None
+        caveat = "llama.cpp prepends a space to every text and after each special token; the " \
+            "tokenizer's Metaspace only at the start of text that does not begin with one" \
+            if spm == "metaspace" else None
         return Vocab("llama", tokens, kinds, [], [ranks.get(t, 0.0) for t in tokens], None,
                      caveat, bos, eos, pad, None if unk is None else int(unk),
-                     _adds_bos(tokenizer, bos), _chat_template(tokenizer), spm != "plain")
+                     _adds_bos(tokenizer, spec, bos), _chat_template(tokenizer),
+                     spm != "plain")
     caveat = "llama.cpp does not run the tokenizer's NFC normalizer: text not in NFC may " \
         "split differently" if spec.get("normalizer") is not None else None
     return Vocab("gpt2", tokens, kinds, merges, None, pre, caveat, bos, eos, pad, None,
-                 _adds_bos(tokenizer, bos), _chat_template(tokenizer), False)
+                 _adds_bos(tokenizer, spec, bos), _chat_template(tokenizer), False)
 
 
 def merge_scores(merges: list[str]) -> dict[str, float]:
@@ -213,7 +216,10 @@ def source_tokenizer(source_dir: str | None) -> Any | None:
         return None
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(source_dir, local_files_only=True)
+    try:
+        return AutoTokenizer.from_pretrained(source_dir, local_files_only=True)
+    except Exception:  # a class transformers cannot build here: tokenizer.json is read alone
+        return None
 
 
 def _chat_template(tokenizer: Any | None) -> str | None:
@@ -221,9 +227,19 @@ def _chat_template(tokenizer: Any | None) -> str | None:
     return template if isinstance(template, str) and template else None
 
 
-def _adds_bos(tokenizer: Any | None, bos: int | None) -> bool:
-    """Whether the tokenizer puts BOS first when it encodes (llama.cpp must do the same)."""
-    if tokenizer is None or bos is None:
+def _adds_bos(tokenizer: Any | None, spec: dict[str, Any], bos: int | None) -> bool:
+    """Whether the tokenizer puts BOS first when it encodes (llama.cpp must do the same): asked
+    of the tokenizer, or without one read from ``tokenizer.json``'s post-processor template."""
+    if bos is None:
         return False
-    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
-    return bool(ids) and ids[0] == bos
+    if tokenizer is not None:
+        ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+        return bool(ids) and ids[0] == bos
+    post = spec.get("post_processor") or {}
+    steps = post.get("processors", []) if post.get("type") == "Sequence" else [post]
+    for step in steps:
+        if step.get("type") == "TemplateProcessing" and step.get("single"):
+            first = step["single"][0].get("SpecialToken", {}).get("id")
+            ids = step.get("special_tokens", {}).get(first, {}).get("ids", [])
+            return ids[:1] == [bos]
+    return False

@@ -87,9 +87,12 @@ class ExportedModel(nn.Module):
             from slimline.export.gguf_runtime import score
 
             ids = torch.from_numpy(feeds["input_ids"])
-            mask = feeds.get("attention_mask")
-            logits = score(self._llama(ids.shape[1], logits_all=True), ids,
-                           None if mask is None else torch.from_numpy(mask), int(self.vocab or 0))
+            # The mask says where each row's tokens are, whatever the export's example held.
+            mask = kwargs.get("attention_mask")
+            if mask is None and "attention_mask" in feeds:  # given by position
+                mask = torch.from_numpy(feeds["attention_mask"])
+            logits = score(self._llama(ids.shape[1], logits_all=True), ids, mask,
+                           int(self.vocab or 0))
             return ExportedOutput({self.output_name: logits})
         out = torch.from_numpy(np.ascontiguousarray(self._run(feeds)))
         return out if self.output_name == "output" else ExportedOutput({self.output_name: out})
@@ -100,17 +103,22 @@ class ExportedModel(nn.Module):
         return self.format == "gguf"
 
     def generate(self, input_ids: torch.Tensor, *, max_new_tokens: int,
-                 do_sample: bool = False, **_: Any) -> torch.Tensor:
+                 attention_mask: torch.Tensor | None = None, do_sample: bool = False,
+                 **_: Any) -> torch.Tensor:
         """Greedy decoding of ``max_new_tokens`` tokens per row by llama.cpp (GGUF exports
-        only; an end-of-sequence token does not stop it). The prompt rows are unpadded."""
+        only; an end-of-sequence token does not stop it), each row from its real tokens
+        (``attention_mask``); the rows come back as given, the new tokens after them."""
         if not self.can_generate():
             raise ValueError(f"{self.directory}: a {self.format} export does not generate")
         if do_sample:
             raise ValueError(f"{self.directory}: llama.cpp runs greedy decoding here only")
-        from slimline.export.gguf_runtime import greedy
+        from slimline.export.gguf_runtime import greedy, real_span
 
         llm = self._llama(input_ids.shape[1] + max_new_tokens, logits_all=False)
-        rows = [row.tolist() + greedy(llm, row.tolist(), max_new_tokens) for row in input_ids]
+        rows = []
+        for i, row in enumerate(input_ids):
+            real = row if attention_mask is None else row[real_span(attention_mask[i])]
+            rows.append(row.tolist() + greedy(llm, real.tolist(), max_new_tokens))
         return torch.tensor(rows, dtype=input_ids.dtype)
 
     def weight_bytes(self) -> int:
