@@ -131,8 +131,8 @@ def _parser() -> argparse.ArgumentParser:
                         "with torch")
     ex.add_argument("--model", required=True, help="built-in name or model directory")
     ex.add_argument("--format", required=True, choices=["onnx", "openvino", "gguf"])
-    ex.add_argument("--dtype", choices=["f32", "f16", "q8_0", "q4_0"], default="f16",
-                    help="gguf: tensor type (q8_0/q4_0: llama.cpp's blocks of 32)")
+    ex.add_argument("--dtype", choices=["f32", "f16", "q8_0", "q4_0", "q4_1"], default="f16",
+                    help="gguf: tensor type (q8_0/q4_0/q4_1: llama.cpp's blocks of 32)")
     ex.add_argument("--out", required=True, help="output directory")
     ex.add_argument("--data", help="text file (one sample a line) for the example batch; "
                     "default: built-in test data")

@@ -242,3 +242,25 @@ def test_cli_exports_a_saved_model_with_its_tokenizer(tmp_path, tiny_llama):
     assert len(stored["details"]["exact_codes"]) == 14 and all(p["passed"] for p in stored["parity"])
     tokens = _reader(tmp_path / "out").fields["tokenizer.ggml.tokens"].contents()
     assert tokens[:100] == sorted(_tokenizer().get_vocab(), key=_tokenizer().get_vocab().get)
+
+
+def test_asymmetric_codes_are_written_as_q4_1(tmp_path, tiny_llama, token_batches):
+    """Asymmetric 4-bit groups of 32 are Q4_1's grid: codes as they are, the zero point as the
+    block's f16 minimum -scale·zero (rounded: at most 2^-11 of it); q4_0 must re-encode them."""
+    model = sl.compress(tiny_llama, {"steps": [RTN | {"bits": 4, "symmetric": False}]}).model
+    report = sl.export(model, tmp_path / "out", format="gguf", example=token_batches[0],
+                       dtype="q4_1", tokenizer=_tokenizer())
+    names = report.details["exact_codes"]
+    assert len(names) == 14 and report.details["re_encoded"] == [] and report.passed
+    types = {t.name: t.tensor_type.name for t in _reader(tmp_path / "out").tensors}
+    assert types["blk.0.attn_q.weight"] == "Q4_1" and types["output.weight"] == "Q8_0"
+    state = read_gguf(tmp_path / "out" / MODEL_FILE).state
+    for name in names:
+        layer = model.get_submodule(name)
+        ours = layer.dequantized_weight(torch.float32)
+        offset = (layer.scales.float() * layer.zero_points().float()).repeat_interleave(32, 1)
+        assert torch.all((state[name + ".weight"] - ours).abs() <= offset * 2.0 ** -11 + 1e-7)
+    # Rounded again onto a grid centred on 8: further from the model (cosine 0.998 here).
+    again = sl.export(model, tmp_path / "q4_0", format="gguf", example=token_batches[0],
+                      dtype="q4_0", tokenizer=_tokenizer(), min_cosine=0.99)
+    assert again.details["exact_codes"] == [] and len(again.details["re_encoded"]) == 14

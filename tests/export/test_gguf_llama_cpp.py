@@ -41,6 +41,7 @@ def _torch_logits(model: torch.nn.Module, tokens: list[int]) -> np.ndarray:
     # activations are rounded to 8 bits in its dot products, hence the looser bound)
     ("q8_0", [{"method": "rtn", "bits": 8, "group_size": 32}], 5e-2),
     ("q4_0", [{"method": "rtn", "bits": 4, "group_size": 32}], 5e-2),
+    ("q4_1", [{"method": "rtn", "bits": 4, "group_size": 32, "symmetric": False}], 5e-2),
 ])
 def test_llama_cpp_runs_the_file_to_the_models_logits(tmp_path, tiny_llama, token_batches, dtype,
                                                       steps, atol):

@@ -8,15 +8,17 @@ llama.cpp's rotary order, Llama 3's rotary frequency factors as ``rope_freqs``, 
 as llama.cpp applies them (``export/gguf_layout.py``).
 A head tied to the embedding is not written twice (llama.cpp reads ``token_embd`` for it).
 
-``dtype``: ``f32``, ``f16``, ``q8_0`` or ``q4_0`` (llama.cpp's blocks of 32 weights sharing an
-f16 scale: 8-bit codes, or 4-bit codes centred on 8). Norm weights stay f32, as llama.cpp keeps
-them; a matrix whose rows are not whole blocks is written f16, and under q4_0 the embedding
-and output matrices are q8_0 (llama.cpp's quantize also gives ``output`` more bits).
+``dtype``: ``f32``, ``f16``, ``q8_0``, ``q4_0`` or ``q4_1`` (llama.cpp's blocks of 32 weights
+sharing an f16 scale: 8-bit codes, 4-bit codes centred on 8, or 4-bit codes from an f16
+minimum). Norm weights stay f32, as llama.cpp keeps them; a matrix whose rows are not whole
+blocks is written f16, and under q4_0 / q4_1 the embedding and output matrices are q8_0
+(llama.cpp's quantize also gives ``output`` more bits).
 
-A slimline ``QuantLinear`` whose grid *is* the block's (symmetric, groups of 32, f16 scales,
-8 bits for q8_0 or 4 for q4_0: rtn, gptq or awq weights) is written code for code, exactly;
-any other is dequantized and re-encoded in ``dtype`` (rounding again), and ``export.json``
-names which layers were which.
+A slimline ``QuantLinear`` whose grid *is* the block's (groups of 32, f16 scales; symmetric 8
+bits for q8_0 or 4 for q4_0, asymmetric 4 bits for q4_1: rtn, gptq, awq or hqq weights) is
+written code for code (under q4_1 the zero point becomes the block's minimum ``-scale·zero``,
+rounded to f16: at most 2^-11 of it); any other is dequantized and re-encoded in ``dtype``
+(rounding again), and ``export.json`` names which layers were which.
 
 Parity without llama.cpp: the written file is read back with ``gguf.GGUFReader``, a model is
 built from *its* metadata and dequantized tensors (the permutation undone), and its logits are
@@ -67,7 +69,7 @@ from slimline.export.report import ExportReport
 if TYPE_CHECKING:
     from slimline.quantize.qlinear import QuantLinear
 
-GgufDtype = Literal["f32", "f16", "q8_0", "q4_0"]
+GgufDtype = Literal["f32", "f16", "q8_0", "q4_0", "q4_1"]
 MODEL_FILE = "model.gguf"
 # Default parity per dtype, against the float model. Measured on code-llama-tiny (small, logits
 # up to 7.3), as max abs diff of the logits' scale / 1 - cosine: f32 0 / 0 (the same floats);
@@ -80,6 +82,7 @@ TOLERANCES: dict[str, Tolerance] = {
     "f16": Tolerance(atol=1e-2, min_cosine=0.99999),
     "q8_0": Tolerance(atol=3e-2, min_cosine=0.9999),
     "q4_0": Tolerance(atol=0.15, min_cosine=0.999),
+    "q4_1": Tolerance(atol=0.15, min_cosine=0.999),  # no coarser than q4_0
 }
 
 
@@ -321,7 +324,7 @@ def _write_metadata(gguf: Any, writer: Any, layout: Layout, vocab: Vocab, dtype:
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     writer.add_vocab_size(config.vocab_size)
     file_types = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0",
-                  "q4_0": "MOSTLY_Q4_0"}
+                  "q4_0": "MOSTLY_Q4_0", "q4_1": "MOSTLY_Q4_1"}
     writer.add_file_type(int(getattr(gguf.LlamaFileType, file_types[dtype])))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.add_tokenizer_model(vocab.model)
@@ -355,9 +358,10 @@ def _encode(gguf: Any, model: nn.Module, key: str, layout: Layout, dtype: GgufDt
     if param == "bias":
         bias = _tensor(module, "bias").detach().float().cpu()
         return (rope_permute(bias, heads) if heads else bias).numpy(), types.F32, None
+    blocks = {"q8_0": types.Q8_0, "q4_0": types.Q4_0, "q4_1": types.Q4_1}
     exact = _exact_blocks(module, dtype, heads)
     if exact is not None:
-        return exact, types.Q8_0 if dtype == "q8_0" else types.Q4_0, "exact_codes"
+        return exact, blocks[dtype], "exact_codes"
     weight = _float_weight(module).detach().float().cpu()
     if heads:
         weight = rope_permute(weight, heads)
@@ -369,26 +373,33 @@ def _encode(gguf: Any, model: nn.Module, key: str, layout: Layout, dtype: GgufDt
     if dtype == "f16" or weight.shape[-1] % BLOCK:
         fallback = "f16_fallback" if dtype != "f16" and how is None else how
         return weight.half().numpy(), types.F16, fallback
-    # The embedding and output matrices stay 8-bit under q4_0, as llama.cpp's own quantize
+    # The embedding and output matrices stay 8-bit under 4 bits, as llama.cpp's own quantize
     # keeps ``output`` at a higher type (Q6_K): 4 bits there cost the most accuracy per byte.
     outer = name in ("model.embed_tokens", "lm_head")
-    qtype = types.Q8_0 if dtype == "q8_0" or outer else types.Q4_0
+    qtype = types.Q8_0 if outer else blocks[dtype]
     return gguf.quants.quantize(weight.numpy(), qtype), qtype, how
 def _exact_blocks(module: nn.Module, dtype: str, heads: int) -> np.ndarray | None:
-    """A QuantLinear's codes as Q8_0/Q4_0 blocks, when its grid is the block's; else None.
-    Block layout (ggml): an f16 scale, then 32 int8 codes (Q8_0) or 16 bytes holding codes
-    0..15 of weights j (low nibble) and j + 16 (high nibble) (Q4_0: w = d·(q - 8))."""
-    bits = {"q8_0": 8, "q4_0": 4}.get(dtype)
+    """A QuantLinear's codes as Q8_0/Q4_0/Q4_1 blocks, when its grid is the block's; else None.
+    Block layout (ggml): an f16 scale, for Q4_1 an f16 minimum, then 32 int8 codes (Q8_0) or 16
+    bytes holding codes 0..15 of weights j (low nibble) and j + 16 (high nibble) (Q4_0:
+    w = d·(q - 8); Q4_1: w = d·q + m)."""
+    bits, symmetric = {"q8_0": (8, True), "q4_0": (4, True), "q4_1": (4, False)}.get(
+        dtype, (None, None))
     if not _is_quant_linear(module) or bits is None or getattr(module, "bits", None) != bits \
-            or not module.symmetric or module.group != BLOCK or module.in_features % BLOCK \
-            or module.scales.dtype != torch.float16:
+            or module.symmetric != symmetric or module.group != BLOCK \
+            or module.in_features % BLOCK or module.scales.dtype != torch.float16:
         return None
     codes = module.centred_codes() if bits == 8 else module.stored_codes()  # (N, K)
     scales = module.scales  # (N, K / 32)
+    header = [scales]
+    if not symmetric:  # w = s·(q - z) = s·q + m with m = -s·z, rounded to f16
+        header.append((-scales.float() * module.zero_points().float()).half())
     if heads:
-        codes, scales = rope_permute(codes, heads), rope_permute(scales, heads)
+        codes = rope_permute(codes, heads)
+        header = [rope_permute(h, heads) for h in header]
     n = codes.shape[0]
-    d = scales.reshape(-1, 1).cpu().numpy().view(np.uint8)  # (N·G, 2)
+    d = np.concatenate([h.reshape(-1, 1).cpu().numpy().view(np.uint8) for h in header],
+                       axis=1)  # (N·G, 2 or 4)
     q = codes.reshape(-1, BLOCK).cpu().numpy().view(np.uint8)  # (N·G, 32)
     if bits == 4:
         q = q[:, : BLOCK // 2] | (q[:, BLOCK // 2:] << np.uint8(4))  # (N·G, 16)

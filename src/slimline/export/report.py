@@ -76,8 +76,9 @@ class ExportReport:
         again = self.details.get("re_encoded") or []
         if again:
             lines.append(f"{len(again)} packed layer(s) re-encoded as {self.details.get('dtype')} "
-                         "(rounded again: their grid is not the file's; quantize symmetric with "
-                         "group_size: 32 to write their codes exactly)")
+                         "(rounded again: their grid is not the file's; quantize with "
+                         "group_size: 32, symmetric for q8_0/q4_0 or asymmetric 4-bit for q4_1, "
+                         "to write their codes exactly)")
         for key in ("sliding_window_not_written", "tokenizer_caveat"):
             if key in self.details:
                 lines.append(f"note: {key.replace('_', ' ')}: {self.details[key]}")
