@@ -1,4 +1,5 @@
-"""GGUF export checked by llama.cpp itself: logits of the f16 file, perplexity of Q8_0 / Q4_0.
+"""GGUF export checked by llama.cpp itself: logits of the f16 file, perplexity of Q8_0 / Q4_0 /
+Q4_1.
 
 Model: ``code-llama-tiny`` (``--size``). Files are written by ``sl.export(format="gguf")`` and
 run by llama.cpp through llama-cpp-python (``logits_all``: the logits of every position).
@@ -7,10 +8,11 @@ run by llama.cpp through llama-cpp-python (``logits_all``: the logits of every p
   difference between llama.cpp's logits and the float32 torch model's, over every position
   and vocabulary entry, per prompt (the target: ≤ 1e-2).
 * **quantized perplexity**: slimline ``gptq`` (and ``rtn``) with llama.cpp's block grid —
-  symmetric, groups of 32 — at 8 and 4 bits, written code for code as Q8_0 / Q4_0; test
+  symmetric, groups of 32 — at 8 and 4 bits, written code for code as Q8_0 / Q4_0, and
+  asymmetric 4-bit groups of 32 (``gptq`` asymmetric, ``hqq``) as Q4_1; test
   perplexity of the torch model and of llama.cpp on the same ``--windows`` test windows
   (next-token NLL of every position after the first), and their relative difference (the
-  target: within 0.5%). Under Q4_0 the exporter writes the embedding and output as Q8_0, as
+  target: within 0.5%). Under Q4_0 / Q4_1 the exporter writes the embedding and output as Q8_0, as
   llama.cpp's quantizer does; the torch rows keep them float32, so that part of the
   difference is rounding the export adds, and the table says which layers were exact.
 """
@@ -38,6 +40,9 @@ QUANTIZED = {
     "gptq int8 g32 → Q8_0": ({"method": "gptq", "bits": 8, "group_size": 32}, "q8_0"),
     "gptq int4 g32 → Q4_0": ({"method": "gptq", "bits": 4, "group_size": 32}, "q4_0"),
     "rtn int4 g32 → Q4_0": ({"method": "rtn", "bits": 4, "group_size": 32}, "q4_0"),
+    "gptq int4 g32 asymmetric → Q4_1": ({"method": "gptq", "bits": 4, "group_size": 32,
+                                          "symmetric": False}, "q4_1"),
+    "hqq int4 g32 → Q4_1": ({"method": "hqq", "bits": 4, "group_size": 32}, "q4_1"),
 }
 
 
