@@ -49,6 +49,12 @@ def family(kind: str, vocab: int = VOCAB) -> torch.nn.Module:
                                               rope_parameters={"rope_type": "default",
                                                                "rope_theta": 10000.0,
                                                                "partial_rotary_factor": 0.75}),
+        # Phi-3.5's LongRoPE: per-frequency factors, an attention factor for the 4x extension
+        "phi3-longrope": lambda: tf.Phi3Config(**shapes | {"max_position_embeddings": 256},
+                                               pad_token_id=0, rope_parameters={
+            "rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 64,
+            "short_factor": [1.0 + 0.25 * i for i in range(8)],
+            "long_factor": [2.0 + i for i in range(8)]}),
         "gemma": lambda: tf.GemmaConfig(**shapes, head_dim=16, pad_token_id=0),
         # soft-caps low enough to bend these logits; a window the 48 tested tokens pass
         "gemma2": lambda: tf.Gemma2Config(**shapes, head_dim=16, query_pre_attn_scalar=16,
@@ -112,6 +118,8 @@ def _logits(model, batch) -> torch.Tensor:
     ("phi3", "phi3", ["blk.1.attn_qkv.weight", "blk.1.ffn_up.weight", "output.weight"],
      ["blk.1.attn_q.weight", "blk.1.ffn_gate.weight"]),
     ("phi3-partial", "phi3", ["blk.0.attn_qkv.weight"], ["output.weight"]),
+    ("phi3-longrope", "phi3", ["rope_factors_long.weight", "rope_factors_short.weight"],
+     ["rope_freqs.weight"]),
     ("gemma", "gemma", ["blk.1.ffn_norm.weight"], ["output.weight"]),
     ("gemma2", "gemma2", ["blk.1.post_attention_norm.weight", "blk.1.post_ffw_norm.weight",
                           "blk.1.ffn_norm.weight"], ["output.weight"]),
@@ -134,6 +142,7 @@ def test_each_family_reads_back_to_its_logits(tmp_path, kind, arch, present, abs
     assert stored["tied_output"] == (kind in ("qwen2", "llama-tied", "phi3-partial", "gemma",
                                               "gemma2"))
     assert ("sliding_window_not_written" in stored) == (kind in ("mistral", "phi3"))
+    assert ("longrope_factors" in stored) == (kind == "phi3-longrope")
 
 
 @pytest.mark.parametrize(("kind", "split"), [("mistral", "gpt-2"), ("qwen2", "qwen2"),
@@ -162,7 +171,7 @@ def test_transformers_gguf_reader_loads_the_file(tmp_path, kind, split):
 def test_the_scaling_is_in_the_file_not_only_the_config(tmp_path):
     """Without the rope factors (or the linear factor) the rebuilt model's logits differ: the
     round trip above checks the scaling itself."""
-    for kind in ("llama3-rope", "linear-rope"):
+    for kind in ("llama3-rope", "linear-rope", "phi3-longrope"):
         model = family(kind)
         sl.export(model, tmp_path / kind, format="gguf", example=_batch(0), dtype="f32",
                   tokenizer=byte_tokenizer("gpt-2"))

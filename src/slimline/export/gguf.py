@@ -45,11 +45,15 @@ from slimline.export.gguf_layout import (
     BLOCK,
     BY_NAME,
     ROPE_FREQS,
+    ROPE_LONG,
+    ROPE_SHORT,
     Architecture,
+    LongRope,
     expected_shapes,
     gguf_name,
     head_counts,
     llama3_rope_factors,
+    longrope_of,
     rope_heads,
     rope_permute,
     rope_unpermute,
@@ -144,8 +148,8 @@ def export_gguf(
 @dataclass(frozen=True)
 class Layout:
     """What :func:`check_model` found: the config, the architecture it is written as, whether
-    the head is the embedding, and the rotary scaling (``linear`` factor, or Llama 3's
-    per-frequency divisors)."""
+    the head is the embedding, and the rotary scaling (``linear`` factor, Llama 3's
+    per-frequency divisors, or LongRoPE's factors)."""
 
     config: Any
     arch: Architecture
@@ -153,6 +157,7 @@ class Layout:
     linear_factor: float | None
     rope_divisors: torch.Tensor | None
     rope_dims: int  # dimensions of each head the rotation turns (Phi-4-mini: 3/4 of them)
+    longrope: LongRope | None = None
 
 
 def check_model(model: nn.Module) -> Layout:
@@ -185,7 +190,10 @@ def check_model(model: nn.Module) -> Layout:
         raise ValueError(f"export: llama.cpp's {arch.name} uses the embedding as the output "
                          "head; this model's head is another tensor (untied, or quantized on its "
                          "own): keep it tied to write it")
-    linear, divisors = _rope_scaling(config)
+    linear, divisors, longrope = _rope_scaling(config)
+    if longrope is not None and arch.name != "phi3":
+        raise ValueError(f"export: llama.cpp reads LongRoPE factors for phi3 models only, not "
+                         f"{arch.name}")
     if divisors is not None and arch.name != "llama":
         raise ValueError(f"export: llama.cpp reads Llama 3's rope scaling for llama models "
                          f"only, not {arch.name}")
@@ -201,23 +209,27 @@ def check_model(model: nn.Module) -> Layout:
             raise ValueError(f"export: layer {key.rsplit('.', 1)[0]!r} has {key.rsplit('.')[-1]} "
                              f"shape {got}, the config says {shape}; gguf needs every block "
                              "shaped as the config")
-    return Layout(config, arch, tied, linear, divisors, rope_dims)
+    return Layout(config, arch, tied, linear, divisors, rope_dims, longrope)
 
 
-def _rope_scaling(config: Any) -> tuple[float | None, torch.Tensor | None]:
+def _rope_scaling(config: Any
+                  ) -> tuple[float | None, torch.Tensor | None, LongRope | None]:
+    """(linear factor, Llama 3 divisors, LongRoPE) of ``config``; at most one is set."""
     rope = _rope(config)
     kind = rope.get("rope_type", "default")
     if kind == "linear":
-        return float(rope["factor"]), None
+        return float(rope["factor"]), None, None
     if kind == "llama3":
         return None, llama3_rope_factors(
             head_counts(config)[2], float(rope.get("rope_theta", 10000.0)), float(rope["factor"]),
             float(rope["low_freq_factor"]), float(rope["high_freq_factor"]),
-            int(rope["original_max_position_embeddings"]))
+            int(rope["original_max_position_embeddings"])), None
+    if kind == "longrope":
+        return None, None, longrope_of(rope, int(config.max_position_embeddings))
     if kind != "default":
-        raise ValueError(f"export: gguf writes rope scaling default, linear and llama3; this "
-                         f"model's is {kind!r}")
-    return None, None
+        raise ValueError(f"export: gguf writes rope scaling default, linear, llama3 and "
+                         f"longrope; this model's is {kind!r}")
+    return None, None, None
 
 
 def gemma2_query_scalar(layers: int, hidden: int, heads: int, head_dim: int) -> int:
@@ -277,6 +289,10 @@ def _write_file(gguf: Any, model: nn.Module, layout: Layout, vocab: Vocab, file:
     writer = gguf.GGUFWriter(str(file), layout.arch.name)
     _write_metadata(gguf, writer, layout, vocab, dtype)
     written: dict[str, list[str]] = {"exact_codes": [], "re_encoded": [], "f16_fallback": []}
+    if layout.longrope is not None:  # llama.cpp picks long past the original context
+        for name, factors in ((ROPE_LONG, layout.longrope.long),
+                              (ROPE_SHORT, layout.longrope.short)):
+            writer.add_tensor(name, factors.numpy(), raw_dtype=gguf.GGMLQuantizationType.F32)
     if layout.rope_divisors is not None:
         writer.add_tensor(ROPE_FREQS, layout.rope_divisors.numpy(),
                           raw_dtype=gguf.GGMLQuantizationType.F32)
@@ -295,6 +311,10 @@ def _write_file(gguf: Any, model: nn.Module, layout: Layout, vocab: Vocab, file:
         notes["sliding_window_not_written"] = window  # parity checked on that many tokens
     if vocab.caveat:
         notes["tokenizer_caveat"] = vocab.caveat
+    if layout.longrope is not None:
+        notes["longrope_factors"] = (
+            f"llama.cpp takes the long factors whenever its context (n_ctx) is over "
+            f"{layout.longrope.original} tokens, transformers only for sequences that long")
     return {"dtype": dtype, "architecture": layout.arch.name, "tokenizer": vocab.model,
             "tokenizer_pre": vocab.pre,
             "vocab": len(vocab.tokens), "merges": len(vocab.merges), "tied_output": layout.tied,
@@ -318,6 +338,9 @@ def _write_metadata(gguf: Any, writer: Any, layout: Layout, vocab: Vocab, dtype:
         writer.add_final_logit_softcapping(float(config.final_logit_softcapping))
         writer.add_sliding_window(int(config.sliding_window))
     writer.add_rope_freq_base(float(_rope(config).get("rope_theta", 10000.0)))
+    if layout.longrope is not None:
+        writer.add_rope_scaling_orig_ctx_len(layout.longrope.original)
+        writer.add_rope_scaling_attn_factors(layout.longrope.attn_factor)
     if layout.linear_factor is not None:
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(layout.linear_factor)
@@ -459,6 +482,13 @@ def read_gguf(file: str | Path) -> GgufContents:
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": float(field("rope.freq_base"))}
     if int(field("rope.dimension_count", d)) != d:
         rope["partial_rotary_factor"] = int(field("rope.dimension_count")) / d
+    if ROPE_SHORT in stored:
+        rope |= {"rope_type": "longrope",
+                 "short_factor": np.array(stored[ROPE_SHORT].data, dtype=np.float32).tolist(),
+                 "long_factor": np.array(stored[ROPE_LONG].data, dtype=np.float32).tolist(),
+                 "original_max_position_embeddings":
+                     int(field("rope.scaling.original_context_length")),
+                 "attention_factor": float(field("rope.scaling.attn_factor"))}
     if field("rope.scaling.type") == "linear":
         rope |= {"rope_type": "linear", "factor": float(field("rope.scaling.factor"))}
     tied = "output.weight" not in stored

@@ -31,6 +31,7 @@ _FOUR_NORMS = {"input_layernorm": "attn_norm", "post_attention_layernorm": "post
                "pre_feedforward_layernorm": "ffn_norm",
                "post_feedforward_layernorm": "post_ffw_norm"}
 ROPE_FREQS = "rope_freqs.weight"
+ROPE_LONG, ROPE_SHORT = "rope_factors_long.weight", "rope_factors_short.weight"
 
 
 @dataclass(frozen=True)
@@ -158,3 +159,28 @@ def llama3_rope_factors(head_dim: int, theta: float, factor: float, low_freq_fac
                           torch.where(wavelength > original_context / low_freq_factor, factor,
                                       between))
     return divisor.float()
+
+
+@dataclass(frozen=True)
+class LongRope:
+    """LongRoPE's rotary rescaling (Ding et al., arXiv 2402.13753) as Phi-3.5 and Phi-4-mini
+    use it: each frequency divided by a per-frequency factor, ``short`` within the original
+    context and ``long`` past it, and cos/sin scaled by ``attn_factor``."""
+
+    short: torch.Tensor
+    long: torch.Tensor
+    original: int  # the context the model was pretrained on
+    attn_factor: float
+
+
+def longrope_of(rope: dict[str, Any], max_positions: int) -> LongRope:
+    """The LongRoPE settings of a transformers ``rope_parameters`` dict: the attention factor
+    as given, else sqrt(1 + ln(s) / ln(original)) for the extension ``s`` (``factor``, else
+    ``max_positions / original``), 1 when nothing is extended."""
+    original = int(rope["original_max_position_embeddings"])
+    scale = float(rope.get("factor") or max_positions / original)
+    attn = rope.get("attention_factor")
+    if attn is None:
+        attn = math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1 else 1.0
+    return LongRope(torch.tensor(rope["short_factor"], dtype=torch.float32),
+                    torch.tensor(rope["long_factor"], dtype=torch.float32), original, float(attn))

@@ -79,7 +79,7 @@ class ExportReport:
                          "(rounded again: their grid is not the file's; quantize with "
                          "group_size: 32, symmetric for q8_0/q4_0 or asymmetric 4-bit for q4_1, "
                          "to write their codes exactly)")
-        for key in ("sliding_window_not_written", "tokenizer_caveat"):
+        for key in ("sliding_window_not_written", "tokenizer_caveat", "longrope_factors"):
             if key in self.details:
                 lines.append(f"note: {key.replace('_', ' ')}: {self.details[key]}")
         return "\n".join(lines)
