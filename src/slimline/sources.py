@@ -42,7 +42,8 @@ class LoadedModel:
         """Batches from a text file (one sample a line) or from the built-in's own data;
         ``flag`` is the command-line option that names the file, for the error without one."""
         if text_file is not None:
-            return text_batches(Path(text_file), self.tokenizer, batch_size, limit)
+            return text_batches(Path(text_file), self.tokenizer, batch_size, limit,
+                                max_length=min(TEXT_TOKENS, _context(self.model)))
         if self.builtin is None:
             raise ValueError(f"this model has no built-in data: pass a text file ({flag})")
         from slimline.models import load_builtin
@@ -113,8 +114,23 @@ def _tokenizer(path: Path) -> Any | None:
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
 
 
-def text_batches(path: Path, tokenizer: Any, batch_size: int, limit: int | None) -> list[Batch]:
-    """Tokenize the non-empty lines of ``path`` into padded batches."""
+TEXT_TOKENS = 256  # a text line is cut to this many tokens (or the model's context, if shorter)
+
+
+def _context(model: nn.Module) -> int:
+    """The most positions ``model`` takes (its config's), or :data:`TEXT_TOKENS` if unknown."""
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return TEXT_TOKENS
+
+
+def text_batches(path: Path, tokenizer: Any, batch_size: int, limit: int | None,
+                 *, max_length: int = TEXT_TOKENS) -> list[Batch]:
+    """Tokenize the non-empty lines of ``path`` into padded batches, each line cut to
+    ``max_length`` tokens."""
     if not path.is_file():
         raise ValueError(f"data file {str(path)!r} does not exist")
     if tokenizer is None:
@@ -128,7 +144,7 @@ def text_batches(path: Path, tokenizer: Any, batch_size: int, limit: int | None)
     for start in range(0, len(lines), batch_size):
         enc = tokenizer(
             lines[start : start + batch_size], padding=True, truncation=True,
-            max_length=256, return_tensors="pt",
+            max_length=max_length, return_tensors="pt",
         )
         batches.append(dict(enc))
         if limit is not None and len(batches) >= limit:

@@ -210,10 +210,18 @@ def test_other_quant_grids_are_re_encoded(tmp_path, tiny_llama, token_batches):
     assert "14 packed layer(s) re-encoded as q8_0" in report.summary()  # the CLI prints it
 
 
+def _tiny_neox():
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    return GPTNeoXForCausalLM(GPTNeoXConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, max_position_embeddings=64)).eval()
+
+
 def test_refusals_write_nothing(tmp_path, tiny_llama, tiny_gpt2, token_batches):
     batch = token_batches[0]
     cases = [
-        (tiny_gpt2, {"tokenizer": _tokenizer()}, "this model's type is 'gpt2'"),
+        (_tiny_neox(), {"tokenizer": _tokenizer()}, "this model's type is 'gpt_neox'"),
         (tiny_llama, {}, "needs the model's tokenizer"),
         (tiny_llama, {"tokenizer": _tokenizer(), "dtype": "q5_k"}, "dtype must be one of"),
         (tiny_llama, {"tokenizer": _tokenizer(200)}, "token id"),

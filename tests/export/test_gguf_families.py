@@ -55,6 +55,8 @@ def family(kind: str, vocab: int = VOCAB) -> torch.nn.Module:
             "rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 64,
             "short_factor": [1.0 + 0.25 * i for i in range(8)],
             "long_factor": [2.0 + i for i in range(8)]}),
+        "gpt2": lambda: tf.GPT2Config(vocab_size=vocab, n_positions=64, n_embd=64, n_layer=2,
+                                      n_head=4),
         "gemma": lambda: tf.GemmaConfig(**shapes, head_dim=16, pad_token_id=0),
         # soft-caps low enough to bend these logits; a window the 48 tested tokens pass
         "gemma2": lambda: tf.Gemma2Config(**shapes, head_dim=16, query_pre_attn_scalar=16,
@@ -120,6 +122,8 @@ def _logits(model, batch) -> torch.Tensor:
     ("phi3-partial", "phi3", ["blk.0.attn_qkv.weight"], ["output.weight"]),
     ("phi3-longrope", "phi3", ["rope_factors_long.weight", "rope_factors_short.weight"],
      ["rope_freqs.weight"]),
+    ("gpt2", "gpt2", ["position_embd.weight", "blk.1.attn_qkv.bias", "output_norm.bias",
+                      "blk.0.ffn_down.bias"], ["output.weight", "blk.0.attn_q.weight"]),
     ("gemma", "gemma", ["blk.1.ffn_norm.weight"], ["output.weight"]),
     ("gemma2", "gemma2", ["blk.1.post_attention_norm.weight", "blk.1.post_ffw_norm.weight",
                           "blk.1.ffn_norm.weight"], ["output.weight"]),
@@ -140,7 +144,7 @@ def test_each_family_reads_back_to_its_logits(tmp_path, kind, arch, present, abs
                                atol=1e-4, rtol=0)
     stored = json.loads((tmp_path / "out" / "export.json").read_text())["details"]
     assert stored["tied_output"] == (kind in ("qwen2", "llama-tied", "phi3-partial", "gemma",
-                                              "gemma2"))
+                                              "gemma2", "gpt2"))
     assert ("sliding_window_not_written" in stored) == (kind in ("mistral", "phi3"))
     assert ("longrope_factors" in stored) == (kind == "phi3-longrope")
 
@@ -246,7 +250,7 @@ def test_family_refusals_write_nothing(tmp_path):
         (tf.LlamaConfig(**SHAPES, rope_parameters={"rope_type": "yarn", "factor": 4.0,
                                                    "rope_theta": 10000.0,
                                                    "original_max_position_embeddings": 16}),
-         "rope scaling default, linear and llama3; this model's is 'yarn'"),
+         "rope scaling default, linear, llama3 and longrope; this model's is 'yarn'"),
         (tf.LlamaConfig(**SHAPES, attention_bias=True), "attention_bias=True"),
         (tf.Qwen3Config(**SHAPES, attention_bias=True), "attention_bias=True"),
         # llama.cpp's gemma reads no output tensor, and only its llama reads rope_freqs
@@ -466,3 +470,21 @@ def test_a_tokenizer_transformers_cannot_build_is_read_from_tokenizer_json(tmp_p
     fields = gguf.GGUFReader(str(tmp_path / "out" / MODEL_FILE)).fields
     assert fields["tokenizer.ggml.add_bos_token"].contents() is True
     assert fields["tokenizer.ggml.bos_token_id"].contents() == 1
+
+
+def test_cli_exports_gpt2_with_lines_longer_than_its_context(tmp_path):
+    """A saved GPT-2 whose 64 positions are fewer than a text line's tokens: the lines are cut
+    to the model's context (they were cut to 256 tokens, and GPT-2's position table overran),
+    and its Conv1D layers, packed by rtn, are written code for code."""
+    from slimline.cli import main
+
+    model = sl.compress(family("gpt2"), {"steps": [{"method": "rtn", "bits": 4,
+                                                    "group_size": 32}]}).model
+    sl.save(model, tmp_path / "saved", tokenizer=byte_tokenizer("gpt-2"))
+    (tmp_path / "text.txt").write_text("\n".join(
+        " ".join(f"x{i * j}" for j in range(60)) for i in range(1, 5)) + "\n")
+    assert main(["export", "--model", str(tmp_path / "saved"), "--format", "gguf", "--dtype",
+                 "q4_0", "--data", str(tmp_path / "text.txt"), "--out", str(tmp_path / "out")]) == 0
+    stored = json.loads((tmp_path / "out" / "export.json").read_text())
+    assert len(stored["details"]["exact_codes"]) == 8 and stored["details"]["re_encoded"] == []
+    assert max(p["shape"][-1] for p in stored["parity"]) == 64

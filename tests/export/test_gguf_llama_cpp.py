@@ -72,7 +72,7 @@ def test_llama_cpp_tokenizes_as_the_hugging_face_tokenizer(tmp_path, tiny_llama,
 
 @pytest.mark.parametrize("kind", ["mistral", "qwen2", "qwen3", "llama-tied", "llama3-rope",
                                   "linear-rope", "phi3", "phi3-partial", "phi3-longrope",
-                                  "gemma", "gemma2"])
+                                  "gemma", "gemma2", "gpt2"])
 def test_llama_cpp_runs_each_family_to_its_logits(tmp_path, kind):
     from tests.export.test_gguf_families import _batch, byte_tokenizer, family
 

@@ -229,7 +229,7 @@ def test_plain_tensor_model_and_bad_arguments(tmp_path) -> None:
     assert report.inputs == ["input"] and report.dynamic_axes["output"] == {0: "batch"}
     with pytest.raises(ValueError, match="format 'tflite' is not supported"):
         sl.export(model, tmp_path / "g", format="tflite", example=torch.randn(5, 4))  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="gguf writes Hugging Face llama, mistral, qwen2, qwen3, phi3, gemma, gemma2 models"):
+    with pytest.raises(ValueError, match="gguf writes Hugging Face llama, mistral, qwen2, qwen3, phi3, gpt2, gemma, gemma2 models"):
         sl.export(model, tmp_path / "g", format="gguf", example=torch.randn(5, 4))
     with pytest.raises(ValueError, match="example"):
         sl.export(model, tmp_path / "g")

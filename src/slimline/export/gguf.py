@@ -1,11 +1,11 @@
-"""Export a Hugging Face Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma or Gemma 2 to GGUF,
+"""Export a Hugging Face Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma, Gemma 2 or GPT-2 to GGUF,
 llama.cpp's file format, with its tokenizer.
 
 The file is written with the ``gguf`` package (llama.cpp's own Python writer): the metadata of
-llama.cpp's ``llama``, ``qwen2``, ``qwen3``, ``phi3``, ``gemma`` or ``gemma2`` architecture, the
-tokenizer (``export/gguf_vocab.py``), and the tensors under llama.cpp's names, q and k rows in
-llama.cpp's rotary order, Llama 3's rotary frequency factors as ``rope_freqs``, Gemma's norm gains
-as llama.cpp applies them (``export/gguf_layout.py``).
+llama.cpp's ``llama``, ``qwen2``, ``qwen3``, ``phi3``, ``gemma``, ``gemma2`` or ``gpt2``
+architecture, the tokenizer (``export/gguf_vocab.py``), and the tensors under llama.cpp's names,
+q and k rows in llama.cpp's rotary order, Llama 3's rotary frequency factors as ``rope_freqs``,
+Gemma's norm gains as llama.cpp applies them (``export/gguf_layout.py``).
 A head tied to the embedding is not written twice (llama.cpp reads ``token_embd`` for it).
 
 ``dtype``: ``f32``, ``f16``, ``q8_0``, ``q4_0`` or ``q4_1`` (llama.cpp's blocks of 32 weights
@@ -100,7 +100,7 @@ def export_gguf(
     atol: float | None = None,
     min_cosine: float | None = None,
 ) -> ExportReport:
-    """Write the Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma or Gemma 2 ``model`` to the
+    """Write the Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma, Gemma 2 or GPT-2 ``model`` to the
     directory ``path`` as ``model.gguf`` and check its parity on ``example`` (one token batch).
     ``tokenizer``: the model's fast tokenizer (default: the one saved in the directory the model
     came from). ``atol``, ``min_cosine``: the parity to meet (default: :data:`TOLERANCES` of
@@ -170,9 +170,12 @@ def check_model(model: nn.Module) -> Layout:
     if arch is None:
         raise ValueError(f"export: gguf writes Hugging Face {', '.join(ARCHITECTURES)} models; "
                          f"this model's type is {model_type or type(model).__name__!r}")
-    activation = "hidden_activation" if hasattr(config, "hidden_activation") else "hidden_act"
+    activation = next((a for a in ("hidden_activation", "activation_function")
+                       if hasattr(config, a)), "hidden_act")
     checks: tuple[tuple[str, object], ...] = ((activation, arch.activation), ("mlp_bias", False),
-                                              ("use_sliding_window", False))
+                                              ("use_sliding_window", False),
+                                              ("scale_attn_weights", True),
+                                              ("scale_attn_by_inverse_layer_idx", False))
     if not arch.qkv_bias:
         checks += (("attention_bias", False),)
     if arch.softcap:  # the query scale and the windows llama.cpp's gemma2 assumes
@@ -262,8 +265,10 @@ def _within(batch: Batch, window: int) -> Batch:
 def _tied(model: nn.Module) -> bool:
     """Whether the output head *is* the embedding (one tensor), so the file holds it once."""
     head = getattr(model, "lm_head", None)
-    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
-    return type(head) is nn.Linear and embed is not None and head.weight is embed.weight
+    inputs = getattr(model, "get_input_embeddings", None)
+    embed = inputs() if callable(inputs) else None
+    return type(head) is nn.Linear and isinstance(embed, nn.Module) \
+        and head.weight is getattr(embed, "weight", None)
 
 
 # -- writing ---------------------------------------------------------------------------------
@@ -323,6 +328,25 @@ def _write_file(gguf: Any, model: nn.Module, layout: Layout, vocab: Vocab, file:
 
 def _write_metadata(gguf: Any, writer: Any, layout: Layout, vocab: Vocab, dtype: str) -> None:
     config = layout.config
+    if layout.arch.gpt2:  # learned positions and LayerNorm: no rotary, no RMS epsilon
+        writer.add_context_length(config.n_positions)
+        writer.add_embedding_length(config.hidden_size)
+        writer.add_block_count(config.num_hidden_layers)
+        writer.add_feed_forward_length(getattr(config, "n_inner", None) or 4 * config.hidden_size)
+        writer.add_head_count(config.num_attention_heads)
+        writer.add_layer_norm_eps(float(config.layer_norm_epsilon))
+    else:
+        _write_llama_metadata(gguf, writer, layout)
+    writer.add_vocab_size(config.vocab_size)
+    file_types = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0",
+                  "q4_0": "MOSTLY_Q4_0", "q4_1": "MOSTLY_Q4_1"}
+    writer.add_file_type(int(getattr(gguf.LlamaFileType, file_types[dtype])))
+    _write_tokenizer(gguf, writer, vocab)
+
+
+def _write_llama_metadata(gguf: Any, writer: Any, layout: Layout) -> None:
+    """The hyperparameters of the Llama-like architectures (RMSNorm, rotary positions)."""
+    config = layout.config
     heads, kv, d = head_counts(config)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
@@ -345,10 +369,9 @@ def _write_metadata(gguf: Any, writer: Any, layout: Layout, vocab: Vocab, dtype:
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(layout.linear_factor)
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
-    writer.add_vocab_size(config.vocab_size)
-    file_types = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0",
-                  "q4_0": "MOSTLY_Q4_0", "q4_1": "MOSTLY_Q4_1"}
-    writer.add_file_type(int(getattr(gguf.LlamaFileType, file_types[dtype])))
+
+
+def _write_tokenizer(gguf: Any, writer: Any, vocab: Vocab) -> None:
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.add_tokenizer_model(vocab.model)
     if vocab.pre is not None:
@@ -398,7 +421,7 @@ def _encode(gguf: Any, model: nn.Module, key: str, layout: Layout, dtype: GgufDt
         return weight.half().numpy(), types.F16, fallback
     # The embedding and output matrices stay 8-bit under 4 bits, as llama.cpp's own quantize
     # keeps ``output`` at a higher type (Q6_K): 4 bits there cost the most accuracy per byte.
-    outer = name in ("model.embed_tokens", "lm_head")
+    outer = name in ("model.embed_tokens", "lm_head", "transformer.wte", "transformer.wpe")
     qtype = types.Q8_0 if outer else blocks[dtype]
     return gguf.quants.quantize(weight.numpy(), qtype), qtype, how
 def _exact_blocks(module: nn.Module, dtype: str, heads: int) -> np.ndarray | None:
@@ -446,7 +469,7 @@ class GgufContents:
         """The transformers model these weights make, in eval mode."""
         import transformers
 
-        cls = getattr(transformers, _HF_CLASSES[self.architecture] + "ForCausalLM")
+        cls = getattr(transformers, _HF_CLASSES[self.architecture][1])
         # Gemma 2's soft-capped attention runs in transformers' eager attention only.
         eager = {"attn_implementation": "eager"} if BY_NAME[self.architecture].softcap else {}
         rebuilt = cls._from_config(self.config, **eager).eval()
@@ -458,15 +481,15 @@ class GgufContents:
         return rebuilt
 
 
-_HF_CLASSES = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "phi3": "Phi3",
-               "gemma": "Gemma", "gemma2": "Gemma2"}
+# llama.cpp architecture -> (transformers config class, model class) that run the file
+_HF_CLASSES = {name: (f"{hf}Config", f"{hf}ForCausalLM") for name, hf in (
+    ("llama", "Llama"), ("qwen2", "Qwen2"), ("qwen3", "Qwen3"), ("phi3", "Phi3"),
+    ("gemma", "Gemma"), ("gemma2", "Gemma2"))} | {"gpt2": ("GPT2Config", "GPT2LMHeadModel")}
 
 
 def read_gguf(file: str | Path) -> GgufContents:
     """What :func:`export_gguf` wrote to ``file``, read back with ``gguf``'s own reader."""
     gguf = _import_gguf()
-    import transformers
-
     reader = gguf.GGUFReader(str(file))
     name = str(reader.fields["general.architecture"].contents())
     if name not in BY_NAME:
@@ -477,6 +500,40 @@ def read_gguf(file: str | Path) -> GgufContents:
         return default if found is None else found.contents()
 
     stored = {t.name: t for t in reader.tensors}
+    tied = "output.weight" not in stored
+    arch = BY_NAME[name]
+    config = _read_config(arch, field, stored, tied)
+    state = {}
+    for key, shape in expected_shapes(config, arch, tied=tied).items():
+        t = stored[gguf_name(key, arch)]
+        w = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type),
+                                      dtype=np.float32)).reshape(shape)
+        permuted = rope_heads(key, config, arch)
+        state[key] = rope_unpermute(w, permuted) if permuted else w
+        if arch.norm_offset and key.endswith("norm.weight"):
+            state[key] = state[key] - 1.0
+        if arch.gpt2 and w.dim() == 2 and ".h." in key:  # Conv1D holds (in, out)
+            state[key] = w.t().contiguous()
+    if tied:
+        state["lm_head.weight"] = state["transformer.wte.weight" if arch.gpt2
+                                        else "model.embed_tokens.weight"]
+    divisors = stored.get(ROPE_FREQS)
+    return GgufContents(name, config, state, None if divisors is None else
+                        torch.from_numpy(np.array(divisors.data, dtype=np.float32)))
+
+
+def _read_config(arch: Architecture, field: Any, stored: dict[str, Any], tied: bool) -> Any:
+    """The transformers config a file's metadata implies (``field``: its ``<arch>.`` keys)."""
+    import transformers
+
+    config_class = getattr(transformers, _HF_CLASSES[arch.name][0])
+    if arch.gpt2:
+        return config_class(
+            vocab_size=int(field("vocab_size")), n_positions=int(field("context_length")),
+            n_embd=int(field("embedding_length")), n_layer=int(field("block_count")),
+            n_head=int(field("attention.head_count")), n_inner=int(field("feed_forward_length")),
+            layer_norm_epsilon=float(field("attention.layer_norm_epsilon")),
+            activation_function="gelu_new", tie_word_embeddings=tied)
     heads, kv = int(field("attention.head_count")), int(field("attention.head_count_kv"))
     d = int(field("attention.key_length"))
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": float(field("rope.freq_base"))}
@@ -491,8 +548,6 @@ def read_gguf(file: str | Path) -> GgufContents:
                  "attention_factor": float(field("rope.scaling.attn_factor"))}
     if field("rope.scaling.type") == "linear":
         rope |= {"rope_type": "linear", "factor": float(field("rope.scaling.factor"))}
-    tied = "output.weight" not in stored
-    arch = BY_NAME[name]
     extra: dict[str, Any] = {}
     if arch.softcap:
         layers, hidden = int(field("block_count")), int(field("embedding_length"))
@@ -500,8 +555,8 @@ def read_gguf(file: str | Path) -> GgufContents:
                  "sliding_window": int(field("attention.sliding_window")),
                  "attn_logit_softcapping": float(field("attn_logit_softcapping")),
                  "final_logit_softcapping": float(field("final_logit_softcapping"))}
-    config = getattr(transformers, _HF_CLASSES[name] + "Config")(**extra,
-        vocab_size=int(field("vocab_size")), hidden_size=int(field("embedding_length")),
+    return config_class(
+        **extra, vocab_size=int(field("vocab_size")), hidden_size=int(field("embedding_length")),
         intermediate_size=int(field("feed_forward_length")),
         num_hidden_layers=int(field("block_count")), num_attention_heads=heads,
         num_key_value_heads=kv, head_dim=d,
@@ -509,20 +564,6 @@ def read_gguf(file: str | Path) -> GgufContents:
         rms_norm_eps=float(field("attention.layer_norm_rms_epsilon")),
         rope_parameters=rope, tie_word_embeddings=tied, pad_token_id=None,
     )
-    state = {}
-    for key, shape in expected_shapes(config, arch, tied=tied).items():
-        t = stored[gguf_name(key, arch)]
-        w = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type),
-                                      dtype=np.float32)).reshape(shape)
-        permuted = rope_heads(key, config, arch)
-        state[key] = rope_unpermute(w, permuted) if permuted else w
-        if arch.norm_offset and key.endswith("norm.weight"):
-            state[key] = state[key] - 1.0
-    if tied:
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    divisors = stored.get(ROPE_FREQS)
-    return GgufContents(name, config, state, None if divisors is None else
-                        torch.from_numpy(np.array(divisors.data, dtype=np.float32)))
 
 
 def _parity(model: nn.Module, file: Path, batch: Batch, tol: Tolerance
@@ -587,11 +628,15 @@ def _tensor_shape(model: nn.Module, key: str, arch: Architecture) -> tuple[int, 
         if not isinstance(bias, torch.Tensor):
             raise ValueError(f"export: layer {name!r} has no bias, which {arch.name}'s gguf needs")
         return tuple(bias.shape)
-    if bias is not None and not (arch.qkv_bias and name.rsplit(".", 1)[-1] in
-                                 ("q_proj", "k_proj", "v_proj")):
+    if bias is not None and not arch.gpt2 and not (
+            arch.qkv_bias and name.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj")):
         raise ValueError(f"export: layer {name!r} has a bias, which {arch.name}'s gguf has not")
     if _is_quant_linear(module):
         return (int(module.out_features), int(module.in_features))
+    from slimline.core.targets import is_conv1d
+
+    if arch.gpt2 and (is_conv1d(module) or isinstance(module, nn.LayerNorm)):
+        return tuple(_float_weight(module).shape)
     # Gemma's embedding scales by sqrt(hidden) in the module; llama.cpp's gemma does it itself.
     scaled = arch.norm_offset and isinstance(module, nn.Embedding)
     if type(module) not in (nn.Linear, nn.Embedding) and not scaled \
@@ -605,8 +650,13 @@ def _tensor_shape(model: nn.Module, key: str, arch: Architecture) -> tuple[int, 
 
 
 def _float_weight(module: nn.Module) -> torch.Tensor:
+    """The (out, in) weight (GPT-2's Conv1D stores it (in, out))."""
+    from slimline.core.targets import is_conv1d
+
     if _is_quant_linear(module):
         return module.dequantized_weight(torch.float32)
+    if is_conv1d(module):
+        return _tensor(module, "weight").t()
     return _tensor(module, "weight")
 
 

@@ -49,6 +49,7 @@ class Architecture:
     norm_offset: bool = False
     four_norms: bool = False  # Gemma 2 (arXiv 2408.00118): norms after attention and MLP too
     softcap: bool = False  # Gemma 2: tanh soft-capping of attention and final logits
+    gpt2: bool = False  # GPT-2's layout: learned positions, LayerNorms, fused Conv1D c_attn
 
 
 # HF model_type -> how it is written. Mistral is written as ``llama``, as llama.cpp's converter
@@ -61,6 +62,8 @@ ARCHITECTURES = {
     "qwen2": Architecture("qwen2", pairs=False, qkv_bias=True, qk_norm=False),
     "qwen3": Architecture("qwen3", pairs=False, qkv_bias=False, qk_norm=True),
     "phi3": Architecture("phi3", pairs=False, qkv_bias=False, qk_norm=False, fused=True),
+    "gpt2": Architecture("gpt2", pairs=False, qkv_bias=True, qk_norm=False, activation="gelu_new",
+                         gpt2=True),
     "gemma": Architecture("gemma", pairs=False, qkv_bias=False, qk_norm=False,
                           activation="gelu_pytorch_tanh", norm_offset=True),
     "gemma2": Architecture("gemma2", pairs=False, qkv_bias=False, qk_norm=False,
@@ -74,7 +77,9 @@ def expected_shapes(config: Any, arch: Architecture, *, tied: bool = False
                     ) -> dict[str, tuple[int, ...]]:
     """HF state-dict key -> its tensor's shape under ``config``, in writing order; ``tied``:
     the output head is the embedding (no ``lm_head.weight`` is written; llama.cpp falls back
-    to ``token_embd``)."""
+    to ``token_embd``). Linear and Conv1D weights are given as (out, in)."""
+    if arch.gpt2:
+        return _gpt2_shapes(config, tied)
     h, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
     heads, kv, d = head_counts(config)
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h),
@@ -102,10 +107,39 @@ def expected_shapes(config: Any, arch: Architecture, *, tied: bool = False
     return shapes
 
 
+def _gpt2_shapes(config: Any, tied: bool) -> dict[str, tuple[int, ...]]:
+    h, v = config.hidden_size, config.vocab_size
+    f = getattr(config, "n_inner", None) or 4 * h
+    shapes: dict[str, tuple[int, ...]] = {"transformer.wte.weight": (v, h),
+                                          "transformer.wpe.weight": (config.n_positions, h),
+                                          "transformer.ln_f.weight": (h,),
+                                          "transformer.ln_f.bias": (h,)}
+    if not tied:
+        shapes["lm_head.weight"] = (v, h)
+    for i in range(config.num_hidden_layers):
+        b = f"transformer.h.{i}"
+        for name, out, inp in (("ln_1", h, 0), ("attn.c_attn", 3 * h, h), ("attn.c_proj", h, h),
+                               ("ln_2", h, 0), ("mlp.c_fc", f, h), ("mlp.c_proj", h, f)):
+            shapes |= {f"{b}.{name}.weight": (out, inp) if inp else (out,),
+                       f"{b}.{name}.bias": (out,)}
+    return shapes
+
+
+_GPT2 = {"transformer.wte": "token_embd", "transformer.wpe": "position_embd",
+         "transformer.ln_f": "output_norm", "lm_head": "output", "ln_1": "attn_norm",
+         "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "ln_2": "ffn_norm",
+         "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
+
+
 def gguf_name(key: str, arch: Architecture = ARCHITECTURES["llama"]) -> str:
     """llama.cpp's tensor name for the HF state-dict key ``key`` under ``arch``."""
     fixed = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
     module, param = key.rsplit(".", 1)
+    if arch.gpt2:
+        if module in _GPT2:
+            return f"{_GPT2[module]}.{param}"
+        parts = module.split(".")  # transformer.h.<i>.<ln_1|attn.c_attn|...>
+        return f"blk.{parts[2]}.{_GPT2['.'.join(parts[3:])]}.{param}"
     if module in fixed:
         return f"{fixed[module]}.{param}"
     parts = module.split(".")  # model.layers.<i>.<self_attn|mlp>.<proj> or .<norm>
