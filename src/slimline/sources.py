@@ -118,13 +118,11 @@ TEXT_TOKENS = 256  # a text line is cut to this many tokens (or the model's cont
 
 
 def _context(model: nn.Module) -> int:
-    """The most positions ``model`` takes (its config's), or :data:`TEXT_TOKENS` if unknown."""
-    config = getattr(model, "config", None)
-    for name in ("max_position_embeddings", "n_positions"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return TEXT_TOKENS
+    """The most positions ``model`` takes (its config's, or an export's recorded one), or
+    :data:`TEXT_TOKENS` if it says none."""
+    from slimline.export.graph import max_positions
+
+    return max_positions(model) or TEXT_TOKENS
 
 
 def text_batches(path: Path, tokenizer: Any, batch_size: int, limit: int | None,

@@ -269,6 +269,13 @@ def test_asymmetric_codes_are_written_as_q4_1(tmp_path, tiny_llama, token_batche
         offset = (layer.scales.float() * layer.zero_points().float()).repeat_interleave(32, 1)
         assert torch.all((state[name + ".weight"] - ours).abs() <= offset * 2.0 ** -11 + 1e-7)
     # Rounded again onto a grid centred on 8: further from the model (cosine 0.998 here).
+    symmetric = sl.compress(tiny_llama, {"steps": [RTN | {"bits": 4}]}).model
+    both = sl.export(symmetric, tmp_path / "sym", format="gguf", example=token_batches[0],
+                     dtype="q4_1", tokenizer=_tokenizer())  # m = -8·s: exact in f16
+    assert len(both.details["exact_codes"]) == 14
+    read = read_gguf(tmp_path / "sym" / MODEL_FILE).state
+    assert all(torch.equal(read[n + ".weight"], symmetric.get_submodule(n).dequantized_weight(
+        torch.float32)) for n in both.details["exact_codes"])
     again = sl.export(model, tmp_path / "q4_0", format="gguf", example=token_batches[0],
                       dtype="q4_0", tokenizer=_tokenizer(), min_cosine=0.99)
     assert again.details["exact_codes"] == [] and len(again.details["re_encoded"]) == 14

@@ -7,6 +7,7 @@ tokens (llama.cpp itself runs them in ``test_gguf_llama_cpp.py``)."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -50,9 +51,11 @@ def family(kind: str, vocab: int = VOCAB) -> torch.nn.Module:
                                                                "rope_theta": 10000.0,
                                                                "partial_rotary_factor": 0.75}),
         # Phi-3.5's LongRoPE: per-frequency factors, an attention factor for the 4x extension
-        "phi3-longrope": lambda: tf.Phi3Config(**shapes | {"max_position_embeddings": 256},
+        # (an original context over llama.cpp's rounded-up n_ctx: both take the short factors)
+        "phi3-longrope": lambda: tf.Phi3Config(**shapes | {"max_position_embeddings": 2048},
+                                               original_max_position_embeddings=512,
                                                pad_token_id=0, rope_parameters={
-            "rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 64,
+            "rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 512,
             "short_factor": [1.0 + 0.25 * i for i in range(8)],
             "long_factor": [2.0 + i for i in range(8)]}),
         "gpt2": lambda: tf.GPT2Config(vocab_size=vocab, n_positions=64, n_embd=64, n_layer=2,
@@ -135,6 +138,13 @@ def test_each_family_reads_back_to_its_logits(tmp_path, kind, arch, present, abs
     assert report.passed and report.details["architecture"] == arch
     contents = read_gguf(tmp_path / "out" / MODEL_FILE)
     assert contents.architecture == arch
+    if kind == "phi3-longrope":  # the extension (4x) and its attention factor, as written
+        ours, theirs = (m.rope_parameters for m in (model.config, contents.config))
+        assert theirs["original_max_position_embeddings"] == 512 == \
+            ours["original_max_position_embeddings"]
+        assert model.model.rotary_emb.attention_scaling == pytest.approx(
+            contents.model().model.rotary_emb.attention_scaling) == pytest.approx(
+            (1 + math.log(4) / math.log(512)) ** 0.5)
     names = {t.name for t in gguf.GGUFReader(str(tmp_path / "out" / MODEL_FILE)).tensors}
     assert set(present) <= names and not set(absent) & names
     # The model llama.cpp would run, rebuilt from the file alone, on tokens it was not checked on
@@ -488,3 +498,10 @@ def test_cli_exports_gpt2_with_lines_longer_than_its_context(tmp_path):
     stored = json.loads((tmp_path / "out" / "export.json").read_text())
     assert len(stored["details"]["exact_codes"]) == 8 and stored["details"]["re_encoded"] == []
     assert max(p["shape"][-1] for p in stored["parity"]) == 64
+    # The export runs text cut to the same 64 positions (it records the model's context).
+    from slimline.sources import resolve_model
+
+    exported = resolve_model(str(tmp_path / "out"))
+    assert exported.model.context == 64
+    batches = exported.data(str(tmp_path / "text.txt"), split="test", batch_size=2, limit=None)
+    assert max(b["input_ids"].shape[1] for b in batches) == 64

@@ -15,7 +15,7 @@ blocks is written f16, and under q4_0 / q4_1 the embedding and output matrices a
 (llama.cpp's quantize also gives ``output`` more bits).
 
 A slimline ``QuantLinear`` whose grid *is* the block's (groups of 32, f16 scales; symmetric 8
-bits for q8_0 or 4 for q4_0, asymmetric 4 bits for q4_1: rtn, gptq, awq or hqq weights) is
+bits for q8_0 or 4 for q4_0, 4 bits of either kind for q4_1: rtn, gptq, awq or hqq weights) is
 written code for code (under q4_1 the zero point becomes the block's minimum ``-scale·zero``,
 rounded to f16: at most 2^-11 of it); any other is dequantized and re-encoded in ``dtype``
 (rounding again), and ``export.json`` names which layers were which.
@@ -318,8 +318,9 @@ def _write_file(gguf: Any, model: nn.Module, layout: Layout, vocab: Vocab, file:
         notes["tokenizer_caveat"] = vocab.caveat
     if layout.longrope is not None:
         notes["longrope_factors"] = (
-            f"llama.cpp takes the long factors whenever its context (n_ctx) is over "
-            f"{layout.longrope.original} tokens, transformers only for sequences that long")
+            f"llama.cpp takes the long factors whenever its context (n_ctx, which it rounds up "
+            f"to a multiple of 256) is over {layout.longrope.original} tokens, transformers "
+            f"only for sequences that long")
     return {"dtype": dtype, "architecture": layout.arch.name, "tokenizer": vocab.model,
             "tokenizer_pre": vocab.pre,
             "vocab": len(vocab.tokens), "merges": len(vocab.merges), "tied_output": layout.tied,
@@ -429,16 +430,17 @@ def _exact_blocks(module: nn.Module, dtype: str, heads: int) -> np.ndarray | Non
     Block layout (ggml): an f16 scale, for Q4_1 an f16 minimum, then 32 int8 codes (Q8_0) or 16
     bytes holding codes 0..15 of weights j (low nibble) and j + 16 (high nibble) (Q4_0:
     w = d·(q - 8); Q4_1: w = d·q + m)."""
-    bits, symmetric = {"q8_0": (8, True), "q4_0": (4, True), "q4_1": (4, False)}.get(
+    # Q4_1 holds symmetric codes too: m = -8·s, exact in f16.
+    bits, symmetric = {"q8_0": (8, True), "q4_0": (4, True), "q4_1": (4, None)}.get(
         dtype, (None, None))
     if not _is_quant_linear(module) or bits is None or getattr(module, "bits", None) != bits \
-            or module.symmetric != symmetric or module.group != BLOCK \
+            or symmetric not in (None, module.symmetric) or module.group != BLOCK \
             or module.in_features % BLOCK or module.scales.dtype != torch.float16:
         return None
     codes = module.centred_codes() if bits == 8 else module.stored_codes()  # (N, K)
     scales = module.scales  # (N, K / 32)
     header = [scales]
-    if not symmetric:  # w = s·(q - z) = s·q + m with m = -s·z, rounded to f16
+    if dtype == "q4_1":  # w = s·(q - z) = s·q + m with m = -s·z, rounded to f16
         header.append((-scales.float() * module.zero_points().float()).half())
     if heads:
         codes = rope_permute(codes, heads)
@@ -536,10 +538,13 @@ def _read_config(arch: Architecture, field: Any, stored: dict[str, Any], tied: b
             activation_function="gelu_new", tie_word_embeddings=tied)
     heads, kv = int(field("attention.head_count")), int(field("attention.head_count_kv"))
     d = int(field("attention.key_length"))
+    extra: dict[str, Any] = {}
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": float(field("rope.freq_base"))}
     if int(field("rope.dimension_count", d)) != d:
         rope["partial_rotary_factor"] = int(field("rope.dimension_count")) / d
-    if ROPE_SHORT in stored:
+    if ROPE_SHORT in stored:  # Phi3Config reads the original context at its top level too
+        extra["original_max_position_embeddings"] = \
+            int(field("rope.scaling.original_context_length"))
         rope |= {"rope_type": "longrope",
                  "short_factor": np.array(stored[ROPE_SHORT].data, dtype=np.float32).tolist(),
                  "long_factor": np.array(stored[ROPE_LONG].data, dtype=np.float32).tolist(),
@@ -548,10 +553,9 @@ def _read_config(arch: Architecture, field: Any, stored: dict[str, Any], tied: b
                  "attention_factor": float(field("rope.scaling.attn_factor"))}
     if field("rope.scaling.type") == "linear":
         rope |= {"rope_type": "linear", "factor": float(field("rope.scaling.factor"))}
-    extra: dict[str, Any] = {}
     if arch.softcap:
         layers, hidden = int(field("block_count")), int(field("embedding_length"))
-        extra = {"query_pre_attn_scalar": gemma2_query_scalar(layers, hidden, heads, d),
+        extra |= {"query_pre_attn_scalar": gemma2_query_scalar(layers, hidden, heads, d),
                  "sliding_window": int(field("attention.sliding_window")),
                  "attn_logit_softcapping": float(field("attn_logit_softcapping")),
                  "final_logit_softcapping": float(field("final_logit_softcapping"))}

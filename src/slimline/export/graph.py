@@ -172,13 +172,28 @@ def reason(exc: BaseException) -> str:
 
 
 def describe_source(report: ExportReport, model: nn.Module) -> None:
-    """Record in ``report`` the built-in ``model`` came from and its parameter count."""
+    """Record in ``report`` the built-in ``model`` came from, its parameter count and the most
+    positions it takes (``details["context_length"]``: text for the export is cut to it)."""
     from slimline.core.checkpoint import SOURCE_ATTR
     from slimline.evaluate.footprint import count_params
 
     source = getattr(model, SOURCE_ATTR, None)
     report.source = source if isinstance(source, str) else None
     report.params = count_params(model)
+    positions = max_positions(model)
+    if positions is not None:
+        report.details["context_length"] = positions
+
+
+def max_positions(model: nn.Module) -> int | None:
+    """The most positions ``model`` takes: its config's ``max_position_embeddings`` (GPT-2:
+    ``n_positions``), an exported model's recorded ``context``, or None when it says none."""
+    config = getattr(model, "config", None)
+    for value in (getattr(config, "max_position_embeddings", None),
+                  getattr(config, "n_positions", None), getattr(model, "context", None)):
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
 
 
 def companions(model: nn.Module, directory: Path, tokenizer: Any | None) -> list[str]:

@@ -77,7 +77,7 @@ class ExportReport:
         if again:
             lines.append(f"{len(again)} packed layer(s) re-encoded as {self.details.get('dtype')} "
                          "(rounded again: their grid is not the file's; quantize with "
-                         "group_size: 32, symmetric for q8_0/q4_0 or asymmetric 4-bit for q4_1, "
+                         "group_size: 32, symmetric for q8_0/q4_0, either for 4-bit q4_1, "
                          "to write their codes exactly)")
         for key in ("sliding_window_not_written", "tokenizer_caveat", "longrope_factors"):
             if key in self.details:

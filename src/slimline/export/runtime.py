@@ -78,6 +78,7 @@ class ExportedModel(nn.Module):
         self.params: int | None = info.get("params")
         self.precision = precision
         self.vocab: int | None = info.get("details", {}).get("vocab")
+        self.context: int | None = info.get("details", {}).get("context_length")
         self._runner: tuple[int, Any] | None = None  # (threads, session or compiled model)
         self._llamas: dict[bool, tuple[int, int, Any]] = {}  # logits_all -> (threads, ctx, llm)
 
