@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import slimline as sl
-from slimline.export.gguf import MODEL_FILE, read_gguf
+from slimline.export.gguf import MODEL_FILE
 from slimline.export.gguf_layout import (
     ARCHITECTURES,
     expected_shapes,
@@ -22,6 +22,7 @@ from slimline.export.gguf_layout import (
     rope_permute,
     rope_unpermute,
 )
+from slimline.export.gguf_read import read_gguf
 
 gguf = pytest.importorskip("gguf")
 

@@ -148,12 +148,8 @@ def test_eval_runs_the_export_in_llama_cpp_beside_the_model(tmp_path):
 
 @pytest.mark.parametrize("style", ["legacy", "metaspace", "plain"])
 def test_llama_cpp_tokenizes_sentencepiece_style_as_hugging_face(tmp_path, style):
-    from tests.export.test_gguf_families import (
-        SPM_TEXTS,
-        _batch,
-        family,
-        sentencepiece_tokenizer,
-    )
+    from tests.export.test_gguf_families import _batch, family
+    from tests.export.test_gguf_vocab import SPM_TEXTS, sentencepiece_tokenizer
 
     tokenizer = sentencepiece_tokenizer(style)
     sl.export(family("llama-tied", 576), tmp_path / "out", format="gguf", example=_batch(0),
@@ -173,7 +169,7 @@ def test_llama_cpp_tokenizes_sentencepiece_style_as_hugging_face(tmp_path, style
 
 def test_llama_cpp_puts_bos_first_and_reads_the_chat_template(tmp_path):
     from slimline.cli import main
-    from tests.export.test_gguf_families import TEMPLATE, saved_with_bos_and_template
+    from tests.export.test_gguf_vocab import TEMPLATE, saved_with_bos_and_template
 
     tokenizer = saved_with_bos_and_template(tmp_path / "hf")
     (tmp_path / "text.txt").write_text("def add_3(x, y):\n  return x * 111 + y\n")

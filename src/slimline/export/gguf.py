@@ -43,25 +43,27 @@ from slimline.core.batches import Batch
 from slimline.export.gguf_layout import (
     ARCHITECTURES,
     BLOCK,
-    BY_NAME,
     ROPE_FREQS,
     ROPE_LONG,
     ROPE_SHORT,
     Architecture,
     LongRope,
     expected_shapes,
+    gemma2_query_scalar,
     gguf_name,
     head_counts,
+    import_gguf,
     llama3_rope_factors,
     longrope_of,
     rope_heads,
     rope_permute,
-    rope_unpermute,
 )
+from slimline.export.gguf_read import read_gguf
 from slimline.export.gguf_vocab import Vocab, build_vocab, source_tokenizer, tokenizer_json
 from slimline.export.graph import (
     GraphForward,
     check_example,
+    companions,
     describe_source,
     eval_mode,
     references,
@@ -109,7 +111,7 @@ def export_gguf(
     if dtype not in TOLERANCES:
         raise ValueError(f"export: gguf dtype must be one of {', '.join(TOLERANCES)}, "
                          f"got {dtype!r}")
-    gguf = _import_gguf()
+    gguf = import_gguf()
     batch = check_example(example)
     default = TOLERANCES[dtype]
     tol = Tolerance(default.atol if atol is None else atol,
@@ -121,10 +123,9 @@ def export_gguf(
     from slimline.core.checkpoint import SOURCE_DIR_ATTR
 
     source_dir = getattr(model, SOURCE_DIR_ATTR, None)
-    if tokenizer is None:  # the source's own: special ids and the BOS rule as it applies them
-        tokenizer = source_tokenizer(source_dir)
-    vocab = build_vocab(tokenizer_json(tokenizer, source_dir), layout.config.vocab_size,
-                        tokenizer)
+    # Without one given, the source's own: special ids and the BOS rule as it applies them.
+    read = tokenizer if tokenizer is not None else source_tokenizer(source_dir)
+    vocab = build_vocab(tokenizer_json(read, source_dir), layout.config.vocab_size, read)
 
     def write(directory: Path) -> ExportReport:
         details = _write_file(gguf, model, layout, vocab, directory / MODEL_FILE, dtype)
@@ -133,7 +134,8 @@ def export_gguf(
             raise ValueError("export: the GGUF file read back differs from the model: " + "; ".join(
                 f"max abs diff {c.max_abs_diff:.3g}, cosine {c.cosine:.6f} on {tuple(c.shape)}"
                 for c in checks) + f" (tolerance {tol.to_dict()})")
-        beside = _tokenizer_files(model, directory, tokenizer)
+        # The tokenizer beside the file, for ``slimline eval``; llama.cpp reads the GGUF alone.
+        beside = companions(model, directory, tokenizer, config=False)
         report = ExportReport(Path(path), "gguf", f"gguf {metadata.version('gguf')}",
                               graph.input_names, [graph.output_name], {}, checks, False,
                               [MODEL_FILE, *beside], tolerance=tol, details=details)
@@ -189,7 +191,8 @@ def check_model(model: nn.Module) -> Layout:
     if arch.softcap and None in (config.attn_logit_softcapping, config.final_logit_softcapping,
                                  config.sliding_window):
         raise ValueError("export: gguf's gemma2 needs both soft-caps and the sliding window")
-    if arch.norm_offset and not _tied(model):
+    tied = _tied(model)
+    if arch.norm_offset and not tied:
         raise ValueError(f"export: llama.cpp's {arch.name} uses the embedding as the output "
                          "head; this model's head is another tensor (untied, or quantized on its "
                          "own): keep it tied to write it")
@@ -205,7 +208,6 @@ def check_model(model: nn.Module) -> Layout:
     if rope_dims != d and arch.pairs:
         raise ValueError(f"export: gguf cannot write a partial rotation ({rope_dims} of {d} "
                          f"dimensions) for {arch.name}")
-    tied = _tied(model)
     for key, shape in expected_shapes(config, arch, tied=tied).items():
         got = _tensor_shape(model, key, arch)
         if got != shape:
@@ -233,12 +235,6 @@ def _rope_scaling(config: Any
         raise ValueError(f"export: gguf writes rope scaling default, linear, llama3 and "
                          f"longrope; this model's is {kind!r}")
     return None, None, None
-
-
-def gemma2_query_scalar(layers: int, hidden: int, heads: int, head_dim: int) -> int:
-    """The query scale llama.cpp's gemma2 uses: hidden / heads for a 46-layer model (it takes
-    that for Gemma-2-27B), else the head dimension (Gemma 2's 2B and 9B)."""
-    return hidden // heads if layers == 46 else head_dim
 
 
 def _alternating(layers: int) -> list[str]:
@@ -272,22 +268,6 @@ def _tied(model: nn.Module) -> bool:
 
 
 # -- writing ---------------------------------------------------------------------------------
-
-def _tokenizer_files(model: nn.Module, directory: Path, tokenizer: Any | None) -> list[str]:
-    """The Hugging Face tokenizer beside the file (the source directory's files, then the
-    ``tokenizer`` given), so that ``slimline eval`` can tokenize text for it; no config or
-    weights (llama.cpp reads the GGUF alone)."""
-    from slimline.core.checkpoint import SOURCE_DIR_ATTR
-    from slimline.export.source_files import copy_source_files
-
-    source = getattr(model, SOURCE_DIR_ATTR, None)
-    copied = copy_source_files(Path(source), directory) \
-        if source is not None and Path(source).is_dir() else []
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(directory))
-        copied.append("tokenizer")
-    return copied
-
 
 def _write_file(gguf: Any, model: nn.Module, layout: Layout, vocab: Vocab, file: Path,
                 dtype: GgufDtype) -> dict[str, Any]:
@@ -454,122 +434,6 @@ def _exact_blocks(module: nn.Module, dtype: str, heads: int) -> np.ndarray | Non
     return np.concatenate([d, q], axis=1).reshape(n, -1)
 
 
-# -- reading back ----------------------------------------------------------------------------
-
-@dataclass
-class GgufContents:
-    """A GGUF file as Hugging Face pieces: the config its metadata implies (the family llama.cpp
-    runs it as), the dequantized state dict (rotary permutation undone), and Llama 3's rotary
-    divisors when the file has ``rope_freqs``."""
-
-    architecture: str
-    config: Any
-    state: dict[str, torch.Tensor]
-    rope_divisors: torch.Tensor | None
-
-    def model(self) -> nn.Module:
-        """The transformers model these weights make, in eval mode."""
-        import transformers
-
-        cls = getattr(transformers, _HF_CLASSES[self.architecture][1])
-        # Gemma 2's soft-capped attention runs in transformers' eager attention only.
-        eager = {"attn_implementation": "eager"} if BY_NAME[self.architecture].softcap else {}
-        rebuilt = cls._from_config(self.config, **eager).eval()
-        rebuilt.load_state_dict(self.state, strict=True)
-        if self.rope_divisors is not None:
-            rotary = rebuilt.model.rotary_emb
-            for buffer in ("inv_freq", "original_inv_freq"):
-                setattr(rotary, buffer, getattr(rotary, buffer) / self.rope_divisors)
-        return rebuilt
-
-
-# llama.cpp architecture -> (transformers config class, model class) that run the file
-_HF_CLASSES = {name: (f"{hf}Config", f"{hf}ForCausalLM") for name, hf in (
-    ("llama", "Llama"), ("qwen2", "Qwen2"), ("qwen3", "Qwen3"), ("phi3", "Phi3"),
-    ("gemma", "Gemma"), ("gemma2", "Gemma2"))} | {"gpt2": ("GPT2Config", "GPT2LMHeadModel")}
-
-
-def read_gguf(file: str | Path) -> GgufContents:
-    """What :func:`export_gguf` wrote to ``file``, read back with ``gguf``'s own reader."""
-    gguf = _import_gguf()
-    reader = gguf.GGUFReader(str(file))
-    name = str(reader.fields["general.architecture"].contents())
-    if name not in BY_NAME:
-        raise ValueError(f"read_gguf: architecture {name!r} is not one slimline writes")
-
-    def field(key: str, default: Any = None) -> Any:
-        found = reader.fields.get(f"{name}.{key}")
-        return default if found is None else found.contents()
-
-    stored = {t.name: t for t in reader.tensors}
-    tied = "output.weight" not in stored
-    arch = BY_NAME[name]
-    config = _read_config(arch, field, stored, tied)
-    state = {}
-    for key, shape in expected_shapes(config, arch, tied=tied).items():
-        t = stored[gguf_name(key, arch)]
-        w = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type),
-                                      dtype=np.float32)).reshape(shape)
-        permuted = rope_heads(key, config, arch)
-        state[key] = rope_unpermute(w, permuted) if permuted else w
-        if arch.norm_offset and key.endswith("norm.weight"):
-            state[key] = state[key] - 1.0
-        if arch.gpt2 and w.dim() == 2 and ".h." in key:  # Conv1D holds (in, out)
-            state[key] = w.t().contiguous()
-    if tied:
-        state["lm_head.weight"] = state["transformer.wte.weight" if arch.gpt2
-                                        else "model.embed_tokens.weight"]
-    divisors = stored.get(ROPE_FREQS)
-    return GgufContents(name, config, state, None if divisors is None else
-                        torch.from_numpy(np.array(divisors.data, dtype=np.float32)))
-
-
-def _read_config(arch: Architecture, field: Any, stored: dict[str, Any], tied: bool) -> Any:
-    """The transformers config a file's metadata implies (``field``: its ``<arch>.`` keys)."""
-    import transformers
-
-    config_class = getattr(transformers, _HF_CLASSES[arch.name][0])
-    if arch.gpt2:
-        return config_class(
-            vocab_size=int(field("vocab_size")), n_positions=int(field("context_length")),
-            n_embd=int(field("embedding_length")), n_layer=int(field("block_count")),
-            n_head=int(field("attention.head_count")), n_inner=int(field("feed_forward_length")),
-            layer_norm_epsilon=float(field("attention.layer_norm_epsilon")),
-            activation_function="gelu_new", tie_word_embeddings=tied)
-    heads, kv = int(field("attention.head_count")), int(field("attention.head_count_kv"))
-    d = int(field("attention.key_length"))
-    extra: dict[str, Any] = {}
-    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": float(field("rope.freq_base"))}
-    if int(field("rope.dimension_count", d)) != d:
-        rope["partial_rotary_factor"] = int(field("rope.dimension_count")) / d
-    if ROPE_SHORT in stored:  # Phi3Config reads the original context at its top level too
-        extra["original_max_position_embeddings"] = \
-            int(field("rope.scaling.original_context_length"))
-        rope |= {"rope_type": "longrope",
-                 "short_factor": np.array(stored[ROPE_SHORT].data, dtype=np.float32).tolist(),
-                 "long_factor": np.array(stored[ROPE_LONG].data, dtype=np.float32).tolist(),
-                 "original_max_position_embeddings":
-                     int(field("rope.scaling.original_context_length")),
-                 "attention_factor": float(field("rope.scaling.attn_factor"))}
-    if field("rope.scaling.type") == "linear":
-        rope |= {"rope_type": "linear", "factor": float(field("rope.scaling.factor"))}
-    if arch.softcap:
-        layers, hidden = int(field("block_count")), int(field("embedding_length"))
-        extra |= {"query_pre_attn_scalar": gemma2_query_scalar(layers, hidden, heads, d),
-                 "sliding_window": int(field("attention.sliding_window")),
-                 "attn_logit_softcapping": float(field("attn_logit_softcapping")),
-                 "final_logit_softcapping": float(field("final_logit_softcapping"))}
-    return config_class(
-        **extra, vocab_size=int(field("vocab_size")), hidden_size=int(field("embedding_length")),
-        intermediate_size=int(field("feed_forward_length")),
-        num_hidden_layers=int(field("block_count")), num_attention_heads=heads,
-        num_key_value_heads=kv, head_dim=d,
-        max_position_embeddings=int(field("context_length")),
-        rms_norm_eps=float(field("attention.layer_norm_rms_epsilon")),
-        rope_parameters=rope, tie_word_embeddings=tied, pad_token_id=None,
-    )
-
-
 def _parity(model: nn.Module, file: Path, batch: Batch, tol: Tolerance
             ) -> tuple[list[ParityCheck], GraphForward]:
     rebuilt = read_gguf(file).model()
@@ -589,15 +453,6 @@ def _tensors(batch: Batch) -> tuple[torch.Tensor, ...]:
     from slimline.export.parity import batch_tensors
 
     return batch_tensors(batch)
-
-
-def _import_gguf() -> Any:
-    try:
-        import gguf
-    except ImportError:
-        raise ImportError("GGUF export needs the gguf package: pip install 'slimline[gguf]'") \
-            from None
-    return gguf
 
 
 def _rope(config: Any) -> dict[str, Any]:

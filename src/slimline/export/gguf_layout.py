@@ -218,3 +218,19 @@ def longrope_of(rope: dict[str, Any], max_positions: int) -> LongRope:
         attn = math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1 else 1.0
     return LongRope(torch.tensor(rope["short_factor"], dtype=torch.float32),
                     torch.tensor(rope["long_factor"], dtype=torch.float32), original, float(attn))
+
+
+def gemma2_query_scalar(layers: int, hidden: int, heads: int, head_dim: int) -> int:
+    """The query scale llama.cpp's gemma2 uses: hidden / heads for a 46-layer model (it takes
+    that for Gemma-2-27B), else the head dimension (Gemma 2's 2B and 9B)."""
+    return hidden // heads if layers == 46 else head_dim
+
+
+def import_gguf() -> Any:
+    """The ``gguf`` package (an optional extra), or ImportError naming the install."""
+    try:
+        import gguf
+    except ImportError:
+        raise ImportError("GGUF export needs the gguf package: pip install 'slimline[gguf]'") \
+            from None
+    return gguf

@@ -196,8 +196,10 @@ def max_positions(model: nn.Module) -> int | None:
     return None
 
 
-def companions(model: nn.Module, directory: Path, tokenizer: Any | None) -> list[str]:
-    """The config, and the source's tokenizer and sentence-transformers files (not weights)."""
+def companions(model: nn.Module, directory: Path, tokenizer: Any | None, *,
+               config: bool = True) -> list[str]:
+    """The config (unless ``config`` is False), and the source's tokenizer and
+    sentence-transformers files (not weights)."""
     from slimline.core.checkpoint import SOURCE_DIR_ATTR
     from slimline.export.source_files import copy_source_files
 
@@ -208,9 +210,9 @@ def companions(model: nn.Module, directory: Path, tokenizer: Any | None) -> list
     if tokenizer is not None:
         tokenizer.save_pretrained(str(directory))
         copied.append("tokenizer")
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "to_json_file"):
-        config.to_json_file(str(directory / "config.json"))
+    hf_config = getattr(model, "config", None) if config else None
+    if hf_config is not None and hasattr(hf_config, "to_json_file"):
+        hf_config.to_json_file(str(directory / "config.json"))
         copied.append("config.json")
     return copied
 
